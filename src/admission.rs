@@ -1,0 +1,405 @@
+//! `AdmissionReview` (v1 and v1beta1) in, `AdmissionReview` out, around
+//! the pure core in [`crate::mutate`]. No HTTP types here: the server and the
+//! tests call [`review`] with body bytes.
+//!
+//! Own request/response types rather than `kube::core::admission`, which
+//! models v1 only and serialises the patch as an array of numbers instead of
+//! base64 (kube-rs issue 1781). The object is kept as raw JSON and only the
+//! fields the core needs are read from it.
+//!
+//! Spec: <https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#request>
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::Config;
+use crate::mutate::{self, Deny, Kind, Mode, ObjectView, Operation, SkipReason, Subject};
+
+/// `apiVersion` values the webhook answers.
+pub const SUPPORTED_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"];
+
+/// A request that is not a well-formed `AdmissionReview` at all: the server
+/// answers HTTP 400 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// Not JSON, or not the shape of an AdmissionReview.
+    #[error("malformed AdmissionReview: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An `apiVersion` other than admission.k8s.io/v1 or v1beta1.
+    #[error(
+        "unsupported apiVersion {0:?}; expected admission.k8s.io/v1 or admission.k8s.io/v1beta1"
+    )]
+    UnsupportedVersion(String),
+    /// A `kind` other than `AdmissionReview`.
+    #[error("unsupported kind {0:?}; expected AdmissionReview")]
+    WrongKind(String),
+    /// No `request` member.
+    #[error("AdmissionReview has no request")]
+    MissingRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    uid: String,
+    kind: GroupVersionKind,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: String,
+    #[serde(default)]
+    dry_run: Option<bool>,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    code: u16,
+    message: String,
+}
+
+/// How a review ended; the `outcome` label of the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Allowed with a patch.
+    Patched,
+    /// Allowed, nothing was missing.
+    Allowed,
+    /// Allowed untouched by a skip rule.
+    Skipped(SkipReason),
+    /// Refused with a message.
+    Denied,
+}
+
+impl Outcome {
+    /// Stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Patched => "patched",
+            Self::Allowed => "allowed",
+            Self::Skipped(_) => "skipped",
+            Self::Denied => "denied",
+        }
+    }
+}
+
+/// The answer to one review plus what logs and metrics need to know.
+#[derive(Debug)]
+pub struct Reviewed {
+    /// The serialised `AdmissionReview` response (HTTP 200 body).
+    pub body: Vec<u8>,
+    /// `request.uid`.
+    pub uid: String,
+    /// `request.kind.kind`.
+    pub kind: String,
+    /// `request.namespace`.
+    pub namespace: String,
+    /// `request.name`, else `metadata.generateName` + `*` (controller pods).
+    pub name: String,
+    /// `request.operation`.
+    pub operation: String,
+    /// `request.dryRun`.
+    pub dry_run: bool,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Number of patch operations.
+    pub patch_ops: usize,
+    /// Size of the JSON Patch before base64, in bytes.
+    pub patch_bytes: usize,
+    /// The deny message, when denied.
+    pub denied: Option<String>,
+    /// Warnings returned to the user.
+    pub warnings: Vec<String>,
+    /// What was changed, for the mutations metric.
+    pub mutations: Vec<&'static str>,
+}
+
+/// Answers one `AdmissionReview` body. `Err` only when the body is not a
+/// well-formed review (HTTP 400); anything about the object itself is a
+/// review response (HTTP 200), possibly a deny.
+pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
+    let parsed: ReviewIn<'_> = serde_json::from_slice(body)?;
+    if !SUPPORTED_VERSIONS.contains(&parsed.api_version.as_str()) {
+        return Err(ReviewError::UnsupportedVersion(parsed.api_version));
+    }
+    if parsed.kind != "AdmissionReview" {
+        return Err(ReviewError::WrongKind(parsed.kind));
+    }
+    let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+
+    // Core group ("") for Pods, "apps" for ReplicaSets: the kind is only ours
+    // when the group matches too.
+    let kind = Kind::from_name(&req.kind.kind).filter(|k| match k {
+        Kind::Pod => req.kind.group.is_empty(),
+        Kind::ReplicaSet | Kind::Deployment | Kind::StatefulSet | Kind::DaemonSet => {
+            req.kind.group == "apps"
+        }
+        Kind::Job | Kind::CronJob => req.kind.group == "batch",
+    });
+    let namespace = req.namespace.as_deref().unwrap_or_default();
+    let subject = Subject {
+        kind,
+        operation: Operation::from_name(&req.operation),
+        namespace,
+        sub_resource: req.sub_resource.as_deref().unwrap_or_default(),
+        mode: Mode::Admission,
+    };
+
+    let mut generate_name = None;
+    let decided: Result<mutate::Plan, Deny> = match mutate::pre_skip(&subject, cfg) {
+        Some(reason) => Ok(mutate::Plan {
+            skipped: Some(reason),
+            ..Default::default()
+        }),
+        None => match req.object {
+            None => Err(Deny::MissingObject),
+            Some(raw) => match serde_json::from_str::<ObjectView>(raw.get()) {
+                Ok(object) => {
+                    generate_name = object
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.generate_name.clone());
+                    mutate::plan(&subject, &object, cfg)
+                }
+                Err(e) => Err(Deny::MalformedObject {
+                    kind: req.kind.kind.clone(),
+                    reason: e.to_string(),
+                }),
+            },
+        },
+    };
+
+    let name = match (req.name.as_deref(), generate_name) {
+        (Some(n), _) if !n.is_empty() => n.to_owned(),
+        (_, Some(g)) => format!("{g}*"),
+        _ => String::new(),
+    };
+
+    let mutations = decided
+        .as_ref()
+        .map(|p| p.mutations.clone())
+        .unwrap_or_default();
+    let (outcome, patch, status, warnings, patch_ops, patch_bytes) = match decided {
+        Ok(plan) if !plan.ops.is_empty() => {
+            let json = serde_json::to_vec(&plan.ops)?;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&json);
+            (
+                Outcome::Patched,
+                Some(b64),
+                None,
+                plan.warnings,
+                plan.ops.len(),
+                json.len(),
+            )
+        }
+        Ok(plan) => {
+            let outcome = plan.skipped.map_or(Outcome::Allowed, Outcome::Skipped);
+            (outcome, None, None, plan.warnings, 0, 0)
+        }
+        Err(deny) => {
+            let status = StatusOut {
+                code: 403,
+                message: deny.to_string(),
+            };
+            (Outcome::Denied, None, Some(status), Vec::new(), 0, 0)
+        }
+    };
+    let denied = status.as_ref().map(|s| s.message.clone());
+    let out = ReviewOut {
+        api_version: &parsed.api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid: &req.uid,
+            allowed: outcome != Outcome::Denied,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            status,
+            warnings: &warnings,
+        },
+    };
+    let body = serde_json::to_vec(&out)?;
+    Ok(Reviewed {
+        body,
+        uid: req.uid,
+        kind: req.kind.kind,
+        namespace: namespace.to_owned(),
+        name,
+        operation: req.operation,
+        dry_run: req.dry_run.unwrap_or(false),
+        outcome,
+        patch_ops,
+        patch_bytes,
+        denied,
+        warnings,
+        mutations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn body(v: &Value) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    fn pod_review(version: &str, labels: Value) -> Value {
+        json!({
+            "apiVersion": version,
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": "CREATE",
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"generateName": "web-", "labels": labels},
+                           "spec": {"containers": [{"name": "app", "image": "nginx"}]}}
+            }
+        })
+    }
+
+    fn response(r: &Reviewed) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn echoes_version_kind_and_uid() {
+        for version in SUPPORTED_VERSIONS {
+            let r = review(
+                &body(&pod_review(version, json!({"app": "web"}))),
+                &Config::default(),
+            )
+            .unwrap();
+            let out = response(&r);
+            assert_eq!(out["apiVersion"], version);
+            assert_eq!(out["kind"], "AdmissionReview");
+            assert_eq!(
+                out["response"]["uid"],
+                "705ab4f5-6393-11e8-b7cc-42010a800002"
+            );
+            assert_eq!(out["response"]["allowed"], true);
+            assert_eq!(out["response"]["patchType"], "JSONPatch");
+            assert_eq!(r.name, "web-*");
+        }
+    }
+
+    #[test]
+    fn no_patch_means_no_patch_type() {
+        let r = review(
+            &body(&pod_review(
+                "admission.k8s.io/v1",
+                json!({"stage": "normal"}),
+            )),
+            &Config::default(),
+        )
+        .unwrap();
+        let out = response(&r);
+        assert_eq!(r.outcome, Outcome::Allowed);
+        assert!(out["response"].get("patchType").is_none());
+        assert!(out["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn not_a_review_is_an_error() {
+        let cfg = Config::default();
+        assert!(matches!(review(b"{", &cfg), Err(ReviewError::Json(_))));
+        assert!(matches!(review(b"[]", &cfg), Err(ReviewError::Json(_))));
+        let mut v = pod_review("admission.k8s.io/v2", json!({}));
+        assert!(matches!(
+            review(&body(&v), &cfg),
+            Err(ReviewError::UnsupportedVersion(s)) if s == "admission.k8s.io/v2"
+        ));
+        v["apiVersion"] = json!("admission.k8s.io/v1");
+        v["kind"] = json!("Pod");
+        assert!(matches!(
+            review(&body(&v), &cfg),
+            Err(ReviewError::WrongKind(_))
+        ));
+        v["kind"] = json!("AdmissionReview");
+        v.as_object_mut().unwrap().remove("request");
+        assert!(matches!(
+            review(&body(&v), &cfg),
+            Err(ReviewError::MissingRequest)
+        ));
+    }
+
+    #[test]
+    fn object_of_the_wrong_shape_is_denied() {
+        let mut v = pod_review("admission.k8s.io/v1", json!({}));
+        v["request"]["object"]["metadata"]["labels"] = json!("not-a-map");
+        let r = review(&body(&v), &Config::default()).unwrap();
+        assert_eq!(r.outcome, Outcome::Denied);
+        let out = response(&r);
+        assert_eq!(out["response"]["allowed"], false);
+        assert_eq!(out["response"]["status"]["code"], 403);
+        let msg = out["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.starts_with("cannot read the Pod object"), "{msg}");
+    }
+
+    #[test]
+    fn update_is_skipped_without_reading_the_object() {
+        let mut v = pod_review("admission.k8s.io/v1", json!({}));
+        v["request"]["operation"] = json!("UPDATE");
+        v["request"]["object"] = json!("garbage that is not a pod");
+        let r = review(&body(&v), &Config::default()).unwrap();
+        assert_eq!(r.outcome, Outcome::Skipped(SkipReason::Operation));
+    }
+
+    #[test]
+    fn pod_kind_in_another_group_is_not_ours() {
+        let mut v = pod_review("admission.k8s.io/v1", json!({}));
+        v["request"]["kind"]["group"] = json!("example.com");
+        let r = review(&body(&v), &Config::default()).unwrap();
+        assert_eq!(r.outcome, Outcome::Skipped(SkipReason::Kind));
+    }
+}

@@ -1,0 +1,284 @@
+//! Command line: `serve` (the webhook) and `mutate` (offline, like
+//! `istioctl kube-inject`). Exit codes: 0 success, 1 a runtime failure or a
+//! refused document, 2 bad usage or unreadable input/configuration.
+
+use std::io::{IsTerminal, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use canary_injector::certs;
+use canary_injector::config::Config;
+use canary_injector::metrics::{self, Metrics};
+use canary_injector::offline::{self, OfflineError};
+use canary_injector::server::tls::{self, CertPaths, Reloader, Resolver};
+use canary_injector::server::{self, Limits, State};
+
+/// Kubernetes mutating admission webhook that labels Pods and ReplicaSets
+/// for Istio canary routing.
+#[derive(Debug, Parser)]
+#[command(name = "canary-injector", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CANARY_INJECTOR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the admission webhook over HTTPS.
+    Serve(ServeArgs),
+    /// Apply the rules to manifests offline and print the result.
+    Mutate(MutateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// HTTPS address for /mutate, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Plain-HTTP address for /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// PEM certificate chain (e.g. a mounted Secret's tls.crt). Without
+    /// --tls-cert/--tls-key a development certificate is created.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (e.g. a mounted Secret's tls.key).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Where the development certificate is kept when no --tls-cert is given.
+    #[arg(long, default_value = "certs/dev")]
+    dev_cert_dir: PathBuf,
+    /// YAML configuration file (see README); embedded defaults otherwise.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// How often the certificate files are checked for changes, in seconds.
+    #[arg(long, default_value_t = 5)]
+    cert_reload_seconds: u64,
+    /// How long in-flight reviews may take to finish after SIGTERM, in seconds.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct MutateArgs {
+    /// Manifest file (YAML or JSON, several documents allowed), or - for stdin.
+    #[arg(short = 'f', long = "filename")]
+    file: String,
+    /// Print one JSON Patch per document instead of the mutated documents.
+    #[arg(long)]
+    patch: bool,
+    /// YAML configuration file (see README); embedded defaults otherwise.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Runs the parsed command and maps failures to exit codes.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Usage(e)) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+            Err(Failure::Runtime(e)) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Mutate(args) => mutate(args),
+    }
+}
+
+enum Failure {
+    Usage(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, anyhow::Error> {
+    Ok(Config::load(path, std::env::var("POD_NAMESPACE").ok())?)
+}
+
+fn mutate(args: MutateArgs) -> ExitCode {
+    let cfg = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let input = if args.file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map(|_| s)
+            .context("cannot read standard input")
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file))
+    };
+    let input = match input {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match offline::mutate_documents(&input, &cfg, args.patch) {
+        Ok(out) => {
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", out.text);
+            ExitCode::SUCCESS
+        }
+        Err(e @ (OfflineError::Denied { .. } | OfflineError::Patch { .. })) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let cfg = load_config(args.config.as_deref()).map_err(Failure::Usage)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+    let paths = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => CertPaths { cert, key },
+        _ => {
+            let dev = certs::ensure_dev_cert(&args.dev_cert_dir)
+                .context("cannot create the development certificate; pass --tls-cert and --tls-key")
+                .map_err(Failure::Usage)?;
+            let host = match args.listen.port() {
+                443 => "localhost".to_string(),
+                port => format!("localhost:{port}"),
+            };
+            eprintln!(
+                "no --tls-cert/--tls-key: serving a development certificate for localhost ({}). Try:\n  \
+                 curl --cacert {} -H 'Content-Type: application/json' --data @tests/fixtures/pod.review.json https://{host}/mutate",
+                if dev.created { "created" } else { "reused" },
+                dev.ca.display(),
+            );
+            CertPaths {
+                cert: dev.cert,
+                key: dev.key,
+            }
+        }
+    };
+    let loaded = tls::load(&paths, &provider)
+        .context("cannot load the serving certificate")
+        .map_err(Failure::Usage)?;
+    let resolver = Arc::new(Resolver::new(&loaded));
+    let tls_config = tls::server_config(provider.clone(), resolver.clone())
+        .map_err(|e| Failure::Runtime(e.into()))?;
+
+    let registry = metrics::new_registry();
+    let metrics = Metrics::register(&registry)
+        .context("cannot register metrics")
+        .map_err(Failure::Runtime)?;
+    if let Some(t) = loaded.not_after {
+        metrics.certificate_expiry.set(t);
+    }
+    let limits = Limits {
+        drain_timeout: Duration::from_secs(args.drain_seconds),
+        ..Limits::default()
+    };
+    let state = Arc::new(State::new(Arc::new(cfg), metrics.clone(), limits));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::Runtime)?;
+    runtime.block_on(async move {
+        let listener = server::bind(args.listen)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let metrics_listener = server::bind(args.metrics_listen)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signals(shutdown.clone(), state.clone()));
+        let reloader = Reloader::new(paths, provider, resolver, &loaded);
+        let expiry = metrics.certificate_expiry.clone();
+        tokio::spawn(reloader.run(
+            Duration::from_secs(args.cert_reload_seconds.max(1)),
+            shutdown.clone(),
+            move |t| {
+                if let Some(t) = t {
+                    expiry.set(t);
+                }
+            },
+        ));
+        let metrics_task = tokio::spawn(server::serve_metrics(
+            metrics_listener,
+            registry,
+            shutdown.clone(),
+        ));
+        info!(listen = %args.listen, metrics = %args.metrics_listen, "serving");
+        state.set_ready(true);
+        server::serve(listener, tls_config, state, shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = metrics_task.await;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+/// First SIGTERM/SIGINT: turn unready and start the drain. Second: exit now.
+async fn on_signals(shutdown: CancellationToken, state: Arc<State>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            error!("cannot install signal handlers");
+            return;
+        }
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    info!("shutdown signal received; draining");
+    state.set_ready(false);
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    warn!("second signal; exiting without waiting for in-flight requests");
+    std::process::exit(130);
+}

@@ -1,0 +1,196 @@
+//! Prometheus metrics, registered on a registry the caller owns (no global
+//! state), and the plain-HTTP `/metrics` endpoint.
+//!
+//! Label values are bounded: kinds and operations outside a fixed set are
+//! reported as `other`; namespaces, names, uids and error texts never appear.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Prefix of every metric name.
+pub const NAMESPACE: &str = "canary_injector";
+
+/// Latency buckets in seconds: sub-millisecond resolution where the webhook
+/// lives, up to the apiserver's 5 s budget.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+/// Handles to every metric. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    reviews: IntCounterVec,
+    duration: HistogramVec,
+    skips: IntCounterVec,
+    mutations: IntCounterVec,
+    errors: IntCounterVec,
+    /// Not-after of the serving certificate, unix seconds.
+    pub certificate_expiry: IntGauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them on `registry`. Names get the
+    /// registry's prefix if it has one; build one with [`new_registry`].
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let reviews = IntCounterVec::new(
+            Opts::new(
+                "admission_reviews_total",
+                "Admission reviews answered, by kind, operation and outcome \
+                 (patched, allowed, skipped, denied, invalid, error).",
+            ),
+            &["kind", "operation", "outcome"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "admission_duration_seconds",
+                "Time from request headers to response, by kind.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["kind"],
+        )?;
+        let skips = IntCounterVec::new(
+            Opts::new("skips_total", "Objects left alone, by reason."),
+            &["reason"],
+        )?;
+        let mutations = IntCounterVec::new(
+            Opts::new(
+                "mutations_total",
+                "Mutations applied, by type (labels, template-labels).",
+            ),
+            &["type"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "errors_total",
+                "Requests refused or failed before a review answer, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let certificate_expiry = IntGauge::new(
+            "certificate_expiry_timestamp_seconds",
+            "Not-after of the serving certificate in use, as a unix timestamp.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Build information; always 1."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(reviews.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(skips.clone()))?;
+        registry.register(Box::new(mutations.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(Self {
+            reviews,
+            duration,
+            skips,
+            mutations,
+            errors,
+            certificate_expiry,
+        })
+    }
+
+    /// Counts one answered review and its latency.
+    pub fn review(&self, kind: &str, operation: &str, outcome: &str, seconds: f64) {
+        let kind = bounded_kind(kind);
+        self.reviews
+            .with_label_values(&[kind, bounded_operation(operation), outcome])
+            .inc();
+        self.duration.with_label_values(&[kind]).observe(seconds);
+    }
+
+    /// Counts a skipped object.
+    pub fn skip(&self, reason: &str) {
+        self.skips.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts an applied mutation.
+    pub fn mutation(&self, kind: &str) {
+        self.mutations.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a request refused before a review answer (`reason` is one of a
+    /// fixed set chosen by the server), also as an `invalid`/`error` review.
+    pub fn error(&self, reason: &'static str, server_fault: bool, seconds: f64) {
+        self.errors.with_label_values(&[reason]).inc();
+        let outcome = if server_fault { "error" } else { "invalid" };
+        self.review("", "", outcome, seconds);
+    }
+}
+
+/// A registry whose metric names start with `canary_injector_`.
+pub fn new_registry() -> Registry {
+    Registry::new_custom(Some(NAMESPACE.into()), None).expect("static prefix is valid")
+}
+
+/// Renders `registry` in the Prometheus text format.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 * 1024);
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    buf
+}
+
+fn bounded_kind(kind: &str) -> &'static str {
+    match kind {
+        "Pod" => "Pod",
+        "ReplicaSet" => "ReplicaSet",
+        "" => "unknown",
+        _ => "other",
+    }
+}
+
+fn bounded_operation(op: &str) -> &'static str {
+    match op {
+        "CREATE" => "CREATE",
+        "UPDATE" => "UPDATE",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "" => "unknown",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_and_labels_bounded() {
+        let registry = new_registry();
+        let m = Metrics::register(&registry).unwrap();
+        m.review("Pod", "CREATE", "patched", 0.0002);
+        m.review("EvilKind-1234", "HACK", "allowed", 0.0002);
+        m.skip("namespace");
+        m.error("body-too-large", false, 0.0);
+        let text = String::from_utf8(encode(&registry)).unwrap();
+        assert!(text.contains(
+            r#"canary_injector_admission_reviews_total{kind="Pod",operation="CREATE",outcome="patched"} 1"#
+        ), "{text}");
+        assert!(text.contains(r#"kind="other",operation="other""#), "{text}");
+        assert!(!text.contains("EvilKind"));
+        assert!(text.contains(r#"canary_injector_skips_total{reason="namespace"} 1"#));
+        assert!(text.contains(r#"canary_injector_errors_total{reason="body-too-large"} 1"#));
+        assert!(text.contains(r#"outcome="invalid"} 1"#));
+        assert!(text.contains(
+            r#"canary_injector_admission_duration_seconds_bucket{kind="Pod",le="0.00025"} 1"#
+        ));
+        assert!(text.contains("canary_injector_build_info{version="));
+    }
+
+    #[test]
+    fn registering_twice_on_one_registry_fails_cleanly() {
+        let registry = new_registry();
+        Metrics::register(&registry).unwrap();
+        assert!(Metrics::register(&registry).is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! Offline mutation (`canary-injector mutate -f`): the admission rules
+//! applied to manifests, like `istioctl kube-inject`.
+//!
+//! Pods and ReplicaSets follow the admission rules; Deployments,
+//! StatefulSets, DaemonSets, Jobs and CronJobs get their pod template
+//! labelled (a source edit, which is safe). `kind: List` items are handled
+//! one by one. Other kinds pass through unchanged.
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::mutate::{self, Deny, Kind, Mode, ObjectView, Operation, Subject};
+
+/// Why the input could not be mutated.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    /// The input is not YAML or JSON.
+    #[error("invalid YAML/JSON input: {0}")]
+    Parse(String),
+    /// A document is not a mapping.
+    #[error("document {index}: not a Kubernetes object (expected a mapping)")]
+    NotAnObject {
+        /// 1-based document number.
+        index: usize,
+    },
+    /// A document does not have the shape of its kind.
+    #[error("document {index} ({kind} {name}): {reason}")]
+    Malformed {
+        /// 1-based document number.
+        index: usize,
+        /// The document kind.
+        kind: String,
+        /// The document name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The rules refuse a document (e.g. an unusable tag).
+    #[error("document {index} ({kind} {name}): {deny}")]
+    Denied {
+        /// 1-based document number.
+        index: usize,
+        /// The document kind.
+        kind: String,
+        /// The document name.
+        name: String,
+        /// The reason.
+        deny: Box<Deny>,
+    },
+    /// The patch did not apply (a bug: the core only adds what is missing).
+    #[error("document {index}: patch failed: {reason}")]
+    Patch {
+        /// 1-based document number.
+        index: usize,
+        /// The json-patch error.
+        reason: String,
+    },
+    /// Output could not be rendered.
+    #[error("cannot render output: {0}")]
+    Render(String),
+}
+
+/// The result of an offline run.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// The mutated documents (YAML), or one JSON Patch array per document.
+    pub text: String,
+    /// Warnings, prefixed with the document they concern.
+    pub warnings: Vec<String>,
+}
+
+/// Parses `input` (one or more YAML or JSON documents) and applies the rules.
+/// With `patch_only`, `text` holds one JSON Patch array per document, one
+/// per line, instead of the documents.
+pub fn mutate_documents(
+    input: &str,
+    cfg: &Config,
+    patch_only: bool,
+) -> Result<Output, OfflineError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(input).map_err(|e| OfflineError::Parse(e.to_string()))?;
+    let mut out = Output::default();
+    let mut rendered = Vec::with_capacity(docs.len());
+    let mut patches = Vec::with_capacity(docs.len());
+    for (i, mut doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let index = i + 1;
+        let mut ops = Vec::new();
+        if doc.get("kind").and_then(Value::as_str) == Some("List") {
+            if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
+                for (j, item) in items.iter_mut().enumerate() {
+                    let item_ops = mutate_one(item, index, cfg, &mut out.warnings)?;
+                    ops.extend(item_ops.into_iter().map(|op| prefix(op, j)));
+                }
+            }
+        } else {
+            ops = mutate_one(&mut doc, index, cfg, &mut out.warnings)?;
+        }
+        patches.push(ops);
+        rendered.push(doc);
+    }
+    out.text = if patch_only {
+        let mut text = String::new();
+        for ops in &patches {
+            text.push_str(
+                &serde_json::to_string(ops).map_err(|e| OfflineError::Render(e.to_string()))?,
+            );
+            text.push('\n');
+        }
+        text
+    } else {
+        serde_saphyr::to_string_multiple(&rendered)
+            .map_err(|e| OfflineError::Render(e.to_string()))?
+    };
+    Ok(out)
+}
+
+/// Rebases a list item's operation under `/items/<j>`.
+fn prefix(op: json_patch::PatchOperation, j: usize) -> json_patch::PatchOperation {
+    use json_patch::jsonptr::PointerBuf;
+    match op {
+        json_patch::PatchOperation::Add(mut add) => {
+            let mut path = PointerBuf::from_tokens(["items".to_string(), j.to_string()]);
+            path.append(&add.path);
+            add.path = path;
+            json_patch::PatchOperation::Add(add)
+        }
+        other => other,
+    }
+}
+
+/// Applies the rules to one object in place; returns the operations applied.
+fn mutate_one(
+    doc: &mut Value,
+    index: usize,
+    cfg: &Config,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<json_patch::PatchOperation>, OfflineError> {
+    if !doc.is_object() {
+        return Err(OfflineError::NotAnObject { index });
+    }
+    let kind_name = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(kind) = Kind::from_name(&kind_name) else {
+        return Ok(Vec::new());
+    };
+    let name = doc
+        .pointer("/metadata/name")
+        .or_else(|| doc.pointer("/metadata/generateName"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    let namespace = doc
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let object: ObjectView =
+        serde_json::from_value(doc.clone()).map_err(|e| OfflineError::Malformed {
+            index,
+            kind: kind_name.clone(),
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+    let subject = Subject {
+        kind: Some(kind),
+        operation: Operation::Create,
+        namespace: &namespace,
+        sub_resource: "",
+        mode: Mode::Offline,
+    };
+    let plan = mutate::plan(&subject, &object, cfg).map_err(|deny| OfflineError::Denied {
+        index,
+        kind: kind_name.clone(),
+        name: name.clone(),
+        deny: Box::new(deny),
+    })?;
+    warnings.extend(
+        plan.warnings
+            .iter()
+            .map(|w| format!("document {index} ({kind_name} {name}): {w}")),
+    );
+    json_patch::patch(doc, &plan.ops).map_err(|e| OfflineError::Patch {
+        index,
+        reason: e.to_string(),
+    })?;
+    Ok(plan.ops)
+}
