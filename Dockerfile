@@ -39,6 +39,10 @@ LABEL org.opencontainers.image.title="canary-injector" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
 COPY --from=builder /out/canary-injector /usr/local/bin/canary-injector
 USER 65532:65532
+# Writable home of the nonroot user: a bare `docker run IMAGE` (no --tls-cert) keeps its
+# development certificate in ./certs/dev here. In Kubernetes the root filesystem is
+# read-only and the certificate comes from the mounted Secret.
+WORKDIR /home/nonroot
 # 8443: HTTPS webhook (/mutate, /healthz, /readyz); 9090: plain-HTTP /metrics.
 EXPOSE 8443 9090
 ENTRYPOINT ["/usr/local/bin/canary-injector"]

@@ -34,6 +34,9 @@ pub enum ReviewError {
     /// A `kind` other than `AdmissionReview`.
     #[error("unsupported kind {0:?}; expected AdmissionReview")]
     WrongKind(String),
+    /// `request` does not have the shape of an AdmissionRequest.
+    #[error("malformed AdmissionReview request: {0}")]
+    Request(#[source] serde_json::Error),
     /// No `request` member.
     #[error("AdmissionReview has no request")]
     MissingRequest,
@@ -47,7 +50,7 @@ struct ReviewIn<'a> {
     #[serde(default)]
     kind: String,
     #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -172,7 +175,13 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
     if parsed.kind != "AdmissionReview" {
         return Err(ReviewError::WrongKind(parsed.kind));
     }
-    let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+    // Envelope first, so an unknown version is reported as such rather than
+    // as a shape error of its request.
+    let raw = parsed
+        .request
+        .filter(|r| r.get() != "null")
+        .ok_or(ReviewError::MissingRequest)?;
+    let req: RequestIn<'_> = serde_json::from_str(raw.get()).map_err(ReviewError::Request)?;
 
     // Core group ("") for Pods, "apps" for ReplicaSets: the kind is only ours
     // when the group matches too.

@@ -1,1 +1,576 @@
+//! Core rules, table by table. Each test applies the returned patch to the
+//! object with `json_patch` and checks the result, then checks that the
+//! result needs no second patch.
 
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn subject(kind: Kind, namespace: &str, mode: Mode) -> Subject<'_> {
+    Subject {
+        kind: Some(kind),
+        operation: Operation::Create,
+        namespace,
+        sub_resource: "",
+        mode,
+    }
+}
+
+/// Plans, applies, re-plans; returns the patched object and the first plan.
+fn run(kind: Kind, object: Value, cfg: &Config) -> (Value, Plan) {
+    run_in(kind, "shop", Mode::Admission, object, cfg)
+}
+
+fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &Config) -> (Value, Plan) {
+    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let s = subject(kind, ns, mode);
+    let plan = plan(&s, &view, cfg).expect("not denied");
+    json_patch::patch(&mut object, &plan.ops).expect("patch applies");
+    let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let second = super::plan(&s, &again, cfg).unwrap();
+    assert!(
+        second.ops.is_empty(),
+        "second pass patched: {:?}",
+        second.ops
+    );
+    (object, plan)
+}
+
+fn pod(labels: Value, annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "web-", "labels": labels, "annotations": annotations},
+           "spec": {"containers": [{"name": "app", "image": "nginx"}]}})
+}
+
+fn labels_of(v: &Value) -> &Value {
+    &v["metadata"]["labels"]
+}
+
+#[test]
+fn pod_without_tag_gets_stage_normal_only() {
+    let (out, plan) = run(
+        Kind::Pod,
+        pod(json!({"app": "web"}), json!({})),
+        &Config::default(),
+    );
+    assert_eq!(labels_of(&out), &json!({"app": "web", "stage": "normal"}));
+    assert!(plan.warnings.is_empty());
+    assert_eq!(plan.mutations, ["labels"]);
+}
+
+#[test]
+fn pod_with_tag_gets_canary_labels() {
+    let (out, _) = run(
+        Kind::Pod,
+        pod(
+            json!({"app": "web"}),
+            json!({"canary-injector.io/tag": "v2"}),
+        ),
+        &Config::default(),
+    );
+    assert_eq!(
+        labels_of(&out),
+        &json!({"app": "web", "canarytag": "v2", "stage": "gray"})
+    );
+}
+
+#[test]
+fn missing_or_null_labels_map_is_created() {
+    for labels in [None, Some(Value::Null)] {
+        let mut p = pod(json!({}), json!({}));
+        let meta = p["metadata"].as_object_mut().unwrap();
+        meta.remove("labels");
+        if let Some(l) = labels.clone() {
+            meta.insert("labels".into(), l);
+        }
+        let (out, plan) = run(Kind::Pod, p, &Config::default());
+        assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
+        assert_eq!(plan.ops.len(), 1, "one op creates the map");
+    }
+}
+
+#[test]
+fn missing_metadata_is_created() {
+    let (out, _) = run(
+        Kind::Pod,
+        json!({"kind": "Pod", "spec": {}}),
+        &Config::default(),
+    );
+    assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
+}
+
+#[test]
+fn existing_labels_are_never_overwritten() {
+    // (existing labels, annotation, expected labels, warns)
+    let cases = [
+        // canarytag present: stage follows it
+        (
+            json!({"canarytag": "x"}),
+            json!({}),
+            json!({"canarytag": "x", "stage": "gray"}),
+            false,
+        ),
+        // stage=gray present: the annotation provides the tag
+        (
+            json!({"stage": "gray"}),
+            json!({"canary-injector.io/tag": "t"}),
+            json!({"stage": "gray", "canarytag": "t"}),
+            false,
+        ),
+        // stage=normal present: the annotation is ignored, with a warning
+        (
+            json!({"stage": "normal"}),
+            json!({"canary-injector.io/tag": "t"}),
+            json!({"stage": "normal"}),
+            true,
+        ),
+        // both present: nothing added, conflicting annotation warned about
+        (
+            json!({"canarytag": "a", "stage": "gray"}),
+            json!({"canary-injector.io/tag": "b"}),
+            json!({"canarytag": "a", "stage": "gray"}),
+            true,
+        ),
+        // both present and agreeing: silent
+        (
+            json!({"canarytag": "b", "stage": "gray"}),
+            json!({"canary-injector.io/tag": "b"}),
+            json!({"canarytag": "b", "stage": "gray"}),
+            false,
+        ),
+        // a custom stage value is kept and a tag added beside it
+        (
+            json!({"stage": "beta"}),
+            json!({"canary-injector.io/tag": "t"}),
+            json!({"stage": "beta", "canarytag": "t"}),
+            false,
+        ),
+        // canarytag + unusable annotation: the label wins, no deny
+        (
+            json!({"canarytag": "a"}),
+            json!({"canary-injector.io/tag": "///"}),
+            json!({"canarytag": "a", "stage": "gray"}),
+            true,
+        ),
+    ];
+    for (labels, annotations, expected, warns) in cases {
+        let (out, plan) = run(
+            Kind::Pod,
+            pod(labels.clone(), annotations),
+            &Config::default(),
+        );
+        assert_eq!(labels_of(&out), &expected, "from {labels}");
+        assert_eq!(
+            !plan.warnings.is_empty(),
+            warns,
+            "from {labels}: {:?}",
+            plan.warnings
+        );
+    }
+}
+
+#[test]
+fn invalid_tag_is_sanitized_with_a_warning() {
+    let (out, plan) = run(
+        Kind::Pod,
+        pod(
+            json!({}),
+            json!({"canary-injector.io/tag": "feature/Login_v2"}),
+        ),
+        &Config::default(),
+    );
+    assert_eq!(labels_of(&out)["canarytag"], "feature-Login_v2");
+    assert_eq!(plan.warnings.len(), 1);
+    assert!(plan.warnings[0].contains("\"feature/Login_v2\""));
+    assert!(plan.warnings[0].contains("\"feature-Login_v2\""));
+}
+
+#[test]
+fn unusable_tag_is_denied_naming_the_annotation() {
+    for tag in ["", "///", "--"] {
+        let view: ObjectView =
+            serde_json::from_value(pod(json!({}), json!({"canary-injector.io/tag": tag}))).unwrap();
+        let err = plan(
+            &subject(Kind::Pod, "shop", Mode::Admission),
+            &view,
+            &Config::default(),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Deny::UnusableTag { .. }));
+        assert!(msg.contains("canary-injector.io/tag"), "{msg}");
+        assert!(msg.contains("[A-Za-z0-9._-]"), "{msg}");
+    }
+}
+
+#[test]
+fn skip_rules() {
+    let cfg = Config {
+        webhook_namespace: Some("canary-injector".into()),
+        ..Config::default()
+    };
+    let plain = pod(json!({}), json!({}));
+    let mirror = pod(json!({}), json!({"kubernetes.io/config.mirror": "abc"}));
+    let opted_out = pod(json!({"canary-injector.io/inject": "false"}), json!({}));
+    let opted_in = pod(json!({"canary-injector.io/inject": "true"}), json!({}));
+    let base = subject(Kind::Pod, "shop", Mode::Admission);
+    let cases: Vec<(Subject<'_>, &Value, Option<SkipReason>)> = vec![
+        (
+            Subject {
+                operation: Operation::Other,
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Operation),
+        ),
+        (
+            Subject {
+                sub_resource: "ephemeralcontainers",
+                ..base
+            },
+            &plain,
+            Some(SkipReason::SubResource),
+        ),
+        (
+            Subject { kind: None, ..base },
+            &plain,
+            Some(SkipReason::Kind),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Kind),
+        ),
+        (
+            Subject {
+                namespace: "kube-system",
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Namespace),
+        ),
+        (
+            Subject {
+                namespace: "kube-public",
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Namespace),
+        ),
+        (
+            Subject {
+                namespace: "kube-node-lease",
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Namespace),
+        ),
+        (
+            Subject {
+                namespace: "canary-injector",
+                ..base
+            },
+            &plain,
+            Some(SkipReason::Namespace),
+        ),
+        (base, &mirror, Some(SkipReason::MirrorPod)),
+        (base, &opted_out, Some(SkipReason::OptedOut)),
+        (base, &opted_in, None),
+        (base, &plain, None),
+    ];
+    for (s, object, expected) in cases {
+        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let p = plan(&s, &view, &cfg).unwrap();
+        assert_eq!(p.skipped, expected, "{s:?}");
+        assert_eq!(p.ops.is_empty(), expected.is_some(), "{s:?}");
+    }
+}
+
+#[test]
+fn object_kind_must_match_request_kind() {
+    let view: ObjectView = serde_json::from_value(json!({"kind": "Service"})).unwrap();
+    let err = plan(
+        &subject(Kind::Pod, "shop", Mode::Admission),
+        &view,
+        &Config::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"object kind "Service" does not match the request kind "Pod""#
+    );
+}
+
+fn replicaset(owned: bool) -> Value {
+    let mut rs = json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": "web-abc", "labels": {"app": "web", "pod-template-hash": "abc"},
+                     "annotations": {}},
+        "spec": {"selector": {"matchLabels": {"app": "web", "pod-template-hash": "abc"}},
+                 "template": {"metadata": {"labels": {"app": "web", "pod-template-hash": "abc"}},
+                              "spec": {"containers": []}}}
+    });
+    if owned {
+        rs["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment",
+            "name": "web", "uid": "u", "controller": true}]);
+    }
+    rs
+}
+
+#[test]
+fn owned_replicaset_template_and_selector_are_untouched() {
+    let original = replicaset(true);
+    let (out, plan) = run(Kind::ReplicaSet, original.clone(), &Config::default());
+    assert_eq!(labels_of(&out)["stage"], "normal");
+    assert_eq!(
+        out["spec"], original["spec"],
+        "template and selector unchanged"
+    );
+    assert!(
+        plan.ops
+            .iter()
+            .all(|op| !op.path().to_string().starts_with("/spec"))
+    );
+}
+
+#[test]
+fn owned_replicaset_reads_tag_from_its_template() {
+    let mut rs = replicaset(true);
+    rs["spec"]["template"]["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v3"});
+    let original = rs.clone();
+    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    assert_eq!(labels_of(&out)["canarytag"], "v3");
+    assert_eq!(out["spec"], original["spec"]);
+}
+
+#[test]
+fn non_controller_owner_means_standalone() {
+    let mut rs = replicaset(false);
+    rs["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}]);
+    let (out, plan) = run(Kind::ReplicaSet, rs, &Config::default());
+    assert_eq!(
+        out["spec"]["template"]["metadata"]["labels"]["stage"],
+        "normal"
+    );
+    assert_eq!(plan.mutations, ["labels", "template-labels"]);
+}
+
+#[test]
+fn standalone_replicaset_gets_labels_on_metadata_and_template() {
+    let mut rs = replicaset(false);
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "gray-1"});
+    let selector = rs["spec"]["selector"].clone();
+    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    for labels in [
+        &out["metadata"]["labels"],
+        &out["spec"]["template"]["metadata"]["labels"],
+    ] {
+        assert_eq!(labels["canarytag"], "gray-1");
+        assert_eq!(labels["stage"], "gray");
+        assert_eq!(labels["app"], "web");
+    }
+    assert_eq!(out["spec"]["selector"], selector, "selector never touched");
+}
+
+#[test]
+fn standalone_replicaset_template_follows_existing_labels() {
+    // The release platform labelled the ReplicaSet but not its template.
+    let mut rs = replicaset(false);
+    rs["metadata"]["labels"]["canarytag"] = json!("v9");
+    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let t = &out["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(t["canarytag"], "v9");
+    assert_eq!(t["stage"], "gray");
+    assert_eq!(out["metadata"]["labels"]["stage"], "gray");
+}
+
+#[test]
+fn template_without_metadata_gets_one() {
+    let mut rs = replicaset(false);
+    rs["spec"]["template"]
+        .as_object_mut()
+        .unwrap()
+        .remove("metadata");
+    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    assert_eq!(
+        out["spec"]["template"]["metadata"],
+        json!({"labels": {"stage": "normal"}})
+    );
+}
+
+#[test]
+fn keys_with_slash_and_tilde_are_escaped() {
+    let cfg = Config {
+        canary_tag_label: "example.com/canary~tag".replace('~', "-"),
+        stage_label: "example.com/stage".into(),
+        ..Config::default()
+    };
+    let (out, plan) = run(
+        Kind::Pod,
+        pod(
+            json!({"app": "web"}),
+            json!({"canary-injector.io/tag": "v1"}),
+        ),
+        &cfg,
+    );
+    assert_eq!(labels_of(&out)["example.com/stage"], "gray");
+    assert_eq!(labels_of(&out)["example.com/canary-tag"], "v1");
+    let paths: Vec<String> = plan.ops.iter().map(|op| op.path().to_string()).collect();
+    assert!(
+        paths.contains(&"/metadata/labels/example.com~1stage".to_string()),
+        "{paths:?}"
+    );
+}
+
+#[test]
+fn offline_labels_workload_templates_only() {
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "labels": {"app": "web"},
+                     "annotations": {"canary-injector.io/tag": "v2"}},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {}}}});
+    let (out, _) = run_in(
+        Kind::Deployment,
+        "",
+        Mode::Offline,
+        deployment,
+        &Config::default(),
+    );
+    assert_eq!(out["metadata"]["labels"], json!({"app": "web"}));
+    assert_eq!(
+        out["spec"]["template"]["metadata"]["labels"],
+        json!({"app": "web", "canarytag": "v2", "stage": "gray"})
+    );
+    assert_eq!(
+        out["spec"]["selector"],
+        json!({"matchLabels": {"app": "web"}})
+    );
+
+    let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"},
+        "spec": {"jobTemplate": {"spec": {"template": {"spec": {}}}}}});
+    let (out, _) = run_in(
+        Kind::CronJob,
+        "",
+        Mode::Offline,
+        cronjob,
+        &Config::default(),
+    );
+    assert_eq!(
+        out["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"],
+        json!({"stage": "normal"})
+    );
+}
+
+#[test]
+fn workload_without_template_is_left_alone() {
+    let (out, plan) = run_in(
+        Kind::StatefulSet,
+        "",
+        Mode::Offline,
+        json!({"kind": "StatefulSet", "metadata": {"name": "s"}, "spec": {}}),
+        &Config::default(),
+    );
+    assert!(plan.ops.is_empty());
+    assert!(out["metadata"].get("labels").is_none());
+}
+
+#[test]
+fn custom_values_are_used() {
+    let cfg = Config {
+        gray_stage: "canary".into(),
+        normal_stage: "stable".into(),
+        tag_annotation: "example.com/version".into(),
+        ..Config::default()
+    };
+    let (out, _) = run(
+        Kind::Pod,
+        pod(json!({}), json!({"example.com/version": "v7"})),
+        &cfg,
+    );
+    assert_eq!(
+        labels_of(&out),
+        &json!({"canarytag": "v7", "stage": "canary"})
+    );
+    let (out, _) = run(Kind::Pod, pod(json!({}), json!({})), &cfg);
+    assert_eq!(labels_of(&out), &json!({"stage": "stable"}));
+}
+
+fn label_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("canarytag".to_string()),
+        Just("stage".to_string()),
+        Just("app".to_string()),
+        "[a-z]{1,8}(\\.[a-z]{1,5})?/[a-z0-9~_.-]{1,10}",
+        "[a-zA-Z0-9]{1,12}",
+    ]
+}
+
+fn label_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("gray".to_string()),
+        Just("normal".to_string()),
+        "[A-Za-z0-9]([A-Za-z0-9._-]{0,10}[A-Za-z0-9])?",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Random label sets and tags (including hostile ones) always give a
+    /// patch that applies, a valid result that keeps every original label,
+    /// and an empty second pass.
+    #[test]
+    fn any_labels_and_tag_give_an_idempotent_valid_patch(
+        labels in prop::collection::btree_map(label_key(), label_value(), 0..6),
+        tag in prop::option::of(prop_oneof![
+            "\\PC{0,90}",
+            "[a-zA-Z0-9/_.#-]{1,100}",
+        ]),
+        standalone_rs in any::<bool>(),
+    ) {
+        let cfg = Config::default();
+        let annotations = match &tag {
+            Some(t) => json!({"canary-injector.io/tag": t}),
+            None => json!({}),
+        };
+        let (kind, object) = if standalone_rs {
+            let mut rs = replicaset(false);
+            rs["metadata"]["labels"] = json!(labels);
+            rs["metadata"]["annotations"] = annotations;
+            (Kind::ReplicaSet, rs)
+        } else {
+            (Kind::Pod, pod(json!(labels), annotations))
+        };
+        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let s = subject(kind, "shop", Mode::Admission);
+        match plan(&s, &view, &cfg) {
+            Err(Deny::UnusableTag { .. }) => {
+                let t = tag.as_deref().unwrap();
+                prop_assert!(!t.chars().any(|c| c.is_ascii_alphanumeric()));
+                prop_assert!(!labels.contains_key("canarytag"));
+            }
+            Err(other) => prop_assert!(false, "unexpected deny {other}"),
+            Ok(p) => {
+                let mut patched = object.clone();
+                json_patch::patch(&mut patched, &p.ops).unwrap();
+                let out = patched["metadata"]["labels"].as_object().unwrap();
+                for (k, v) in &labels {
+                    prop_assert_eq!(out.get(k), Some(&json!(v)), "label {} kept", k);
+                }
+                prop_assert!(out.contains_key("stage"));
+                for key in ["canarytag", "stage"] {
+                    if let Some(v) = out.get(key) {
+                        prop_assert!(labels::validate_label_value(v.as_str().unwrap()).is_ok(), "{v}");
+                    }
+                }
+                let again: ObjectView = serde_json::from_value(patched).unwrap();
+                prop_assert!(plan(&s, &again, &cfg).unwrap().ops.is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Golden fixtures through the real server over TLS: each
+//! `tests/fixtures/<case>.review.json` is posted to `/mutate`, the returned
+//! patch is applied to the request's object as an apiserver would, and the
+//! result must equal `<case>.out.json`. The patched object is then admitted
+//! again and must get no patch (idempotence).
+//!
+//! `BLESS=1 cargo test --test golden` rewrites the `.out.json` files; review
+//! the diff before committing.
+
+mod common;
+
+use canary_injector::config::Config;
+use common::{Client, apply_response, fixture_json, start, with_object};
+use serde_json::{Value, json};
+
+const CASES: &[&str] = &[
+    "pod",
+    "istio-pod",
+    "canary-pod.v1beta1",
+    "standalone-replicaset",
+    "owned-replicaset",
+    "kube-system-pod",
+    "labelled-pod",
+];
+
+#[tokio::test]
+async fn fixtures_match_golden_outputs_and_are_idempotent() {
+    let server = start(Config::default()).await;
+    for (i, case) in CASES.iter().enumerate() {
+        let mut client = Client::connect(server.addr, &server.certs.ca_pem, i % 2 == 1).await;
+        let review = fixture_json(&format!("{case}.review.json"));
+        let resp = client
+            .post_json("/mutate?timeout=5s", serde_json::to_vec(&review).unwrap())
+            .await;
+        assert_eq!(resp.status(), 200, "{case}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let response: Value = serde_json::from_slice(resp.body()).unwrap();
+        let patched = apply_response(&review, &response);
+        let r = &response["response"];
+        let actual = json!({
+            "allowed": r["allowed"],
+            "warnings": r.get("warnings").cloned().unwrap_or(json!([])),
+            "status": r.get("status").cloned().unwrap_or(Value::Null),
+            "object": patched,
+        });
+        let golden_path = format!(
+            "{}/tests/fixtures/{case}.out.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        if std::env::var_os("BLESS").is_some() {
+            let text = serde_json::to_string_pretty(&actual).unwrap() + "\n";
+            std::fs::write(&golden_path, text).unwrap();
+        } else {
+            let golden = fixture_json(&format!("{case}.out.json"));
+            assert_eq!(actual, golden, "{case}: output differs from {golden_path}");
+        }
+
+        // Re-admit our own output: no patch, same labels.
+        let again = with_object(&review, patched.clone());
+        let resp = client
+            .post_json("/mutate", serde_json::to_vec(&again).unwrap())
+            .await;
+        let response: Value = serde_json::from_slice(resp.body()).unwrap();
+        assert!(
+            response["response"].get("patch").is_none(),
+            "{case}: second pass patched"
+        );
+        assert_eq!(apply_response(&again, &response), patched);
+    }
+}
+
+#[tokio::test]
+async fn dry_run_gets_the_same_answer() {
+    let server = start(Config::default()).await;
+    let mut client = Client::connect(server.addr, &server.certs.ca_pem, false).await;
+    let review = fixture_json("standalone-replicaset.review.json");
+    let mut dry = review.clone();
+    dry["request"]["dryRun"] = json!(true);
+    let a: Value =
+        serde_json::from_slice(client.post_json("/mutate", review.to_string()).await.body())
+            .unwrap();
+    let b: Value =
+        serde_json::from_slice(client.post_json("/mutate", dry.to_string()).await.body()).unwrap();
+    assert_eq!(a, b);
+}
