@@ -41,6 +41,73 @@ pub struct Config {
     pub webhook_namespace: Option<String>,
     /// Largest accepted request body in bytes; larger ones get HTTP 413.
     pub max_body_bytes: usize,
+    /// The Istio sidecar bootstrap (xds-grpc keepalive) fix.
+    pub bootstrap: BootstrapConfig,
+    /// What the webhook assumes about Istio.
+    pub istio: IstioConfig,
+}
+
+/// Settings of the sidecar bootstrap fix (see README "Fixing the xds-grpc
+/// keepalive").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootstrapConfig {
+    /// Mount the patched bootstrap template into Istio sidecars.
+    pub enabled: bool,
+    /// Name of the ConfigMap holding the patched template (key
+    /// `envoy_bootstrap_tmpl.json`): the source in the webhook's namespace
+    /// and every copy.
+    pub config_map_name: String,
+    /// Pod annotation whose value `"false"` opts one pod out.
+    pub opt_out_annotation: String,
+    /// Copy the source ConfigMap into every opted-in namespace.
+    pub reconcile: bool,
+    /// The keepalive written by `canary-injector bootstrap-template`.
+    pub keepalive: KeepaliveConfig,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            config_map_name: "canary-injector-bootstrap".into(),
+            opt_out_annotation: "canary-injector.io/bootstrap".into(),
+            reconcile: true,
+            keepalive: KeepaliveConfig::default(),
+        }
+    }
+}
+
+/// TCP keepalive of the `xds-grpc` cluster, in seconds and probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeepaliveConfig {
+    /// Idle time before the first probe (`keepalive_time`).
+    pub time: u32,
+    /// Unanswered probes before the connection is dropped (`keepalive_probes`).
+    pub probes: u32,
+    /// Time between probes (`keepalive_interval`).
+    pub interval: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            time: 30,
+            probes: 3,
+            interval: 5,
+        }
+    }
+}
+
+/// What the webhook assumes about the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct IstioConfig {
+    /// Istio proxy version (`"1.5"`, `"1.7.8"`) assumed for pods that are not
+    /// injected yet, or whose image tag is not a version. Unset: such pods
+    /// are skipped, because a template from another version can break the proxy.
+    pub proxy_version: Option<String>,
 }
 
 impl Default for Config {
@@ -59,6 +126,8 @@ impl Default for Config {
             ],
             webhook_namespace: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            bootstrap: BootstrapConfig::default(),
+            istio: IstioConfig::default(),
         }
     }
 }
@@ -166,6 +235,42 @@ impl Config {
                 ),
             });
         }
+        validate_label_key(&self.bootstrap.opt_out_annotation).map_err(|reason| {
+            ConfigError::Invalid {
+                field: "bootstrap.optOutAnnotation",
+                reason,
+            }
+        })?;
+        if !is_dns_label(&self.bootstrap.config_map_name, 253) {
+            return Err(ConfigError::Invalid {
+                field: "bootstrap.configMapName",
+                reason: format!(
+                    "{:?} is not a valid ConfigMap name (lowercase DNS subdomain)",
+                    self.bootstrap.config_map_name
+                ),
+            });
+        }
+        let ka = self.bootstrap.keepalive;
+        for (field, value, max) in [
+            ("bootstrap.keepalive.time", ka.time, 7200),
+            ("bootstrap.keepalive.probes", ka.probes, 20),
+            ("bootstrap.keepalive.interval", ka.interval, 600),
+        ] {
+            if value == 0 || value > max {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("{value} is out of range (1..={max})"),
+                });
+            }
+        }
+        if let Some(v) = &self.istio.proxy_version
+            && crate::mutate::bootstrap::parse_version(v).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                field: "istio.proxyVersion",
+                reason: format!("{v:?} is not a version like \"1.5\" or \"1.7.8\""),
+            });
+        }
         if self.excluded_namespaces.iter().any(|ns| ns.is_empty()) {
             return Err(ConfigError::Invalid {
                 field: "excludedNamespaces",
@@ -175,11 +280,30 @@ impl Config {
         Ok(())
     }
 
+    /// The webhook's own namespace, where the source ConfigMap lives.
+    pub fn own_namespace(&self) -> Option<&str> {
+        self.webhook_namespace.as_deref()
+    }
+
     /// True when the webhook must not act on objects in `namespace`.
     pub fn is_excluded_namespace(&self, namespace: &str) -> bool {
         self.webhook_namespace.as_deref() == Some(namespace)
             || self.excluded_namespaces.iter().any(|ns| ns == namespace)
     }
+}
+
+/// A lowercase RFC 1123 subdomain of at most `max` characters.
+fn is_dns_label(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -231,10 +355,46 @@ mod tests {
             ("maxBodyBytes: 10\n", "maxBodyBytes"),
             ("tagAnnotation: ''\n", "tagAnnotation"),
             ("excludedNamespaces: ['']\n", "excludedNamespaces"),
+            (
+                "bootstrap: {configMapName: Bad_Name}\n",
+                "bootstrap.configMapName",
+            ),
+            (
+                "bootstrap: {keepalive: {time: 0}}\n",
+                "bootstrap.keepalive.time",
+            ),
+            (
+                "bootstrap: {keepalive: {probes: 100}}\n",
+                "bootstrap.keepalive.probes",
+            ),
+            ("istio: {proxyVersion: latest}\n", "istio.proxyVersion"),
+            ("bootstrap: {enable: true}\n", "enable"),
         ] {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn nested_sections_take_partial_overrides() {
+        let cfg = Config::from_yaml(
+            "bootstrap:\n  keepalive: {time: 60}\n  reconcile: false\nistio:\n  proxyVersion: '1.5'\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.bootstrap.keepalive.time, 60);
+        assert_eq!(cfg.bootstrap.keepalive.probes, 3);
+        assert!(!cfg.bootstrap.reconcile);
+        assert!(cfg.bootstrap.enabled);
+        assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
+    }
+
+    #[test]
+    fn shipped_configmap_parses() {
+        // deploy/base/config.yaml embeds the configuration users start from.
+        let manifest = include_str!("../deploy/base/config.yaml");
+        let cm: serde_json::Value = serde_saphyr::from_str(manifest).unwrap();
+        let text = cm["data"]["config.yaml"].as_str().unwrap();
+        Config::from_yaml(text).unwrap();
     }
 
     #[test]

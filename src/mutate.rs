@@ -18,6 +18,7 @@
 //!   consistently with those present;
 //! - `spec.selector` is never touched.
 
+pub mod bootstrap;
 pub mod labels;
 
 use std::collections::BTreeMap;
