@@ -14,7 +14,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::Config;
-use crate::mutate::{self, Deny, Kind, Mode, ObjectView, Operation, SkipReason, Subject};
+use crate::mutate::{
+    self, Availability, BootstrapOutcome, ClusterView, Deny, Kind, Mode, ObjectView, Operation,
+    SkipReason, Subject,
+};
+
+/// Tells whether the bootstrap ConfigMap exists in a namespace (from a
+/// cache; never does I/O).
+pub type ConfigMapLookup = dyn Fn(&str) -> Availability + Send + Sync;
+
+/// A lookup for when no cluster is known: always [`Availability::Unknown`].
+pub fn no_cluster(_namespace: &str) -> Availability {
+    Availability::Unknown
+}
 
 /// `apiVersion` values the webhook answers.
 pub const SUPPORTED_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"];
@@ -162,12 +174,18 @@ pub struct Reviewed {
     pub warnings: Vec<String>,
     /// What was changed, for the mutations metric.
     pub mutations: Vec<&'static str>,
+    /// What the bootstrap part did, when considered.
+    pub bootstrap: Option<BootstrapOutcome>,
 }
 
 /// Answers one `AdmissionReview` body. `Err` only when the body is not a
 /// well-formed review (HTTP 400); anything about the object itself is a
 /// review response (HTTP 200), possibly a deny.
-pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
+pub fn review(
+    body: &[u8],
+    cfg: &Config,
+    configmaps: &ConfigMapLookup,
+) -> Result<Reviewed, ReviewError> {
     let parsed: ReviewIn<'_> = serde_json::from_slice(body)?;
     if !SUPPORTED_VERSIONS.contains(&parsed.api_version.as_str()) {
         return Err(ReviewError::UnsupportedVersion(parsed.api_version));
@@ -215,7 +233,10 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
                         .metadata
                         .as_ref()
                         .and_then(|m| m.generate_name.clone());
-                    mutate::plan(&subject, &object, cfg)
+                    let cluster = ClusterView {
+                        bootstrap_configmap: configmaps(namespace),
+                    };
+                    mutate::plan(&subject, &object, cfg, &cluster)
                 }
                 Err(e) => Err(Deny::MalformedObject {
                     kind: req.kind.kind.clone(),
@@ -235,6 +256,7 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
         .as_ref()
         .map(|p| p.mutations.clone())
         .unwrap_or_default();
+    let bootstrap = decided.as_ref().ok().and_then(|p| p.bootstrap);
     let (outcome, patch, status, warnings, patch_ops, patch_bytes) = match decided {
         Ok(plan) if !plan.ops.is_empty() => {
             let json = serde_json::to_vec(&plan.ops)?;
@@ -288,6 +310,7 @@ pub fn review(body: &[u8], cfg: &Config) -> Result<Reviewed, ReviewError> {
         denied,
         warnings,
         mutations,
+        bootstrap,
     })
 }
 
@@ -327,6 +350,7 @@ mod tests {
             let r = review(
                 &body(&pod_review(version, json!({"app": "web"}))),
                 &Config::default(),
+                &no_cluster,
             )
             .unwrap();
             let out = response(&r);
@@ -350,6 +374,7 @@ mod tests {
                 json!({"stage": "normal"}),
             )),
             &Config::default(),
+            &no_cluster,
         )
         .unwrap();
         let out = response(&r);
@@ -361,23 +386,29 @@ mod tests {
     #[test]
     fn not_a_review_is_an_error() {
         let cfg = Config::default();
-        assert!(matches!(review(b"{", &cfg), Err(ReviewError::Json(_))));
-        assert!(matches!(review(b"[]", &cfg), Err(ReviewError::Json(_))));
+        assert!(matches!(
+            review(b"{", &cfg, &no_cluster),
+            Err(ReviewError::Json(_))
+        ));
+        assert!(matches!(
+            review(b"[]", &cfg, &no_cluster),
+            Err(ReviewError::Json(_))
+        ));
         let mut v = pod_review("admission.k8s.io/v2", json!({}));
         assert!(matches!(
-            review(&body(&v), &cfg),
+            review(&body(&v), &cfg, &no_cluster),
             Err(ReviewError::UnsupportedVersion(s)) if s == "admission.k8s.io/v2"
         ));
         v["apiVersion"] = json!("admission.k8s.io/v1");
         v["kind"] = json!("Pod");
         assert!(matches!(
-            review(&body(&v), &cfg),
+            review(&body(&v), &cfg, &no_cluster),
             Err(ReviewError::WrongKind(_))
         ));
         v["kind"] = json!("AdmissionReview");
         v.as_object_mut().unwrap().remove("request");
         assert!(matches!(
-            review(&body(&v), &cfg),
+            review(&body(&v), &cfg, &no_cluster),
             Err(ReviewError::MissingRequest)
         ));
     }
@@ -386,7 +417,7 @@ mod tests {
     fn object_of_the_wrong_shape_is_denied() {
         let mut v = pod_review("admission.k8s.io/v1", json!({}));
         v["request"]["object"]["metadata"]["labels"] = json!("not-a-map");
-        let r = review(&body(&v), &Config::default()).unwrap();
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
         assert_eq!(r.outcome, Outcome::Denied);
         let out = response(&r);
         assert_eq!(out["response"]["allowed"], false);
@@ -400,7 +431,7 @@ mod tests {
         let mut v = pod_review("admission.k8s.io/v1", json!({}));
         v["request"]["operation"] = json!("UPDATE");
         v["request"]["object"] = json!("garbage that is not a pod");
-        let r = review(&body(&v), &Config::default()).unwrap();
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
         assert_eq!(r.outcome, Outcome::Skipped(SkipReason::Operation));
     }
 
@@ -408,7 +439,7 @@ mod tests {
     fn pod_kind_in_another_group_is_not_ours() {
         let mut v = pod_review("admission.k8s.io/v1", json!({}));
         v["request"]["kind"]["group"] = json!("example.com");
-        let r = review(&body(&v), &Config::default()).unwrap();
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
         assert_eq!(r.outcome, Outcome::Skipped(SkipReason::Kind));
     }
 }

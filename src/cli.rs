@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use canary_injector::certs;
 use canary_injector::config::Config;
+use canary_injector::envoy_template;
 use canary_injector::metrics::{self, Metrics};
 use canary_injector::offline::{self, OfflineError};
 use canary_injector::server::tls::{self, CertPaths, Reloader, Resolver};
@@ -48,6 +49,36 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the rules to manifests offline and print the result.
     Mutate(MutateArgs),
+    /// Set the xds-grpc TCP keepalive in an Istio Envoy bootstrap template.
+    BootstrapTemplate(TemplateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TemplateArgs {
+    /// The template (`/var/lib/istio/envoy/envoy_bootstrap_tmpl.json` from
+    /// the proxy image), or - for stdin.
+    #[arg(short = 'f', long = "filename")]
+    file: String,
+    /// Seconds idle before the first probe [default: config, else 30].
+    #[arg(long)]
+    keepalive_time: Option<u32>,
+    /// Unanswered probes before the connection is dropped [default: config, else 3].
+    #[arg(long)]
+    keepalive_probes: Option<u32>,
+    /// Seconds between probes [default: config, else 5].
+    #[arg(long)]
+    keepalive_interval: Option<u32>,
+    /// Print a ConfigMap manifest with this name holding the template
+    /// (key envoy_bootstrap_tmpl.json) instead of the template.
+    #[arg(long)]
+    configmap: Option<String>,
+    /// Namespace of the ConfigMap [default: config webhookNamespace, else
+    /// $POD_NAMESPACE, else canary-injector].
+    #[arg(long, requires = "configmap")]
+    namespace: Option<String>,
+    /// YAML configuration file (keepalive defaults, ConfigMap namespace).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +121,9 @@ struct MutateArgs {
     /// YAML configuration file (see README); embedded defaults otherwise.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Do not mount the patched Istio bootstrap template into sidecars.
+    #[arg(long)]
+    no_bootstrap: bool,
 }
 
 /// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`).
@@ -120,7 +154,65 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Mutate(args) => mutate(args),
+        Command::BootstrapTemplate(args) => bootstrap_template(args),
     }
+}
+
+fn read_input(file: &str) -> Result<String, anyhow::Error> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read standard input")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))
+    }
+}
+
+fn bootstrap_template(args: TemplateArgs) -> ExitCode {
+    let fail = |e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    };
+    let cfg = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let input = match read_input(&args.file) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let defaults = cfg.bootstrap.keepalive;
+    let keepalive = envoy_template::Keepalive {
+        time: args.keepalive_time.unwrap_or(defaults.time),
+        probes: args.keepalive_probes.unwrap_or(defaults.probes),
+        interval: args.keepalive_interval.unwrap_or(defaults.interval),
+    };
+    if keepalive.time == 0 || keepalive.probes == 0 || keepalive.interval == 0 {
+        return fail(anyhow::anyhow!("keepalive values must be at least 1"));
+    }
+    let patched = match envoy_template::patch_template(&input, keepalive) {
+        Ok(p) => p,
+        Err(e) => return fail(anyhow::anyhow!("{}: {e}", args.file)),
+    };
+    if !patched.changed {
+        eprintln!("xds-grpc keepalive already set; template unchanged");
+    }
+    match args.configmap {
+        None => print!("{}", patched.text),
+        Some(name) => {
+            let namespace = args
+                .namespace
+                .or_else(|| cfg.own_namespace().map(str::to_owned))
+                .unwrap_or_else(|| "canary-injector".into());
+            match envoy_template::configmap_manifest(&name, &namespace, &patched.text) {
+                Ok(yaml) => print!("{yaml}"),
+                Err(e) => return fail(e.into()),
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 enum Failure {
@@ -133,23 +225,17 @@ fn load_config(path: Option<&Path>) -> Result<Config, anyhow::Error> {
 }
 
 fn mutate(args: MutateArgs) -> ExitCode {
-    let cfg = match load_config(args.config.as_deref()) {
+    let mut cfg = match load_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(2);
         }
     };
-    let input = if args.file == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map(|_| s)
-            .context("cannot read standard input")
-    } else {
-        std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file))
-    };
-    let input = match input {
+    if args.no_bootstrap {
+        cfg.bootstrap.enabled = false;
+    }
+    let input = match read_input(&args.file) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");

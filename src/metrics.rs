@@ -25,6 +25,7 @@ pub struct Metrics {
     reviews: IntCounterVec,
     duration: HistogramVec,
     skips: IntCounterVec,
+    bootstrap_skips: IntCounterVec,
     mutations: IntCounterVec,
     errors: IntCounterVec,
     /// Not-after of the serving certificate, unix seconds.
@@ -55,10 +56,18 @@ impl Metrics {
             Opts::new("skips_total", "Objects left alone, by reason."),
             &["reason"],
         )?;
+        let bootstrap_skips = IntCounterVec::new(
+            Opts::new(
+                "bootstrap_skips_total",
+                "Pods whose sidecar bootstrap template was not mounted, by reason.",
+            ),
+            &["reason"],
+        )?;
         let mutations = IntCounterVec::new(
             Opts::new(
                 "mutations_total",
-                "Mutations applied, by type (labels, template-labels).",
+                "Mutations applied, by type (labels, template-labels, \
+                 bootstrap-annotations, bootstrap-volume).",
             ),
             &["type"],
         )?;
@@ -83,6 +92,7 @@ impl Metrics {
         registry.register(Box::new(reviews.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(skips.clone()))?;
+        registry.register(Box::new(bootstrap_skips.clone()))?;
         registry.register(Box::new(mutations.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
@@ -91,6 +101,7 @@ impl Metrics {
             reviews,
             duration,
             skips,
+            bootstrap_skips,
             mutations,
             errors,
             certificate_expiry,
@@ -109,6 +120,11 @@ impl Metrics {
     /// Counts a skipped object.
     pub fn skip(&self, reason: &str) {
         self.skips.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a pod whose bootstrap template was not mounted.
+    pub fn bootstrap_skip(&self, reason: &str) {
+        self.bootstrap_skips.with_label_values(&[reason]).inc();
     }
 
     /// Counts an applied mutation.

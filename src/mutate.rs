@@ -29,6 +29,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Config;
+use bootstrap::PodTarget;
+pub use bootstrap::{Availability, BootstrapOutcome, BootstrapSkip};
 use labels::sanitize_tag;
 
 /// Annotation the kubelet puts on mirror pods of static pods.
@@ -176,10 +178,23 @@ pub struct OwnerRef {
     pub controller: Option<bool>,
 }
 
-/// The parts of `spec` the core reads.
+/// The parts of `spec` the core reads: a workload's template, or a pod's
+/// containers and volumes (for the bootstrap mount).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpecView {
+    /// `hostNetwork` (pods): Istio does not inject such pods.
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    /// `containers` (pods).
+    #[serde(default)]
+    pub containers: Option<Vec<bootstrap::ContainerView>>,
+    /// `initContainers` (pods; native sidecars live here from Istio 1.27).
+    #[serde(default)]
+    pub init_containers: Option<Vec<bootstrap::ContainerView>>,
+    /// `volumes` (pods; names only).
+    #[serde(default)]
+    pub volumes: Option<Vec<bootstrap::NamedView>>,
     /// `spec.template` (ReplicaSet, Deployment, StatefulSet, DaemonSet, Job).
     #[serde(default)]
     pub template: Option<TemplateView>,
@@ -194,6 +209,9 @@ pub struct TemplateView {
     /// `spec.template.metadata`.
     #[serde(default)]
     pub metadata: Option<MetaView>,
+    /// `spec.template.spec`.
+    #[serde(default)]
+    pub spec: Option<Box<SpecView>>,
 }
 
 /// A CronJob's `spec.jobTemplate`.
@@ -315,8 +333,26 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Set when the object was skipped; `ops` is then empty.
     pub skipped: Option<SkipReason>,
-    /// What was changed, for the mutations metric (`labels`, `template-labels`).
+    /// What was changed, for the mutations metric (`labels`,
+    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`).
     pub mutations: Vec<&'static str>,
+    /// What the bootstrap part did, when it was considered.
+    pub bootstrap: Option<BootstrapOutcome>,
+}
+
+/// What the core knows about the cluster (filled by the adapter from its
+/// caches; the core never does I/O).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Whether the bootstrap ConfigMap exists in the object's namespace.
+    pub bootstrap_configmap: Availability,
+}
+
+impl ClusterView {
+    /// Offline: assume the ConfigMap exists (the user applies it with the manifests).
+    pub const OFFLINE: Self = Self {
+        bootstrap_configmap: Availability::Present,
+    };
 }
 
 impl Plan {
@@ -350,7 +386,12 @@ pub fn pre_skip(subject: &Subject<'_>, cfg: &Config) -> Option<SkipReason> {
 }
 
 /// Decides what to add to `object`. See the module docs for the rules.
-pub fn plan(subject: &Subject<'_>, object: &ObjectView, cfg: &Config) -> Result<Plan, Deny> {
+pub fn plan(
+    subject: &Subject<'_>,
+    object: &ObjectView,
+    cfg: &Config,
+    cluster: &ClusterView,
+) -> Result<Plan, Deny> {
     if let Some(reason) = pre_skip(subject, cfg) {
         return Ok(Plan::skip(reason));
     }
@@ -379,17 +420,59 @@ pub fn plan(subject: &Subject<'_>, object: &ObjectView, cfg: &Config) -> Result<
 
     let targets = targets(kind, object);
     let mut plan = Plan::default();
-    let Some(labels) = desired_labels(object, &targets, cfg, &mut plan.warnings)? else {
-        return Ok(plan);
-    };
-    for target in &targets {
-        let before = plan.ops.len();
-        add_missing(target, &labels, &mut plan.ops);
-        if plan.ops.len() > before {
-            plan.mutations.push(target.mutation());
+    if let Some(labels) = desired_labels(object, &targets, cfg, &mut plan.warnings)? {
+        for target in &targets {
+            let before = plan.ops.len();
+            add_missing(target, &labels, &mut plan.ops);
+            if plan.ops.len() > before {
+                plan.mutations.push(target.mutation());
+            }
         }
     }
+    if cfg.bootstrap.enabled
+        && let Some(pod) = bootstrap_target(kind, subject.mode, object)
+    {
+        let outcome = bootstrap::plan(
+            &pod,
+            cfg,
+            cluster.bootstrap_configmap,
+            &mut plan.ops,
+            &mut plan.warnings,
+        );
+        plan.mutations.extend(outcome.mutation());
+        plan.bootstrap = Some(outcome);
+    }
     Ok(plan)
+}
+
+/// The pod (or pod template) whose `istio-proxy` gets the bootstrap mount:
+/// Pods at admission; offline also workload templates (a source edit).
+fn bootstrap_target(kind: Kind, mode: Mode, object: &ObjectView) -> Option<PodTarget<'_>> {
+    match (kind, mode) {
+        (Kind::Pod, _) => Some(PodTarget {
+            holder: ROOT,
+            metadata: object.metadata.as_ref(),
+            spec: object.spec.as_ref(),
+        }),
+        (_, Mode::Admission) => None,
+        (Kind::ReplicaSet, Mode::Offline) if object.has_controller() => None,
+        (Kind::CronJob, Mode::Offline) => {
+            template_target(CRONJOB_TEMPLATE, object.cronjob_template())
+        }
+        (_, Mode::Offline) => template_target(TEMPLATE, object.template()),
+    }
+}
+
+fn template_target<'a>(
+    holder: &'static [&'static str],
+    template: Option<&'a TemplateView>,
+) -> Option<PodTarget<'a>> {
+    let t = template?;
+    Some(PodTarget {
+        holder,
+        metadata: t.metadata.as_ref(),
+        spec: t.spec.as_deref(),
+    })
 }
 
 /// A label map the core fills: where it lives and what it holds now.

@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::mutate::{self, Deny, Kind, Mode, ObjectView, Operation, Subject};
+use crate::mutate::{self, ClusterView, Deny, Kind, Mode, ObjectView, Operation, Subject};
 
 /// Why the input could not be mutated.
 #[derive(Debug, thiserror::Error)]
@@ -174,11 +174,13 @@ fn mutate_one(
         sub_resource: "",
         mode: Mode::Offline,
     };
-    let plan = mutate::plan(&subject, &object, cfg).map_err(|deny| OfflineError::Denied {
-        index,
-        kind: kind_name.clone(),
-        name: name.clone(),
-        deny: Box::new(deny),
+    let plan = mutate::plan(&subject, &object, cfg, &ClusterView::OFFLINE).map_err(|deny| {
+        OfflineError::Denied {
+            index,
+            kind: kind_name.clone(),
+            name: name.clone(),
+            deny: Box::new(deny),
+        }
     })?;
     warnings.extend(
         plan.warnings

@@ -33,9 +33,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admission::{self, Outcome};
+use crate::admission::{self, ConfigMapLookup, Outcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::mutate::BootstrapOutcome;
 
 /// Bodies larger than this are decided on a blocking thread so one huge
 /// review cannot stall the async workers serving the others.
@@ -76,6 +77,8 @@ pub struct State {
     pub metrics: Metrics,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Where the bootstrap ConfigMap exists (the reconciler's cache).
+    pub configmaps: Arc<ConfigMapLookup>,
     ready: AtomicBool,
 }
 
@@ -86,8 +89,15 @@ impl State {
             config,
             metrics,
             limits,
+            configmaps: Arc::new(admission::no_cluster),
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// Uses `lookup` to tell where the bootstrap ConfigMap exists.
+    pub fn with_configmaps(mut self, lookup: Arc<ConfigMapLookup>) -> Self {
+        self.configmaps = lookup;
+        self
     }
 
     /// Sets what `/readyz` answers.
@@ -227,7 +237,10 @@ where
 
     let result = if bytes.len() > BLOCKING_THRESHOLD {
         let config = state.config.clone();
-        match tokio::task::spawn_blocking(move || admission::review(&bytes, &config)).await {
+        let configmaps = state.configmaps.clone();
+        match tokio::task::spawn_blocking(move || admission::review(&bytes, &config, &*configmaps))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "review task failed");
@@ -239,7 +252,7 @@ where
             }
         }
     } else {
-        admission::review(&bytes, &state.config)
+        admission::review(&bytes, &state.config, &*state.configmaps)
     };
     match result {
         Ok(reviewed) => {
@@ -256,6 +269,9 @@ where
             }
             for kind in &reviewed.mutations {
                 m.mutation(kind);
+            }
+            if let Some(BootstrapOutcome::Skipped(reason)) = reviewed.bootstrap {
+                m.bootstrap_skip(reason.as_str());
             }
             info!(
                 uid = %reviewed.uid,

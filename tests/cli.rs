@@ -108,9 +108,25 @@ fn mutate_reads_json_from_stdin_and_prints_patches() {
     let out = run(&["mutate", "-f", "-", "--patch"], Some(&pod));
     assert!(out.status.success(), "{}", stderr(&out));
     let patch: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // An `istioctl kube-inject`ed 1.5 pod: the label, plus the bootstrap
+    // template volume and its mount on istio-proxy (containers[1]).
+    let paths: Vec<&str> = patch
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["path"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        patch,
-        serde_json::json!([{"op": "add", "path": "/metadata/labels/stage", "value": "normal"}])
+        paths,
+        [
+            "/metadata/labels/stage",
+            "/spec/volumes/-",
+            "/spec/containers/1/volumeMounts/-"
+        ]
+    );
+    assert_eq!(
+        patch[2]["value"]["mountPath"],
+        "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json"
     );
 }
 
@@ -224,5 +240,147 @@ fn serve_refuses_bad_tls_flags() {
         stderr(&out).contains("/nonexistent/tls.crt"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn bootstrap_template_patches_and_refuses_with_exit_2() {
+    let out = run(
+        &[
+            "bootstrap-template",
+            "-f",
+            &fixture_path("bootstrap/istio-1.5.tmpl.json"),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected =
+        std::fs::read_to_string(fixture_path("bootstrap/istio-1.5.expected.json")).unwrap();
+    assert_eq!(stdout(&out), expected);
+
+    // Idempotent through the binary too.
+    let again = run(&["bootstrap-template", "-f", "-"], Some(&expected));
+    assert!(again.status.success());
+    assert_eq!(stdout(&again), expected);
+    assert!(stderr(&again).contains("unchanged"));
+
+    for (fixture, message) in [
+        ("bootstrap/istio-1.12.tmpl.json", "Istio >= 1.8"),
+        ("bootstrap/two-xds.tmpl.json", "found 2 clusters"),
+        (
+            "bootstrap/not-a-template.json",
+            "not an envoy bootstrap template",
+        ),
+        ("bootstrap/missing.json", "cannot read"),
+    ] {
+        let out = run(&["bootstrap-template", "-f", &fixture_path(fixture)], None);
+        assert_eq!(out.status.code(), Some(2), "{fixture}");
+        assert!(
+            stderr(&out).contains(message),
+            "{fixture}: {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{fixture}");
+    }
+}
+
+#[test]
+fn bootstrap_template_custom_values_and_configmap_manifest() {
+    let out = run(
+        &[
+            "bootstrap-template",
+            "-f",
+            &fixture_path("bootstrap/istio-1.7.tmpl.json"),
+            "--keepalive-time",
+            "20",
+            "--keepalive-probes",
+            "4",
+            "--keepalive-interval",
+            "6",
+            "--configmap",
+            "canary-injector-bootstrap",
+            "--namespace",
+            "mesh-tools",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cm: Value = serde_saphyr::from_str(&stdout(&out)).unwrap();
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["name"], "canary-injector-bootstrap");
+    assert_eq!(cm["metadata"]["namespace"], "mesh-tools");
+    let template = cm["data"]["envoy_bootstrap_tmpl.json"].as_str().unwrap();
+    // The YAML block holds the template byte for byte.
+    let direct = run(
+        &[
+            "bootstrap-template",
+            "-f",
+            &fixture_path("bootstrap/istio-1.7.tmpl.json"),
+            "--keepalive-time=20",
+            "--keepalive-probes=4",
+            "--keepalive-interval=6",
+        ],
+        None,
+    );
+    assert_eq!(template, stdout(&direct));
+    assert!(template.contains("\"keepalive_time\": 20"));
+    assert!(template.contains("\"keepalive_probes\": 4"));
+    assert!(template.contains("\"keepalive_interval\": 6"));
+
+    let zero = run(
+        &[
+            "bootstrap-template",
+            "-f",
+            &fixture_path("bootstrap/istio-1.7.tmpl.json"),
+            "--keepalive-time",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(zero.status.code(), Some(2));
+}
+
+#[test]
+fn mutate_mounts_the_bootstrap_template_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "istio:\n  proxyVersion: '1.5'\n").unwrap();
+    let manifests = fixture_path("manifests/workloads.yaml");
+    let out = run(
+        &[
+            "mutate",
+            "-f",
+            &manifests,
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let with = docs(&stdout(&out));
+    let annotations = &with[0]["spec"]["template"]["metadata"]["annotations"];
+    assert!(
+        annotations["sidecar.istio.io/userVolumeMount"]
+            .as_str()
+            .unwrap()
+            .contains("/var/lib/istio/envoy/envoy_bootstrap_tmpl.json")
+    );
+
+    let out = run(
+        &[
+            "mutate",
+            "-f",
+            &manifests,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-bootstrap",
+        ],
+        None,
+    );
+    let docs = docs(&stdout(&out));
+    assert!(
+        docs[0]["spec"]["template"]["metadata"]
+            .get("annotations")
+            .is_none()
     );
 }

@@ -1,19 +1,24 @@
 //! Golden fixtures through the real server over TLS: each
-//! `tests/fixtures/<case>.review.json` is posted to `/mutate`, the returned
-//! patch is applied to the request's object as an apiserver would, and the
-//! result must equal `<case>.out.json`. The patched object is then admitted
-//! again and must get no patch (idempotence).
+//! `tests/fixtures/<dir>/<case>.review.json` is posted to `/mutate`, the
+//! returned patch is applied to the request's object as an apiserver would,
+//! and the result must equal `<case>.out.json`. The patched object is then
+//! admitted again and must get no patch (idempotence, and what
+//! `reinvocationPolicy: IfNeeded` does).
 //!
 //! `BLESS=1 cargo test --test golden` rewrites the `.out.json` files; review
 //! the diff before committing.
 
 mod common;
 
-use canary_injector::config::Config;
-use common::{Client, apply_response, fixture_json, start, with_object};
+use std::sync::Arc;
+
+use canary_injector::config::{Config, IstioConfig};
+use canary_injector::mutate::Availability;
+use canary_injector::server::Limits;
+use common::{Client, TestServer, apply_response, fixture_json, start, start_full, with_object};
 use serde_json::{Value, json};
 
-const CASES: &[&str] = &[
+const LABEL_CASES: &[&str] = &[
     "pod",
     "istio-pod",
     "canary-pod.v1beta1",
@@ -23,10 +28,21 @@ const CASES: &[&str] = &[
     "labelled-pod",
 ];
 
-#[tokio::test]
-async fn fixtures_match_golden_outputs_and_are_idempotent() {
-    let server = start(Config::default()).await;
-    for (i, case) in CASES.iter().enumerate() {
+const BOOTSTRAP_CASES: &[&str] = &[
+    "bootstrap-pods/before-injection",
+    "bootstrap-pods/injected-1.5",
+    "bootstrap-pods/native-sidecar-1.27",
+    "bootstrap-pods/user-volume-annotations",
+    "bootstrap-pods/injected-1.12",
+    "bootstrap-pods/configmap-missing",
+    "bootstrap-pods/opted-out",
+    "bootstrap-pods/host-network",
+    "bootstrap-pods/injection-disabled",
+    "bootstrap-pods/malformed-user-volume",
+];
+
+async fn check_cases(server: &TestServer, cases: &[&str]) {
+    for (i, case) in cases.iter().enumerate() {
         let mut client = Client::connect(server.addr, &server.certs.ca_pem, i % 2 == 1).await;
         let review = fixture_json(&format!("{case}.review.json"));
         let resp = client
@@ -55,7 +71,7 @@ async fn fixtures_match_golden_outputs_and_are_idempotent() {
             assert_eq!(actual, golden, "{case}: output differs from {golden_path}");
         }
 
-        // Re-admit our own output: no patch, same labels.
+        // Re-admit our own output: no patch, nothing changes.
         let again = with_object(&review, patched.clone());
         let resp = client
             .post_json("/mutate", serde_json::to_vec(&again).unwrap())
@@ -63,10 +79,55 @@ async fn fixtures_match_golden_outputs_and_are_idempotent() {
         let response: Value = serde_json::from_slice(resp.body()).unwrap();
         assert!(
             response["response"].get("patch").is_none(),
-            "{case}: second pass patched"
+            "{case}: second pass patched: {response}"
         );
         assert_eq!(apply_response(&again, &response), patched);
     }
+}
+
+#[tokio::test]
+async fn label_fixtures_match_golden_outputs_and_are_idempotent() {
+    let server = start(Config::default()).await;
+    check_cases(&server, LABEL_CASES).await;
+}
+
+/// The bootstrap mount with the cluster view a reconciler gives: the
+/// ConfigMap exists in `shop` only; pods not injected yet are assumed 1.5.
+#[tokio::test]
+async fn bootstrap_fixtures_match_golden_outputs_and_are_idempotent() {
+    let cfg = Config {
+        istio: IstioConfig {
+            proxy_version: Some("1.5".into()),
+        },
+        ..Config::default()
+    };
+    let lookup = Arc::new(|ns: &str| {
+        if ns == "shop" {
+            Availability::Present
+        } else {
+            Availability::Missing
+        }
+    });
+    let server = start_full(cfg, Limits::default(), lookup).await;
+    check_cases(&server, BOOTSTRAP_CASES).await;
+    let text = String::from_utf8(canary_injector::metrics::encode(&server.registry)).unwrap();
+    for reason in [
+        "istio-version",
+        "configmap-missing",
+        "opted-out",
+        "host-network",
+        "no-sidecar-expected",
+        "malformed-annotation",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "canary_injector_bootstrap_skips_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted\n{text}"
+        );
+    }
+    assert!(text.contains(r#"canary_injector_mutations_total{type="bootstrap-volume"} 1"#));
+    assert!(text.contains(r#"canary_injector_mutations_total{type="bootstrap-annotations"} 2"#));
 }
 
 #[tokio::test]

@@ -25,10 +25,10 @@ fn run(kind: Kind, object: Value, cfg: &Config) -> (Value, Plan) {
 fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &Config) -> (Value, Plan) {
     let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
     let s = subject(kind, ns, mode);
-    let plan = plan(&s, &view, cfg).expect("not denied");
+    let plan = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
     json_patch::patch(&mut object, &plan.ops).expect("patch applies");
     let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
-    let second = super::plan(&s, &again, cfg).unwrap();
+    let second = super::plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
     assert!(
         second.ops.is_empty(),
         "second pass patched: {:?}",
@@ -195,6 +195,7 @@ fn unusable_tag_is_denied_naming_the_annotation() {
             &subject(Kind::Pod, "shop", Mode::Admission),
             &view,
             &Config::default(),
+            &ClusterView::OFFLINE,
         )
         .unwrap_err();
         let msg = err.to_string();
@@ -284,7 +285,7 @@ fn skip_rules() {
     ];
     for (s, object, expected) in cases {
         let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
-        let p = plan(&s, &view, &cfg).unwrap();
+        let p = plan(&s, &view, &cfg, &ClusterView::OFFLINE).unwrap();
         assert_eq!(p.skipped, expected, "{s:?}");
         assert_eq!(p.ops.is_empty(), expected.is_some(), "{s:?}");
     }
@@ -297,6 +298,7 @@ fn object_kind_must_match_request_kind() {
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
         &Config::default(),
+        &ClusterView::OFFLINE,
     )
     .unwrap_err();
     assert_eq!(
@@ -548,7 +550,7 @@ proptest! {
         };
         let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
         let s = subject(kind, "shop", Mode::Admission);
-        match plan(&s, &view, &cfg) {
+        match plan(&s, &view, &cfg, &ClusterView::OFFLINE) {
             Err(Deny::UnusableTag { .. }) => {
                 let t = tag.as_deref().unwrap();
                 prop_assert!(!t.chars().any(|c| c.is_ascii_alphanumeric()));
@@ -569,8 +571,228 @@ proptest! {
                     }
                 }
                 let again: ObjectView = serde_json::from_value(patched).unwrap();
-                prop_assert!(plan(&s, &again, &cfg).unwrap().ops.is_empty());
+                prop_assert!(plan(&s, &again, &cfg, &ClusterView::OFFLINE).unwrap().ops.is_empty());
             }
         }
     }
+}
+
+// === bootstrap mount ===
+
+fn istio_cfg(version: Option<&str>) -> Config {
+    Config {
+        istio: crate::config::IstioConfig {
+            proxy_version: version.map(str::to_owned),
+        },
+        ..Config::default()
+    }
+}
+
+fn present() -> ClusterView {
+    ClusterView {
+        bootstrap_configmap: Availability::Present,
+    }
+}
+
+fn plan_with(object: &Value, cfg: &Config, cluster: ClusterView) -> (Value, Plan) {
+    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let s = subject(Kind::Pod, "shop", Mode::Admission);
+    let p = plan(&s, &view, cfg, &cluster).unwrap();
+    let mut out = object.clone();
+    json_patch::patch(&mut out, &p.ops).unwrap();
+    let again: ObjectView = serde_json::from_value(out.clone()).unwrap();
+    let second = plan(&s, &again, cfg, &cluster).unwrap();
+    assert!(second.ops.is_empty(), "second pass: {:?}", second.ops);
+    (out, p)
+}
+
+fn injected_pod(image: &str, native: bool) -> Value {
+    let proxy = json!({"name": "istio-proxy", "image": image, "args": ["proxy", "sidecar"]});
+    let mut p = pod(
+        json!({"stage": "normal"}),
+        json!({"sidecar.istio.io/status": "{}"}),
+    );
+    if native {
+        let mut proxy = proxy;
+        proxy["restartPolicy"] = json!("Always");
+        p["spec"]["initContainers"] = json!([{"name": "istio-init", "image": image}, proxy]);
+    } else {
+        p["spec"]["containers"].as_array_mut().unwrap().push(proxy);
+    }
+    p
+}
+
+#[test]
+fn native_sidecar_below_1_8_gets_the_mount_in_init_containers() {
+    let (out, p) = plan_with(
+        &injected_pod("istio/proxyv2:1.7.8", true),
+        &istio_cfg(None),
+        present(),
+    );
+    assert_eq!(p.bootstrap, Some(BootstrapOutcome::Mounted));
+    let proxy = &out["spec"]["initContainers"][1];
+    assert_eq!(
+        proxy["volumeMounts"][0]["mountPath"],
+        bootstrap::TEMPLATE_PATH
+    );
+    assert_eq!(proxy["volumeMounts"][0]["readOnly"], true);
+    assert_eq!(out["spec"]["volumes"][0]["name"], bootstrap::VOLUME_NAME);
+    assert!(
+        out["spec"]["initContainers"][0]
+            .get("volumeMounts")
+            .is_none()
+    );
+}
+
+#[test]
+fn volume_name_clash_gets_a_suffix() {
+    let mut p = injected_pod("istio/proxyv2:1.5.4", false);
+    p["spec"]["volumes"] = json!([{"name": "canary-injector-bootstrap", "emptyDir": {}}]);
+    let (out, _) = plan_with(&p, &istio_cfg(None), present());
+    assert_eq!(
+        out["spec"]["volumes"][0]["emptyDir"],
+        json!({}),
+        "user volume kept"
+    );
+    assert_eq!(
+        out["spec"]["volumes"][1]["name"],
+        "canary-injector-bootstrap-1"
+    );
+    assert_eq!(
+        out["spec"]["containers"][1]["volumeMounts"][0]["name"],
+        "canary-injector-bootstrap-1"
+    );
+}
+
+#[test]
+fn only_the_proxy_container_changes() {
+    let original = injected_pod("istio/proxyv2:1.5.4", false);
+    let (out, _) = plan_with(&original, &istio_cfg(None), present());
+    assert_eq!(
+        out["spec"]["containers"][0],
+        original["spec"]["containers"][0]
+    );
+    let mut proxy = out["spec"]["containers"][1].clone();
+    proxy.as_object_mut().unwrap().remove("volumeMounts");
+    assert_eq!(proxy, original["spec"]["containers"][1]);
+}
+
+#[test]
+fn proxy_tag_that_is_not_a_version_falls_back_to_config() {
+    for image in [
+        "istio/proxyv2:latest",
+        "istio/proxyv2@sha256:0123abcd",
+        "istio/proxyv2",
+    ] {
+        let p = injected_pod(image, false);
+        let (_, plan) = plan_with(&p, &istio_cfg(None), present());
+        assert_eq!(
+            plan.bootstrap,
+            Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion)),
+            "{image}"
+        );
+        let (_, plan) = plan_with(&p, &istio_cfg(Some("1.6")), present());
+        assert_eq!(plan.bootstrap, Some(BootstrapOutcome::Mounted), "{image}");
+        let (_, plan) = plan_with(&p, &istio_cfg(Some("1.9")), present());
+        assert_eq!(
+            plan.bootstrap,
+            Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion)),
+            "{image}"
+        );
+    }
+}
+
+#[test]
+fn image_version_wins_over_config() {
+    let p = injected_pod("istio/proxyv2:1.12.0", false);
+    let (_, plan) = plan_with(&p, &istio_cfg(Some("1.5")), present());
+    assert_eq!(
+        plan.bootstrap,
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion))
+    );
+}
+
+#[test]
+fn unknown_cluster_skips_quietly_and_missing_configmap_warns() {
+    let p = injected_pod("istio/proxyv2:1.5.4", false);
+    let unknown = ClusterView {
+        bootstrap_configmap: Availability::Unknown,
+    };
+    let (_, plan) = plan_with(&p, &istio_cfg(None), unknown);
+    assert_eq!(
+        plan.bootstrap,
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::ClusterUnavailable))
+    );
+    assert!(plan.warnings.is_empty());
+    let missing = ClusterView {
+        bootstrap_configmap: Availability::Missing,
+    };
+    let (_, plan) = plan_with(&p, &istio_cfg(None), missing);
+    assert_eq!(
+        plan.bootstrap,
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::ConfigMapMissing))
+    );
+    assert_eq!(plan.warnings.len(), 1);
+    assert!(plan.ops.is_empty());
+}
+
+#[test]
+fn pod_with_annotations_and_mount_is_left_alone() {
+    // What Istio's injector makes of our annotations, re-admitted.
+    let cfg = istio_cfg(Some("1.5"));
+    let (annotated, _) = plan_with(&pod(json!({}), json!({})), &cfg, present());
+    let mut injected = annotated.clone();
+    injected["metadata"]["annotations"]["sidecar.istio.io/status"] = json!("{}");
+    injected["spec"]["containers"].as_array_mut().unwrap().push(json!({
+        "name": "istio-proxy", "image": "istio/proxyv2:1.5.4",
+        "volumeMounts": [{"name": "canary-injector-bootstrap", "mountPath": bootstrap::TEMPLATE_PATH,
+                          "subPath": "envoy_bootstrap_tmpl.json", "readOnly": true}]}));
+    injected["spec"]["volumes"] = json!([{"name": "canary-injector-bootstrap", "configMap": {"name": "canary-injector-bootstrap"}}]);
+    let (out, plan) = plan_with(&injected, &cfg, present());
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::AlreadyDone));
+    assert_eq!(out, injected);
+}
+
+#[test]
+fn bootstrap_disabled_in_config_does_nothing() {
+    let mut cfg = istio_cfg(Some("1.5"));
+    cfg.bootstrap.enabled = false;
+    let (out, plan) = plan_with(&injected_pod("istio/proxyv2:1.5.4", false), &cfg, present());
+    assert_eq!(plan.bootstrap, None);
+    assert!(out["spec"].get("volumes").is_none());
+}
+
+#[test]
+fn custom_configmap_name_is_used() {
+    let mut cfg = istio_cfg(Some("1.5"));
+    cfg.bootstrap.config_map_name = "istio-keepalive".into();
+    let (out, _) = plan_with(&injected_pod("istio/proxyv2:1.5.4", false), &cfg, present());
+    assert_eq!(
+        out["spec"]["volumes"][0]["configMap"]["name"],
+        "istio-keepalive"
+    );
+}
+
+#[test]
+fn offline_deployment_template_gets_the_annotations() {
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
+    let (out, p) = run_in(
+        Kind::Deployment,
+        "",
+        Mode::Offline,
+        deployment,
+        &istio_cfg(Some("1.5")),
+    );
+    assert_eq!(p.bootstrap, Some(BootstrapOutcome::Annotated));
+    let annotations = &out["spec"]["template"]["metadata"]["annotations"];
+    let volumes: Value =
+        serde_json::from_str(annotations[bootstrap::USER_VOLUME].as_str().unwrap()).unwrap();
+    assert_eq!(
+        volumes["canary-injector-bootstrap"]["configMap"]["name"],
+        "canary-injector-bootstrap"
+    );
+    assert!(out["metadata"].get("annotations").is_none());
 }

@@ -91,13 +91,27 @@ pub async fn start(cfg: Config) -> TestServer {
 }
 
 pub async fn start_with(cfg: Config, limits: Limits) -> TestServer {
+    start_full(
+        cfg,
+        limits,
+        Arc::new(canary_injector::admission::no_cluster),
+    )
+    .await
+}
+
+/// A server whose bootstrap ConfigMap lookup is `lookup`.
+pub async fn start_full(
+    cfg: Config,
+    limits: Limits,
+    lookup: Arc<canary_injector::admission::ConfigMapLookup>,
+) -> TestServer {
     let certs = Certs::new();
     let loaded = tls::load(&certs.paths, &provider()).unwrap();
     let resolver = Arc::new(Resolver::new(&loaded));
     let tls_config = tls::server_config(provider(), resolver.clone()).unwrap();
     let registry = metrics::new_registry();
     let metrics = Metrics::register(&registry).unwrap();
-    let state = Arc::new(State::new(Arc::new(cfg), metrics, limits));
+    let state = Arc::new(State::new(Arc::new(cfg), metrics, limits).with_configmaps(lookup));
     state.set_ready(true);
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
