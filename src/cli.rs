@@ -108,6 +108,10 @@ struct ServeArgs {
     /// How long in-flight reviews may take to finish after SIGTERM, in seconds.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
+    /// After SIGTERM, keep serving (unready) this many seconds before closing
+    /// the listener, so the apiserver stops sending reviews here first.
+    #[arg(long, default_value_t = 5)]
+    shutdown_delay_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -319,8 +323,18 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         let metrics_listener = server::bind(args.metrics_listen)
             .await
             .map_err(|e| Failure::Runtime(e.into()))?;
+        let local = |l: &tokio::net::TcpListener| {
+            l.local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        let (https_addr, metrics_addr) = (local(&listener), local(&metrics_listener));
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signals(shutdown.clone(), state.clone()));
+        tokio::spawn(on_signals(
+            shutdown.clone(),
+            state.clone(),
+            Duration::from_secs(args.shutdown_delay_seconds),
+        ));
         let reloader = Reloader::new(paths, provider, resolver, &loaded);
         let expiry = metrics.certificate_expiry.clone();
         tokio::spawn(reloader.run(
@@ -337,7 +351,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             registry,
             shutdown.clone(),
         ));
-        info!(listen = %args.listen, metrics = %args.metrics_listen, "serving");
+        info!(listen = %https_addr, metrics = %metrics_addr, "serving");
         state.set_ready(true);
         server::serve(listener, tls_config, state, shutdown.clone()).await;
         shutdown.cancel();
@@ -347,8 +361,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     })
 }
 
-/// First SIGTERM/SIGINT: turn unready and start the drain. Second: exit now.
-async fn on_signals(shutdown: CancellationToken, state: Arc<State>) {
+/// First SIGTERM/SIGINT: turn unready, keep serving for `delay` (endpoints
+/// take a moment to drop this pod), then stop accepting and drain. Second
+/// signal: exit now.
+async fn on_signals(shutdown: CancellationToken, state: Arc<State>, delay: Duration) {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -361,8 +377,16 @@ async fn on_signals(shutdown: CancellationToken, state: Arc<State>) {
         }
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    info!("shutdown signal received; draining");
+    info!(
+        delay_seconds = delay.as_secs(),
+        "shutdown signal received; unready, then draining"
+    );
     state.set_ready(false);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = term.recv() => { warn!("second signal; exiting"); std::process::exit(130); }
+        _ = int.recv() => { warn!("second signal; exiting"); std::process::exit(130); }
+    }
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     warn!("second signal; exiting without waiting for in-flight requests");
