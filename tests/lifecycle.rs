@@ -26,6 +26,7 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -52,6 +53,14 @@ fn start_binary(extra: &[&str]) -> Running {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    // Owned by the guard from here on, so a failed start still reaps it.
+    let mut running = Running {
+        child,
+        https: "0.0.0.0:0".parse().unwrap(),
+        metrics: "0.0.0.0:0".parse().unwrap(),
+        ca_pem: String::new(),
+        _dir: dir,
+    };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -69,18 +78,12 @@ fn start_binary(extra: &[&str]) -> Running {
             continue;
         };
         if v["message"] == "serving" {
-            let https = v["listen"].as_str().unwrap().parse().unwrap();
-            let metrics = v["metrics"].as_str().unwrap().parse().unwrap();
-            let ca_pem = std::fs::read_to_string(certs.join("ca.crt")).unwrap();
+            running.https = v["listen"].as_str().unwrap().parse().unwrap();
+            running.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+            running.ca_pem = std::fs::read_to_string(certs.join("ca.crt")).unwrap();
             // Keep draining stderr so the child never blocks on a full pipe.
             std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Running {
-                child,
-                https,
-                metrics,
-                ca_pem,
-                _dir: dir,
-            };
+            return running;
         }
     }
 }
