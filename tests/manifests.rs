@@ -1,0 +1,431 @@
+//! Every manifest under deploy/, checked without a cluster: kustomize builds
+//! it (kubectl's built-in kustomize), `install.yaml` is exactly the build of
+//! `deploy/`, each built-in object deserialises into its k8s-openapi type
+//! with no unknown field (a round trip loses nothing), and the objects say
+//! what the webhook and the README promise.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use canary_injector::config::Config;
+use canary_injector::metrics::{self, Metrics};
+use canary_injector::offline;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn kustomize(dir: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize", &format!("{ROOT}/{dir}")])
+        .output()
+        .expect("kubectl (client only) is needed to build deploy/; see README");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// Deserialises into `T` and back; any field `T` does not know is lost on
+/// the way, so the round trip must give the same JSON.
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{} {}: {e}", doc["kind"], doc["metadata"]["name"]));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        &back, doc,
+        "{} {} has fields k8s-openapi does not know (or wrong types)",
+        doc["kind"], doc["metadata"]["name"]
+    );
+    typed
+}
+
+const CUSTOM_KINDS: &[(&str, &str)] = &[
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("networking.istio.io/v1beta1", "DestinationRule"),
+    ("networking.istio.io/v1beta1", "VirtualService"),
+];
+
+/// Checks every object of a build; returns them.
+fn check_all(yaml: &str) -> Vec<Value> {
+    let objects = docs(yaml);
+    assert!(!objects.is_empty());
+    for doc in &objects {
+        let api = doc["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        assert!(doc["metadata"]["name"].is_string(), "{kind} without a name");
+        match kind {
+            "Namespace" => drop(round_trip::<Namespace>(doc)),
+            "ServiceAccount" => drop(round_trip::<ServiceAccount>(doc)),
+            "ClusterRole" => drop(round_trip::<ClusterRole>(doc)),
+            "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(doc)),
+            "Role" => drop(round_trip::<Role>(doc)),
+            "RoleBinding" => drop(round_trip::<RoleBinding>(doc)),
+            "ConfigMap" => drop(round_trip::<ConfigMap>(doc)),
+            "Service" => drop(round_trip::<Service>(doc)),
+            "Deployment" => drop(round_trip::<Deployment>(doc)),
+            "ReplicaSet" => drop(round_trip::<ReplicaSet>(doc)),
+            "Job" => drop(round_trip::<Job>(doc)),
+            "CronJob" => drop(round_trip::<CronJob>(doc)),
+            "PodDisruptionBudget" => drop(round_trip::<PodDisruptionBudget>(doc)),
+            "MutatingWebhookConfiguration" => drop(round_trip::<MutatingWebhookConfiguration>(doc)),
+            _ => assert!(
+                CUSTOM_KINDS.contains(&(api, kind)),
+                "unexpected object {api} {kind}"
+            ),
+        }
+    }
+    objects
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn install_yaml_is_the_kustomize_build_of_deploy() {
+    let built = kustomize("deploy");
+    let committed = std::fs::read_to_string(format!("{ROOT}/deploy/install.yaml")).unwrap();
+    assert!(
+        built == committed,
+        "deploy/install.yaml is stale: run `kubectl kustomize deploy/ > deploy/install.yaml`"
+    );
+}
+
+#[test]
+fn base_install_is_valid_and_says_what_the_webhook_needs() {
+    let objects = check_all(&kustomize("deploy"));
+
+    let cm: ConfigMap = round_trip(find(&objects, "ConfigMap", "canary-injector-config"));
+    let cfg = Config::from_yaml(&cm.data.unwrap()["config.yaml"]).expect("shipped config is valid");
+    assert_eq!(cfg.canary_tag_label, Config::default().canary_tag_label);
+
+    let hook: MutatingWebhookConfiguration = round_trip(find(
+        &objects,
+        "MutatingWebhookConfiguration",
+        "canary-injector",
+    ));
+    assert!(
+        hook.metadata.name.as_deref().unwrap() < "istio-sidecar-injector",
+        "must sort before Istio's injector"
+    );
+    let webhooks = hook.webhooks.unwrap();
+    assert_eq!(webhooks.len(), 1);
+    let w = &webhooks[0];
+    assert_eq!(w.admission_review_versions, ["v1", "v1beta1"]);
+    assert_eq!(w.side_effects, "None");
+    assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
+    assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
+    assert!(w.timeout_seconds.unwrap() <= 5);
+    let svc = w.client_config.service.as_ref().unwrap();
+    assert_eq!(
+        (
+            svc.name.as_str(),
+            svc.namespace.as_str(),
+            svc.path.as_deref(),
+            svc.port
+        ),
+        (
+            "canary-injector",
+            "canary-injector",
+            Some("/mutate"),
+            Some(443)
+        )
+    );
+    let rules: BTreeSet<(String, String, String)> = w
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r| {
+            assert_eq!(r.operations.as_deref(), Some(&["CREATE".to_string()][..]));
+            let group = r.api_groups.clone().unwrap()[0].clone();
+            let version = r.api_versions.clone().unwrap()[0].clone();
+            r.resources
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(move |res| (group.clone(), version.clone(), res))
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        BTreeSet::from([
+            ("".into(), "v1".into(), "pods".into()),
+            ("apps".into(), "v1".into(), "replicasets".into()),
+        ])
+    );
+    let ns_selector = serde_json::to_value(&w.namespace_selector).unwrap();
+    assert_eq!(ns_selector["matchLabels"]["canary-injection"], "enabled");
+    let excluded = &ns_selector["matchExpressions"][0];
+    assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
+    assert_eq!(excluded["operator"], "NotIn");
+    for ns in [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "canary-injector",
+    ] {
+        assert!(
+            excluded["values"].as_array().unwrap().contains(&ns.into()),
+            "{ns}"
+        );
+    }
+    let obj_selector = serde_json::to_value(&w.object_selector).unwrap();
+    assert_eq!(
+        obj_selector["matchExpressions"][0],
+        serde_json::json!({"key": "canary-injector.io/inject", "operator": "NotIn", "values": ["false"]})
+    );
+
+    let deployment: Deployment = round_trip(find(&objects, "Deployment", "canary-injector"));
+    let spec = deployment.spec;
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.unwrap();
+    let pod_sc = pod.security_context.unwrap();
+    assert_eq!(pod_sc.run_as_non_root, Some(true));
+    assert_eq!(pod_sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    assert!(pod.termination_grace_period_seconds.unwrap() >= 20);
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    assert!(c.resources.as_ref().unwrap().limits.is_some());
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "serve");
+    for flag in ["--tls-cert", "--tls-key", "--config"] {
+        assert!(args.iter().any(|a| a == flag), "{flag}");
+    }
+    let secret_volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find_map(|v| v.secret)
+        .unwrap();
+    assert_eq!(
+        secret_volume.secret_name.as_deref(),
+        Some("canary-injector-tls")
+    );
+    assert_eq!(secret_volume.default_mode, Some(0o440));
+
+    let service: Service = round_trip(find(&objects, "Service", "canary-injector"));
+    let port = service
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .into_iter()
+        .find(|p| p.port == 443);
+    assert!(port.is_some(), "Service must expose 443");
+    find(&objects, "PodDisruptionBudget", "canary-injector");
+    find(&objects, "Job", "canary-injector-certgen");
+    find(&objects, "CronJob", "canary-injector-cert-renew");
+}
+
+#[test]
+fn cert_manager_overlay_builds_and_injects_the_ca() {
+    let objects = check_all(&kustomize("deploy/overlays/cert-manager"));
+    let hook = find(&objects, "MutatingWebhookConfiguration", "canary-injector");
+    assert!(
+        hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].is_string(),
+        "cert-manager must fill caBundle"
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["kind"] == "Job" || o["kind"] == "CronJob"),
+        "no certgen Job with cert-manager"
+    );
+    let cert = objects
+        .iter()
+        .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == "canary-injector-tls")
+        .expect("serving Certificate");
+    let dns = cert["spec"]["dnsNames"].as_array().unwrap();
+    assert!(dns.contains(&"canary-injector.canary-injector.svc".into()));
+}
+
+/// The examples agree with the webhook's defaults: after the webhook's rules,
+/// the stable Deployment's pods and the gray ReplicaSet's pods fall into
+/// exactly the DestinationRule subsets the VirtualService routes to.
+#[test]
+fn examples_route_to_what_the_webhook_labels() {
+    let yaml = kustomize("deploy/examples");
+    let objects = check_all(&yaml);
+    let mutated = offline::mutate_documents(&yaml, &Config::default(), false).unwrap();
+    let mutated = docs(&mutated.text);
+
+    let dr = objects
+        .iter()
+        .find(|o| o["kind"] == "DestinationRule")
+        .unwrap();
+    let subsets: Vec<(String, serde_json::Map<String, Value>)> = dr["spec"]["subsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["labels"].as_object().unwrap().clone(),
+            )
+        })
+        .collect();
+    let pod_labels = |kind: &str| -> serde_json::Map<String, Value> {
+        let w = mutated.iter().find(|o| o["kind"] == kind).unwrap();
+        w["spec"]["template"]["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let matching = |labels: &serde_json::Map<String, Value>| -> Vec<String> {
+        subsets
+            .iter()
+            .filter(|(_, sel)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let stable = matching(&pod_labels("Deployment"));
+    let gray = matching(&pod_labels("ReplicaSet"));
+    assert_eq!(stable.len(), 1, "stable pods match one subset: {stable:?}");
+    assert_eq!(gray.len(), 1, "gray pods match one subset: {gray:?}");
+    assert_ne!(stable, gray);
+
+    let vs = objects
+        .iter()
+        .find(|o| o["kind"] == "VirtualService")
+        .unwrap();
+    let routes: Vec<&str> = vs["spec"]["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["route"][0]["destination"]["subset"].as_str().unwrap())
+        .collect();
+    assert!(routes.contains(&gray[0].as_str()), "{routes:?}");
+    assert_eq!(
+        routes.last().copied(),
+        Some(stable[0].as_str()),
+        "stable route last"
+    );
+}
+
+#[test]
+fn monitoring_uses_only_metrics_the_webhook_exports() {
+    let objects = check_all(&kustomize("deploy/monitoring"));
+    let rule = objects
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .unwrap();
+    let exprs: Vec<String> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .map(|r| r["expr"].as_str().unwrap().trim().to_owned())
+        .collect();
+    for envoy in [
+        r#"sum(envoy_cluster_upstream_cx_active{namespace!="fe-pre"}) by (namespace, service) < 1"#,
+        r#"sum by(namespace, service) (rate(envoy_cluster_upstream_rq_503[1m])) > 0"#,
+        r#"sum by(namespace, service) (rate(envoy_cluster_upstream_rq{response_code_class!="2xx"}[1m])) != 0"#,
+    ] {
+        assert!(
+            exprs.iter().any(|e| e == envoy),
+            "missing Envoy alert {envoy}"
+        );
+    }
+
+    // Every canary_injector_* name in the rules and the dashboard exists.
+    let registry = metrics::new_registry();
+    let m = Metrics::register(&registry).unwrap();
+    // Vectors appear in a scrape once a label set has been used.
+    m.review("Pod", "CREATE", "patched", 0.001);
+    m.skip("namespace");
+    m.bootstrap_skip("istio-version");
+    m.mutation("labels");
+    m.error("bad-request", false, 0.0);
+    let exported: BTreeSet<String> = registry
+        .gather()
+        .iter()
+        .flat_map(|f| {
+            let n = f.name().to_owned();
+            [
+                n.clone(),
+                format!("{n}_bucket"),
+                format!("{n}_sum"),
+                format!("{n}_count"),
+            ]
+        })
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(format!("{ROOT}/deploy/monitoring/dashboard.json")).unwrap();
+    serde_json::from_str::<Value>(&dashboard).expect("dashboard is JSON");
+    let text = format!("{}\n{dashboard}", exprs.join("\n"));
+    let used: BTreeSet<&str> = text
+        .match_indices("canary_injector_")
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    assert!(!used.is_empty());
+    let unknown: Vec<&&str> = used
+        .iter()
+        .filter(|n| !exported.contains(**n) && !is_reconcile_metric(n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "metrics not exported by the webhook: {unknown:?}"
+    );
+}
+
+/// Registered by the reconciler, not by [`Metrics`].
+fn is_reconcile_metric(name: &str) -> bool {
+    name.starts_with("canary_injector_reconcile_")
+}
