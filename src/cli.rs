@@ -112,6 +112,9 @@ struct ServeArgs {
     /// the listener, so the apiserver stops sending reviews here first.
     #[arg(long, default_value_t = 5)]
     shutdown_delay_seconds: u64,
+    /// Open connections at most; more wait until one closes.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -307,6 +310,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     let limits = Limits {
         drain_timeout: Duration::from_secs(args.drain_seconds),
+        max_connections: args.max_connections.max(1),
         ..Limits::default()
     };
     let state = Arc::new(State::new(Arc::new(cfg), metrics.clone(), limits));

@@ -55,6 +55,9 @@ pub struct Limits {
     pub max_body_timeout: Duration,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// Open connections at most; beyond it new ones wait in the listen
+    /// backlog until one closes, so a flood cannot exhaust memory or fds.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +68,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(10),
             max_body_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -366,8 +370,19 @@ pub async fn serve(
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.limits.max_connections.max(1),
+    ));
 
     loop {
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -389,6 +404,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             let handshake =
                 tokio::time::timeout(state.limits.handshake_timeout, acceptor.accept(tcp));
             let stream = match handshake.await {
