@@ -17,4 +17,5 @@ pub mod config;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod reconcile;
 pub mod server;
