@@ -588,3 +588,717 @@ async fn run_reconciler(ctx: Arc<Context>, trigger: Arc<Notify>, shutdown: Cance
         .await;
     info!("bootstrap reconciler stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::collections::BTreeSet;
+
+    use http::{Method, Request, Response, header};
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+        ManagedFieldsEntry, OwnerReference, Time,
+    };
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    const SOURCE_NS: &str = "canary-injector";
+    const NAME: &str = "canary-injector-bootstrap";
+    const TEMPLATE_KEY: &str = "envoy_bootstrap_tmpl.json";
+    const TEMPLATE: &str = r#"{"static_resources": {"clusters": [{"name": "xds-grpc"}]}}"#;
+    /// Long enough for a slow CI machine, short enough to fail fast.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    // === fixtures ===
+
+    fn settings() -> Settings {
+        Settings {
+            source_namespace: SOURCE_NS.into(),
+            config_map_name: NAME.into(),
+            namespace_selector: DEFAULT_NAMESPACE_SELECTOR.into(),
+            field_manager: FIELD_MANAGER.into(),
+            reconcile: true,
+        }
+    }
+
+    /// A source shaped like a real object: server fields, an owner, a
+    /// client-side-apply annotation, immutable.
+    fn source() -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(NAME.into()),
+                namespace: Some(SOURCE_NS.into()),
+                resource_version: Some("4711".into()),
+                uid: Some("5f0c7d4e-1111-4222-8333-944445555666".into()),
+                labels: Some(BTreeMap::from([("app".into(), "canary-injector".into())])),
+                annotations: Some(BTreeMap::from([(
+                    LAST_APPLIED_ANNOTATION.into(),
+                    "{...}".into(),
+                )])),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("kubectl".into()),
+                    operation: Some("Update".into()),
+                    ..ManagedFieldsEntry::default()
+                }]),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "apps/v1".into(),
+                    kind: "Deployment".into(),
+                    name: "canary-injector".into(),
+                    uid: "0a0b0c0d-1111-4222-8333-944445555666".into(),
+                    ..OwnerReference::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(TEMPLATE_KEY.into(), TEMPLATE.into())])),
+            binary_data: Some(BTreeMap::from([(
+                "extra.bin".into(),
+                ByteString(vec![0, 159, 255]),
+            )])),
+            immutable: Some(true),
+        }
+    }
+
+    fn namespace(name: &str) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(
+                    "canary-injection".into(),
+                    "enabled".into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        }
+    }
+
+    /// A Store that has listed exactly `objects`.
+    fn store_with(objects: Vec<ConfigMap>) -> Store<ConfigMap> {
+        let mut writer = reflector::store::Writer::<ConfigMap>::default();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for cm in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(cm));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        writer.as_reader()
+    }
+
+    fn metrics() -> ReconcileMetrics {
+        ReconcileMetrics::register(&Registry::new()).unwrap()
+    }
+
+    fn context(client: Client, cache: Store<ConfigMap>, metrics: ReconcileMetrics) -> Arc<Context> {
+        Arc::new(Context {
+            client,
+            settings: settings(),
+            cache,
+            metrics,
+            source_missing: AtomicBool::new(false),
+        })
+    }
+
+    fn errors(m: &ReconcileMetrics, reason: &str) -> u64 {
+        m.errors.with_label_values(&[reason]).get()
+    }
+
+    fn query(req: &Request<Body>) -> BTreeMap<String, String> {
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    fn json_response(value: &Value) -> Response<Body> {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(serde_json::to_vec(value).unwrap()))
+            .unwrap()
+    }
+
+    // === mock apiserver (kube-rs tower-test pattern) ===
+
+    type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn mock_client() -> (Client, ApiServerVerifier) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(service, "default"), ApiServerVerifier(handle))
+    }
+
+    struct ApiServerVerifier(ApiServerHandle);
+
+    enum Scenario {
+        /// One server-side apply of the copy into the namespace, then nothing.
+        ApplyCopy(&'static str),
+        /// No call at all.
+        NoCalls,
+    }
+
+    impl ApiServerVerifier {
+        /// Runs one scenario; then requires that no further call comes
+        /// before every client is dropped.
+        fn run(self, scenario: Scenario) -> tokio::task::JoinHandle<()> {
+            tokio::spawn(async move {
+                let this = match scenario {
+                    Scenario::ApplyCopy(ns) => self.handle_apply(ns).await,
+                    Scenario::NoCalls => self,
+                };
+                this.handle_no_more_calls().await;
+            })
+        }
+
+        async fn handle_apply(mut self, ns: &str) -> Self {
+            let (request, send) = self.0.next_request().await.expect("apply was not sent");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                format!("/api/v1/namespaces/{ns}/configmaps/{NAME}")
+            );
+            let q = query(&request);
+            assert_eq!(
+                q.get("fieldManager").map(String::as_str),
+                Some(FIELD_MANAGER)
+            );
+            assert_eq!(q.get("force").map(String::as_str), Some("true"));
+            assert_eq!(
+                request.headers()[header::CONTENT_TYPE],
+                "application/apply-patch+yaml"
+            );
+            let body = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                body,
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": NAME,
+                        "namespace": ns,
+                        "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+                        "annotations": {SOURCE_ANNOTATION: format!("{SOURCE_NS}/{NAME}")},
+                    },
+                    "data": {TEMPLATE_KEY: TEMPLATE},
+                    "binaryData": {"extra.bin": "AJ//"},
+                })
+            );
+            let mut applied = body;
+            applied["metadata"]["resourceVersion"] = json!("1");
+            send.send_response(json_response(&applied));
+            self
+        }
+
+        async fn handle_no_more_calls(mut self) {
+            if let Some((request, _)) = self.0.next_request().await {
+                panic!("unexpected call: {} {}", request.method(), request.uri());
+            }
+        }
+    }
+
+    /// Awaits the verifier: a missing call times out, a failed assertion
+    /// panics here.
+    async fn verified(verifier: tokio::task::JoinHandle<()>) {
+        timeout(WAIT, verifier)
+            .await
+            .expect("timeout on mock apiserver")
+            .expect("scenario succeeded");
+    }
+
+    // === desired_copy ===
+
+    #[test]
+    fn desired_copy_copies_data_and_sets_our_metadata_only() {
+        let copy = desired_copy(&source(), "shop", &settings());
+        assert_eq!(copy.data, source().data);
+        assert_eq!(copy.binary_data, source().binary_data);
+        let meta = &copy.metadata;
+        assert_eq!(meta.name.as_deref(), Some(NAME));
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        assert_eq!(
+            meta.labels,
+            Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_string(),
+                MANAGED_BY_VALUE.to_string()
+            )]))
+        );
+        assert_eq!(
+            meta.annotations,
+            Some(BTreeMap::from([(
+                SOURCE_ANNOTATION.to_string(),
+                "canary-injector/canary-injector-bootstrap".to_string()
+            )]))
+        );
+        assert_eq!(meta.resource_version, None);
+        assert_eq!(meta.uid, None);
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(meta.owner_references, None);
+        assert_eq!(copy.immutable, None);
+    }
+
+    #[test]
+    fn desired_copy_of_a_source_without_binary_data_omits_it() {
+        let mut src = source();
+        src.binary_data = None;
+        let copy = serde_json::to_value(desired_copy(&src, "shop", &settings())).unwrap();
+        assert!(copy.get("binaryData").is_none(), "{copy}");
+        assert_eq!(copy["data"][TEMPLATE_KEY], TEMPLATE);
+    }
+
+    #[test]
+    fn a_fresh_copy_is_up_to_date_and_an_edited_one_is_not() {
+        let s = settings();
+        let copy = desired_copy(&source(), "shop", &s);
+        assert!(is_up_to_date(&copy, &source(), &s));
+        let mut other_labels = copy.clone();
+        other_labels
+            .labels_mut()
+            .insert("team".into(), "payments".into());
+        assert!(is_up_to_date(&other_labels, &source(), &s));
+        let mut edited = copy.clone();
+        edited.data = Some(BTreeMap::from([(TEMPLATE_KEY.into(), "{}".into())]));
+        assert!(!is_up_to_date(&edited, &source(), &s));
+        let mut unlabelled = copy.clone();
+        unlabelled.labels_mut().clear();
+        assert!(!is_up_to_date(&unlabelled, &source(), &s));
+        let mut no_binary = source();
+        no_binary.binary_data = Some(BTreeMap::new());
+        let copy = desired_copy(&no_binary, "shop", &s);
+        assert!(is_up_to_date(
+            &ConfigMap {
+                binary_data: None,
+                ..copy
+            },
+            &no_binary,
+            &s
+        ));
+    }
+
+    // === reconcile ===
+
+    #[tokio::test]
+    async fn opted_in_namespace_gets_the_copy_by_server_side_apply() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::ApplyCopy("shop"));
+        let m = metrics();
+        let ctx = context(client, store_with(vec![source()]), m.clone());
+        let action = timeout(WAIT, reconcile(Arc::new(namespace("shop")), ctx))
+            .await
+            .expect("reconcile finished")
+            .expect("reconcile succeeded");
+        assert_eq!(action, Action::requeue(RESYNC));
+        assert_eq!(m.applies.get(), 1);
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn up_to_date_copy_is_not_applied_again() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::NoCalls);
+        let m = metrics();
+        let copy = desired_copy(&source(), "shop", &settings());
+        let ctx = context(client, store_with(vec![source(), copy]), m.clone());
+        let action = reconcile(Arc::new(namespace("shop")), ctx).await.unwrap();
+        assert_eq!(action, Action::requeue(RESYNC));
+        assert_eq!(m.applies.get(), 0);
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn edited_copy_is_applied_again() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::ApplyCopy("shop"));
+        let mut copy = desired_copy(&source(), "shop", &settings());
+        copy.data = Some(BTreeMap::from([(TEMPLATE_KEY.into(), "{}".into())]));
+        let ctx = context(client, store_with(vec![source(), copy]), metrics());
+        reconcile(Arc::new(namespace("shop")), ctx).await.unwrap();
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn missing_source_applies_nothing_counts_and_requeues() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::NoCalls);
+        let m = metrics();
+        let ctx = context(client, store_with(vec![]), m.clone());
+        for ns in ["shop", "payments"] {
+            let ns = Arc::new(namespace(ns));
+            let err = reconcile(ns.clone(), ctx.clone()).await.unwrap_err();
+            assert!(matches!(err, Error::SourceMissing), "{err}");
+            let action = error_policy(ns, &err, ctx.clone());
+            assert_eq!(action, Action::requeue(SOURCE_MISSING_REQUEUE));
+        }
+        assert_eq!(errors(&m, "source_missing"), 2);
+        assert_eq!(m.applies.get(), 0);
+        assert!(ctx.source_missing.load(Ordering::Relaxed));
+        drop(ctx);
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn source_namespace_is_skipped() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::NoCalls);
+        let m = metrics();
+        let ctx = context(client, store_with(vec![source()]), m.clone());
+        let action = reconcile(Arc::new(namespace(SOURCE_NS)), ctx)
+            .await
+            .unwrap();
+        assert_eq!(action, Action::await_change());
+        assert_eq!(m.applies.get(), 0);
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn terminating_namespace_is_skipped() {
+        let (client, server) = mock_client();
+        let verifier = server.run(Scenario::NoCalls);
+        let mut ns = namespace("leaving");
+        ns.metadata.deletion_timestamp = Some(Time(Default::default()));
+        let ctx = context(client, store_with(vec![source()]), metrics());
+        let action = reconcile(Arc::new(ns), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn failed_apply_is_an_error_that_is_counted_and_retried() {
+        let (client, mut server) = mock_client();
+        let verifier = tokio::spawn(async move {
+            let (_, send) = server.0.next_request().await.expect("apply was not sent");
+            let status = json!({
+                "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "message": "configmaps is forbidden", "reason": "Forbidden", "code": 403,
+            });
+            let mut resp = json_response(&status);
+            *resp.status_mut() = http::StatusCode::FORBIDDEN;
+            send.send_response(resp);
+        });
+        let m = metrics();
+        let ctx = context(client, store_with(vec![source()]), m.clone());
+        let ns = Arc::new(namespace("shop"));
+        let err = reconcile(ns.clone(), ctx.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::Apply(_)), "{err}");
+        assert_eq!(error_policy(ns, &err, ctx), Action::requeue(ERROR_REQUEUE));
+        assert_eq!(errors(&m, "apply"), 1);
+        assert_eq!(m.applies.get(), 0);
+        verified(verifier).await;
+    }
+
+    #[tokio::test]
+    async fn namespace_without_a_name_is_an_error() {
+        let (client, _server) = mock_client();
+        let ctx = context(client, store_with(vec![source()]), metrics());
+        let err = reconcile(Arc::new(Namespace::default()), ctx)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::MissingObjectKey(".metadata.name")));
+    }
+
+    // === triggers ===
+
+    #[test]
+    fn full_reconcile_follows_the_source_and_damaged_copies_only() {
+        let s = settings();
+        let good = desired_copy(&source(), "shop", &s);
+        let mut edited = good.clone();
+        edited.data = None;
+        let store = store_with(vec![source(), good.clone()]);
+        let wants = |e: watcher::Event<ConfigMap>| wants_full_reconcile(&e, &store, &s);
+        assert!(wants(watcher::Event::Apply(source())));
+        assert!(wants(watcher::Event::Delete(source())));
+        assert!(wants(watcher::Event::Delete(good.clone())));
+        assert!(wants(watcher::Event::Apply(edited.clone())));
+        assert!(wants(watcher::Event::InitDone));
+        assert!(
+            !wants(watcher::Event::Apply(good.clone())),
+            "our own apply echoing back"
+        );
+        assert!(!wants(watcher::Event::Init));
+        assert!(!wants(watcher::Event::InitApply(edited.clone())));
+        // Without a source there is nothing to repair a copy from.
+        let empty = store_with(vec![]);
+        assert!(!wants_full_reconcile(
+            &watcher::Event::Apply(edited),
+            &empty,
+            &s
+        ));
+    }
+
+    // === cache ===
+
+    #[test]
+    fn cache_answers_present_and_missing_per_namespace() {
+        let cache = BootstrapCache::from_namespaces(NAME, &["shop", "payments"]);
+        assert!(cache.is_synced());
+        assert_eq!(cache.availability("shop"), Availability::Present);
+        assert_eq!(cache.availability("payments"), Availability::Present);
+        assert_eq!(cache.availability("billing"), Availability::Missing);
+        assert_eq!(cache.availability(""), Availability::Missing);
+    }
+
+    #[test]
+    fn disabled_cache_knows_nothing() {
+        let cache = BootstrapCache::disabled();
+        assert!(!cache.is_synced());
+        assert_eq!(cache.availability("shop"), Availability::Unknown);
+        assert_eq!(format!("{cache:?}"), "BootstrapCache(disabled)");
+    }
+
+    #[test]
+    fn cache_is_unknown_until_synced() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let cache = BootstrapCache {
+            inner: Some(Arc::new(CacheInner {
+                store,
+                synced: AtomicBool::new(false),
+                config_map_name: NAME.into(),
+            })),
+        };
+        writer.apply_watcher_event(&watcher::Event::Apply(desired_copy(
+            &source(),
+            "shop",
+            &settings(),
+        )));
+        assert_eq!(cache.availability("shop"), Availability::Unknown);
+        cache
+            .inner
+            .as_ref()
+            .unwrap()
+            .synced
+            .store(true, Ordering::Release);
+        assert_eq!(cache.availability("shop"), Availability::Present);
+    }
+
+    #[test]
+    fn cache_ignores_configmaps_of_other_names() {
+        let cache = BootstrapCache::from_namespaces("other-name", &["shop"]);
+        let mine = BootstrapCache::from_namespaces(NAME, &[]);
+        assert_eq!(cache.availability("shop"), Availability::Present);
+        assert_eq!(mine.availability("shop"), Availability::Missing);
+    }
+
+    // === settings and metrics ===
+
+    #[test]
+    fn settings_need_bootstrap_enabled_and_an_own_namespace() {
+        let mut cfg = Config::default();
+        assert_eq!(Settings::from_config(&cfg), None);
+        cfg.webhook_namespace = Some(SOURCE_NS.into());
+        assert_eq!(Settings::from_config(&cfg), Some(settings()));
+        cfg.bootstrap.reconcile = false;
+        assert!(!Settings::from_config(&cfg).unwrap().reconcile);
+        cfg.bootstrap.enabled = false;
+        assert_eq!(Settings::from_config(&cfg), None);
+    }
+
+    #[test]
+    fn metrics_are_prefixed_and_every_reason_is_exported() {
+        let registry = crate::metrics::new_registry();
+        let m = ReconcileMetrics::register(&registry).unwrap();
+        m.applies.inc();
+        m.error("apply");
+        let text = String::from_utf8(crate::metrics::encode(&registry)).unwrap();
+        assert!(
+            text.contains("canary_injector_reconcile_applies_total 1"),
+            "{text}"
+        );
+        assert!(text.contains(r#"canary_injector_reconcile_errors_total{reason="apply"} 1"#));
+        assert!(
+            text.contains(r#"canary_injector_reconcile_errors_total{reason="source_missing"} 0"#)
+        );
+        assert!(ReconcileMetrics::register(&registry).is_err());
+    }
+
+    // === start: watches, controller, triggers and shutdown together ===
+
+    fn labelled_namespace_json(name: &str) -> Value {
+        serde_json::to_value(namespace(name)).unwrap()
+    }
+
+    /// Answers the lists, parks the watches, releases one DELETED event for
+    /// the copy in `shop` on `release`, and reports each applied namespace.
+    async fn fake_apiserver(
+        mut handle: ApiServerHandle,
+        applied: mpsc::UnboundedSender<String>,
+        release: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let shop_copy = {
+            let mut cm = desired_copy(&source(), "shop", &settings());
+            cm.metadata.resource_version = Some("101".into());
+            serde_json::to_value(cm).unwrap()
+        };
+        let mut release = Some(release);
+        let mut parked = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let path = request.uri().path().to_string();
+            let q = query(&request);
+            let watching = q.get("watch").map(String::as_str) == Some("true");
+            match (request.method().clone(), path.as_str()) {
+                (Method::GET, "/api/v1/configmaps") => {
+                    assert_eq!(
+                        q.get("fieldSelector").map(String::as_str),
+                        Some("metadata.name=canary-injector-bootstrap")
+                    );
+                    assert!(!q.contains_key("labelSelector"));
+                    if !watching {
+                        let mut up_to_date = shop_copy.clone();
+                        up_to_date["metadata"]["resourceVersion"] = json!("100");
+                        send.send_response(json_response(&json!({
+                            "apiVersion": "v1", "kind": "ConfigMapList",
+                            "metadata": {"resourceVersion": "100"},
+                            "items": [serde_json::to_value(source()).unwrap(), up_to_date],
+                        })));
+                    } else if let Some(release) = release.take() {
+                        let event = json!({"type": "DELETED", "object": shop_copy.clone()});
+                        tokio::spawn(async move {
+                            if release.await.is_ok() {
+                                let mut line = serde_json::to_vec(&event).unwrap();
+                                line.push(b'\n');
+                                send.send_response(Response::new(Body::from(line)));
+                            }
+                        });
+                    } else {
+                        parked.push(send);
+                    }
+                }
+                (Method::GET, "/api/v1/namespaces") => {
+                    assert_eq!(
+                        q.get("labelSelector").map(String::as_str),
+                        Some(DEFAULT_NAMESPACE_SELECTOR)
+                    );
+                    if watching {
+                        parked.push(send);
+                    } else {
+                        send.send_response(json_response(&json!({
+                            "apiVersion": "v1", "kind": "NamespaceList",
+                            "metadata": {"resourceVersion": "200"},
+                            "items": [
+                                labelled_namespace_json("shop"),
+                                labelled_namespace_json("fresh"),
+                                labelled_namespace_json(SOURCE_NS),
+                            ],
+                        })));
+                    }
+                }
+                (Method::PATCH, p) => {
+                    let ns = p
+                        .strip_prefix("/api/v1/namespaces/")
+                        .and_then(|rest| rest.strip_suffix(&format!("/configmaps/{NAME}")))
+                        .unwrap_or_else(|| panic!("unexpected PATCH {p}"))
+                        .to_string();
+                    assert_eq!(
+                        q.get("fieldManager").map(String::as_str),
+                        Some(FIELD_MANAGER)
+                    );
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    let mut body: Value = serde_json::from_slice(&body).unwrap();
+                    body["metadata"]["resourceVersion"] = json!("300");
+                    send.send_response(json_response(&body));
+                    applied.send(ns).unwrap();
+                }
+                (method, _) => panic!("unexpected call: {method} {}", request.uri()),
+            }
+        }
+    }
+
+    async fn poll_until(what: &str, mut condition: impl FnMut() -> bool) {
+        timeout(WAIT, async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[tokio::test]
+    async fn start_syncs_the_cache_copies_where_missing_and_repairs_deleted_copies() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (applied_tx, mut applied) = mpsc::unbounded_channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(fake_apiserver(handle, applied_tx, release_rx));
+        let m = metrics();
+        let shutdown = CancellationToken::new();
+
+        let (cache, task) = start(client, settings(), m.clone(), shutdown.clone());
+        // Nothing has run yet on this single-threaded runtime.
+        assert_eq!(cache.availability("shop"), Availability::Unknown);
+
+        // "fresh" has no copy: applied. "shop" is up to date and the source
+        // namespace is skipped: never applied before the release below.
+        let first = timeout(WAIT, applied.recv()).await.unwrap().unwrap();
+        assert_eq!(first, "fresh");
+        assert!(cache.is_synced());
+        assert_eq!(cache.availability("shop"), Availability::Present);
+        assert_eq!(cache.availability(SOURCE_NS), Availability::Present);
+        assert_eq!(cache.availability("fresh"), Availability::Missing);
+        assert_eq!(cache.availability("elsewhere"), Availability::Missing);
+
+        // Someone deletes the copy in "shop": the watch sees it, the
+        // reconciler puts it back.
+        release_tx.send(()).unwrap();
+        let mut seen = BTreeSet::from([first]);
+        while !seen.contains("shop") {
+            let ns = timeout(WAIT, applied.recv()).await.unwrap().unwrap();
+            seen.insert(ns);
+        }
+        assert_eq!(cache.availability("shop"), Availability::Missing);
+        assert!(!seen.contains(SOURCE_NS), "{seen:?}");
+        poll_until("the applies to be counted", || m.applies.get() >= 2).await;
+
+        shutdown.cancel();
+        timeout(WAIT, task)
+            .await
+            .expect("stopped on shutdown")
+            .expect("task did not panic");
+        server.abort();
+        if let Err(e) = server.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        assert_eq!(errors(&m, "apply"), 0);
+    }
+
+    #[tokio::test]
+    async fn start_without_reconcile_only_watches() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let shutdown = CancellationToken::new();
+        let s = Settings {
+            reconcile: false,
+            ..settings()
+        };
+        let (cache, task) = start(client, s, metrics(), shutdown.clone());
+        let server = tokio::spawn(async move {
+            let mut parked = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                assert_eq!(
+                    request.uri().path(),
+                    "/api/v1/configmaps",
+                    "only the cache watch"
+                );
+                if query(&request).contains_key("watch") {
+                    parked.push(send);
+                } else {
+                    send.send_response(json_response(&json!({
+                        "apiVersion": "v1", "kind": "ConfigMapList",
+                        "metadata": {"resourceVersion": "1"},
+                        "items": [],
+                    })));
+                }
+            }
+        });
+        poll_until("the cache to sync", || cache.is_synced()).await;
+        assert_eq!(cache.availability("shop"), Availability::Missing);
+        shutdown.cancel();
+        timeout(WAIT, task).await.unwrap().unwrap();
+        server.abort();
+        if let Err(e) = server.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
