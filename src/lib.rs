@@ -18,4 +18,5 @@ pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod reconcile;
 pub mod server;
