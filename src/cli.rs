@@ -19,6 +19,7 @@ use canary_injector::config::Config;
 use canary_injector::envoy_template;
 use canary_injector::metrics::{self, Metrics};
 use canary_injector::offline::{self, OfflineError};
+use canary_injector::reconcile::{self, BootstrapCache, ReconcileMetrics};
 use canary_injector::server::tls::{self, CertPaths, Reloader, Resolver};
 use canary_injector::server::{self, Limits, State};
 
@@ -313,7 +314,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         max_connections: args.max_connections.max(1),
         ..Limits::default()
     };
-    let state = Arc::new(State::new(Arc::new(cfg), metrics.clone(), limits));
+    let bootstrap_settings = reconcile::Settings::from_config(&cfg);
+    let reconcile_metrics = ReconcileMetrics::register(&registry)
+        .context("cannot register metrics")
+        .map_err(Failure::Runtime)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -334,6 +338,31 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         };
         let (https_addr, metrics_addr) = (local(&listener), local(&metrics_listener));
         let shutdown = CancellationToken::new();
+        let (bootstrap, bootstrap_task) = match bootstrap_settings {
+            None => {
+                info!(
+                    "bootstrap mounts disabled: bootstrap.enabled is false or the webhook \
+                     namespace is unknown (set POD_NAMESPACE or webhookNamespace)"
+                );
+                (BootstrapCache::disabled(), None)
+            }
+            Some(settings) => match connect_kube(Duration::from_secs(5)).await {
+                Ok(client) => {
+                    let (cache, task) =
+                        reconcile::start(client, settings, reconcile_metrics, shutdown.clone());
+                    (cache, Some(task))
+                }
+                Err(error) => {
+                    warn!(%error, "no Kubernetes API reachable; bootstrap mounts disabled");
+                    (BootstrapCache::disabled(), None)
+                }
+            },
+        };
+        let lookup = bootstrap.clone();
+        let state = Arc::new(
+            State::new(Arc::new(cfg), metrics.clone(), limits)
+                .with_configmaps(Arc::new(move |ns: &str| lookup.availability(ns))),
+        );
         tokio::spawn(on_signals(
             shutdown.clone(),
             state.clone(),
@@ -356,10 +385,25 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             shutdown.clone(),
         ));
         info!(listen = %https_addr, metrics = %metrics_addr, "serving");
+        if bootstrap_task.is_some() {
+            // Ready once the cache knows where the ConfigMap is, so the first
+            // pods are not skipped for want of a cache; bounded, since labels
+            // matter more than the mount.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !bootstrap.is_synced() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !bootstrap.is_synced() {
+                warn!("bootstrap ConfigMap cache not synced after 10 s; serving anyway");
+            }
+        }
         state.set_ready(true);
         server::serve(listener, tls_config, state, shutdown.clone()).await;
         shutdown.cancel();
         let _ = metrics_task.await;
+        if let Some(task) = bootstrap_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         info!("stopped");
         Ok(())
     })
@@ -395,4 +439,21 @@ async fn on_signals(shutdown: CancellationToken, state: Arc<State>, delay: Durat
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     warn!("second signal; exiting without waiting for in-flight requests");
     std::process::exit(130);
+}
+
+/// A client for the cluster (in-cluster service account, else kubeconfig).
+/// In a cluster the watches retry on their own, so no probe; elsewhere the
+/// API must answer `GET /version` within `limit`, or bootstrap mounts stay off.
+async fn connect_kube(limit: Duration) -> anyhow::Result<kube::Client> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    tokio::time::timeout(limit, async {
+        let client = kube::Client::try_default().await?;
+        if !in_cluster {
+            client.apiserver_version().await?;
+        }
+        Ok::<_, kube::Error>(client)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
+    .map_err(Into::into)
 }

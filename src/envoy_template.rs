@@ -8,11 +8,11 @@
 //! (`"{{ .connect_timeout }}"`). Neither a JSON parser nor a regex can edit it
 //! safely, so this module has a small hand-written scanner:
 //!
-//! 1. [`tokenize`] splits the text into JSON punctuation, strings, bare words
+//! 1. `tokenize` splits the text into JSON punctuation, strings, bare words
 //!    and Go directives. Directives are opaque tokens (their inner quotes,
 //!    braces and `/* comments */` are skipped with Go's lexing rules); inside
 //!    a JSON string a directive is just part of the string.
-//! 2. [`Doc::build`] matches braces/brackets with an explicit stack (never
+//! 2. `Doc::build` matches braces/brackets with an explicit stack (never
 //!    recursion) and records every object member (`"key": value`).
 //! 3. [`patch_template`] finds the `static_resources.clusters[]` element with
 //!    a direct `"name": "xds-grpc"` member and rewrites only the byte ranges

@@ -182,16 +182,9 @@ fn is_up_to_date(copy: &ConfigMap, source: &ConfigMap, settings: &Settings) -> b
 
 // === BootstrapCache ===
 
-/// Whether the bootstrap ConfigMap is known to exist in a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Availability {
-    /// The ConfigMap exists there: mounting it is safe.
-    Present,
-    /// The watch has synced and the ConfigMap is not there.
-    Missing,
-    /// Nothing is known: no cluster, or the watch has not synced yet.
-    Unknown,
-}
+/// The core's answer type: Present, Missing (the watch has synced and the
+/// ConfigMap is not there), Unknown (no cluster, or not synced yet).
+pub use crate::mutate::Availability;
 
 /// Which namespaces hold the bootstrap ConfigMap, answered from memory.
 ///

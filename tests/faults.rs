@@ -14,7 +14,10 @@ use canary_injector::admission::{self, no_cluster};
 use canary_injector::config::Config;
 use canary_injector::server::tls::{self, Reloader, Resolver};
 use canary_injector::server::{self, Limits, State};
-use common::{Certs, Client, TestServer, apply_response, fixture, fixture_json, provider, start_with, tls_connect};
+use common::{
+    Certs, Client, TestServer, apply_response, fixture, fixture_json, provider, start_with,
+    tls_connect,
+};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +30,10 @@ async fn still_serves(server: &TestServer) {
     let r = c.post_json("/mutate", review.to_string()).await;
     assert_eq!(r.status(), 200);
     let out: Value = serde_json::from_slice(r.body()).unwrap();
-    assert_eq!(apply_response(&review, &out)["metadata"]["labels"]["stage"], "normal");
+    assert_eq!(
+        apply_response(&review, &out)["metadata"]["labels"]["stage"],
+        "normal"
+    );
 }
 
 #[tokio::test]
@@ -99,7 +105,9 @@ async fn connection_cap_makes_extra_connections_wait() {
         ..Limits::default()
     };
     let server = start_with(Config::default(), limits).await;
-    let a = tls_connect(server.addr, &server.certs.ca_pem, &[b"h2"]).await.unwrap();
+    let a = tls_connect(server.addr, &server.certs.ca_pem, &[b"h2"])
+        .await
+        .unwrap();
     let mut b = Client::connect(server.addr, &server.certs.ca_pem, true).await;
     // The third handshake waits: the server does not accept beyond the cap.
     let third = tokio::time::timeout(
@@ -107,16 +115,27 @@ async fn connection_cap_makes_extra_connections_wait() {
         tls_connect(server.addr, &server.certs.ca_pem, &[b"h2"]),
     )
     .await;
-    assert!(third.is_err(), "third connection must wait while two are open");
+    assert!(
+        third.is_err(),
+        "third connection must wait while two are open"
+    );
     // Connections already open are still served.
-    assert_eq!(b.post_json("/mutate", fixture("pod.review.json")).await.status(), 200);
+    assert_eq!(
+        b.post_json("/mutate", fixture("pod.review.json"))
+            .await
+            .status(),
+        200
+    );
     drop(a);
     let third = tokio::time::timeout(
         Duration::from_secs(5),
         tls_connect(server.addr, &server.certs.ca_pem, &[b"h2"]),
     )
     .await;
-    assert!(matches!(third, Ok(Ok(_))), "a freed slot admits the waiting connection");
+    assert!(
+        matches!(third, Ok(Ok(_))),
+        "a freed slot admits the waiting connection"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +168,9 @@ async fn garbage_plain_http_and_old_tls_are_refused_cleanly() {
     let inputs: Vec<Vec<u8>> = vec![
         b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}".to_vec(),
         tls10_client_hello(),
-        (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
         vec![0x16, 0x03, 0x03, 0xff, 0xff],
     ];
     for input in inputs {
@@ -186,7 +207,10 @@ async fn unrequested_client_certificate_is_harmless() {
         .unwrap();
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
         .await
         .expect("handshake succeeds; the server never asks for the certificate");
     drop(tls);
@@ -203,7 +227,9 @@ async fn deeply_nested_json_is_refused_with_400() {
     let r = c.post_json("/mutate", deep.clone()).await;
     assert_eq!(r.status(), 400);
     for body in [
-        format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{deep}}}"#),
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{deep}}}"#
+        ),
         fixture("pod.review.json").replacen(
             r#""status": {}"#,
             &format!(r#""status": {{"x": {deep}}}"#),
@@ -245,7 +271,10 @@ async fn huge_label_maps_and_a_3_mib_pod_get_correct_patches() {
     assert_eq!(r.status(), 200);
     let out = apply_response(&review, &serde_json::from_slice(r.body()).unwrap());
     assert_eq!(out["metadata"]["labels"]["canarytag"], "feature-login");
-    assert_eq!(out["metadata"]["annotations"], review["request"]["object"]["metadata"]["annotations"]);
+    assert_eq!(
+        out["metadata"]["annotations"],
+        review["request"]["object"]["metadata"]["annotations"]
+    );
     still_serves(&server).await;
 }
 
@@ -336,17 +365,23 @@ async fn certificate_rotation_under_load_fails_no_request() {
     let resolver = Arc::new(Resolver::new(&loaded));
     let registry = canary_injector::metrics::new_registry();
     let m = canary_injector::metrics::Metrics::register(&registry).unwrap();
-    let state = Arc::new(State::new(Arc::new(Config::default()), m, Limits::default()));
+    let state = Arc::new(State::new(
+        Arc::new(Config::default()),
+        m,
+        Limits::default(),
+    ));
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let tls_config = tls::server_config(provider(), resolver.clone()).unwrap();
     tokio::spawn(server::serve(listener, tls_config, state, shutdown.clone()));
-    tokio::spawn(Reloader::new(certs.paths.clone(), provider(), resolver, &loaded).run(
-        Duration::from_millis(20),
-        shutdown.clone(),
-        |_| {},
-    ));
+    tokio::spawn(
+        Reloader::new(certs.paths.clone(), provider(), resolver, &loaded).run(
+            Duration::from_millis(20),
+            shutdown.clone(),
+            |_| {},
+        ),
+    );
 
     let stop = CancellationToken::new();
     let mut clients = Vec::new();
@@ -424,7 +459,10 @@ async fn shutdown_under_load_answers_every_accepted_request() {
         }));
     }
     for a in answers {
-        let text = tokio::time::timeout(Duration::from_secs(10), a).await.unwrap().unwrap();
+        let text = tokio::time::timeout(Duration::from_secs(10), a)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("JSONPatch"));
     }
