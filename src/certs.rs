@@ -5,7 +5,10 @@
 //! - [`plan_secret`] decides, without I/O, whether the certificates stored in
 //!   a TLS Secret can stay, need a new serving certificate, or a new CA too.
 //! - [`write_out_dir`] is `canary-injector certs --out DIR`.
+//! - [`cluster`] is `canary-injector certs --secret`: the same decision
+//!   against a real Secret, plus the webhook configuration's `caBundle`.
 
+pub mod cluster;
 mod plan;
 
 pub use plan::{RenewReason, SecretAction, SecretData, check_ca, plan_secret};
