@@ -126,7 +126,7 @@ pub fn leaf_not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
-/// Serves the current pair; [`Resolver::reload_if_changed`] swaps it.
+/// Serves the current pair; [`Reloader::reload_if_changed`] swaps it.
 #[derive(Debug)]
 pub struct Resolver {
     current: RwLock<Arc<CertifiedKey>>,
