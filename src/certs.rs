@@ -1,5 +1,17 @@
 //! Certificates: a CA and an ECDSA P-256 serving certificate (rcgen), for
 //! the laptop development certificate and for `canary-injector certs`.
+//!
+//! - [`Ca`] makes or loads a CA and issues serving certificates with it.
+//! - [`plan_secret`] decides, without I/O, whether the certificates stored in
+//!   a TLS Secret can stay, need a new serving certificate, or a new CA too.
+//! - [`write_out_dir`] is `canary-injector certs --out DIR`.
+//! - [`cluster`] is `canary-injector certs --secret`: the same decision
+//!   against a real Secret, plus the webhook configuration's `caBundle`.
+
+pub mod cluster;
+mod plan;
+
+pub use plan::{RenewReason, SecretAction, SecretData, check_ca, plan_secret};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -107,7 +119,13 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
     // Tolerate clock skew between the issuer and the apiserver.
     params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + validity;
+    // X.509 times end in 9999 (9999-12-31T23:59:59Z below), and
+    // `now + validity` would panic past the range of `OffsetDateTime`.
+    let last = OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(now);
+    params.not_after = time::Duration::try_from(validity)
+        .ok()
+        .and_then(|v| now.checked_add(v))
+        .map_or(last, |t| t.min(last));
 }
 
 /// Paths of the development certificate files.
@@ -173,8 +191,24 @@ fn dev_cert_usable(paths: &DevCert) -> bool {
 }
 
 /// Writes `contents` to `path`; private files get mode 0600 on Unix.
+///
+/// The bytes go to a temporary file beside `path` first, which is then
+/// renamed over it: a reader (the server's certificate reloader) sees the old
+/// file or the new one, never half of it, and a key that already existed with
+/// looser permissions ends up 0600 too.
 pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
     use std::io::Write;
+    let io = |source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io(std::io::Error::other("not a file name")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -182,14 +216,186 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), Cert
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
+    let mut f = opts.open(&tmp).map_err(io)?;
+    // `mode` applies only when the file is created; a leftover temporary file
+    // keeps its old mode unless it is set again.
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
     #[cfg(not(unix))]
     let _ = private;
-    let io = |source| CertError::Io {
-        path: path.to_owned(),
-        source,
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// How long certificates live and when they are replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Validity of a new serving certificate (`--validity`).
+    pub validity: Duration,
+    /// Validity of a new CA (`--ca-validity`).
+    pub ca_validity: Duration,
+    /// A certificate (serving or CA) is replaced once it expires within this
+    /// (`--renew-before`).
+    pub renew_before: Duration,
+}
+
+impl Default for Lifetimes {
+    /// One year for the serving certificate, ten for the CA, renewal 30 days
+    /// before expiry: the command line's defaults.
+    fn default() -> Self {
+        let hour = 3600;
+        Self {
+            validity: Duration::from_secs(8760 * hour),
+            ca_validity: Duration::from_secs(87600 * hour),
+            renew_before: Duration::from_secs(720 * hour),
+        }
+    }
+}
+
+/// Common name of the CA that `canary-injector certs` creates.
+pub const CA_COMMON_NAME: &str = "canary-injector CA";
+
+/// The DNS names the apiserver may use for a webhook behind Service
+/// `service` in `namespace`: `svc`, `svc.ns`, `svc.ns.svc` and
+/// `svc.ns.svc.<cluster_domain>`. The apiserver itself dials
+/// `svc.ns.svc`; the others help clients inside the cluster.
+pub fn service_sans(service: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.{cluster_domain}"),
+    ]
+}
+
+/// Where the CA used by [`write_out_dir`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaOrigin {
+    /// `ca.crt` and `ca.key` in the directory were usable and kept, so the
+    /// `caBundle` does not change.
+    Reused,
+    /// There was no CA in the directory; a new one was created.
+    Created,
+    /// The directory held a CA that could not be used (why); a new one
+    /// replaced it, so the `caBundle` changes.
+    Replaced(RenewReason),
+}
+
+/// What [`write_out_dir`] did.
+#[derive(Debug, Clone)]
+pub struct OutDir {
+    /// The CA certificate (PEM) that signed the new serving certificate.
+    pub ca_cert_pem: String,
+    /// Where that CA came from.
+    pub ca: CaOrigin,
+}
+
+/// `canary-injector certs --out DIR`: writes `ca.crt`, `ca.key` (0600),
+/// `tls.crt` and `tls.key` (0600) to `dir`, creating it if needed.
+///
+/// A CA already in `dir` is reused when it is valid for longer than
+/// `lifetimes.renew_before` and its key matches, so the `caBundle` stays the
+/// same; the serving certificate is always issued anew.
+pub fn write_out_dir(
+    dir: &Path,
+    sans: &[String],
+    lifetimes: &Lifetimes,
+) -> Result<OutDir, CertError> {
+    let ca_path = dir.join(plan::CA_CRT);
+    let ca_key_path = dir.join(plan::CA_KEY);
+    let existing = match (std::fs::read(&ca_path), std::fs::read(&ca_key_path)) {
+        (Ok(cert), Ok(key)) => Some((cert, key)),
+        _ => None,
     };
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(contents.as_bytes()).map_err(io)
+    let now = OffsetDateTime::now_utc();
+    let (ca, origin) = match existing {
+        None => (
+            Ca::generate(CA_COMMON_NAME, lifetimes.ca_validity)?,
+            CaOrigin::Created,
+        ),
+        Some((cert, key)) => match check_ca(Some(&cert), Some(&key), now, lifetimes.renew_before)
+            .and_then(|()| plan::load_ca(&cert, &key))
+        {
+            Ok(ca) => (ca, CaOrigin::Reused),
+            Err(reason) => (
+                Ca::generate(CA_COMMON_NAME, lifetimes.ca_validity)?,
+                CaOrigin::Replaced(reason),
+            ),
+        },
+    };
+    let bundle = ca.issue(sans, lifetimes.validity)?;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if origin != CaOrigin::Reused {
+        // If we stop between the two writes, ca.key no longer matches ca.crt
+        // and the next run replaces the CA instead of signing with it.
+        write_file(&ca_key_path, &bundle.ca_key_pem, true)?;
+        write_file(&ca_path, &bundle.ca_cert_pem, false)?;
+    }
+    write_file(&dir.join(plan::TLS_KEY), &bundle.key_pem, true)?;
+    write_file(&dir.join(plan::TLS_CRT), &bundle.cert_pem, false)?;
+    Ok(OutDir {
+        ca_cert_pem: bundle.ca_cert_pem,
+        ca: origin,
+    })
+}
+
+/// A `--validity`-style duration could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid duration {input:?}: {why} (use Go-style durations such as 8760h, 90m, 1h30m or 45s)"
+)]
+pub struct DurationError {
+    input: String,
+    why: &'static str,
+}
+
+/// Parses a Go-style duration made of whole numbers with the units `h`, `m`
+/// and `s`, e.g. `8760h`, `1h30m`, `720h0m0s`; a bare `0` is zero.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let err = |why| DurationError {
+        input: input.to_owned(),
+        why,
+    };
+    if input == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if input.is_empty() {
+        return Err(err("empty"));
+    }
+    let mut total: u64 = 0;
+    let mut rest = input;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err("expected a whole number"));
+        }
+        let (number, tail) = rest.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| err("number too large"))?;
+        let unit_len = tail.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "h" => 3600,
+            "m" => 60,
+            "s" => 1,
+            "" => return Err(err("missing unit")),
+            _ => return Err(err("unknown unit")),
+        };
+        total = number
+            .checked_mul(seconds)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(|| err("too large"))?;
+        rest = tail;
+    }
+    Ok(Duration::from_secs(total))
 }
 
 #[cfg(test)]
@@ -233,5 +439,140 @@ mod tests {
             .unwrap();
         assert_eq!(b.ca_cert_pem, b2.ca_cert_pem);
         assert_ne!(b.cert_pem, b2.cert_pem);
+    }
+
+    fn read(dir: &Path, name: &str) -> Vec<u8> {
+        std::fs::read(dir.join(name)).unwrap()
+    }
+
+    fn sans() -> Vec<String> {
+        service_sans("canary-injector", "canary-injector", "cluster.local")
+    }
+
+    fn stored(dir: &Path) -> SecretData {
+        SecretData {
+            tls_crt: Some(read(dir, "tls.crt")),
+            tls_key: Some(read(dir, "tls.key")),
+            ca_crt: Some(read(dir, "ca.crt")),
+            ca_key: Some(read(dir, "ca.key")),
+        }
+    }
+
+    #[test]
+    fn out_dir_reuses_its_ca_and_issues_a_new_serving_certificate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("nested/out");
+        let lifetimes = Lifetimes::default();
+        let first = write_out_dir(&dir, &sans(), &lifetimes).unwrap();
+        assert_eq!(first.ca, CaOrigin::Created);
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            plan_secret(Some(&stored(&dir)), now, &sans(), lifetimes.renew_before),
+            SecretAction::Keep
+        );
+        let (ca, cert) = (read(&dir, "ca.crt"), read(&dir, "tls.crt"));
+
+        let second = write_out_dir(&dir, &sans(), &lifetimes).unwrap();
+        assert_eq!(second.ca, CaOrigin::Reused);
+        assert_eq!(second.ca_cert_pem, first.ca_cert_pem);
+        assert_eq!(read(&dir, "ca.crt"), ca);
+        assert_ne!(read(&dir, "tls.crt"), cert);
+        assert_eq!(
+            plan_secret(Some(&stored(&dir)), now, &sans(), lifetimes.renew_before),
+            SecretAction::Keep,
+            "the new serving certificate is signed by the reused CA"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, mode) in [("ca.key", 0o600), ("tls.key", 0o600)] {
+                let m = std::fs::metadata(dir.join(name))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(m & 0o777, mode, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn out_dir_replaces_an_unusable_or_expiring_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let lifetimes = Lifetimes::default();
+        let first = write_out_dir(dir.path(), &sans(), &lifetimes).unwrap();
+        std::fs::write(dir.path().join("ca.key"), "garbage").unwrap();
+        let second = write_out_dir(dir.path(), &sans(), &lifetimes).unwrap();
+        assert_eq!(
+            second.ca,
+            CaOrigin::Replaced(RenewReason::Unreadable("ca.key"))
+        );
+        assert_ne!(second.ca_cert_pem, first.ca_cert_pem);
+
+        let short = Lifetimes {
+            renew_before: lifetimes.ca_validity,
+            ..lifetimes
+        };
+        let third = write_out_dir(dir.path(), &sans(), &short).unwrap();
+        assert_eq!(
+            third.ca,
+            CaOrigin::Replaced(RenewReason::Expiring("ca.crt"))
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_files_become_0600_even_if_they_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tls.key");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_file(&path, "new", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn go_style_durations() {
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(parse_duration("8760h"), Ok(h(8760)));
+        assert_eq!(parse_duration("720h0m0s"), Ok(h(720)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "10",
+            "h",
+            "1y",
+            "1d",
+            "-1h",
+            "1.5h",
+            "1h 30m",
+            "99999999999999999999h",
+            "5124095576030432h",
+        ] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.to_string().contains("8760h"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn absurd_validity_is_clamped_not_a_panic() {
+        let ca = Ca::generate("test CA", Duration::from_secs(u64::MAX)).unwrap();
+        ca.issue(&sans(), Duration::from_secs(u64::MAX)).unwrap();
+    }
+
+    #[test]
+    fn service_sans_are_the_four_service_names() {
+        assert_eq!(
+            service_sans("svc", "ns", "cluster.local"),
+            ["svc", "svc.ns", "svc.ns.svc", "svc.ns.svc.cluster.local"]
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! Command line: `serve` (the webhook) and `mutate` (offline, like
-//! `istioctl kube-inject`). Exit codes: 0 success, 1 a runtime failure or a
-//! refused document, 2 bad usage or unreadable input/configuration.
+//! Command line: `serve` (the webhook), `mutate` (offline, like
+//! `istioctl kube-inject`) and `certs` (the webhook's TLS certificates).
+//! Exit codes: 0 success, 1 a runtime failure (API call, refused document),
+//! 2 bad usage or unreadable input/configuration.
 
 use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
@@ -50,6 +51,10 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the rules to manifests offline and print the result.
     Mutate(MutateArgs),
+    /// Create or renew the webhook's TLS certificates: into a directory
+    /// (--out) or, in-cluster, into a Secret plus the webhook
+    /// configuration's caBundle (--secret).
+    Certs(CertsArgs),
     /// Set the xds-grpc TCP keepalive in an Istio Envoy bootstrap template.
     BootstrapTemplate(TemplateArgs),
 }
@@ -134,6 +139,56 @@ struct MutateArgs {
     no_bootstrap: bool,
 }
 
+/// `canary-injector certs`: see certs/README.md.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["out", "secret"])))]
+#[command(
+    after_help = "Durations are Go-style: whole numbers with h, m or s (8760h, 90m, 1h30m).\n\
+Examples:\n  \
+canary-injector certs --service canary-injector --namespace canary-injector --out certs/prod --print-ca-bundle\n  \
+canary-injector certs --service canary-injector --namespace canary-injector \\\n    \
+--secret canary-injector-tls --webhook-configuration canary-injector"
+)]
+struct CertsArgs {
+    /// Name of the webhook's Service (first DNS name of the certificate).
+    #[arg(long)]
+    service: String,
+    /// Namespace of the Service (and of the Secret with --secret).
+    #[arg(long)]
+    namespace: String,
+    /// Cluster DNS domain, for the <service>.<namespace>.svc.<domain> name.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Write ca.crt, ca.key, tls.crt and tls.key into DIR (keys mode 0600).
+    /// A valid CA already in DIR is reused, so the caBundle stays the same.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print base64 of the CA certificate on stdout: the value for a
+    /// webhook's clientConfig.caBundle.
+    #[arg(long)]
+    print_ca_bundle: bool,
+    /// In-cluster: keep this kubernetes.io/tls Secret in --namespace current.
+    /// Credentials as kubectl finds them (KUBECONFIG or ~/.kube/config),
+    /// else the pod's service account.
+    #[arg(long, value_name = "NAME", requires = "webhook_configuration")]
+    secret: Option<String>,
+    /// In-cluster: set clientConfig.caBundle of every webhook in this
+    /// MutatingWebhookConfiguration to the Secret's CA.
+    // `requires = "secret"` alone would let `--out DIR --webhook-configuration`
+    // through: clap does not require an argument that conflicts with one given.
+    #[arg(long, value_name = "NAME", requires = "secret", conflicts_with = "out")]
+    webhook_configuration: Option<String>,
+    /// Validity of a new serving certificate.
+    #[arg(long, default_value = "8760h", value_parser = certs::parse_duration)]
+    validity: Duration,
+    /// Validity of a new CA.
+    #[arg(long, default_value = "87600h", value_parser = certs::parse_duration)]
+    ca_validity: Duration,
+    /// Renew a certificate (serving or CA) that expires within this.
+    #[arg(long, default_value = "720h", value_parser = certs::parse_duration)]
+    renew_before: Duration,
+}
+
 /// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -163,6 +218,17 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Mutate(args) => mutate(args),
         Command::BootstrapTemplate(args) => bootstrap_template(args),
+        Command::Certs(args) => match certs_command(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Usage(e)) => {
+                eprintln!("error: {}", report(&e));
+                ExitCode::from(2)
+            }
+            Err(Failure::Runtime(e)) => {
+                eprintln!("error: {}", report(&e));
+                ExitCode::from(1)
+            }
+        },
     }
 }
 
@@ -409,6 +475,132 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     })
 }
 
+fn certs_command(args: CertsArgs) -> Result<(), Failure> {
+    let usage = |msg: String| Failure::Usage(anyhow::anyhow!(msg));
+    for (flag, value) in [
+        ("--service", &args.service),
+        ("--namespace", &args.namespace),
+    ] {
+        if !is_dns_label(value) {
+            return Err(usage(format!(
+                "{flag} {value:?} is not a DNS label (lowercase letters, digits and '-', at most 63)"
+            )));
+        }
+    }
+    if args.cluster_domain.is_empty() || !args.cluster_domain.split('.').all(is_dns_label) {
+        return Err(usage(format!(
+            "--cluster-domain {:?} is not a DNS name",
+            args.cluster_domain
+        )));
+    }
+    let lifetimes = certs::Lifetimes {
+        validity: args.validity,
+        ca_validity: args.ca_validity,
+        renew_before: args.renew_before,
+    };
+    if lifetimes.validity <= lifetimes.renew_before {
+        return Err(usage(
+            "--validity must be longer than --renew-before, or every run would renew".into(),
+        ));
+    }
+    if lifetimes.ca_validity < lifetimes.validity {
+        return Err(usage(
+            "--ca-validity must be at least --validity (a certificate cannot outlive its CA)"
+                .into(),
+        ));
+    }
+    let sans = certs::service_sans(&args.service, &args.namespace, &args.cluster_domain);
+
+    let ca_pem = if let Some(dir) = &args.out {
+        let out = certs::write_out_dir(dir, &sans, &lifetimes)
+            .with_context(|| format!("cannot write certificates to {}", dir.display()))
+            .map_err(Failure::Runtime)?;
+        match &out.ca {
+            certs::CaOrigin::Reused => info!(dir = %dir.display(), "CA reused"),
+            certs::CaOrigin::Created => info!(dir = %dir.display(), "CA created"),
+            certs::CaOrigin::Replaced(reason) => {
+                warn!(dir = %dir.display(), %reason, "CA replaced; update the caBundle");
+            }
+        }
+        info!(dir = %dir.display(), dns_names = %sans.join(","), "serving certificate written");
+        out.ca_cert_pem
+    } else {
+        let (Some(secret), Some(webhook_configuration)) = (args.secret, args.webhook_configuration)
+        else {
+            return Err(usage("--secret needs --webhook-configuration".into()));
+        };
+        let target = certs::cluster::Target {
+            namespace: args.namespace,
+            secret,
+            webhook_configuration,
+            sans,
+            lifetimes,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .map_err(Failure::Runtime)?;
+        runtime
+            .block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("cannot configure the Kubernetes client")?;
+                anyhow::Ok(certs::cluster::ensure(client, &target).await?)
+            })
+            .map_err(Failure::Runtime)?
+            .ca_cert_pem
+    };
+    if args.print_ca_bundle {
+        use base64::Engine as _;
+        println!(
+            "{}",
+            base64::engine::general_purpose::STANDARD.encode(ca_pem)
+        );
+    }
+    Ok(())
+}
+
+/// An error and its causes on one line, like `{:#}`, but readable for kube
+/// errors: their messages repeat their causes, and an API error's message
+/// embeds the whole `Status` in Debug form. So a cause already contained in
+/// the previous message is left out, and an API error is shown as
+/// `message (Reason, code)`.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(s)) => format!("{} ({}, {})", s.message, s.reason, s.code),
+            _ => cause.to_string(),
+        };
+        if !previous.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        if matches!(
+            cause.downcast_ref::<kube::Error>(),
+            Some(kube::Error::Api(_))
+        ) {
+            break;
+        }
+        previous = text;
+    }
+    out
+}
+
+/// An RFC 1123 label: what Service and namespace names are.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// First SIGTERM/SIGINT: turn unready, keep serving for `delay` (endpoints
 /// take a moment to drop this pod), then stop accepting and drain. Second
 /// signal: exit now.
@@ -456,4 +648,43 @@ async fn connect_kube(limit: Duration) -> anyhow::Result<kube::Client> {
     .await
     .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
     .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["canary-injector", "a", "a1", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn report_shows_an_api_error_once_and_briefly() {
+        let status =
+            kube::core::Status::failure("secrets \"x\" is forbidden", "Forbidden").with_code(403);
+        let e =
+            anyhow::Error::new(kube::Error::Api(status.boxed())).context("cannot get Secret ns/x");
+        assert_eq!(
+            report(&e),
+            "cannot get Secret ns/x: secrets \"x\" is forbidden (Forbidden, 403)"
+        );
+    }
+
+    #[test]
+    fn report_skips_causes_repeated_in_the_message() {
+        let io = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(io)
+            .context("tcp connect error: connection refused")
+            .context("cannot get Secret ns/x");
+        assert_eq!(
+            report(&e),
+            "cannot get Secret ns/x: tcp connect error: connection refused"
+        );
+    }
 }
