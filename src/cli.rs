@@ -121,6 +121,10 @@ struct ServeArgs {
     /// Open connections at most; more wait until one closes.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Benchmarks only: answer every POST /mutate with this file's bytes,
+    /// without parsing (the floor that bench/run.sh compares against).
+    #[arg(long, hide = true)]
+    bench_floor_response: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -380,6 +384,14 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         max_connections: args.max_connections.max(1),
         ..Limits::default()
     };
+    let floor_response = match &args.bench_floor_response {
+        Some(path) => Some(bytes::Bytes::from(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(Failure::Usage)?,
+        )),
+        None => None,
+    };
     let bootstrap_settings = reconcile::Settings::from_config(&cfg);
     let reconcile_metrics = ReconcileMetrics::register(&registry)
         .context("cannot register metrics")
@@ -425,10 +437,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             },
         };
         let lookup = bootstrap.clone();
-        let state = Arc::new(
-            State::new(Arc::new(cfg), metrics.clone(), limits)
-                .with_configmaps(Arc::new(move |ns: &str| lookup.availability(ns))),
-        );
+        let mut state = State::new(Arc::new(cfg), metrics.clone(), limits)
+            .with_configmaps(Arc::new(move |ns: &str| lookup.availability(ns)));
+        state.floor_response = floor_response;
+        let state = Arc::new(state);
         tokio::spawn(on_signals(
             shutdown.clone(),
             state.clone(),

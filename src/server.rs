@@ -83,6 +83,9 @@ pub struct State {
     pub limits: Limits,
     /// Where the bootstrap ConfigMap exists (the reconciler's cache).
     pub configmaps: Arc<ConfigMapLookup>,
+    /// Benchmark floor: answer every `POST /mutate` with these bytes after
+    /// reading the body, without parsing (same listener, TLS and limits).
+    pub floor_response: Option<Bytes>,
     ready: AtomicBool,
 }
 
@@ -94,6 +97,7 @@ impl State {
             metrics,
             limits,
             configmaps: Arc::new(admission::no_cluster),
+            floor_response: None,
             ready: AtomicBool::new(false),
         }
     }
@@ -238,6 +242,9 @@ where
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    if let Some(floor) = &state.floor_response {
+        return json(floor.to_vec());
+    }
 
     let result = if bytes.len() > BLOCKING_THRESHOLD {
         let config = state.config.clone();

@@ -350,9 +350,19 @@ async fn concurrent_mixed_traffic_never_mixes_answers() {
                         assert_eq!(r.status(), 400);
                     }
                     _ => {
-                        let r = c.post_json("/mutate", oversized.clone()).await;
-                        assert_eq!(r.status(), 413);
-                        // HTTP/1.1 closes after an unread body: reconnect.
+                        let req = http::Request::post("/mutate")
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(oversized.clone()))
+                            .unwrap();
+                        match c.try_send(req).await {
+                            Ok(r) => assert_eq!(r.status(), 413),
+                            // HTTP/1.1: the server answers 413 from the
+                            // declared length and closes without reading the
+                            // body, so the client may hit the closed socket
+                            // while still writing (Go's client reads the early
+                            // answer; hyper's reports the write error).
+                            Err(e) => assert!(client % 2 == 1, "HTTP/2 must get the 413: {e}"),
+                        }
                         if client % 2 == 1 {
                             c = Client::connect(addr, &ca, false).await;
                         }

@@ -186,19 +186,27 @@ impl Client {
     }
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Response<Bytes> {
+        self.try_send(req).await.unwrap()
+    }
+
+    /// Like [`Client::send`], but a transport error is returned, not a panic.
+    pub async fn try_send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Bytes>, hyper::Error> {
         let resp = match self {
             Client::H1(s) => {
-                s.ready().await.unwrap();
-                s.send_request(req).await.unwrap()
+                s.ready().await?;
+                s.send_request(req).await?
             }
             Client::H2(s) => {
-                s.ready().await.unwrap();
-                s.send_request(req).await.unwrap()
+                s.ready().await?;
+                s.send_request(req).await?
             }
         };
         let (parts, body) = resp.into_parts();
-        let bytes = body.collect().await.unwrap().to_bytes();
-        Response::from_parts(parts, bytes)
+        let bytes = body.collect().await?.to_bytes();
+        Ok(Response::from_parts(parts, bytes))
     }
 
     pub async fn post_json(&mut self, path: &str, body: impl Into<Bytes>) -> Response<Bytes> {

@@ -1,0 +1,62 @@
+//! The handler on its own: body bytes of a review -> parse -> decide ->
+//! patch -> serialised response, as `/mutate` runs it after reading the body.
+//!
+//! `cargo bench --bench review`
+
+use std::hint::black_box;
+
+use canary_injector::admission::{self, no_cluster};
+use canary_injector::config::{Config, IstioConfig};
+use canary_injector::mutate::Availability;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = Config::default();
+    let istio = fixture("istio-pod.review.json").into_bytes();
+    let mut group = c.benchmark_group("review");
+
+    group.throughput(Throughput::Bytes(istio.len() as u64));
+    group.bench_function("istio-pod (labels)", |b| {
+        b.iter(|| admission::review(black_box(&istio), &cfg, &no_cluster).unwrap())
+    });
+
+    let boot_cfg = Config {
+        istio: IstioConfig {
+            proxy_version: Some("1.5".into()),
+        },
+        ..Config::default()
+    };
+    let present = |_: &str| Availability::Present;
+    group.bench_function("istio-pod (labels + bootstrap mount)", |b| {
+        b.iter(|| admission::review(black_box(&istio), &boot_cfg, &present).unwrap())
+    });
+
+    let skip = fixture("kube-system-pod.review.json").into_bytes();
+    group.throughput(Throughput::Bytes(skip.len() as u64));
+    group.bench_function("kube-system pod (skipped)", |b| {
+        b.iter(|| admission::review(black_box(&skip), &cfg, &no_cluster).unwrap())
+    });
+
+    let mut big: Value = serde_json::from_str(&fixture("canary-pod.v1beta1.review.json")).unwrap();
+    big["request"]["object"]["metadata"]["annotations"]["example.com/blob"] =
+        json!("x".repeat(3 * 1024 * 1024 - 8 * 1024));
+    let big = serde_json::to_vec(&big).unwrap();
+    group.throughput(Throughput::Bytes(big.len() as u64));
+    group.sample_size(20);
+    group.bench_function("3 MiB pod", |b| {
+        b.iter(|| admission::review(black_box(&big), &cfg, &no_cluster).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
