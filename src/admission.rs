@@ -37,7 +37,10 @@ pub const SUPPORTED_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission.k8s
 pub enum ReviewError {
     /// Not JSON, or not the shape of an AdmissionReview.
     #[error("malformed AdmissionReview: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(#[source] serde_json::Error),
+    /// The response could not be serialised (a bug, never user input).
+    #[error("cannot serialise the response: {0}")]
+    Serialize(#[source] serde_json::Error),
     /// An `apiVersion` other than admission.k8s.io/v1 or v1beta1.
     #[error(
         "unsupported apiVersion {0:?}; expected admission.k8s.io/v1 or admission.k8s.io/v1beta1"
@@ -62,7 +65,27 @@ struct ReviewIn<'a> {
     #[serde(default)]
     kind: String,
     #[serde(borrow)]
-    request: Option<&'a RawValue>,
+    request: Option<RequestIn<'a>>,
+}
+
+/// Only the envelope, to explain a review that did not parse.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvelopeIn {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+fn check_envelope(api_version: &str, kind: &str) -> Result<(), ReviewError> {
+    if !SUPPORTED_VERSIONS.contains(&api_version) {
+        return Err(ReviewError::UnsupportedVersion(api_version.to_owned()));
+    }
+    if kind != "AdmissionReview" {
+        return Err(ReviewError::WrongKind(kind.to_owned()));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -186,20 +209,26 @@ pub fn review(
     cfg: &Config,
     configmaps: &ConfigMapLookup,
 ) -> Result<Reviewed, ReviewError> {
-    let parsed: ReviewIn<'_> = serde_json::from_slice(body)?;
-    if !SUPPORTED_VERSIONS.contains(&parsed.api_version.as_str()) {
-        return Err(ReviewError::UnsupportedVersion(parsed.api_version));
-    }
-    if parsed.kind != "AdmissionReview" {
-        return Err(ReviewError::WrongKind(parsed.kind));
-    }
-    // Envelope first, so an unknown version is reported as such rather than
-    // as a shape error of its request.
-    let raw = parsed
-        .request
-        .filter(|r| r.get() != "null")
-        .ok_or(ReviewError::MissingRequest)?;
-    let req: RequestIn<'_> = serde_json::from_str(raw.get()).map_err(ReviewError::Request)?;
+    // One pass over the body (the object is kept raw). Only when that fails
+    // is the envelope read on its own, so an unknown apiVersion or kind is
+    // reported as such rather than as a shape error of its request.
+    let parsed: ReviewIn<'_> = match serde_json::from_slice(body) {
+        Ok(parsed) => parsed,
+        Err(error) if !error.is_data() || !body.trim_ascii_start().starts_with(b"{") => {
+            return Err(ReviewError::Json(error));
+        }
+        Err(error) => {
+            return Err(match serde_json::from_slice::<EnvelopeIn>(body) {
+                Ok(envelope) => match check_envelope(&envelope.api_version, &envelope.kind) {
+                    Err(envelope_error) => envelope_error,
+                    Ok(()) => ReviewError::Request(error),
+                },
+                Err(_) => ReviewError::Json(error),
+            });
+        }
+    };
+    check_envelope(&parsed.api_version, &parsed.kind)?;
+    let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
 
     // Core group ("") for Pods, "apps" for ReplicaSets: the kind is only ours
     // when the group matches too.
@@ -259,7 +288,7 @@ pub fn review(
     let bootstrap = decided.as_ref().ok().and_then(|p| p.bootstrap);
     let (outcome, patch, status, warnings, patch_ops, patch_bytes) = match decided {
         Ok(plan) if !plan.ops.is_empty() => {
-            let json = serde_json::to_vec(&plan.ops)?;
+            let json = serde_json::to_vec(&plan.ops).map_err(ReviewError::Serialize)?;
             let b64 = base64::engine::general_purpose::STANDARD.encode(&json);
             (
                 Outcome::Patched,
@@ -295,7 +324,7 @@ pub fn review(
             warnings: &warnings,
         },
     };
-    let body = serde_json::to_vec(&out)?;
+    let body = serde_json::to_vec(&out).map_err(ReviewError::Serialize)?;
     Ok(Reviewed {
         body,
         uid: req.uid,

@@ -302,6 +302,14 @@ where
             );
             json(reviewed.body)
         }
+        Err(e @ admission::ReviewError::Serialize(_)) => {
+            warn!(error = %e, "cannot serialise a review response");
+            refuse(
+                "internal",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error".into(),
+            )
+        }
         Err(e) => refuse("bad-request", StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
