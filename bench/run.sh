@@ -100,7 +100,7 @@ STEP=$((SOAK / 10))
 for i in $(seq 10); do
   h2load -n "$STEP" -c "$CLIENTS" -m 1 -t 1 -d "$BODY" -H 'content-type: application/json' "$URL" \
     > "$WORK/soak.out" 2>&1
-  grep -q "succeeded, 0 errored" "$WORK/soak.out" || { cat "$WORK/soak.out"; exit 1; }
+  grep -q " 0 failed, 0 errored" "$WORK/soak.out" || { cat "$WORK/soak.out"; exit 1; }
   SOAK_RSS+=("$(rss_kib VmRSS)")
 done
 SOAK_HWM=$(rss_kib VmHWM)

@@ -59,13 +59,33 @@ pub enum ReviewError {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+struct ReviewIn<O> {
     #[serde(default)]
     api_version: String,
     #[serde(default)]
     kind: String,
-    #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<O>>,
+}
+
+/// The object as the chosen path delivered it.
+enum ObjectIn<'a> {
+    Parsed(Box<ObjectView>),
+    Raw(&'a RawValue),
+}
+
+impl<O> RequestIn<O> {
+    fn map_object<P>(self, f: impl FnOnce(O) -> P) -> RequestIn<P> {
+        RequestIn {
+            uid: self.uid,
+            kind: self.kind,
+            sub_resource: self.sub_resource,
+            name: self.name,
+            namespace: self.namespace,
+            operation: self.operation,
+            dry_run: self.dry_run,
+            object: self.object.map(f),
+        }
+    }
 }
 
 /// Only the envelope, to explain a review that did not parse.
@@ -78,6 +98,24 @@ struct EnvelopeIn {
     kind: String,
 }
 
+/// Parses the review with the object kept raw; on failure, says whether the
+/// JSON, the envelope or the request is wrong.
+fn parse_raw(body: &[u8]) -> Result<ReviewIn<&RawValue>, ReviewError> {
+    match serde_json::from_slice::<ReviewIn<&RawValue>>(body) {
+        Ok(parsed) => Ok(parsed),
+        Err(error) if !error.is_data() || !body.trim_ascii_start().starts_with(b"{") => {
+            Err(ReviewError::Json(error))
+        }
+        Err(error) => Err(match serde_json::from_slice::<EnvelopeIn>(body) {
+            Ok(envelope) => match check_envelope(&envelope.api_version, &envelope.kind) {
+                Err(envelope_error) => envelope_error,
+                Ok(()) => ReviewError::Request(error),
+            },
+            Err(_) => ReviewError::Json(error),
+        }),
+    }
+}
+
 fn check_envelope(api_version: &str, kind: &str) -> Result<(), ReviewError> {
     if !SUPPORTED_VERSIONS.contains(&api_version) {
         return Err(ReviewError::UnsupportedVersion(api_version.to_owned()));
@@ -88,9 +126,12 @@ fn check_envelope(api_version: &str, kind: &str) -> Result<(), ReviewError> {
     Ok(())
 }
 
+/// The request; `O` is how the object is read: parsed into the core's view
+/// in the same pass (fast path), or kept raw (fallback, to tell a malformed
+/// object apart from a malformed review).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+struct RequestIn<O> {
     uid: String,
     kind: GroupVersionKind,
     #[serde(default)]
@@ -102,8 +143,9 @@ struct RequestIn<'a> {
     operation: String,
     #[serde(default)]
     dry_run: Option<bool>,
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
+    // A missing Option field is None without `default` (which would
+    // require `O: Default`).
+    object: Option<O>,
 }
 
 #[derive(Deserialize)]
@@ -209,26 +251,27 @@ pub fn review(
     cfg: &Config,
     configmaps: &ConfigMapLookup,
 ) -> Result<Reviewed, ReviewError> {
-    // One pass over the body (the object is kept raw). Only when that fails
-    // is the envelope read on its own, so an unknown apiVersion or kind is
-    // reported as such rather than as a shape error of its request.
-    let parsed: ReviewIn<'_> = match serde_json::from_slice(body) {
-        Ok(parsed) => parsed,
-        Err(error) if !error.is_data() || !body.trim_ascii_start().starts_with(b"{") => {
-            return Err(ReviewError::Json(error));
-        }
-        Err(error) => {
-            return Err(match serde_json::from_slice::<EnvelopeIn>(body) {
-                Ok(envelope) => match check_envelope(&envelope.api_version, &envelope.kind) {
-                    Err(envelope_error) => envelope_error,
-                    Ok(()) => ReviewError::Request(error),
-                },
-                Err(_) => ReviewError::Json(error),
-            });
-        }
-    };
-    check_envelope(&parsed.api_version, &parsed.kind)?;
-    let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+    // Fast path: one pass over the body, the object read straight into the
+    // core's view (unknown fields skipped once).
+    let (api_version, req): (String, RequestIn<ObjectIn<'_>>) =
+        match serde_json::from_slice::<ReviewIn<ObjectView>>(body) {
+            Ok(parsed) => {
+                check_envelope(&parsed.api_version, &parsed.kind)?;
+                let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+                (
+                    parsed.api_version,
+                    req.map_object(|o| ObjectIn::Parsed(Box::new(o))),
+                )
+            }
+            // Fallback: keep the object raw, so a malformed object is a
+            // deny (or a skip) rather than a malformed review.
+            Err(_) => {
+                let parsed = parse_raw(body)?;
+                check_envelope(&parsed.api_version, &parsed.kind)?;
+                let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+                (parsed.api_version, req.map_object(ObjectIn::Raw))
+            }
+        };
 
     // Core group ("") for Pods, "apps" for ReplicaSets: the kind is only ours
     // when the group matches too.
@@ -254,9 +297,12 @@ pub fn review(
             skipped: Some(reason),
             ..Default::default()
         }),
-        None => match req.object {
+        None => match req.object.map(|o| match o {
+            ObjectIn::Parsed(view) => Ok(view),
+            ObjectIn::Raw(raw) => serde_json::from_str::<ObjectView>(raw.get()).map(Box::new),
+        }) {
             None => Err(Deny::MissingObject),
-            Some(raw) => match serde_json::from_str::<ObjectView>(raw.get()) {
+            Some(parsed) => match parsed {
                 Ok(object) => {
                     generate_name = object
                         .metadata
@@ -313,7 +359,7 @@ pub fn review(
     };
     let denied = status.as_ref().map(|s| s.message.clone());
     let out = ReviewOut {
-        api_version: &parsed.api_version,
+        api_version: &api_version,
         kind: "AdmissionReview",
         response: ResponseOut {
             uid: &req.uid,

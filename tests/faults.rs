@@ -148,9 +148,10 @@ async fn many_idle_connections_do_not_stop_service() {
     still_serves_quickly(&server).await;
 }
 
-/// A TLS 1.0 ClientHello offering only TLS 1.0 and an old cipher suite.
-fn tls10_client_hello() -> Vec<u8> {
-    let mut hello = vec![0x03, 0x01]; // client_version TLS 1.0
+/// A ClientHello offering only TLS 1.`minor - 1` (0x0301 = TLS 1.0,
+/// 0x0302 = TLS 1.1) and an old cipher suite.
+fn old_client_hello(minor: u8) -> Vec<u8> {
+    let mut hello = vec![0x03, minor]; // client_version
     hello.extend_from_slice(&[7u8; 32]); // random
     hello.push(0); // session id
     hello.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // TLS_RSA_WITH_AES_128_CBC_SHA
@@ -167,7 +168,8 @@ async fn garbage_plain_http_and_old_tls_are_refused_cleanly() {
     let server = start_with(Config::default(), Limits::default()).await;
     let inputs: Vec<Vec<u8>> = vec![
         b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}".to_vec(),
-        tls10_client_hello(),
+        old_client_hello(0x01),
+        old_client_hello(0x02),
         (0..4096u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect(),
