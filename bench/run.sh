@@ -35,7 +35,7 @@ BODY=tests/fixtures/istio-pod.review.json
 start_server() {
   RUST_LOG=${RUST_LOG:-info} "$BIN" --log-format json serve \
     --listen "127.0.0.1:${PORT}" --metrics-listen "127.0.0.1:${METRICS_PORT}" \
-    --dev-cert-dir "$WORK/certs" "$@" 2>"$WORK/server.log" >/dev/null &
+    --dev-cert-dir "$WORK/certs" --shutdown-delay-seconds 0 "$@" 2>"$WORK/server.log" >/dev/null &
   SERVER=$!
   for _ in $(seq 100); do
     grep -q '"serving"' "$WORK/server.log" 2>/dev/null && return 0
@@ -64,6 +64,27 @@ print(f"{float(m.group(3)):.0f} {q(0.50):.3f} {q(0.99):.3f} {q(0.999):.3f} {bad}
 PY
 }
 
+# Server-side latency quantiles (upper bucket bounds, ms) from the
+# admission_duration_seconds histogram, between two scrapes.
+scrape() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:${METRICS_PORT}/metrics').read().decode())" > "$1"; }
+server_quantiles() {
+  python3 - "$1" "$2" <<'PY'
+import re, sys
+def buckets(path):
+    t = open(path).read()
+    return {m.group(1): int(m.group(2)) for m in re.finditer(
+        r'canary_injector_admission_duration_seconds_bucket\{kind="Pod",le="([^"]+)"\} (\d+)', t)}
+a, b = buckets(sys.argv[1]), buckets(sys.argv[2])
+rows = sorted(((float(k) if k != "+Inf" else float("inf")), b[k] - a.get(k, 0)) for k in b)
+total = rows[-1][1]
+out = []
+for q in (0.5, 0.99, 0.999):
+    le = next(le for le, c in rows if c >= q * total)
+    out.append(f"p{q*100:g}<={le*1000:g}ms")
+print(" ".join(out), f"(n={total})")
+PY
+}
+
 declare -A RESULT
 run_suite() {
   local tag=$1
@@ -83,14 +104,21 @@ open(sys.argv[2], "wb").write(body)
 PY
 run_suite ours
 # Fixed rate: 1,000 reviews/s (10 clients x 100/s) for RATE_SECS.
+scrape "$WORK/m0"
 RESULT["ours h1 @1000/s"]=$(load rate-h1 --h1 -c 10 --rps 100 -t 1 -D "$RATE_SECS")
+scrape "$WORK/m1"
 RESULT["ours h2 @1000/s"]=$(load rate-h2 -c 10 --rps 100 -m 1 -t 1 -D "$RATE_SECS")
+scrape "$WORK/m2"
+SERVER_H1=$(server_quantiles "$WORK/m0" "$WORK/m1")
+SERVER_H2=$(server_quantiles "$WORK/m1" "$WORK/m2")
 PEAK_RSS=$(rss_kib VmHWM)
 stop_server
 
 echo "== floor (same listener and TLS, pre-built response)"
 start_server --bench-floor-response "$WORK/floor.json"
 run_suite floor
+RESULT["floor h1 @1000/s"]=$(load frate-h1 --h1 -c 10 --rps 100 -t 1 -D "$RATE_SECS")
+RESULT["floor h2 @1000/s"]=$(load frate-h2 -c 10 --rps 100 -m 1 -t 1 -D "$RATE_SECS")
 stop_server
 
 echo "== soak: $SOAK reviews, RSS every 10%"
@@ -107,7 +135,7 @@ SOAK_HWM=$(rss_kib VmHWM)
 stop_server
 
 printf '\n%-22s %10s %9s %9s %9s %7s %9s\n' run "req/s" "p50 ms" "p99 ms" "p99.9 ms" failed "vs floor"
-for key in "ours h1" "ours h2" "floor h1" "floor h2" "ours h1 @1000/s" "ours h2 @1000/s"; do
+for key in "ours h1" "ours h2" "floor h1" "floor h2" "ours h1 @1000/s" "floor h1 @1000/s" "ours h2 @1000/s" "floor h2 @1000/s"; do
   read -r rps p50 p99 p999 bad <<<"${RESULT[$key]}"
   ratio="-"
   case "$key" in
@@ -116,6 +144,7 @@ for key in "ours h1" "ours h2" "floor h1" "floor h2" "ours h1 @1000/s" "ours h2 
   esac
   printf '%-22s %10s %9s %9s %9s %7s %9s\n' "$key" "$rps" "$p50" "$p99" "$p999" "$bad" "$ratio"
 done
-printf '\npeak RSS under load: %s KiB\n' "$PEAK_RSS"
+printf '\nserver-side latency at 1000/s (admission_duration_seconds): h1 %s; h2 %s\n' "$SERVER_H1" "$SERVER_H2"
+printf 'peak RSS under load: %s KiB\n' "$PEAK_RSS"
 printf 'soak RSS (KiB) after each %s reviews: %s\n' "$STEP" "${SOAK_RSS[*]}"
 printf 'soak peak RSS: %s KiB\n' "$SOAK_HWM"
