@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -401,15 +401,7 @@ pub async fn serve(
         let (tcp, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener, "webhook") => accepted,
         };
         // Small frames (HTTP/2 WINDOW_UPDATE, short responses) must not wait
         // for a delayed ACK.
@@ -470,14 +462,7 @@ pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: 
         let (tcp, _) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener, "metrics") => accepted,
         };
         let registry = registry.clone();
         let builder = builder.clone();
@@ -506,6 +491,20 @@ pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: 
             });
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         });
+    }
+}
+
+/// Accepts the next connection; on errors (EMFILE and friends) logs and
+/// backs off instead of spinning.
+async fn accept(listener: &TcpListener, listener_name: &'static str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                warn!(%error, listener = listener_name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

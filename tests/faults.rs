@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use canary_injector::admission::{self, no_cluster};
 use canary_injector::config::Config;
-use canary_injector::server::tls::{self, Reloader, Resolver};
-use canary_injector::server::{self, Limits, State};
+use canary_injector::server::Limits;
 use common::{
     Certs, Client, TestServer, apply_response, fixture, fixture_json, provider, start_with,
     tls_connect,
@@ -384,27 +383,8 @@ async fn concurrent_mixed_traffic_never_mixes_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_load_fails_no_request() {
     let certs = Certs::new();
-    let loaded = tls::load(&certs.paths, &provider()).unwrap();
-    let resolver = Arc::new(Resolver::new(&loaded));
-    let registry = canary_injector::metrics::new_registry();
-    let m = canary_injector::metrics::Metrics::register(&registry).unwrap();
-    let state = Arc::new(State::new(
-        Arc::new(Config::default()),
-        m,
-        Limits::default(),
-    ));
-    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let tls_config = tls::server_config(provider(), resolver.clone()).unwrap();
-    tokio::spawn(server::serve(listener, tls_config, state, shutdown.clone()));
-    tokio::spawn(
-        Reloader::new(certs.paths.clone(), provider(), resolver, &loaded).run(
-            Duration::from_millis(20),
-            shutdown.clone(),
-            |_| {},
-        ),
-    );
+    let server = common::start_reloading(certs.paths.clone(), Duration::from_millis(20)).await;
+    let addr = server.addr;
 
     let stop = CancellationToken::new();
     let mut clients = Vec::new();
@@ -434,7 +414,7 @@ async fn certificate_rotation_under_load_fails_no_request() {
         total += c.await.expect("no request failed during rotation");
     }
     assert!(total > 10, "load actually ran ({total} requests)");
-    shutdown.cancel();
+    server.shutdown.cancel();
 }
 
 /// Shutdown while many reviews are mid-body: every one of them is answered.

@@ -9,14 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canary_injector::config::Config;
-use canary_injector::metrics::{self, Metrics};
 use canary_injector::server::tls::{self, CertPaths, Reload, Reloader, Resolver};
-use canary_injector::server::{self, Limits, State};
 use common::{Certs, Client, fixture, provider, tls_connect};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use tokio_util::sync::CancellationToken;
 
 /// Writes a pair into `root/<version>/` and points `root/..data` at it
 /// atomically (rename over the old link), like the kubelet does.
@@ -58,28 +54,8 @@ async fn secret_symlink_swap_is_picked_up_and_broken_pairs_are_refused() {
         key: root.join("tls.key"),
     };
 
-    let loaded = tls::load(&paths, &provider()).unwrap();
-    let resolver = Arc::new(Resolver::new(&loaded));
-    let registry = metrics::new_registry();
-    let m = Metrics::register(&registry).unwrap();
-    m.certificate_expiry.set(loaded.not_after.unwrap());
-    let state = Arc::new(State::new(
-        Arc::new(Config::default()),
-        m.clone(),
-        Limits::default(),
-    ));
-    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let tls_config = tls::server_config(provider(), resolver.clone()).unwrap();
-    tokio::spawn(server::serve(listener, tls_config, state, shutdown.clone()));
-    let expiry = m.certificate_expiry.clone();
-    tokio::spawn(Reloader::new(paths, provider(), resolver, &loaded).run(
-        Duration::from_millis(100),
-        shutdown.clone(),
-        move |t| expiry.set(t.unwrap_or_default()),
-    ));
-
+    let server = common::start_reloading(paths, Duration::from_millis(100)).await;
+    let (addr, m) = (server.addr, server.metrics.clone());
     assert_eq!(served_cert(addr, &certs.ca_pem).await, der(&first.cert_pem));
     // A connection opened before the swap keeps working after it.
     let mut open = Client::connect(addr, &certs.ca_pem, true).await;
@@ -133,7 +109,7 @@ async fn secret_symlink_swap_is_picked_up_and_broken_pairs_are_refused() {
         assert!(Instant::now() < deadline, "fixed certificate not served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    shutdown.cancel();
+    server.shutdown.cancel();
 }
 
 #[test]

@@ -133,6 +133,46 @@ pub async fn start_full(
     }
 }
 
+/// A server whose certificate is reloaded from `paths` every `interval`.
+pub struct ReloadingServer {
+    pub addr: SocketAddr,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+}
+
+pub async fn start_reloading(paths: CertPaths, interval: std::time::Duration) -> ReloadingServer {
+    let loaded = tls::load(&paths, &provider()).unwrap();
+    let resolver = Arc::new(Resolver::new(&loaded));
+    let registry = metrics::new_registry();
+    let m = Metrics::register(&registry).unwrap();
+    if let Some(t) = loaded.not_after {
+        m.certificate_expiry.set(t);
+    }
+    let state = Arc::new(State::new(
+        Arc::new(Config::default()),
+        m.clone(),
+        Limits::default(),
+    ));
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let tls_config = tls::server_config(provider(), resolver.clone()).unwrap();
+    tokio::spawn(server::serve(listener, tls_config, state, shutdown.clone()));
+    let expiry = m.certificate_expiry.clone();
+    tokio::spawn(
+        tls::Reloader::new(paths, provider(), resolver, &loaded).run(
+            interval,
+            shutdown.clone(),
+            move |t| expiry.set(t.unwrap_or_default()),
+        ),
+    );
+    ReloadingServer {
+        addr,
+        metrics: m,
+        shutdown,
+    }
+}
+
 pub fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
