@@ -19,6 +19,7 @@ use canary_injector::certs;
 use canary_injector::config::Config;
 use canary_injector::envoy_template;
 use canary_injector::metrics::{self, Metrics};
+use canary_injector::mutate::labels::{is_dns_label, is_dns_subdomain};
 use canary_injector::offline::{self, OfflineError};
 use canary_injector::reconcile::{self, BootstrapCache, ReconcileMetrics};
 use canary_injector::server::tls::{self, CertPaths, Reloader, Resolver};
@@ -109,7 +110,7 @@ struct ServeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// How often the certificate files are checked for changes, in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     cert_reload_seconds: u64,
     /// How long in-flight reviews may take to finish after SIGTERM, in seconds.
     #[arg(long, default_value_t = 10)]
@@ -119,8 +120,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 5)]
     shutdown_delay_seconds: u64,
     /// Open connections at most; more wait until one closes.
-    #[arg(long, default_value_t = 1024)]
-    max_connections: usize,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Benchmarks only: answer every POST /mutate with this file's bytes,
     /// without parsing (the floor that bench/run.sh compares against).
     #[arg(long, hide = true)]
@@ -381,7 +382,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     let limits = Limits {
         drain_timeout: Duration::from_secs(args.drain_seconds),
-        max_connections: args.max_connections.max(1),
+        max_connections: args.max_connections as usize,
         ..Limits::default()
     };
     let floor_response = match &args.bench_floor_response {
@@ -449,7 +450,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         let reloader = Reloader::new(paths, provider, resolver, &loaded);
         let expiry = metrics.certificate_expiry.clone();
         tokio::spawn(reloader.run(
-            Duration::from_secs(args.cert_reload_seconds.max(1)),
+            Duration::from_secs(args.cert_reload_seconds),
             shutdown.clone(),
             move |t| {
                 if let Some(t) = t {
@@ -499,7 +500,7 @@ fn certs_command(args: CertsArgs) -> Result<(), Failure> {
             )));
         }
     }
-    if args.cluster_domain.is_empty() || !args.cluster_domain.split('.').all(is_dns_label) {
+    if !is_dns_subdomain(&args.cluster_domain) {
         return Err(usage(format!(
             "--cluster-domain {:?} is not a DNS name",
             args.cluster_domain
@@ -603,16 +604,6 @@ fn report(e: &anyhow::Error) -> String {
     out
 }
 
-/// An RFC 1123 label: what Service and namespace names are.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// First SIGTERM/SIGINT: turn unready, keep serving for `delay` (endpoints
 /// take a moment to drop this pod), then stop accepting and drain. Second
 /// signal: exit now.
@@ -665,16 +656,6 @@ async fn connect_kube(limit: Duration) -> anyhow::Result<kube::Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dns_labels() {
-        for ok in ["canary-injector", "a", "a1", &"a".repeat(63)] {
-            assert!(is_dns_label(ok), "{ok}");
-        }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
-            assert!(!is_dns_label(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn report_shows_an_api_error_once_and_briefly() {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::mutate::labels::{validate_label_key, validate_label_value};
+use crate::mutate::labels::{is_dns_subdomain, validate_label_key, validate_label_value};
 
 /// Default upper bound for a request body. The apiserver caps an object at
 /// 3 MiB and a review can hold `object` and `oldObject`.
@@ -241,7 +241,7 @@ impl Config {
                 reason,
             }
         })?;
-        if !is_dns_label(&self.bootstrap.config_map_name, 253) {
+        if !is_dns_subdomain(&self.bootstrap.config_map_name) {
             return Err(ConfigError::Invalid {
                 field: "bootstrap.configMapName",
                 reason: format!(
@@ -290,20 +290,6 @@ impl Config {
         self.webhook_namespace.as_deref() == Some(namespace)
             || self.excluded_namespaces.iter().any(|ns| ns == namespace)
     }
-}
-
-/// A lowercase RFC 1123 subdomain of at most `max` characters.
-fn is_dns_label(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
 }
 
 #[cfg(test)]

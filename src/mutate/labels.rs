@@ -43,28 +43,32 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 253
-            && prefix.split('.').all(|part| {
-                !part.is_empty()
-                    && part.len() <= 63
-                    && part
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !part.starts_with('-')
-                    && !part.ends_with('-')
-            });
-        if !ok {
-            return Err(format!(
-                "{key:?} has an invalid prefix; it must be a lowercase DNS subdomain"
-            ));
-        }
+    if prefix.is_some_and(|p| !is_dns_subdomain(p)) {
+        return Err(format!(
+            "{key:?} has an invalid prefix; it must be a lowercase DNS subdomain"
+        ));
     }
     if name.is_empty() {
         return Err(format!("{key:?} has an empty name"));
     }
     validate_label_value(name).map_err(|e| format!("key {e}"))
+}
+
+/// An RFC 1123 DNS label: 1 to 63 of `[a-z0-9-]`, no `-` at either end
+/// (Service and namespace names).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 DNS subdomain: dot-separated DNS labels, at most 253
+/// characters (ConfigMap names, label key prefixes, cluster domains).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// A tag made valid for use as a label value.
@@ -179,6 +183,20 @@ mod tests {
         assert!(validate_label_value("-gray").is_err());
         assert!(validate_label_value("gr/ay").is_err());
         assert!(validate_label_value(&"x".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["canary-injector", "a", "a1", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("cluster.local"));
+        for bad in ["", "a..b", ".a", "a.", "A.b", &"a.".repeat(127)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
     }
 
     #[test]
