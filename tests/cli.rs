@@ -217,6 +217,33 @@ fn config_file_changes_the_labels_and_bad_config_is_exit_2() {
 }
 
 #[test]
+fn serve_refuses_bad_limits_and_an_unwritable_dev_cert_dir() {
+    for flag in ["--max-connections", "--cert-reload-seconds"] {
+        let out = run(&["serve", flag, "0"], None);
+        assert_eq!(out.status.code(), Some(2), "{flag} 0");
+        assert!(stderr(&out).contains(flag), "{flag}: {}", stderr(&out));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = run(
+        &[
+            "serve",
+            "--dev-cert-dir",
+            file.join("dev").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out)
+            .contains("cannot create the development certificate; pass --tls-cert and --tls-key"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn serve_refuses_bad_tls_flags() {
     let out = run(&["serve", "--tls-cert", "/tmp/x.crt"], None);
     assert_eq!(
