@@ -194,17 +194,25 @@ struct CertsArgs {
     renew_before: Duration,
 }
 
-/// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`).
+/// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`),
+/// lines to stderr through [`crate::logging`]'s buffer.
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    crate::logging::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::logging::BatchedStderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+}
+
+/// Exits at once (second signal), without losing the lines logged so far.
+fn exit_now(code: i32) -> ! {
+    crate::logging::flush();
+    std::process::exit(code)
 }
 
 /// Runs the parsed command and maps failures to exit codes.
@@ -627,13 +635,13 @@ async fn on_signals(shutdown: CancellationToken, state: Arc<State>, delay: Durat
     state.set_ready(false);
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
-        _ = term.recv() => { warn!("second signal; exiting"); std::process::exit(130); }
-        _ = int.recv() => { warn!("second signal; exiting"); std::process::exit(130); }
+        _ = term.recv() => { warn!("second signal; exiting"); exit_now(130) }
+        _ = int.recv() => { warn!("second signal; exiting"); exit_now(130) }
     }
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     warn!("second signal; exiting without waiting for in-flight requests");
-    std::process::exit(130);
+    exit_now(130)
 }
 
 /// A client for the cluster (in-cluster service account, else kubeconfig).

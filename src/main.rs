@@ -2,6 +2,7 @@
 //! provider, run the chosen subcommand. Everything else lives in the library.
 
 mod cli;
+mod logging;
 
 use clap::Parser;
 
@@ -11,5 +12,7 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = cli::Cli::parse();
     cli::init_tracing(args.log_format);
-    cli::run(args)
+    let code = cli::run(args);
+    logging::flush();
+    code
 }

@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::{Client, fixture, tls_connect};
@@ -20,7 +20,36 @@ struct Running {
     https: SocketAddr,
     metrics: SocketAddr,
     ca_pem: String,
+    /// Every stderr line after "serving", as the collector thread read it.
+    logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// The JSON log lines collected so far whose `message` is `message`.
+    fn logged(&self, message: &str) -> Vec<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+
+    /// Waits for the process to exit; its exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The collector reads to EOF; give it a moment to catch up.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "process did not exit");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Running {
@@ -59,6 +88,7 @@ fn start_binary(extra: &[&str]) -> Running {
         https: "0.0.0.0:0".parse().unwrap(),
         metrics: "0.0.0.0:0".parse().unwrap(),
         ca_pem: String::new(),
+        logs: Arc::default(),
         _dir: dir,
     };
     let (tx, rx) = mpsc::channel();
@@ -82,7 +112,12 @@ fn start_binary(extra: &[&str]) -> Running {
             running.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
             running.ca_pem = std::fs::read_to_string(certs.join("ca.crt")).unwrap();
             // Keep draining stderr so the child never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
+            let logs = running.logs.clone();
+            std::thread::spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    logs.lock().unwrap().push(line);
+                }
+            });
             return running;
         }
     }
@@ -190,13 +225,28 @@ async fn sigterm_finishes_in_flight_reviews_then_exits_zero() {
     assert!(text.contains("\"patchType\":\"JSONPatch\""), "{text}");
     drop(tls);
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0), "clean exit after drain");
-            break;
-        }
-        assert!(Instant::now() < deadline, "process did not exit");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.exit_code().await, Some(0), "clean exit after drain");
+
+    // Log lines are written in batches; none may be lost at exit: the
+    // drained review's line and the last line of all.
+    let reviews = server.logged("review");
+    assert_eq!(reviews.len(), 1, "{:?}", server.logs.lock().unwrap());
+    assert_eq!(reviews[0]["result"], "patched");
+    assert_eq!(server.logged("stopped").len(), 1);
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once_with_its_log_line() {
+    let mut server = start_binary(&["--shutdown-delay-seconds", "30"]);
+    for _ in 0..2 {
+        let status = Command::new("kill")
+            .args(["-TERM", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Let the first signal be seen before the second.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert_eq!(server.exit_code().await, Some(130));
+    assert_eq!(server.logged("second signal; exiting").len(), 1);
 }
