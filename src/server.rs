@@ -284,19 +284,24 @@ where
             if let Some(BootstrapOutcome::Skipped(reason)) = reviewed.bootstrap {
                 m.bootstrap_skip(reason.as_str());
             }
+            // `&str` values, not `%` (Display): recorded as strings directly
+            // instead of formatted through `fmt::Write` first.
             info!(
-                uid = %reviewed.uid,
-                kind = %reviewed.kind,
-                namespace = %reviewed.namespace,
-                name = %reviewed.name,
-                operation = %reviewed.operation,
+                uid = reviewed.uid.as_str(),
+                kind = reviewed.kind.as_str(),
+                namespace = reviewed.namespace.as_str(),
+                name = reviewed.name.as_str(),
+                operation = reviewed.operation.as_str(),
                 dry_run = reviewed.dry_run,
-                result = %reviewed.outcome.as_str(),
-                skip_reason = %match reviewed.outcome { Outcome::Skipped(r) => r.as_str(), _ => "-" },
+                result = reviewed.outcome.as_str(),
+                skip_reason = match reviewed.outcome {
+                    Outcome::Skipped(r) => r.as_str(),
+                    _ => "-",
+                },
                 patch_ops = reviewed.patch_ops,
                 patch_bytes = reviewed.patch_bytes,
                 warnings = reviewed.warnings.len(),
-                denied = %reviewed.denied.as_deref().unwrap_or("-"),
+                denied = reviewed.denied.as_deref().unwrap_or("-"),
                 latency_us = start.elapsed().as_micros() as u64,
                 "review"
             );
