@@ -4,7 +4,7 @@
 # measures the same listener answering a pre-built response (the floor),
 # runs a soak for leaks, and prints one table. See BENCHMARKS.md.
 #
-#   bench/run.sh            # full run (~6 min on 2 cores)
+#   bench/run.sh            # full run (~5 min on 2 cores, after the build)
 #   QUICK=1 bench/run.sh    # shorter runs and a 100k soak, for a smoke test
 #   ROUNDS=5 bench/run.sh   # more alternating ours/floor rounds (default 3)
 #   BODY=FILE bench/run.sh  # send another review (default: the Istio pod, compact)
