@@ -3,7 +3,7 @@
 //! fills, and at exit).
 //!
 //! With one `info` line per review, an unbuffered stderr costs a `write`
-//! syscall per request on the serving path (a quarter of the logging cost
+//! syscall per request on the serving path (half of the logging cost
 //! in `perf`). Batching keeps the line per review and makes it cheap; the
 //! price is that a line can reach `kubectl logs` up to 100 ms late. Envoy's
 //! access log makes the same trade (it flushes every 10 s by default).
