@@ -66,7 +66,7 @@ pub fn start() {
         .spawn(|| {
             loop {
                 std::thread::sleep(FLUSH_EVERY);
-                let _ = lock().flush();
+                flush();
             }
         });
     if spawned.is_err() {

@@ -22,6 +22,8 @@ struct Running {
     ca_pem: String,
     /// Every stderr line after "serving", as the collector thread read it.
     logs: Arc<Mutex<Vec<String>>>,
+    /// The collector thread; it ends when the child's stderr closes.
+    collector: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -42,8 +44,13 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // The collector reads to EOF; give it a moment to catch up.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Every line is collected once the collector saw EOF.
+                if let Some(collector) = self.collector.take() {
+                    tokio::task::spawn_blocking(move || collector.join())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
                 return status.code();
             }
             assert!(Instant::now() < deadline, "process did not exit");
@@ -89,6 +96,7 @@ fn start_binary(extra: &[&str]) -> Running {
         metrics: "0.0.0.0:0".parse().unwrap(),
         ca_pem: String::new(),
         logs: Arc::default(),
+        collector: None,
         _dir: dir,
     };
     let (tx, rx) = mpsc::channel();
@@ -113,11 +121,11 @@ fn start_binary(extra: &[&str]) -> Running {
             running.ca_pem = std::fs::read_to_string(certs.join("ca.crt")).unwrap();
             // Keep draining stderr so the child never blocks on a full pipe.
             let logs = running.logs.clone();
-            std::thread::spawn(move || {
+            running.collector = Some(std::thread::spawn(move || {
                 while let Ok(line) = rx.recv() {
                     logs.lock().unwrap().push(line);
                 }
-            });
+            }));
             return running;
         }
     }
