@@ -12,11 +12,16 @@
 //! Adapters depend on the core ([`mutate`]), never the reverse.
 
 pub mod admission;
+pub mod app;
 pub mod certs;
+pub mod cluster;
 pub mod config;
+pub mod copier;
 pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
-pub mod reconcile;
 pub mod server;
+
+#[cfg(test)]
+mod testing;

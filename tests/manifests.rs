@@ -387,7 +387,14 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
     m.bootstrap_skip("istio-version");
     m.mutation("labels");
     m.error("bad-request", false, 0.0);
-    canary_injector::reconcile::ReconcileMetrics::register(&registry).unwrap();
+    let controllers = canary_injector::metrics::ControllerMetrics::register(&registry).unwrap();
+    controllers
+        .controller(
+            canary_injector::copier::CONTROLLER,
+            &canary_injector::copier::CopyError::REASONS,
+        )
+        .applied();
+    canary_injector::cluster::events::EventMetrics::register(&registry).unwrap();
     let exported: BTreeSet<String> = registry
         .gather()
         .iter()
