@@ -479,3 +479,6 @@ fn start_writers<F, Fut>(
         result
     });
 }
+
+#[cfg(test)]
+mod tests;

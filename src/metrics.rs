@@ -1,8 +1,12 @@
 //! Prometheus metrics, registered on a registry the caller owns (no global
-//! state), and the plain-HTTP `/metrics` endpoint.
+//! state): the review path's [`Metrics`], the writers' [`ControllerMetrics`];
+//! [`encode`] renders a scrape for the plain-HTTP `/metrics` listener
+//! ([`crate::server::serve_metrics`]). Other modules register their own
+//! (e.g. [`crate::cluster::events::EventMetrics`]) on the same registry.
 //!
 //! Label values are bounded: kinds and operations outside a fixed set are
-//! reported as `other`; namespaces, names, uids and error texts never appear.
+//! reported as `other`; controllers and reasons come from fixed lists;
+//! namespaces, names, uids and error texts never appear.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
