@@ -105,10 +105,13 @@ where
         let writers = start(term.clone());
         tokio::pin!(writers);
         info!("leading: writers started");
+        // Biased: at shutdown the writers' token (a child) ends them in the
+        // same instant, which is not "ending on their own".
         let lost = tokio::select! {
-            () = &mut writers => return Err("writers ended on their own".into()),
-            lost = leader.wait_for(|l| !*l) => lost.is_ok(),
+            biased;
             () = shutdown.cancelled() => false,
+            lost = leader.wait_for(|l| !*l) => lost.is_ok(),
+            () = &mut writers => return Err("writers ended on their own".into()),
         };
         term.cancel();
         if tokio::time::timeout(WRITERS_STOP_LIMIT, writers)
