@@ -43,7 +43,7 @@ use crate::cluster::watches::Shared;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::copier::{self, BootstrapCache, CopierSettings, CopyError};
-use crate::metrics::{ControllerMetrics, Metrics};
+use crate::metrics::{ControllerCounters, ControllerMetrics, Metrics};
 use crate::server::tls::{self, CertPaths, Loaded, Reloader, Resolver};
 use crate::server::{self, Limits, State};
 
@@ -243,6 +243,7 @@ impl App {
                 .instrument(info_span!("events")),
             );
         }
+        let mut writers = Writers::default();
         match (&cluster, copier_settings) {
             (Some(cluster), Some(settings)) => {
                 let (cache, watch, source) =
@@ -257,39 +258,7 @@ impl App {
                 if settings.copy {
                     let counters =
                         controller_metrics.controller(copier::CONTROLLER, &CopyError::REASONS);
-                    let client = cluster.client.clone();
-                    let writers = move |term: CancellationToken| {
-                        let namespaces = Shared::<Namespace>::new();
-                        let (subscription, store) = (namespaces.subscribe(), namespaces.store());
-                        let selector =
-                            watcher::Config::default().labels(&settings.namespace_selector);
-                        let watch = namespaces.run(
-                            Api::all(client.clone()),
-                            selector,
-                            "namespaces",
-                            term.clone(),
-                        );
-                        let copy = copier::run_copier(
-                            client.clone(),
-                            settings.clone(),
-                            source.clone(),
-                            subscription,
-                            store,
-                            counters.clone(),
-                            term,
-                        );
-                        async move {
-                            let _ = tokio::join!(watch, copy);
-                        }
-                        .instrument(info_span!("bootstrap"))
-                    };
-                    start_writers(
-                        &mut tasks,
-                        cluster,
-                        &controller_metrics,
-                        &stop_writers,
-                        writers,
-                    );
+                    writers.copier = Some((settings, source, counters));
                 }
             }
             (None, Some(_)) => {}
@@ -297,6 +266,17 @@ impl App {
                 "bootstrap mounts disabled: bootstrap.enabled is false or the webhook \
                  namespace is unknown (set POD_NAMESPACE or webhookNamespace)"
             ),
+        }
+        if let Some(cluster) = &cluster
+            && !writers.is_empty()
+        {
+            start_writers(
+                &mut tasks,
+                cluster,
+                &controller_metrics,
+                &stop_writers,
+                writers,
+            );
         }
 
         let lookup = bootstrap.clone();
@@ -438,18 +418,69 @@ async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
     })
 }
 
+/// The controllers that write, which only the leader runs. One term's
+/// controllers share their watches ([`Shared`]); each is `None` when the
+/// configuration turns it off.
+#[derive(Default)]
+struct Writers {
+    /// The bootstrap ConfigMap copier.
+    copier: Option<(CopierSettings, copier::CopySource, ControllerCounters)>,
+}
+
+impl Writers {
+    fn is_empty(&self) -> bool {
+        self.copier.is_none()
+    }
+
+    /// Runs every configured controller for one leadership term, until
+    /// `term` is cancelled.
+    fn run(
+        &self,
+        client: &kube::Client,
+        term: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + use<> {
+        let mut parts: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+        if let Some((settings, source, counters)) = &self.copier {
+            let namespaces = Shared::<Namespace>::new();
+            let (subscription, store) = (namespaces.subscribe(), namespaces.store());
+            let selector = watcher::Config::default().labels(&settings.namespace_selector);
+            let watch = namespaces.run(
+                Api::all(client.clone()),
+                selector,
+                "namespaces",
+                term.clone(),
+            );
+            parts.push(Box::pin(async move {
+                let _ = watch.await;
+            }));
+            parts.push(Box::pin(
+                copier::run_copier(
+                    client.clone(),
+                    settings.clone(),
+                    source.clone(),
+                    subscription,
+                    store,
+                    counters.clone(),
+                    term,
+                )
+                .instrument(info_span!("bootstrap")),
+            ));
+        }
+        async move {
+            futures::future::join_all(parts).await;
+        }
+    }
+}
+
 /// Runs `writers` only on the leader: a `leader-election` task on the Lease
 /// and a `controllers` task gated by it; the `leader` gauge follows.
-fn start_writers<F, Fut>(
+fn start_writers(
     tasks: &mut Supervisor,
     cluster: &Cluster,
     metrics: &ControllerMetrics,
     stop: &CancellationToken,
-    writers: F,
-) where
-    F: FnMut(CancellationToken) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
+    writers: Writers,
+) {
     let (tx, rx) = watch::channel(false);
     let settings = LeaseSettings::new(LEASE_NAME, cluster.identity.clone(), LEASE_DURATION);
     let elector = Elector::new(
@@ -463,7 +494,8 @@ fn start_writers<F, Fut>(
     let gauge = metrics.leader.clone();
     let mut follow = rx.clone();
     let stop_gauge = stop.clone();
-    let gated = cluster::while_leading(rx, stop.clone(), writers);
+    let client = cluster.client.clone();
+    let gated = cluster::while_leading(rx, stop.clone(), move |term| writers.run(&client, term));
     tasks.spawn("controllers", async move {
         let gauge_task = async {
             loop {
