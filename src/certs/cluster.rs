@@ -13,7 +13,7 @@
 //! the `caBundle`s, the TLS Secret, the removal of a `ca.key` left in the
 //! TLS Secret by an older version. So the apiserver trusts a new CA before
 //! any pod can serve a certificate signed by it, and keeps trusting the old
-//! one until a later run (see [`super::plan`] for the states).
+//! one until a later run (see [`plan_rotation`] for the states).
 //!
 //! What it calls (and what `deploy/base/rbac.yaml` grants, by name):
 //! - `GET` both Secrets and the MutatingWebhookConfiguration.

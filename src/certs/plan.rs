@@ -3,23 +3,8 @@
 //! which order, so that the apiserver never stops trusting the certificate
 //! the pods serve. No I/O; the clock is a parameter.
 //!
-//! One run of [`plan_rotation`] is one step of this state machine (each
-//! later run sees what the earlier ones wrote):
-//!
-//! ```text
-//!  CA Secret       caBundle             TLS Secret          next run does
-//!  -------------   ------------------   -----------------   ---------------------------------
-//!  none            none                 none                new CA C; publish [C]; issue from C
-//!  C (usable)      [C]                  signed by C, valid  nothing
-//!  C               [C]                  expiring / wrong    issue from C (caBundle unchanged)
-//!  C expiring      [C]                  signed by C         new CA N; publish [C, N]; issue from N
-//!  N               [C] (patch failed)   signed by C         publish [C, N]; issue from N
-//!  N               [C, N]               signed by N, new    nothing yet: pods may still serve C's
-//!  N               [C, N]               signed by N, older  prune to [N]
-//!                                       than BUNDLE_OVERLAP
-//!  none            [C]                  C + ca.key (legacy) move ca.crt/ca.key to the CA Secret,
-//!                                                           then remove ca.key from the TLS Secret
-//! ```
+//! One run of [`plan_rotation`] is one step of a state machine; its
+//! documentation has the table of states.
 //!
 //! The caBundle always gains the new CA before the TLS Secret changes, and
 //! loses the old one only on a later run, once the serving certificate
@@ -199,8 +184,25 @@ pub struct Rotation {
     pub remove_tls_ca_key: bool,
 }
 
-/// Decides one run of `canary-injector certs --secret`; see the module
-/// documentation for the states and transitions.
+/// Decides one run of `canary-injector certs --secret`.
+///
+/// The states and what a run does in each (every later run sees what the
+/// earlier ones wrote):
+///
+/// ```text
+///  CA Secret       caBundle             TLS Secret          next run does
+///  -------------   ------------------   -----------------   ---------------------------------
+///  none            none                 none                new CA C; publish [C]; issue from C
+///  C (usable)      [C]                  signed by C, valid  nothing
+///  C               [C]                  expiring / wrong    issue from C (caBundle unchanged)
+///  C expiring      [C]                  signed by C         new CA N; publish [C, N]; issue from N
+///  N               [C] (patch failed)   signed by C         publish [C, N]; issue from N
+///  N               [C, N]               signed by N, new    nothing yet: pods may still serve C's
+///  N               [C, N]               signed by N, older  prune to [N]
+///                                       than BUNDLE_OVERLAP
+///  none            [C]                  C + ca.key (legacy) move ca.crt/ca.key to the CA Secret,
+///                                                           then remove ca.key from the TLS Secret
+/// ```
 pub fn plan_rotation(observed: &Observed<'_>, wanted: &Wanted<'_>) -> Rotation {
     let Wanted {
         sans,
