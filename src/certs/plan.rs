@@ -10,7 +10,7 @@
 //! loses the old one only on a later run, once the serving certificate
 //! signed by the new CA has been in the Secret for [`BUNDLE_OVERLAP`] (the
 //! kubelet refreshes a mounted Secret within about two minutes). A run that
-//! stops half way (a failed patch) leaves a state of this table, and the
+//! stops half way (a failed patch) leaves one of those states, and the
 //! next run carries on from it.
 
 use std::collections::BTreeSet;
