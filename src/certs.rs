@@ -2,8 +2,8 @@
 //! the laptop development certificate and for `canary-injector certs`.
 //!
 //! - [`Ca`] makes or loads a CA and issues serving certificates with it.
-//! - [`plan_secret`] decides, without I/O, whether the certificates stored in
-//!   a TLS Secret can stay, need a new serving certificate, or a new CA too.
+//! - [`plan_rotation`] decides, without I/O, what one run of `certs --secret`
+//!   writes: the CA Secret, the `caBundle`s, the TLS Secret, in that order.
 //! - [`write_out_dir`] is `canary-injector certs --out DIR`.
 //! - [`cluster`] is `canary-injector certs --secret`: the same decision
 //!   against a real Secret, plus the webhook configuration's `caBundle`.
@@ -11,7 +11,10 @@
 pub mod cluster;
 mod plan;
 
-pub use plan::{RenewReason, SecretAction, SecretData, check_ca, plan_secret};
+pub use plan::{
+    BUNDLE_OVERLAP, BundleStep, CaStep, Observed, RenewReason, Rotation, SecretData, TlsStep,
+    Wanted, bundle_pem, check_ca, plan_rotation,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +31,16 @@ pub enum CertError {
     /// rcgen refused the parameters or a key.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// An existing file in the output directory is not safe to use: a
+    /// symbolic link, not a regular file, or owned by another user (someone
+    /// else could control the CA it holds).
+    #[error("{path}: {why}; refusing to use it (remove it or use another directory)")]
+    Unsafe {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A file could not be written or read.
     #[error("{path}: {source}")]
     Io {
@@ -62,6 +75,16 @@ pub struct Ca {
 impl Ca {
     /// A new self-signed CA valid for `validity`.
     pub fn generate(common_name: &str, validity: Duration) -> Result<Self, CertError> {
+        Self::generate_at(common_name, validity, OffsetDateTime::now_utc())
+    }
+
+    /// [`Ca::generate`] as if the time were `now` (tests of time-dependent
+    /// decisions).
+    pub(crate) fn generate_at(
+        common_name: &str,
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Self, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -73,7 +96,7 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        set_validity(&mut params, validity);
+        set_validity(&mut params, validity, now);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         Ok(Self {
@@ -94,8 +117,28 @@ impl Ca {
         })
     }
 
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key (PEM).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     /// Issues a serving certificate for `sans` (DNS names or IP addresses).
     pub fn issue(&self, sans: &[String], validity: Duration) -> Result<Bundle, CertError> {
+        self.issue_at(sans, validity, OffsetDateTime::now_utc())
+    }
+
+    /// [`Ca::issue`] as if the time were `now`.
+    pub(crate) fn issue_at(
+        &self,
+        sans: &[String],
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Bundle, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(sans.to_vec())?;
         if let Some(first) = sans.first() {
@@ -104,7 +147,7 @@ impl Ca {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        set_validity(&mut params, validity);
+        set_validity(&mut params, validity, now);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Bundle {
             ca_cert_pem: self.cert_pem.clone(),
@@ -115,10 +158,13 @@ impl Ca {
     }
 }
 
-fn set_validity(params: &mut CertificateParams, validity: Duration) {
-    let now = OffsetDateTime::now_utc();
-    // Tolerate clock skew between the issuer and the apiserver.
-    params.not_before = now - time::Duration::minutes(5);
+/// How far back a certificate's notBefore is set, to tolerate clock skew
+/// between the issuer and the apiserver. The issue time is notBefore plus
+/// this.
+pub(crate) const BACKDATE: time::Duration = time::Duration::minutes(5);
+
+fn set_validity(params: &mut CertificateParams, validity: Duration, now: OffsetDateTime) {
+    params.not_before = now - BACKDATE;
     // X.509 times end in 9999 (9999-12-31T23:59:59Z below), and
     // `now + validity` would panic past the range of `OffsetDateTime`.
     let last = OffsetDateTime::from_unix_timestamp(253_402_300_799).unwrap_or(now);
@@ -160,10 +206,7 @@ pub fn ensure_dev_cert(dir: &Path) -> Result<DevCert, CertError> {
     let ca = Ca::generate("canary-injector development CA", DEV_VALIDITY)?;
     let sans = ["localhost", "127.0.0.1", "::1"].map(String::from);
     let bundle = ca.issue(&sans, DEV_VALIDITY)?;
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    create_private_dir(dir)?;
     write_file(&paths.ca, &bundle.ca_cert_pem, false)?;
     write_file(&dir.join("ca.key"), &bundle.ca_key_pem, true)?;
     write_file(&paths.cert, &bundle.cert_pem, false)?;
@@ -190,47 +233,105 @@ fn dev_cert_usable(paths: &DevCert) -> bool {
         .is_some_and(|t| t > OffsetDateTime::now_utc().unix_timestamp() + day)
 }
 
-/// Writes `contents` to `path`; private files get mode 0600 on Unix.
+/// Creates `dir` (and missing parents) with mode 0700 on Unix; an existing
+/// directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|source| CertError::Io {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Writes `contents` to `path`: private files get mode 0600 on Unix, others
+/// 0644 (both less the umask).
 ///
-/// The bytes go to a temporary file beside `path` first, which is then
-/// renamed over it: a reader (the server's certificate reloader) sees the old
-/// file or the new one, never half of it, and a key that already existed with
-/// looser permissions ends up 0600 too.
+/// The bytes go to a new file beside `path` with a random name, created
+/// exclusively (`O_EXCL`, never through a symbolic link someone planted),
+/// which is then renamed over `path`: a reader (the server's certificate
+/// reloader) sees the old file or the new one, never half of it; a key that
+/// already existed with looser permissions ends up 0600; and a symbolic link
+/// at `path` is replaced, not followed.
 pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
     use std::io::Write;
     let io = |source| CertError::Io {
         path: path.to_owned(),
         source,
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io(std::io::Error::other("not a file name")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".canary-injector-").suffix(".tmp");
     #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(io)?;
-    // `mode` applies only when the file is created; a leftover temporary file
-    // keeps its old mode unless it is set again.
-    #[cfg(unix)]
-    if private {
+    {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
+        builder.permissions(std::fs::Permissions::from_mode(if private {
+            0o600
+        } else {
+            0o644
+        }));
     }
     #[cfg(not(unix))]
     let _ = private;
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut tmp = builder.tempfile_in(dir).map_err(io)?;
+    tmp.write_all(contents.as_bytes()).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Reads `path` if it exists, refusing a symbolic link (not followed:
+/// `O_NOFOLLOW`), anything but a regular file, and on Unix a file owned by
+/// another user. `None` when there is no such file.
+fn read_own(path: &Path) -> Result<Option<Vec<u8>>, CertError> {
+    use std::io::Read;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let unsafe_file = |why| CertError::Unsafe {
+        path: path.to_owned(),
+        why,
+    };
+    let io = |source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = match opts.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(unsafe_file("a symbolic link"));
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(unsafe_file("not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } {
+            return Err(unsafe_file("owned by another user"));
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(Some(bytes))
 }
 
 /// How long certificates live and when they are replaced.
@@ -297,11 +398,14 @@ pub struct OutDir {
 }
 
 /// `canary-injector certs --out DIR`: writes `ca.crt`, `ca.key` (0600),
-/// `tls.crt` and `tls.key` (0600) to `dir`, creating it if needed.
+/// `tls.crt` and `tls.key` (0600) to `dir`, creating it (0700) if needed.
 ///
 /// A CA already in `dir` is reused when it is valid for longer than
 /// `lifetimes.renew_before` and its key matches, so the `caBundle` stays the
-/// same; the serving certificate is always issued anew.
+/// same; the serving certificate is always issued anew. An existing `ca.crt`
+/// or `ca.key` that is a symbolic link or belongs to another user is an
+/// error ([`CertError::Unsafe`]): reusing it would sign with a CA someone
+/// else may hold. Files are written as [`write_file`] does.
 pub fn write_out_dir(
     dir: &Path,
     sans: &[String],
@@ -309,8 +413,8 @@ pub fn write_out_dir(
 ) -> Result<OutDir, CertError> {
     let ca_path = dir.join(plan::CA_CRT);
     let ca_key_path = dir.join(plan::CA_KEY);
-    let existing = match (std::fs::read(&ca_path), std::fs::read(&ca_key_path)) {
-        (Ok(cert), Ok(key)) => Some((cert, key)),
+    let existing = match (read_own(&ca_path)?, read_own(&ca_key_path)?) {
+        (Some(cert), Some(key)) => Some((cert, key)),
         _ => None,
     };
     let now = OffsetDateTime::now_utc();
@@ -330,10 +434,7 @@ pub fn write_out_dir(
         },
     };
     let bundle = ca.issue(sans, lifetimes.validity)?;
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    create_private_dir(dir)?;
     if origin != CaOrigin::Reused {
         // If we stop between the two writes, ca.key no longer matches ca.crt
         // and the next run replaces the CA instead of signing with it.
@@ -449,12 +550,41 @@ mod tests {
         service_sans("canary-injector", "canary-injector", "cluster.local")
     }
 
-    fn stored(dir: &Path) -> SecretData {
-        SecretData {
+    /// What `certs --secret` would do with the directory's files as its CA
+    /// and TLS Secrets and a caBundle of its `ca.crt`: nothing, when they
+    /// are a valid set.
+    fn plan_dir(dir: &Path) -> Rotation {
+        let ca = SecretData {
+            ca_crt: Some(read(dir, "ca.crt")),
+            ca_key: Some(read(dir, "ca.key")),
+            ..SecretData::default()
+        };
+        let tls = SecretData {
             tls_crt: Some(read(dir, "tls.crt")),
             tls_key: Some(read(dir, "tls.key")),
             ca_crt: Some(read(dir, "ca.crt")),
-            ca_key: Some(read(dir, "ca.key")),
+            ca_key: None,
+        };
+        plan_rotation(
+            &Observed {
+                ca: Some(&ca),
+                tls: Some(&tls),
+                bundles: &[read(dir, "ca.crt")],
+            },
+            &Wanted {
+                sans: &sans(),
+                renew_before: Lifetimes::default().renew_before,
+                now: OffsetDateTime::now_utc(),
+            },
+        )
+    }
+
+    fn valid_set() -> Rotation {
+        Rotation {
+            ca: CaStep::Keep,
+            bundle: BundleStep::Keep,
+            tls: TlsStep::Keep,
+            remove_tls_ca_key: false,
         }
     }
 
@@ -465,11 +595,7 @@ mod tests {
         let lifetimes = Lifetimes::default();
         let first = write_out_dir(&dir, &sans(), &lifetimes).unwrap();
         assert_eq!(first.ca, CaOrigin::Created);
-        let now = OffsetDateTime::now_utc();
-        assert_eq!(
-            plan_secret(Some(&stored(&dir)), now, &sans(), lifetimes.renew_before),
-            SecretAction::Keep
-        );
+        assert_eq!(plan_dir(&dir), valid_set());
         let (ca, cert) = (read(&dir, "ca.crt"), read(&dir, "tls.crt"));
 
         let second = write_out_dir(&dir, &sans(), &lifetimes).unwrap();
@@ -478,8 +604,8 @@ mod tests {
         assert_eq!(read(&dir, "ca.crt"), ca);
         assert_ne!(read(&dir, "tls.crt"), cert);
         assert_eq!(
-            plan_secret(Some(&stored(&dir)), now, &sans(), lifetimes.renew_before),
-            SecretAction::Keep,
+            plan_dir(&dir),
+            valid_set(),
             "the new serving certificate is signed by the reused CA"
         );
         #[cfg(unix)]

@@ -176,6 +176,18 @@ fn usage_errors_exit_2() {
         ),
         (&["--secret", "s"], "--webhook-configuration"),
         (&["--out", dir, "--webhook-configuration", "w"], "--secret"),
+        (&["--out", dir, "--ca-secret", "c"], "--secret"),
+        (
+            &[
+                "--secret",
+                "s",
+                "--ca-secret",
+                "s",
+                "--webhook-configuration",
+                "w",
+            ],
+            "--ca-secret must differ from --secret",
+        ),
         (&["--out", dir, "--validity", "1y"], "unknown unit"),
         (&["--out", dir, "--renew-before", "30d"], "unknown unit"),
         (&["--out", dir, "--validity", "24h"], "--renew-before"),
@@ -271,4 +283,159 @@ fn unreachable_apiserver_exits_1_and_names_the_call() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// `--out` into a directory where someone planted symbolic links: at the
+/// temporary name older versions used and at the file names. No link is
+/// followed (the files they point to keep their content); links at names
+/// that are only written are replaced by regular files, and a link at
+/// `ca.crt`/`ca.key` (which would be read and reused as the CA) is refused.
+#[cfg(unix)]
+#[test]
+fn out_dir_never_follows_planted_symlinks() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let unchanged = || assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    // The old predictable temporary names and the two written-only names.
+    for name in [
+        ".ca.key.tmp",
+        ".tls.key.tmp",
+        ".ca.crt.tmp",
+        "tls.key",
+        "tls.crt",
+    ] {
+        symlink(&victim, dir.join(name)).unwrap();
+    }
+    let out = out_dir(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    unchanged();
+    for name in ["tls.key", "tls.crt", "ca.key", "ca.crt"] {
+        let meta = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        assert!(meta.file_type().is_file(), "{name} is a regular file now");
+    }
+
+    // A link at ca.key: the CA would be read from it; refused, exit 1.
+    std::fs::remove_file(dir.join("ca.key")).unwrap();
+    symlink(&victim, dir.join("ca.key")).unwrap();
+    let before = std::fs::read(dir.join("tls.crt")).unwrap();
+    let out = out_dir(&dir);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ca.key: a symbolic link; refusing"),
+        "{stderr}"
+    );
+    unchanged();
+    assert_eq!(
+        std::fs::read(dir.join("tls.crt")).unwrap(),
+        before,
+        "nothing written"
+    );
+    assert!(
+        std::fs::symlink_metadata(dir.join("ca.key"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+/// The directory `--out` creates is private (0700), parents included; no
+/// temporary file is left behind.
+#[cfg(unix)]
+#[test]
+fn out_dir_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs/prod");
+    let out = out_dir(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for d in [tmp.path().join("certs"), dir.clone()] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", d.display());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
+}
+
+/// The shell commands of certs/README.md section 1b, run as written (with
+/// this build of the binary first on PATH) in a fresh directory: they must
+/// work when followed literally.
+#[test]
+fn certs_readme_1b_works_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/certs/README.md")).unwrap();
+    let section = readme
+        .split("### 1b.")
+        .nth(1)
+        .expect("section 1b")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    // The first ```sh block: the commands that make the files.
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block in 1b");
+    assert!(block.contains("--out certs/prod"), "{block}");
+    let tmp = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-eu", "-c", block])
+        .current_dir(tmp.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{block}\n{}", text(&out.stderr));
+    let prod = tmp.path().join("certs/prod");
+    for name in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        assert!(prod.join(name).is_file(), "{name}");
+    }
+    let bundle = std::fs::read_to_string(prod.join("ca-bundle.b64")).unwrap();
+    let ca = std::fs::read(prod.join("ca.crt")).unwrap();
+    assert_eq!(
+        bundle.trim_end(),
+        base64::engine::general_purpose::STANDARD.encode(ca)
+    );
+}
+
+/// `certs --out certs/prod` puts a CA key there: git must ignore it (and
+/// certs/dev), but still track certs/README.md.
+#[test]
+fn generated_keys_under_certs_are_git_ignored() {
+    let check = |path: &str| {
+        Command::new("git")
+            .args(["check-ignore", "--quiet", "--no-index", path])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("git is needed to check .gitignore")
+            .code()
+    };
+    for key in [
+        "certs/prod/ca.key",
+        "certs/prod/tls.key",
+        "certs/dev/ca.key",
+        "certs/staging/ca.key",
+    ] {
+        assert_eq!(check(key), Some(0), "{key} must be ignored");
+    }
+    assert_eq!(
+        check("certs/README.md"),
+        Some(1),
+        "certs/README.md must stay tracked"
+    );
 }

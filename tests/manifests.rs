@@ -14,6 +14,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Serialize;
@@ -66,6 +67,26 @@ const CUSTOM_KINDS: &[(&str, &str)] = &[
     ("networking.istio.io/v1beta1", "VirtualService"),
 ];
 
+/// Older API versions the legacy overlay uses (Kubernetes 1.16-1.20), with
+/// the v1 version whose fields are a superset of what we write: such an
+/// object is round-tripped through the v1 type. (.ci/validate-manifests
+/// checks them against the real 1.16 and 1.20 schemas.)
+const LEGACY_VERSIONS: &[(&str, &str, &str)] = &[
+    ("policy/v1beta1", "PodDisruptionBudget", "policy/v1"),
+    ("batch/v1beta1", "CronJob", "batch/v1"),
+];
+
+/// Every kustomization under deploy/ (the tests below build each).
+const ENTRY_POINTS: &[&str] = &[
+    "deploy",
+    "deploy/base",
+    "deploy/overlays/cert-manager",
+    "deploy/overlays/legacy",
+    "deploy/network-policy",
+    "deploy/monitoring",
+    "deploy/examples",
+];
+
 /// Checks every object of a build; returns them.
 fn check_all(yaml: &str) -> Vec<Value> {
     let objects = docs(yaml);
@@ -74,6 +95,15 @@ fn check_all(yaml: &str) -> Vec<Value> {
         let api = doc["apiVersion"].as_str().unwrap_or_default();
         let kind = doc["kind"].as_str().unwrap_or_default();
         assert!(doc["metadata"]["name"].is_string(), "{kind} without a name");
+        if let Some((_, _, v1)) = LEGACY_VERSIONS
+            .iter()
+            .find(|(old, k, _)| (*old, *k) == (api, kind))
+        {
+            let mut as_v1 = doc.clone();
+            as_v1["apiVersion"] = (*v1).into();
+            check_all(&serde_json::to_string(&as_v1).unwrap());
+            continue;
+        }
         match kind {
             "Namespace" => drop(round_trip::<Namespace>(doc)),
             "ServiceAccount" => drop(round_trip::<ServiceAccount>(doc)),
@@ -89,6 +119,7 @@ fn check_all(yaml: &str) -> Vec<Value> {
             "CronJob" => drop(round_trip::<CronJob>(doc)),
             "PodDisruptionBudget" => drop(round_trip::<PodDisruptionBudget>(doc)),
             "MutatingWebhookConfiguration" => drop(round_trip::<MutatingWebhookConfiguration>(doc)),
+            "NetworkPolicy" => drop(round_trip::<NetworkPolicy>(doc)),
             _ => assert!(
                 CUSTOM_KINDS.contains(&(api, kind)),
                 "unexpected object {api} {kind}"
@@ -269,6 +300,258 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
     find(&objects, "PodDisruptionBudget", "canary-injector");
     find(&objects, "Job", "canary-injector-certgen");
     find(&objects, "CronJob", "canary-injector-cert-renew");
+}
+
+/// Every kustomization under deploy/ is in ENTRY_POINTS, so the tests
+/// below cover all of them.
+#[test]
+fn every_kustomization_is_checked() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                let rel = path.parent().unwrap().strip_prefix(ROOT).unwrap();
+                found.push(rel.to_str().unwrap().trim_start_matches('/').to_owned());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&std::path::Path::new(ROOT).join("deploy"), &mut found);
+    found.sort();
+    let mut listed: Vec<String> = ENTRY_POINTS.iter().map(|s| (*s).to_owned()).collect();
+    listed.sort();
+    assert_eq!(found, listed);
+}
+
+/// The RBAC rules of every entry point: no wildcards, and every rule that
+/// touches ConfigMaps or Secrets names the objects (resourceNames). Kubernetes
+/// authorizes by name a get/patch/delete, a list/watch carrying a
+/// metadata.name field selector, and a create made by server-side apply; a
+/// rule without names would let the identity read every ConfigMap (or
+/// Secret) it reaches and create any.
+#[test]
+fn rbac_names_every_configmap_and_secret() {
+    let mut rules_seen = 0;
+    for entry in ENTRY_POINTS {
+        for doc in check_all(&kustomize(entry)) {
+            if !matches!(doc["kind"].as_str(), Some("Role" | "ClusterRole")) {
+                continue;
+            }
+            let who = format!("{entry}: {} {}", doc["kind"], doc["metadata"]["name"]);
+            for rule in doc["rules"].as_array().into_iter().flatten() {
+                rules_seen += 1;
+                let list = |key: &str| -> Vec<String> {
+                    rule[key]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|v| v.as_str().unwrap().to_owned())
+                        .collect()
+                };
+                let (groups, resources, verbs) =
+                    (list("apiGroups"), list("resources"), list("verbs"));
+                for l in [&groups, &resources, &verbs] {
+                    assert!(
+                        !l.iter().any(|x| x.contains('*')),
+                        "{who}: wildcard in {rule}"
+                    );
+                }
+                let core = groups.iter().any(|g| g.is_empty());
+                let sensitive = resources
+                    .iter()
+                    .any(|r| r == "configmaps" || r == "secrets");
+                if core && sensitive {
+                    assert!(
+                        !list("resourceNames").is_empty(),
+                        "{who}: a rule on ConfigMaps or Secrets without resourceNames: {rule}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(rules_seen > 0, "no RBAC found");
+}
+
+/// The names in the RBAC rules are the names the code uses: the bootstrap
+/// ConfigMap of the shipped config, the Secrets the certgen Job writes and
+/// the Deployment mounts, the webhook configuration it patches.
+#[test]
+fn rbac_names_match_what_the_code_uses() {
+    let objects = check_all(&kustomize("deploy"));
+    let names = |kind: &str, name: &str, resource: &str| -> BTreeSet<String> {
+        let role = find(&objects, kind, name);
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&resource.into())
+            })
+            .flat_map(|r| r["resourceNames"].as_array().unwrap().iter())
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let cm: ConfigMap = round_trip(find(&objects, "ConfigMap", "canary-injector-config"));
+    let cfg = Config::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap();
+    assert_eq!(
+        names("ClusterRole", "canary-injector", "configmaps"),
+        BTreeSet::from([cfg.bootstrap.config_map_name.clone()])
+    );
+    let webhook_rules = find(&objects, "ClusterRole", "canary-injector")["rules"].clone();
+    for rule in webhook_rules.as_array().unwrap() {
+        if rule["resources"] == serde_json::json!(["configmaps"]) {
+            let verbs: BTreeSet<&str> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(verbs, BTreeSet::from(["list", "watch", "create", "patch"]));
+        }
+    }
+
+    let job: Job = round_trip(find(&objects, "Job", "canary-injector-certgen"));
+    let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let arg = |flag: &str| -> String {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag}"));
+        args[i + 1].clone()
+    };
+    assert_eq!(
+        names("Role", "canary-injector-certgen", "secrets"),
+        BTreeSet::from([arg("--secret"), arg("--ca-secret")])
+    );
+    assert_eq!(
+        names(
+            "ClusterRole",
+            "canary-injector-certgen",
+            "mutatingwebhookconfigurations"
+        ),
+        BTreeSet::from([arg("--webhook-configuration")])
+    );
+    let deployment: Deployment = round_trip(find(&objects, "Deployment", "canary-injector"));
+    let mounted: Vec<String> = deployment
+        .spec
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+        .collect();
+    assert_eq!(
+        mounted,
+        [arg("--secret")],
+        "the pods mount the TLS Secret only, never the CA's"
+    );
+}
+
+#[test]
+fn legacy_overlay_uses_the_apis_of_kubernetes_1_16_to_1_20() {
+    let objects = check_all(&kustomize("deploy/overlays/legacy"));
+    let api = |kind: &str| -> String {
+        let o = objects.iter().find(|o| o["kind"] == kind).unwrap();
+        o["apiVersion"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(api("PodDisruptionBudget"), "policy/v1beta1");
+    assert_eq!(api("CronJob"), "batch/v1beta1");
+    let text = kustomize("deploy/overlays/legacy");
+    assert!(
+        !text.contains("seccompProfile"),
+        "seccompProfile is unknown to 1.16-1.18"
+    );
+    for kind in ["Deployment", "Job"] {
+        let o = objects.iter().find(|o| o["kind"] == kind).unwrap();
+        assert_eq!(
+            o["spec"]["template"]["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"],
+            "runtime/default",
+            "{kind}"
+        );
+    }
+    // Apart from those, the same install as the base.
+    let base = check_all(&kustomize("deploy"));
+    let ids = |objs: &[Value]| -> BTreeSet<(String, String)> {
+        objs.iter()
+            .map(|o| {
+                (
+                    o["kind"].as_str().unwrap().to_owned(),
+                    o["metadata"]["name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(ids(&objects), ids(&base));
+}
+
+#[test]
+fn network_policies_admit_the_apiserver_and_monitoring_only() {
+    let objects = check_all(&kustomize("deploy/network-policy"));
+    let webhook: NetworkPolicy =
+        round_trip(find(&objects, "NetworkPolicy", "canary-injector-webhook"));
+    let spec = webhook.spec.unwrap();
+    // Selects the webhook pods by the Deployment's own selector labels.
+    let deployment: Deployment = round_trip(find(
+        &check_all(&kustomize("deploy")),
+        "Deployment",
+        "canary-injector",
+    ));
+    assert_eq!(spec.pod_selector, Some(deployment.spec.selector));
+    assert_eq!(
+        spec.policy_types.unwrap(),
+        ["Ingress".to_owned(), "Egress".to_owned()]
+    );
+    let ingress = spec.ingress.unwrap();
+    let port_of = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        serde_json::to_value(&r.ports.as_ref().unwrap()[0].port).unwrap()
+    };
+    assert_eq!(ingress.len(), 2);
+    assert_eq!(port_of(&ingress[0]), 8443);
+    assert!(
+        ingress[0].from.is_none(),
+        "8443 from anywhere: the control plane cannot be named portably"
+    );
+    assert_eq!(port_of(&ingress[1]), 9090);
+    let from = serde_json::to_value(&ingress[1].from).unwrap();
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    let egress = serde_json::to_value(spec.egress.unwrap()).unwrap();
+    let ports: BTreeSet<String> = egress
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().unwrap().iter())
+        .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ports,
+        BTreeSet::from(["443/TCP", "6443/TCP", "53/UDP", "53/TCP"].map(String::from))
+    );
+    let certgen: NetworkPolicy =
+        round_trip(find(&objects, "NetworkPolicy", "canary-injector-certgen"));
+    let spec = certgen.spec.unwrap();
+    assert_eq!(
+        spec.ingress.unwrap_or_default().len(),
+        0,
+        "nothing calls the certgen pods"
+    );
+    assert_eq!(
+        spec.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/component"],
+        "certgen"
+    );
 }
 
 #[test]

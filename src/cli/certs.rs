@@ -46,6 +46,11 @@ pub(super) struct CertsArgs {
     /// else the pod's service account.
     #[arg(long, value_name = "NAME", requires = "webhook_configuration")]
     secret: Option<String>,
+    /// In-cluster: the Secret in --namespace that holds the CA (ca.crt,
+    /// ca.key), mounted by no pod. Default: --secret with "-tls" replaced by
+    /// "-ca" (canary-injector-tls: canary-injector-ca), else "-ca" appended.
+    #[arg(long, value_name = "NAME", requires = "secret", conflicts_with = "out")]
+    ca_secret: Option<String>,
     /// In-cluster: set clientConfig.caBundle of every webhook in this
     /// MutatingWebhookConfiguration to the Secret's CA.
     // `requires = "secret"` alone would let `--out DIR --webhook-configuration`
@@ -119,8 +124,15 @@ pub(super) fn run(args: CertsArgs) -> Result<(), Failure> {
         else {
             return Err(usage("--secret needs --webhook-configuration".into()));
         };
+        let ca_secret = args
+            .ca_secret
+            .unwrap_or_else(|| certs::cluster::default_ca_secret(&secret));
+        if ca_secret == secret {
+            return Err(usage("--ca-secret must differ from --secret".into()));
+        }
         let target = certs::cluster::Target {
             namespace: args.namespace,
+            ca_secret,
             secret,
             webhook_configuration,
             sans,
@@ -150,3 +162,4 @@ pub(super) fn run(args: CertsArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
+

@@ -1,7 +1,17 @@
-//! `certs --secret` against a mock apiserver (kube-rs' tower-test pattern):
-//! each scenario lists the exact requests the code must make, answers them
-//! as an apiserver would, and fails on a missing or unexpected call.
+//! `certs --secret` against a mock apiserver (kube-rs' tower-test pattern).
+//!
+//! The mock keeps the objects and answers as an apiserver does: `GET` (200
+//! or a 404 `Status`), server-side apply (`PATCH` with
+//! `application/apply-patch+yaml`: `fieldManager` required, creates when
+//! absent ignoring a `resourceVersion`, else 409 when the applied
+//! `resourceVersion` is not the stored one, merges `data` keys and labels,
+//! refuses a type change with 422), and RFC 6902 JSON Patch (`test` failures
+//! give 422). Every request is recorded, so tests check the exact calls, and
+//! failures or concurrent writers can be injected before a given request.
+//! Not modelled: managed-fields ownership (which keys an apply may remove).
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -13,74 +23,252 @@ use serde_json::{Value, json};
 use tower_test::mock;
 
 use super::*;
-use crate::certs::{Ca, service_sans};
+use crate::certs::{Bundle, service_sans};
 
-const SECRETS: &str = "/api/v1/namespaces/canary-injector/secrets";
-const SECRET: &str = "/api/v1/namespaces/canary-injector/secrets/canary-injector-tls";
+const TLS: &str = "/api/v1/namespaces/canary-injector/secrets/canary-injector-tls";
+const CA: &str = "/api/v1/namespaces/canary-injector/secrets/canary-injector-ca";
 const CONFIG: &str =
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/canary-injector";
 const WEBHOOKS: [&str; 2] = [
     "labels.canary-injector.io",
     "replicasets.canary-injector.io",
 ];
+const APPLY: &str = "application/apply-patch+yaml";
+const JSON_PATCH: &str = "application/json-patch+json";
+const HOUR: Duration = Duration::from_secs(3600);
+const YEAR: Duration = Duration::from_secs(8760 * 3600);
 
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
-type Reply = mock::SendResponse<Response<Body>>;
+/// One request as the mock apiserver received it.
+#[derive(Debug, Clone)]
+struct Call {
+    method: Method,
+    path: String,
+    query: BTreeMap<String, String>,
+    content_type: Option<String>,
+    body: Value,
+}
 
-/// The mock apiserver's side of the pair.
-struct ApiServer(Handle);
+impl Call {
+    fn is_write(&self) -> bool {
+        self.method != Method::GET
+    }
+}
+
+/// What to do just before the mock handles a matching request.
+enum Hook {
+    /// Answer with this status instead.
+    Fail(u16),
+    /// Another writer changes the object first (a new resourceVersion).
+    Touch,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    version: u64,
+    calls: Vec<Call>,
+    hooks: Vec<(Method, String, Hook)>,
+}
+
+/// The mock apiserver, shared between runs of `ensure`.
+#[derive(Clone, Default)]
+struct ApiServer(Arc<Mutex<State>>);
 
 impl ApiServer {
-    /// Waits for the next request, checks method and path, returns its JSON
-    /// body (`Null` when empty) and the responder.
-    async fn expect(&mut self, method: Method, path: &str) -> (Value, Reply) {
-        let (req, reply) = self
-            .0
-            .next_request()
-            .await
-            .unwrap_or_else(|| panic!("expected {method} {path}, but the client went away"));
-        assert_eq!(
-            (req.method(), req.uri().path()),
-            (&method, path),
-            "unexpected request"
-        );
-        if method == Method::PATCH {
-            assert_eq!(
-                req.headers()[http::header::CONTENT_TYPE],
-                "application/json-patch+json"
-            );
+    fn with(objects: &[(&str, Value)]) -> Self {
+        let server = Self::default();
+        for (path, object) in objects {
+            server.put(path, object.clone());
         }
+        server
+    }
+
+    /// Stores `object` at `path` as the apiserver would (new resourceVersion).
+    fn put(&self, path: &str, mut object: Value) {
+        let mut s = self.0.lock().unwrap();
+        s.version += 1;
+        object["metadata"]["resourceVersion"] = json!(s.version.to_string());
+        s.objects.insert(path.to_owned(), object);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.0.lock().unwrap().objects.get(path).cloned()
+    }
+
+    fn hook(&self, method: Method, path: &str, hook: Hook) {
+        self.0
+            .lock()
+            .unwrap()
+            .hooks
+            .push((method, path.to_owned(), hook));
+    }
+
+    /// Takes the calls recorded so far.
+    fn calls(&self) -> Vec<Call> {
+        std::mem::take(&mut self.0.lock().unwrap().calls)
+    }
+
+    /// Runs `ensure` against this apiserver.
+    async fn ensure(&self) -> Result<Outcome, ClusterError> {
+        let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some((req, reply)) = handle.next_request().await {
+                let resp = server.handle(req).await;
+                reply.send_response(resp);
+            }
+        });
+        let client = Client::new(svc, "default");
+        let result = tokio::time::timeout(Duration::from_secs(20), ensure(client, &target()))
+            .await
+            .expect("ensure() did not finish");
+        task.await.unwrap();
+        result
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query: BTreeMap<String, String> =
+            form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect();
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = req.into_body().collect().await.unwrap().to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap()
+            serde_json::from_slice(&bytes).expect("request bodies are JSON")
         };
-        (body, reply)
+        let call = Call {
+            method,
+            path,
+            query,
+            content_type,
+            body,
+        };
+        let mut s = self.0.lock().unwrap();
+        s.calls.push(call.clone());
+        let hook = s
+            .hooks
+            .iter()
+            .position(|(m, p, _)| *m == call.method && *p == call.path)
+            .map(|i| s.hooks.remove(i).2);
+        match hook {
+            Some(Hook::Fail(code)) => return status(code, "InternalError", "injected failure"),
+            Some(Hook::Touch) => {
+                s.version += 1;
+                let v = s.version.to_string();
+                let o = s
+                    .objects
+                    .get_mut(&call.path)
+                    .expect("touch an existing object");
+                o["metadata"]["resourceVersion"] = json!(v);
+                o["metadata"]["labels"]["touched-by"] = json!("someone-else");
+            }
+            None => {}
+        }
+        let stored = s.objects.get(&call.path).cloned();
+        match (call.method.clone(), call.content_type.as_deref()) {
+            (Method::GET, _) => match stored {
+                Some(o) => ok(200, &o),
+                None => status(404, "NotFound", "not found"),
+            },
+            (Method::PATCH, Some(APPLY)) => {
+                assert!(
+                    call.query.contains_key("fieldManager"),
+                    "apply needs fieldManager"
+                );
+                let mut applied = call.body.clone();
+                assert_eq!(
+                    applied["metadata"]["name"].as_str(),
+                    call.path.rsplit('/').next(),
+                    "name in the body and the URL"
+                );
+                s.version += 1;
+                let v = s.version.to_string();
+                let (code, object) = match stored {
+                    None => {
+                        // Create: a resourceVersion in the applied object is ignored.
+                        applied["metadata"]["resourceVersion"] = json!(v);
+                        applied["metadata"]["uid"] = json!("0b9e4f5e-0000-4000-8000-000000000001");
+                        (201, applied)
+                    }
+                    Some(mut o) => {
+                        if let Some(rv) = applied["metadata"]["resourceVersion"].as_str()
+                            && Some(rv) != o["metadata"]["resourceVersion"].as_str()
+                        {
+                            return status(409, "Conflict", "the object has been modified");
+                        }
+                        if applied.get("type").is_some() && applied["type"] != o["type"] {
+                            return status(422, "Invalid", "type: field is immutable");
+                        }
+                        for (k, val) in applied["data"].as_object().cloned().unwrap_or_default() {
+                            o["data"][k] = val;
+                        }
+                        for (k, val) in applied["metadata"]["labels"]
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default()
+                        {
+                            o["metadata"]["labels"][k] = val;
+                        }
+                        o["metadata"]["resourceVersion"] = json!(v);
+                        (200, o)
+                    }
+                };
+                s.objects.insert(call.path.clone(), object.clone());
+                ok(code, &object)
+            }
+            (Method::PATCH, Some(JSON_PATCH)) => {
+                let Some(mut o) = stored else {
+                    return status(404, "NotFound", "not found");
+                };
+                let ops: json_patch::Patch = serde_json::from_value(call.body.clone()).unwrap();
+                if json_patch::patch(&mut o, &ops).is_err() {
+                    return status(
+                        422,
+                        "Invalid",
+                        "the server rejected our request due to an error in our request",
+                    );
+                }
+                s.version += 1;
+                o["metadata"]["resourceVersion"] = json!(s.version.to_string());
+                s.objects.insert(call.path.clone(), o.clone());
+                ok(200, &o)
+            }
+            other => panic!("unexpected request {other:?} {}", call.path),
+        }
     }
 }
 
-fn respond(reply: Reply, code: u16, body: &Value) {
-    let resp = Response::builder()
+fn ok(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
         .status(StatusCode::from_u16(code).unwrap())
         .header("content-type", "application/json")
         .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    reply.send_response(resp);
+        .unwrap()
 }
 
 /// A `Status` failure as the apiserver sends it.
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code,
-    })
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    ok(
+        code,
+        &json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": reason, "code": code,
+        }),
+    )
 }
 
 fn target() -> Target {
     Target {
         namespace: "canary-injector".into(),
         secret: "canary-injector-tls".into(),
+        ca_secret: "canary-injector-ca".into(),
         webhook_configuration: "canary-injector".into(),
         sans: service_sans("canary-injector", "canary-injector", "cluster.local"),
         lifetimes: Lifetimes::default(),
@@ -98,34 +286,58 @@ fn unb64(v: &Value) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
-/// A Secret as the apiserver returns it, holding `bundle`.
-fn secret_json(bundle: &Bundle, resource_version: &str) -> Value {
+fn ca(validity: Duration) -> Ca {
+    Ca::generate("test CA", validity).unwrap()
+}
+
+/// A serving certificate from `ca` issued `age` ago.
+fn serving(ca: &Ca, age: Duration) -> Bundle {
+    ca.issue_at(&target().sans, YEAR, OffsetDateTime::now_utc() - age)
+        .unwrap()
+}
+
+/// The TLS Secret as this version writes it.
+fn tls_json(b: &Bundle) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {
             "name": "canary-injector-tls", "namespace": "canary-injector",
-            "resourceVersion": resource_version, "uid": "0b9e4f5e-0000-4000-8000-000000000001",
             "labels": {"keep": "me"},
         },
         "type": "kubernetes.io/tls",
         "data": {
-            "tls.crt": b64(&bundle.cert_pem), "tls.key": b64(&bundle.key_pem),
-            "ca.crt": b64(&bundle.ca_cert_pem), "ca.key": b64(&bundle.ca_key_pem),
+            "tls.crt": b64(&b.cert_pem), "tls.key": b64(&b.key_pem), "ca.crt": b64(&b.ca_cert_pem),
         },
     })
 }
 
-/// The webhook configuration from deploy/base/webhook.yaml (two webhooks),
-/// with `ca_bundle` (PEM) in every clientConfig when given.
-fn config_json(ca_bundle: Option<&str>, resource_version: &str) -> Value {
+/// The TLS Secret as older versions wrote it, with the CA key in it.
+fn legacy_tls_json(b: &Bundle) -> Value {
+    let mut s = tls_json(b);
+    s["data"]["ca.key"] = json!(b64(&b.ca_key_pem));
+    s
+}
+
+fn ca_json(ca: &Ca) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "canary-injector-ca", "namespace": "canary-injector"},
+        "type": "Opaque",
+        "data": {"ca.crt": b64(ca.cert_pem()), "ca.key": b64(ca.key_pem())},
+    })
+}
+
+/// The webhook configuration with two webhooks, each with `bundle` (PEM)
+/// as caBundle when given.
+fn config_json(bundle: Option<&str>) -> Value {
     let webhooks: Vec<Value> = WEBHOOKS
         .iter()
         .map(|name| {
             let mut client_config = json!({
                 "service": {"name": "canary-injector", "namespace": "canary-injector", "path": "/mutate", "port": 443},
             });
-            if let Some(ca) = ca_bundle {
-                client_config["caBundle"] = json!(b64(ca));
+            if let Some(pem) = bundle {
+                client_config["caBundle"] = json!(b64(pem));
             }
             json!({
                 "name": name,
@@ -137,298 +349,452 @@ fn config_json(ca_bundle: Option<&str>, resource_version: &str) -> Value {
         .collect();
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "canary-injector", "resourceVersion": resource_version},
+        "metadata": {"name": "canary-injector"},
         "webhooks": webhooks,
     })
 }
 
-fn valid_bundle(validity: Duration) -> Bundle {
-    Ca::generate("other CA", Duration::from_secs(87600 * 3600))
-        .unwrap()
-        .issue(&target().sans, validity)
-        .unwrap()
+/// The DER of every certificate of a PEM text.
+fn ders(pem: &str) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap().contents)
+        .collect()
 }
 
-/// Checks a JSON Patch that sets both webhooks' caBundle to `ca_pem`, and
-/// applies it to `config` as the apiserver would.
-fn check_ca_bundle_patch(patch: &Value, config: &Value, ca_pem: &str) -> Value {
-    let expected = json!([
-        {"op": "test", "path": "/webhooks/0/name", "value": WEBHOOKS[0]},
-        {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64(ca_pem)},
-        {"op": "test", "path": "/webhooks/1/name", "value": WEBHOOKS[1]},
-        {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": b64(ca_pem)},
-    ]);
-    assert_eq!(patch, &expected);
-    let mut patched = config.clone();
-    let ops: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
-    json_patch::patch(&mut patched, &ops).unwrap();
-    patched
-}
-
-/// Runs `ensure` against a scenario; both must finish within the timeout.
-async fn run<F>(scenario: impl FnOnce(ApiServer) -> F) -> Result<Outcome, ClusterError>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let verifier = tokio::spawn(scenario(ApiServer(handle)));
-    let client = Client::new(svc, "default");
-    let limit = Duration::from_secs(10);
-    let result = tokio::time::timeout(limit, ensure(client, &target()))
-        .await
-        .expect("ensure() did not finish: a request was never answered");
-    tokio::time::timeout(limit, verifier)
-        .await
-        .expect("the scenario did not finish: an expected request never came")
-        .expect("scenario assertions");
-    result
-}
-
-#[tokio::test]
-async fn absent_secret_is_created_and_ca_bundle_set_on_every_webhook() {
-    let outcome = run(|mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(
-            reply,
-            404,
-            &status(404, "NotFound", "secrets \"canary-injector-tls\" not found"),
+/// The invariant of every state a run leaves: each webhook's caBundle
+/// trusts the CA that signed the serving certificate in the TLS Secret, and
+/// the TLS Secret holds no CA key. Returns the caBundle's CAs (DER).
+fn assert_trusted(api: &ApiServer) -> Vec<Vec<u8>> {
+    let tls = api.get(TLS).expect("TLS Secret");
+    assert!(
+        tls["data"].get("ca.key").is_none(),
+        "ca.key in the mounted Secret"
+    );
+    let leaf_pem = unb64(&tls["data"]["tls.crt"]);
+    let leaf_der = ders(&leaf_pem).remove(0);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+    let config = api.get(CONFIG).unwrap();
+    let mut bundles = Vec::new();
+    for w in config["webhooks"].as_array().unwrap() {
+        let bundle = ders(&unb64(&w["clientConfig"]["caBundle"]));
+        let trusted = bundle.iter().any(|ca| {
+            let (_, ca) = x509_parser::parse_x509_certificate(ca).unwrap();
+            leaf.verify_signature(Some(ca.public_key())).is_ok()
+        });
+        assert!(
+            trusted,
+            "webhook {} does not trust the served certificate",
+            w["name"]
         );
+        bundles.push(bundle);
+    }
+    assert!(
+        bundles.windows(2).all(|w| w[0] == w[1]),
+        "every webhook the same"
+    );
+    bundles.remove(0)
+}
 
-        let (mut secret, reply) = api.expect(Method::POST, SECRETS).await;
-        assert_eq!(secret["type"], "kubernetes.io/tls");
-        assert_eq!(secret["metadata"]["name"], "canary-injector-tls");
-        assert_eq!(secret["metadata"]["namespace"], "canary-injector");
-        let data = secret["data"].as_object().unwrap();
-        let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(keys, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
-        let ca_pem = unb64(&data["ca.crt"]);
-        // What was created is what `plan_secret` accepts.
-        let stored: Secret = serde_json::from_value(secret.clone()).unwrap();
-        let now = OffsetDateTime::now_utc();
-        assert_eq!(
-            plan_secret(
-                Some(&secret_data(&stored)),
-                now,
-                &target().sans,
-                Lifetimes::default().renew_before
+fn der_of(pem: &str) -> Vec<u8> {
+    ders(pem).remove(0)
+}
+
+/// Checks one server-side apply request of a Secret: path, query, content
+/// type, and the body's fixed parts; returns the body.
+fn check_apply(
+    call: &Call,
+    path: &str,
+    r#type: &str,
+    keys: &[&str],
+    version: Option<&str>,
+) -> Value {
+    assert_eq!((&call.method, call.path.as_str()), (&Method::PATCH, path));
+    assert_eq!(call.content_type.as_deref(), Some(APPLY));
+    assert_eq!(
+        call.query,
+        BTreeMap::from([
+            (
+                "fieldManager".to_owned(),
+                "canary-injector-certs".to_owned()
             ),
-            SecretAction::Keep
-        );
-        secret["metadata"]["resourceVersion"] = json!("1");
-        respond(reply, 201, &secret);
-
-        let config = config_json(None, "7");
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config);
-
-        let (patch, reply) = api.expect(Method::PATCH, CONFIG).await;
-        let patched = check_ca_bundle_patch(&patch, &config, &ca_pem);
-        respond(reply, 200, &patched);
-    })
-    .await
-    .unwrap();
-    assert_eq!(outcome.secret, SecretOutcome::Created);
-    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Patched { webhooks: 2 });
+            ("force".to_owned(), "true".to_owned()),
+        ])
+    );
+    let body = &call.body;
+    assert_eq!(body["apiVersion"], "v1");
+    assert_eq!(body["kind"], "Secret");
+    assert_eq!(body["metadata"]["name"].as_str(), path.rsplit('/').next());
+    assert_eq!(body["metadata"]["namespace"], "canary-injector");
+    assert_eq!(
+        body["metadata"]["labels"],
+        json!({"app.kubernetes.io/name": "canary-injector", "app.kubernetes.io/managed-by": "canary-injector-certs"})
+    );
+    assert_eq!(body["metadata"]["resourceVersion"].as_str(), version);
+    assert_eq!(body["type"], r#type);
+    let mut found: Vec<&str> = body["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found, keys);
+    let mut fields: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["apiVersion", "data", "kind", "metadata", "type"],
+        "nothing else applied"
+    );
+    body.clone()
 }
 
 #[tokio::test]
-async fn valid_secret_and_current_ca_bundle_cause_no_writes() {
-    let bundle = valid_bundle(Duration::from_secs(8760 * 3600));
-    let ca_pem = bundle.ca_cert_pem.clone();
-    let outcome = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&bundle, "5"));
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config_json(Some(&bundle.ca_cert_pem), "7"));
-        // Nothing else: a write would find the handle gone and fail ensure().
-    })
-    .await
-    .unwrap();
-    assert_eq!(outcome.secret, SecretOutcome::Unchanged);
+async fn first_install_writes_the_ca_then_the_bundle_then_the_tls_secret() {
+    let api = ApiServer::with(&[(CONFIG, config_json(None))]);
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(outcome.ca, CaOutcome::Created);
+    assert_eq!(
+        outcome.ca_bundle,
+        CaBundleOutcome::Published { webhooks: 2 }
+    );
+    assert_eq!(outcome.tls, TlsOutcome::Created);
+    assert!(!outcome.removed_tls_ca_key);
+
+    let calls = api.calls();
+    let summary: Vec<(Method, &str)> = calls
+        .iter()
+        .map(|c| (c.method.clone(), c.path.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Method::GET, TLS),
+            (Method::GET, CA),
+            (Method::GET, CONFIG),
+            (Method::PATCH, CA),
+            (Method::PATCH, CONFIG),
+            (Method::PATCH, TLS),
+        ]
+    );
+    // Creates by server-side apply, so RBAC can name the Secrets; no
+    // resourceVersion (there is none yet).
+    let ca_body = check_apply(&calls[3], CA, "Opaque", &["ca.crt", "ca.key"], None);
+    let ca_pem = unb64(&ca_body["data"]["ca.crt"]);
+    assert_eq!(ca_pem, outcome.ca_cert_pem);
+    let config_rv = calls[4].body[0].clone();
+    assert_eq!(
+        calls[4].body,
+        json!([
+            config_rv,
+            {"op": "test", "path": "/webhooks/0/name", "value": WEBHOOKS[0]},
+            {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64(&ca_pem)},
+            {"op": "test", "path": "/webhooks/1/name", "value": WEBHOOKS[1]},
+            {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": b64(&ca_pem)},
+        ])
+    );
+    assert_eq!(config_rv["op"], "test");
+    assert_eq!(config_rv["path"], "/metadata/resourceVersion");
+    assert_eq!(calls[4].content_type.as_deref(), Some(JSON_PATCH));
+    let tls_body = check_apply(
+        &calls[5],
+        TLS,
+        "kubernetes.io/tls",
+        &["ca.crt", "tls.crt", "tls.key"],
+        None,
+    );
+    assert_eq!(unb64(&tls_body["data"]["ca.crt"]), ca_pem);
+    assert_eq!(assert_trusted(&api), [der_of(&ca_pem)]);
+
+    // What was written is what the next run keeps: only reads.
+    let again = api.ensure().await.unwrap();
+    assert_eq!(
+        (again.ca, again.ca_bundle, again.tls),
+        (
+            CaOutcome::Unchanged,
+            CaBundleOutcome::Unchanged,
+            TlsOutcome::Unchanged
+        )
+    );
+    assert_eq!(again.ca_cert_pem, ca_pem);
+    assert!(api.calls().iter().all(|c| !c.is_write()));
+}
+
+#[tokio::test]
+async fn renewal_carries_the_resource_version_and_a_conflict_restarts_the_run() {
+    let ca = ca(10 * YEAR);
+    let old = ca
+        .issue_at(&target().sans, HOUR * 2, OffsetDateTime::now_utc())
+        .unwrap();
+    let api = ApiServer::with(&[
+        (CA, ca_json(&ca)),
+        (TLS, tls_json(&old)),
+        (CONFIG, config_json(Some(ca.cert_pem()))),
+    ]);
+    let rv = api.get(TLS).unwrap()["metadata"]["resourceVersion"].clone();
+    // Someone labels the Secret between our read and our write.
+    api.hook(Method::PATCH, TLS, Hook::Touch);
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(
+        outcome.tls,
+        TlsOutcome::Renewed(RenewReason::Expiring("tls.crt"))
+    );
+    assert_eq!(outcome.ca, CaOutcome::Unchanged);
     assert_eq!(outcome.ca_bundle, CaBundleOutcome::Unchanged);
-    assert_eq!(outcome.ca_cert_pem, ca_pem);
+
+    let writes: Vec<Call> = api.calls().into_iter().filter(Call::is_write).collect();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    let keys = ["ca.crt", "tls.crt", "tls.key"];
+    check_apply(&writes[0], TLS, "kubernetes.io/tls", &keys, rv.as_str());
+    // The retry read the Secret again and carries the version it found.
+    let reread = writes[1].body["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap();
+    assert_ne!(Some(reread), rv.as_str());
+    let body = check_apply(&writes[1], TLS, "kubernetes.io/tls", &keys, Some(reread));
+    assert_eq!(unb64(&body["data"]["ca.crt"]), ca.cert_pem());
+    assert_ne!(unb64(&body["data"]["tls.crt"]), old.cert_pem);
+    let stored = api.get(TLS).unwrap();
+    assert_eq!(stored["data"]["tls.crt"], body["data"]["tls.crt"]);
+    assert_eq!(
+        stored["metadata"]["labels"]["keep"], "me",
+        "other labels kept"
+    );
+    assert_eq!(stored["metadata"]["labels"]["touched-by"], "someone-else");
+    assert_eq!(assert_trusted(&api), [der_of(ca.cert_pem())]);
+}
+
+/// The CA is replaced with an overlap, and a failed caBundle patch leaves a
+/// working state that the next run completes.
+#[tokio::test]
+async fn ca_replacement_survives_a_failed_bundle_patch_and_prunes_the_old_ca_later() {
+    let old = ca(HOUR * 24 * 10);
+    let api = ApiServer::with(&[
+        (CA, ca_json(&old)),
+        (TLS, tls_json(&serving(&old, HOUR))),
+        (CONFIG, config_json(Some(old.cert_pem()))),
+    ]);
+    api.hook(Method::PATCH, CONFIG, Hook::Fail(500));
+    let err = api.ensure().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot patch MutatingWebhookConfiguration canary-injector"
+    );
+    let writes: Vec<(Method, String)> = api
+        .calls()
+        .into_iter()
+        .filter(Call::is_write)
+        .map(|c| (c.method, c.path))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            (Method::PATCH, CA.to_owned()),
+            (Method::PATCH, CONFIG.to_owned())
+        ]
+    );
+    // The TLS Secret was not touched: pods serve the old CA's certificate,
+    // which the unchanged bundle still trusts.
+    assert_eq!(assert_trusted(&api), [der_of(old.cert_pem())]);
+    let new_pem = unb64(&api.get(CA).unwrap()["data"]["ca.crt"]);
+    assert_ne!(new_pem, old.cert_pem());
+
+    // The rerun publishes both CAs, then switches the serving certificate.
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(outcome.ca, CaOutcome::Unchanged);
+    assert_eq!(
+        outcome.ca_bundle,
+        CaBundleOutcome::Published { webhooks: 2 }
+    );
+    assert_eq!(outcome.tls, TlsOutcome::Renewed(RenewReason::NotSignedByCa));
+    let order: Vec<String> = api
+        .calls()
+        .into_iter()
+        .filter(Call::is_write)
+        .map(|c| c.path)
+        .collect();
+    assert_eq!(order, [CONFIG, TLS]);
+    assert_eq!(
+        assert_trusted(&api),
+        [der_of(old.cert_pem()), der_of(&new_pem)],
+        "old and new CA while pods reload"
+    );
+
+    // A run right after keeps the old CA: the pods may still serve it.
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Unchanged);
+    assert!(api.calls().iter().all(|c| !c.is_write()));
+
+    // Once the new serving certificate is older than the overlap, the old
+    // CA goes (simulated: a certificate of the new CA issued an hour ago).
+    let new = Ca::from_pem(&new_pem, &unb64(&api.get(CA).unwrap()["data"]["ca.key"])).unwrap();
+    api.put(TLS, tls_json(&serving(&new, HOUR)));
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Pruned { webhooks: 2 });
+    assert_eq!(outcome.tls, TlsOutcome::Unchanged);
+    assert_eq!(assert_trusted(&api), [der_of(&new_pem)]);
 }
 
 #[tokio::test]
-async fn create_conflict_rereads_and_uses_the_winners_ca() {
-    let winner = valid_bundle(Duration::from_secs(8760 * 3600));
-    let winner_ca = winner.ca_cert_pem.clone();
-    let outcome = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 404, &status(404, "NotFound", "not found"));
-        // A racing Job created it between our GET and POST.
-        let (_, reply) = api.expect(Method::POST, SECRETS).await;
-        respond(reply, 409, &status(409, "AlreadyExists", "secrets \"canary-injector-tls\" already exists"));
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&winner, "2"));
+async fn ca_key_in_an_old_tls_secret_moves_to_the_ca_secret() {
+    let ca = ca(10 * YEAR);
+    let served = serving(&ca, HOUR);
+    let api = ApiServer::with(&[
+        (TLS, legacy_tls_json(&served)),
+        (CONFIG, config_json(Some(ca.cert_pem()))),
+    ]);
+    let outcome = api.ensure().await.unwrap();
+    assert_eq!(outcome.ca, CaOutcome::Moved);
+    assert_eq!(
+        outcome.ca_bundle,
+        CaBundleOutcome::Unchanged,
+        "caBundle stays valid"
+    );
+    assert_eq!(outcome.tls, TlsOutcome::Unchanged);
+    assert!(outcome.removed_tls_ca_key);
 
-        // One webhook already trusts the winner's CA: only the other is patched.
-        let mut config = config_json(None, "7");
-        config["webhooks"][0]["clientConfig"]["caBundle"] = json!(b64(&winner.ca_cert_pem));
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config);
-        let (patch, reply) = api.expect(Method::PATCH, CONFIG).await;
-        assert_eq!(
-            patch,
-            json!([
-                {"op": "test", "path": "/webhooks/1/name", "value": WEBHOOKS[1]},
-                {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": b64(&winner.ca_cert_pem)},
-            ])
-        );
-        respond(reply, 200, &config);
-    })
-    .await
-    .unwrap();
-    assert_eq!(outcome.secret, SecretOutcome::Unchanged);
-    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Patched { webhooks: 1 });
-    assert_eq!(outcome.ca_cert_pem, winner_ca);
+    let writes: Vec<Call> = api.calls().into_iter().filter(Call::is_write).collect();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    // First the CA Secret, with the same CA ...
+    let body = check_apply(&writes[0], CA, "Opaque", &["ca.crt", "ca.key"], None);
+    assert_eq!(unb64(&body["data"]["ca.crt"]), ca.cert_pem());
+    assert_eq!(unb64(&body["data"]["ca.key"]), ca.key_pem());
+    // ... then the key leaves the TLS Secret, guarded by its resourceVersion.
+    assert_eq!(
+        (&writes[1].method, writes[1].path.as_str()),
+        (&Method::PATCH, TLS)
+    );
+    assert_eq!(writes[1].content_type.as_deref(), Some(JSON_PATCH));
+    assert_eq!(writes[1].body[0]["op"], "test");
+    assert_eq!(writes[1].body[0]["path"], "/metadata/resourceVersion");
+    assert_eq!(
+        writes[1].body[1],
+        json!({"op": "remove", "path": "/data/ca.key"})
+    );
+    let tls = api.get(TLS).unwrap();
+    assert_eq!(
+        unb64(&tls["data"]["tls.crt"]),
+        served.cert_pem,
+        "serving pair untouched"
+    );
+    assert_eq!(assert_trusted(&api), [der_of(ca.cert_pem())]);
+
+    // Done: the next run only reads.
+    api.ensure().await.unwrap();
+    assert!(api.calls().iter().all(|c| !c.is_write()));
 }
 
 #[tokio::test]
-async fn missing_webhook_configuration_is_an_error() {
-    let bundle = valid_bundle(Duration::from_secs(8760 * 3600));
-    let err = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&bundle, "5"));
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 404, &status(404, "NotFound", "not found"));
-    })
-    .await
-    .unwrap_err();
+async fn a_concurrent_bundle_change_restarts_the_run_from_a_fresh_read() {
+    let api = ApiServer::with(&[(CONFIG, config_json(None))]);
+    api.hook(Method::PATCH, CONFIG, Hook::Touch);
+    let outcome = api.ensure().await.unwrap();
+    let summary: Vec<(Method, String)> = api
+        .calls()
+        .into_iter()
+        .map(|c| (c.method, c.path))
+        .collect();
+    let get = |p: &str| (Method::GET, p.to_owned());
+    let patch = |p: &str| (Method::PATCH, p.to_owned());
+    assert_eq!(
+        summary,
+        [
+            get(TLS),
+            get(CA),
+            get(CONFIG),
+            patch(CA),
+            patch(CONFIG),
+            // 422 from the resourceVersion test: everything is read again,
+            // and the CA just written is used.
+            get(TLS),
+            get(CA),
+            get(CONFIG),
+            patch(CONFIG),
+            patch(TLS),
+        ]
+    );
+    assert_eq!(outcome.ca, CaOutcome::Unchanged);
+    assert_eq!(assert_trusted(&api).len(), 1);
+}
+
+#[tokio::test]
+async fn endless_conflicts_give_up_after_the_attempts() {
+    let api = ApiServer::with(&[(CONFIG, config_json(None))]);
+    for _ in 0..ATTEMPTS {
+        api.hook(Method::PATCH, CONFIG, Hook::Touch);
+    }
+    let err = api.ensure().await.unwrap_err();
+    assert!(matches!(err, ClusterError::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "gave up after 3 conflicting concurrent updates (MutatingWebhookConfiguration canary-injector)"
+    );
+    assert!(
+        api.get(TLS).is_none(),
+        "no serving certificate the apiserver does not trust"
+    );
+}
+
+#[tokio::test]
+async fn missing_webhook_configuration_is_an_error_before_any_write() {
+    let api = ApiServer::default();
+    let err = api.ensure().await.unwrap_err();
     assert!(
         matches!(&err, ClusterError::WebhookConfigurationNotFound(n) if n == "canary-injector"),
         "{err:?}"
     );
     assert!(err.to_string().contains("canary-injector not found"));
-}
-
-#[tokio::test]
-async fn expiring_certificate_is_replaced_with_resource_version_and_retried_on_conflict() {
-    let old = valid_bundle(Duration::from_secs(3600));
-    let ca_pem = old.ca_cert_pem.clone();
-    let outcome = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&old, "5"));
-        let (put, reply) = api.expect(Method::PUT, SECRET).await;
-        assert_eq!(put["metadata"]["resourceVersion"], "5");
-        respond(
-            reply,
-            409,
-            &status(409, "Conflict", "the object has been modified"),
-        );
-
-        // Someone touched it (not the certificate): read again, write again.
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&old, "6"));
-        let (put, reply) = api.expect(Method::PUT, SECRET).await;
-        assert_eq!(put["metadata"]["resourceVersion"], "6");
-        assert_eq!(put["metadata"]["labels"]["keep"], "me", "metadata is kept");
-        assert_eq!(put["type"], "kubernetes.io/tls");
-        // Same CA, new serving certificate.
-        assert_eq!(unb64(&put["data"]["ca.crt"]), old.ca_cert_pem);
-        assert_eq!(unb64(&put["data"]["ca.key"]), old.ca_key_pem);
-        assert_ne!(unb64(&put["data"]["tls.crt"]), old.cert_pem);
-        assert_ne!(unb64(&put["data"]["tls.key"]), old.key_pem);
-        respond(reply, 200, &put);
-
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config_json(Some(&old.ca_cert_pem), "7"));
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        outcome.secret,
-        SecretOutcome::Renewed {
-            new_ca: false,
-            reason: RenewReason::Expiring(TLS_CRT)
-        }
-    );
-    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Unchanged);
-    assert_eq!(outcome.ca_cert_pem, ca_pem);
-}
-
-#[tokio::test]
-async fn unusable_ca_is_replaced_and_the_new_bundle_patched() {
-    let mut old = valid_bundle(Duration::from_secs(8760 * 3600));
-    old.ca_key_pem = "garbage".into();
-    let outcome = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&old, "5"));
-        let (put, reply) = api.expect(Method::PUT, SECRET).await;
-        let new_ca = unb64(&put["data"]["ca.crt"]);
-        assert_ne!(new_ca, old.ca_cert_pem);
-        respond(reply, 200, &put);
-
-        let config = config_json(Some(&old.ca_cert_pem), "7");
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config);
-        let (patch, reply) = api.expect(Method::PATCH, CONFIG).await;
-        let patched = check_ca_bundle_patch(&patch, &config, &new_ca);
-        respond(reply, 200, &patched);
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        outcome.secret,
-        SecretOutcome::Renewed { new_ca: true, .. }
-    ));
-    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Patched { webhooks: 2 });
-}
-
-#[tokio::test]
-async fn failed_patch_test_rereads_the_configuration() {
-    let bundle = valid_bundle(Duration::from_secs(8760 * 3600));
-    let outcome = run(move |mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(reply, 200, &secret_json(&bundle, "5"));
-        let config = config_json(None, "7");
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config);
-        let (_, reply) = api.expect(Method::PATCH, CONFIG).await;
-        // The list changed between GET and PATCH: a `test` op failed.
-        respond(
-            reply,
-            422,
-            &status(
-                422,
-                "Invalid",
-                "the server rejected our request due to an error in our request",
-            ),
-        );
-        let (_, reply) = api.expect(Method::GET, CONFIG).await;
-        respond(reply, 200, &config);
-        let (patch, reply) = api.expect(Method::PATCH, CONFIG).await;
-        let patched = check_ca_bundle_patch(&patch, &config, &bundle.ca_cert_pem);
-        respond(reply, 200, &patched);
-    })
-    .await
-    .unwrap();
-    assert_eq!(outcome.ca_bundle, CaBundleOutcome::Patched { webhooks: 2 });
+    assert!(api.calls().iter().all(|c| !c.is_write()));
 }
 
 #[tokio::test]
 async fn forbidden_is_reported_with_the_action() {
-    let err = run(|mut api| async move {
-        let (_, reply) = api.expect(Method::GET, SECRET).await;
-        respond(
-            reply,
-            403,
-            &status(
-                403,
-                "Forbidden",
-                "secrets \"canary-injector-tls\" is forbidden",
-            ),
-        );
-    })
-    .await
-    .unwrap_err();
+    let api = ApiServer::default();
+    api.hook(Method::GET, TLS, Hook::Fail(403));
+    let err = api.ensure().await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot get Secret canary-injector/canary-injector-tls"
     );
     assert!(matches!(err, ClusterError::Api { .. }));
-    let chain = format!("{:#}", anyhow::Error::from(err));
-    assert!(chain.contains("is forbidden"), "{chain}");
-    eprintln!("{chain}");
+}
+
+#[tokio::test]
+async fn a_secret_of_another_type_keeps_its_type() {
+    // Made by hand as an Opaque Secret: the type is immutable, so the apply
+    // repeats it rather than failing with 422.
+    let ca = ca(10 * YEAR);
+    let mut tls = tls_json(
+        &ca.issue_at(&target().sans, HOUR, OffsetDateTime::now_utc())
+            .unwrap(),
+    );
+    tls["type"] = json!("Opaque");
+    let api = ApiServer::with(&[
+        (CA, ca_json(&ca)),
+        (TLS, tls),
+        (CONFIG, config_json(Some(ca.cert_pem()))),
+    ]);
+    let outcome = api.ensure().await.unwrap();
+    assert!(matches!(outcome.tls, TlsOutcome::Renewed(_)));
+    let apply = api
+        .calls()
+        .into_iter()
+        .find(|c| c.path == TLS && c.is_write())
+        .unwrap();
+    assert_eq!(apply.body["type"], "Opaque");
+}
+
+#[test]
+fn default_ca_secret_names() {
+    assert_eq!(
+        default_ca_secret("canary-injector-tls"),
+        "canary-injector-ca"
+    );
+    assert_eq!(default_ca_secret("webhook"), "webhook-ca");
+    assert_eq!(default_ca_secret("-tls"), "-tls-ca");
 }

@@ -1,0 +1,192 @@
+"""Strict schema validation of every manifest under deploy/ (run it through
+.ci/validate-manifests, which installs the pinned schemas first).
+
+Each entry point is built with `kubectl kustomize` (install.yaml is read as
+is) and every object is validated against the strict OpenAPI schema
+(unknown fields rejected) of each Kubernetes version that entry point
+supports. Custom resources have no schema there: they are listed below and
+reported as skipped, by name. Any other object without a schema fails.
+
+Usage: validate_manifests.py SCHEMA_ROOT
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jsonschema
+import referencing
+import referencing.jsonschema
+import yaml
+
+
+def minors(first, last):
+    """["1.21", "1.22", ..., "1.37"] for minors(21, 37)."""
+    return ["1.%d" % m for m in range(first, last + 1)]
+
+
+# The supported range (README "Kubernetes versions"): the base install on
+# 1.21 to 1.37 (the newest the pinned schemas know); deploy/overlays/legacy
+# on 1.16 to 1.20. Every minor version in a range is checked, not only its ends.
+SUPPORTED = minors(21, 37)
+LEGACY = minors(16, 20)
+
+# Every kustomization under deploy/ must be listed here, with the versions
+# it is checked against.
+ENTRY_POINTS = {
+    "deploy": SUPPORTED,
+    "deploy/install.yaml": SUPPORTED,
+    "deploy/base": SUPPORTED,
+    "deploy/overlays/cert-manager": SUPPORTED,
+    "deploy/overlays/legacy": LEGACY,
+    # Add-ons applied next to either install.
+    "deploy/network-policy": LEGACY + SUPPORTED,
+    "deploy/monitoring": LEGACY + SUPPORTED,
+    "deploy/examples": LEGACY + SUPPORTED,
+}
+
+# Custom resources: their CRDs come with the products that own them, so the
+# Kubernetes schemas do not know them. Skipped explicitly (and reported).
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "Prometheus Operator CRD",
+    ("cert-manager.io/v1", "Issuer"): "cert-manager CRD",
+    ("cert-manager.io/v1", "Certificate"): "cert-manager CRD",
+    ("networking.istio.io/v1beta1", "DestinationRule"): "Istio CRD",
+    ("networking.istio.io/v1beta1", "VirtualService"): "Istio CRD",
+}
+
+
+def schema_dirs(root):
+    """Maps "1.21" to the strict schema directory of Kubernetes 1.21, taken
+    from the newest kubernetes-validate release that ships it."""
+    found = {}
+    for release in sorted(os.listdir(root)):
+        base = os.path.join(root, release, "kubernetes_validate", "kubernetes-json-schema")
+        if not release.startswith("kubernetes-validate-") or not os.path.isdir(base):
+            continue
+        for name in os.listdir(base):
+            m = re.fullmatch(r"v(\d+\.\d+)\.0-local-strict", name)
+            if m:
+                found[m.group(1)] = os.path.join(base, name)
+    return found
+
+
+def schema_file(directory, doc):
+    # rbac.authorization.k8s.io/v1 -> rbac-v1; v1 -> v1 (kubernetes-validate's naming)
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
+    return os.path.join(directory, "%s-%s.json" % (doc["kind"].lower(), api))
+
+
+def objects(entry):
+    if entry.endswith(".yaml"):
+        with open(entry) as f:
+            text = f.read()
+    else:
+        out = subprocess.run(["kubectl", "kustomize", entry], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit("kubectl kustomize %s failed:\n%s" % (entry, out.stderr))
+        text = out.stdout
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+_loaded = {}
+
+
+def load(path):
+    if path not in _loaded:
+        with open(path) as f:
+            _loaded[path] = json.load(f)
+    return _loaded[path]
+
+
+def validator(directory, schema):
+    """A validator for `schema` whose references resolve to the files of
+    `directory`. kubernetes-validate has two layouts: up to its 1.2x
+    releases, draft-04 style schemas refer to "_definitions.json#/definitions/.."
+    relative to the file; newer ones are draft 2020-12 with "$id"s under
+    https://kubernetes.io/api/ and refer to "/api/_definitions.json#/$defs/..".
+    """
+    definitions = load(os.path.join(directory, "_definitions.json"))
+    if "$defs" in definitions:
+        registry = referencing.Registry().with_resources([
+            (definitions["$id"], referencing.Resource.from_contents(definitions)),
+        ])
+        return jsonschema.Draft202012Validator(schema, registry=registry)
+    draft4 = referencing.jsonschema.DRAFT4
+    registry = referencing.Registry().with_resources([
+        ("_definitions.json", draft4.create_resource(definitions)),
+    ])
+    return jsonschema.Draft4Validator(schema, registry=registry)
+
+
+def validate(doc, directory):
+    """Returns the list of errors (empty when valid) of one object."""
+    path = schema_file(directory, doc)
+    if not os.path.exists(path):
+        return ["no schema for %s %s in this version" % (doc["apiVersion"], doc["kind"])]
+    schema = load(path)
+    errors = []
+    for e in sorted(validator(directory, schema).iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in e.absolute_path) or "(top)"
+        errors.append("%s: %s" % (where, e.message))
+    return errors
+
+
+def listed_kustomizations():
+    missing = []
+    for dirpath, _, files in os.walk("deploy"):
+        if "kustomization.yaml" in files and dirpath not in ENTRY_POINTS:
+            missing.append(dirpath)
+    return missing
+
+
+def main():
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    schemas = schema_dirs(os.path.abspath(sys.argv[1]))
+    failures = 0
+    unlisted = listed_kustomizations()
+    for d in unlisted:
+        print("FAIL %s: kustomization not listed in .ci/validate_manifests.py ENTRY_POINTS" % d)
+        failures += 1
+    # The check must be able to fail: an unknown field is refused in every
+    # version used (else the schemas are not the strict ones).
+    probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "probe"}, "unknownField": 1}
+    for version in sorted({v for vs in ENTRY_POINTS.values() for v in vs}):
+        if version not in schemas:
+            raise SystemExit("no schemas for Kubernetes %s; installed: %s"
+                             % (version, ", ".join(sorted(schemas))))
+        if not validate(probe, schemas[version]):
+            raise SystemExit("the Kubernetes %s schemas accept an unknown field: not strict" % version)
+    for entry, versions in ENTRY_POINTS.items():
+        docs = objects(entry)
+        if not docs:
+            print("FAIL %s: no objects" % entry)
+            failures += 1
+        checked = []
+        before = failures
+        for doc in docs:
+            name = "%s %s/%s" % (entry, doc.get("kind"), doc.get("metadata", {}).get("name"))
+            why = CUSTOM_KINDS.get((doc.get("apiVersion"), doc.get("kind")))
+            if why:
+                print("SKIP %s: %s, no Kubernetes schema" % (name, why))
+                continue
+            checked.append(doc)
+            for version in versions:
+                errors = validate(doc, schemas[version])
+                for e in errors:
+                    print("FAIL %s (Kubernetes %s): %s" % (name, version, e))
+                failures += 1 if errors else 0
+        print("%s %s: %d objects checked against Kubernetes %s to %s (strict)"
+              % ("FAIL" if failures > before else "ok  ", entry, len(checked), versions[0], versions[-1]))
+    if failures:
+        print("manifests: %d failed" % failures)
+        sys.exit(1)
+    print("manifests: all valid")
+
+
+if __name__ == "__main__":
+    main()
