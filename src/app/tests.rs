@@ -1,9 +1,6 @@
 //! `serve` in process: real listeners and TLS, a mock apiserver where a
 //! cluster is needed.
 
-use std::sync::Mutex;
-
-use http::{Method, StatusCode};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -11,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::*;
-use crate::testing::{MockApi, list, mock_client};
+use crate::testing::FakeApiServer;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -171,62 +168,39 @@ fn source_json() -> Value {
     })
 }
 
-/// Serves ConfigMaps (the source only), Namespaces (`shop`, opted in) and a
-/// Lease initially `lease`, recording every call as `METHOD path`.
-async fn apiserver(mut api: MockApi, lease: Option<Value>, calls: Arc<Mutex<Vec<String>>>) {
-    let mut lease = lease;
-    let mut version = 100;
-    let mut parked = Vec::new();
-    while let Some(call) = api.next_or_end().await {
-        let watch = if call.is_watch() { "?watch" } else { "" };
-        calls
-            .lock()
-            .unwrap()
-            .push(format!("{} {}{watch}", call.method, call.path));
-        match (call.method.clone(), call.path.as_str()) {
-            (Method::GET, "/api/v1/configmaps") if call.is_watch() => parked.push(call.park()),
-            (Method::GET, "/api/v1/configmaps") => {
-                call.ok(&list("ConfigMap", "10", vec![source_json()]));
-            }
-            (Method::GET, "/api/v1/namespaces") if call.is_watch() => parked.push(call.park()),
-            (Method::GET, "/api/v1/namespaces") => {
-                let shop = json!({"apiVersion": "v1", "kind": "Namespace",
-                    "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}});
-                call.ok(&list("Namespace", "20", vec![shop]));
-            }
-            (Method::GET, LEASE) => match &lease {
-                Some(l) => call.ok(l),
-                None => call.fail(404, "NotFound", "leases \"canary-injector\" not found"),
-            },
-            (Method::POST, "/apis/coordination.k8s.io/v1/namespaces/canary-injector/leases") => {
-                version += 1;
-                let mut l = call.body.clone();
-                l["metadata"]["resourceVersion"] = json!(version.to_string());
-                lease = Some(l.clone());
-                call.respond(StatusCode::CREATED, &l);
-            }
-            (Method::PUT, LEASE) => {
-                let current = lease
-                    .as_ref()
-                    .map(|l| l["metadata"]["resourceVersion"].clone());
-                if current.as_ref() != Some(&call.body["metadata"]["resourceVersion"]) {
-                    call.fail(409, "Conflict", "the object has been modified");
-                    continue;
-                }
-                version += 1;
-                let mut l = call.body.clone();
-                l["metadata"]["resourceVersion"] = json!(version.to_string());
-                lease = Some(l.clone());
-                call.ok(&l);
-            }
-            (Method::PATCH, "/api/v1/namespaces/shop/configmaps/canary-injector-bootstrap") => {
-                let mut cm = call.body.clone();
-                cm["metadata"]["resourceVersion"] = json!("30");
-                call.ok(&cm);
-            }
-            (method, path) => panic!("unexpected call {method} {path}"),
-        }
+/// An apiserver holding the bootstrap source and the opted-in namespace
+/// `shop`, and the Lease `lease` when given.
+fn apiserver(lease: Option<Value>) -> FakeApiServer {
+    let mut objects = vec![
+        (
+            "/api/v1/namespaces/canary-injector/configmaps/canary-injector-bootstrap",
+            source_json(),
+        ),
+        (
+            "/api/v1/namespaces/shop",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}}),
+        ),
+    ];
+    if let Some(l) = lease {
+        objects.push((LEASE, l));
     }
+    FakeApiServer::with(&objects)
+}
+
+/// Every call so far as `METHOD path` (`?watch` appended for watches).
+fn calls(api: &FakeApiServer) -> Vec<String> {
+    api.seen()
+        .iter()
+        .map(|c| {
+            let watch = if c.query.get("watch").is_some_and(|w| w == "true") {
+                "?watch"
+            } else {
+                ""
+            };
+            format!("{} {}{watch}", c.method, c.path)
+        })
+        .collect()
 }
 
 fn position(calls: &[String], prefix: &str) -> Option<usize> {
@@ -236,9 +210,8 @@ fn position(calls: &[String], prefix: &str) -> Option<usize> {
 #[tokio::test]
 async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     let f = fixture();
-    let (client, api) = mock_client();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let server = tokio::spawn(apiserver(api, None, calls.clone()));
+    let api = apiserver(None);
+    let (client, _served) = api.client();
     let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
         .await
         .unwrap();
@@ -250,7 +223,7 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     })
     .await;
     poll("the copy in shop", async || {
-        position(&calls.lock().unwrap(), "PATCH /api/v1/namespaces/shop/").is_some()
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
     shutdown.request();
@@ -259,7 +232,7 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let calls = calls.lock().unwrap().clone();
+    let calls = calls(&api);
     let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
     let listed = position(&calls, "GET /api/v1/namespaces").expect("namespaces listed");
     let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
@@ -271,21 +244,19 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         released.is_some_and(|r| r > copied),
         "released at shutdown: {calls:#?}"
     );
-    server.abort();
 }
 
 #[tokio::test]
 async fn a_follower_serves_from_its_cache_and_writes_nothing() {
     let f = fixture();
-    let (client, api) = mock_client();
-    let calls = Arc::new(Mutex::new(Vec::new()));
     // Another replica holds the lease for an hour.
     let held = json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "canary-injector", "namespace": NS, "resourceVersion": "7"},
         "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
     });
-    let server = tokio::spawn(apiserver(api, Some(held), calls.clone()));
+    let api = apiserver(Some(held));
+    let (client, _served) = api.client();
     let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
         .await
         .unwrap();
@@ -304,7 +275,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let calls = calls.lock().unwrap().clone();
+    let calls = calls(&api);
     assert!(
         position(&calls, "GET /api/v1/configmaps").is_some(),
         "every replica caches"
@@ -324,5 +295,4 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
             "a follower never {write}: {calls:#?}"
         );
     }
-    server.abort();
 }

@@ -162,4 +162,3 @@ pub(super) fn run(args: CertsArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
-

@@ -1,18 +1,16 @@
-//! The election against an in-memory Lease apiserver (create, read and
-//! replace with `resourceVersion` preconditions, as the real one does), with
-//! tokio's clock paused so lease durations pass instantly and exactly.
+//! The election against the in-memory apiserver of [`crate::testing`]
+//! (create, read and replace with `resourceVersion` preconditions, as the
+//! real one does), with tokio's clock paused so lease durations pass
+//! instantly and exactly.
 
-use std::sync::{Arc, Mutex};
-
-use http::{Method, StatusCode};
+use http::Method;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::testing::{MockApi, mock_client};
+use crate::testing::FakeApiServer;
 
 const NS: &str = "canary-injector";
 const NAME: &str = "canary-injector";
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/canary-injector/leases";
 const LEASE: &str =
     "/apis/coordination.k8s.io/v1/namespaces/canary-injector/leases/canary-injector";
 
@@ -121,99 +119,11 @@ fn settings_follow_client_go_proportions() {
 
 // === against the in-memory apiserver ===
 
-/// What the fake apiserver holds and saw.
-#[derive(Default)]
-struct World {
-    lease: Option<Value>,
-    version: u64,
-    /// Every call: (method, holder in the body or "-").
-    calls: Vec<(Method, String)>,
-    /// Answer this many calls with 500 before behaving again.
-    failing: usize,
-}
-
-type Shared = Arc<Mutex<World>>;
-
 fn holder(lease: &Value) -> String {
     lease["spec"]["holderIdentity"]
         .as_str()
         .unwrap_or("-")
         .to_owned()
-}
-
-/// Serves the Lease like an apiserver until every client is gone.
-async fn apiserver(mut api: MockApi, world: Shared) {
-    while let Some(call) = api.next_or_end().await {
-        let mut w = world.lock().unwrap();
-        w.calls.push((call.method.clone(), holder(&call.body)));
-        if w.failing > 0 {
-            w.failing -= 1;
-            drop(w);
-            call.fail(500, "InternalError", "etcdserver: request timed out");
-            continue;
-        }
-        match (call.method.clone(), call.path.as_str()) {
-            (Method::GET, LEASE) => match w.lease.clone() {
-                Some(l) => {
-                    drop(w);
-                    call.ok(&l);
-                }
-                None => {
-                    drop(w);
-                    call.fail(
-                        404,
-                        "NotFound",
-                        "leases.coordination.k8s.io \"canary-injector\" not found",
-                    );
-                }
-            },
-            (Method::POST, LEASES) => {
-                if w.lease.is_some() {
-                    drop(w);
-                    call.fail(
-                        409,
-                        "AlreadyExists",
-                        "leases.coordination.k8s.io \"canary-injector\" already exists",
-                    );
-                    continue;
-                }
-                assert!(call.body["metadata"]["resourceVersion"].is_null());
-                w.version += 1;
-                let mut stored = call.body.clone();
-                stored["metadata"]["namespace"] = json!(NS);
-                stored["metadata"]["resourceVersion"] = json!(w.version.to_string());
-                w.lease = Some(stored.clone());
-                drop(w);
-                call.respond(StatusCode::CREATED, &stored);
-            }
-            (Method::PUT, LEASE) => {
-                let current_rv = w
-                    .lease
-                    .as_ref()
-                    .map(|l| l["metadata"]["resourceVersion"].clone());
-                match current_rv {
-                    None => {
-                        drop(w);
-                        call.fail(404, "NotFound", "not found");
-                    }
-                    Some(rv) if call.body["metadata"]["resourceVersion"] != rv => {
-                        drop(w);
-                        call.fail(409, "Conflict", "Operation cannot be fulfilled on leases.coordination.k8s.io \"canary-injector\": the object has been modified; please apply your changes to the latest version and try again");
-                    }
-                    Some(_) => {
-                        w.version += 1;
-                        let mut stored = call.body.clone();
-                        stored["metadata"]["namespace"] = json!(NS);
-                        stored["metadata"]["resourceVersion"] = json!(w.version.to_string());
-                        w.lease = Some(stored.clone());
-                        drop(w);
-                        call.ok(&stored);
-                    }
-                }
-            }
-            (method, path) => panic!("unexpected call {method} {path}"),
-        }
-    }
 }
 
 struct Candidate {
@@ -222,9 +132,8 @@ struct Candidate {
     task: tokio::task::JoinHandle<Result<(), crate::app::TaskError>>,
 }
 
-fn start(identity: &str, world: &Shared) -> Candidate {
-    let (client, api) = mock_client();
-    tokio::spawn(apiserver(api, world.clone()));
+fn start(identity: &str, world: &FakeApiServer) -> Candidate {
+    let (client, _served) = world.client();
     let elector = Elector::new(Api::namespaced(client, NS), settings(identity));
     let (tx, leader) = watch::channel(false);
     let shutdown = CancellationToken::new();
@@ -254,26 +163,35 @@ impl Candidate {
     }
 }
 
-fn stored(world: &Shared) -> Value {
-    world.lock().unwrap().lease.clone().expect("a lease exists")
+fn stored(world: &FakeApiServer) -> Value {
+    world.get(LEASE).expect("a lease exists")
 }
 
 /// Writes the Lease as another replica would (holder `who`, renewed now).
-fn write_as(world: &Shared, who: &str) {
-    let mut w = world.lock().unwrap();
-    w.version += 1;
-    let version = w.version.to_string();
-    w.lease = Some(json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": NAME, "namespace": NS, "resourceVersion": version},
-        "spec": {"holderIdentity": who, "leaseDurationSeconds": 15, "leaseTransitions": 5,
-                 "renewTime": Timestamp::now().to_string()},
-    }));
+fn write_as(world: &FakeApiServer, who: &str) {
+    world.put(
+        LEASE,
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"holderIdentity": who, "leaseDurationSeconds": 15, "leaseTransitions": 5,
+                     "renewTime": Timestamp::now().to_string()},
+        }),
+    );
+}
+
+/// The calls so far as (method, holder in the body or "-").
+fn calls(world: &FakeApiServer) -> Vec<(Method, String)> {
+    world
+        .seen()
+        .into_iter()
+        .map(|c| (c.method, holder(&c.body)))
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
 async fn acquires_a_missing_lease_then_renews_it() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     let mut a = start("pod-a", &world);
     a.becomes(true).await;
     let first = stored(&world);
@@ -288,7 +206,7 @@ async fn acquires_a_missing_lease_then_renews_it() {
         renewed["metadata"]["resourceVersion"],
         first["metadata"]["resourceVersion"]
     );
-    let calls = world.lock().unwrap().calls.clone();
+    let calls = calls(&world);
     assert_eq!(calls[0].0, Method::GET);
     assert_eq!(calls[1], (Method::POST, "pod-a".into()));
     assert!(
@@ -303,7 +221,7 @@ async fn acquires_a_missing_lease_then_renews_it() {
 
 #[tokio::test(start_paused = true)]
 async fn waits_while_another_replica_renews_and_takes_over_when_it_stops() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     write_as(&world, "pod-b");
     let mut a = start("pod-a", &world);
     // pod-b keeps renewing for a minute: pod-a never leads meanwhile.
@@ -330,7 +248,7 @@ async fn waits_while_another_replica_renews_and_takes_over_when_it_stops() {
 
 #[tokio::test(start_paused = true)]
 async fn steps_down_when_another_replica_holds_the_lease() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     let mut a = start("pod-a", &world);
     a.becomes(true).await;
     write_as(&world, "pod-b");
@@ -348,11 +266,11 @@ async fn steps_down_when_another_replica_holds_the_lease() {
 
 #[tokio::test(start_paused = true)]
 async fn steps_down_when_it_cannot_renew_before_the_deadline() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     let mut a = start("pod-a", &world);
     a.becomes(true).await;
     let lost_at = Instant::now();
-    world.lock().unwrap().failing = 1_000;
+    world.outage(Some(500));
     a.becomes(false).await;
     let after = lost_at.elapsed();
     // Stepped down within the renew deadline (10 s) plus one retry period,
@@ -362,14 +280,14 @@ async fn steps_down_when_it_cannot_renew_before_the_deadline() {
         "stepped down after {after:?}"
     );
     // The API recovers; nobody else took the lease: it leads again.
-    world.lock().unwrap().failing = 0;
+    world.outage(None);
     a.becomes(true).await;
     a.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn releases_the_lease_on_shutdown_so_a_successor_takes_over_at_once() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     let mut a = start("pod-a", &world);
     a.becomes(true).await;
     let mut b = start("pod-b", &world);
@@ -390,7 +308,7 @@ async fn releases_the_lease_on_shutdown_so_a_successor_takes_over_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn two_candidates_never_lead_at_the_same_time() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     let a = start("pod-a", &world);
     let b = start("pod-b", &world);
     let mut leaders = Vec::new();
@@ -413,11 +331,11 @@ async fn two_candidates_never_lead_at_the_same_time() {
 
 #[tokio::test(start_paused = true)]
 async fn a_follower_writes_nothing_on_shutdown() {
-    let world = Shared::default();
+    let world = FakeApiServer::default();
     write_as(&world, "pod-b");
     let a = start("pod-a", &world);
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.stop().await;
-    let calls = world.lock().unwrap().calls.clone();
+    let calls = calls(&world);
     assert!(calls.iter().all(|(m, _)| *m == Method::GET), "{calls:?}");
 }
