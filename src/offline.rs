@@ -1,11 +1,16 @@
 //! Offline mutation (`canary-injector mutate -f`): the admission rules
 //! applied to manifests, like `istioctl kube-inject`.
 //!
-//! Pods and ReplicaSets follow the admission rules; Deployments,
+//! Every kind of the table ([`crate::mutate::KINDS`]), matched on API group
+//! and kind: Pods and ReplicaSets follow the admission rules; Deployments,
 //! StatefulSets, DaemonSets, Jobs and CronJobs get their pod template
 //! labelled (a source edit, which is safe). `kind: List` items are handled
-//! one by one. Other kinds pass through unchanged.
+//! one by one. Other kinds, including a CRD that reuses a name such as
+//! `Deployment` in its own group, pass through unchanged; a document
+//! without `apiVersion` is matched on its kind name.
 
+use json_patch::PatchOperation;
+use json_patch::jsonptr::PointerBuf;
 use serde_json::Value;
 
 use crate::config::Config;
@@ -47,7 +52,8 @@ pub enum OfflineError {
         /// The reason.
         deny: Box<Deny>,
     },
-    /// The patch did not apply (a bug: the core only adds what is missing).
+    /// The patch did not apply (a bug: the core only adds what is missing
+    /// and replaces what it merged).
     #[error("document {index}: patch failed: {reason}")]
     Patch {
         /// 1-based document number.
@@ -117,18 +123,30 @@ pub fn mutate_documents(
     Ok(out)
 }
 
-/// Rebases a list item's operation under `/items/<j>`.
-fn prefix(op: json_patch::PatchOperation, j: usize) -> json_patch::PatchOperation {
-    use json_patch::jsonptr::PointerBuf;
-    match op {
-        json_patch::PatchOperation::Add(mut add) => {
-            let mut path = PointerBuf::from_tokens(["items".to_string(), j.to_string()]);
-            path.append(&add.path);
-            add.path = path;
-            json_patch::PatchOperation::Add(add)
+/// Rebases a list item's operation under `/items/<j>`: every path, and the
+/// `from` of `move` and `copy`, whatever the operation.
+fn prefix(op: PatchOperation, j: usize) -> PatchOperation {
+    let rebase = |path: &mut PointerBuf| {
+        let mut rebased = PointerBuf::from_tokens(["items".to_string(), j.to_string()]);
+        rebased.append(&*path);
+        *path = rebased;
+    };
+    let mut op = op;
+    match &mut op {
+        PatchOperation::Add(o) => rebase(&mut o.path),
+        PatchOperation::Remove(o) => rebase(&mut o.path),
+        PatchOperation::Replace(o) => rebase(&mut o.path),
+        PatchOperation::Move(o) => {
+            rebase(&mut o.from);
+            rebase(&mut o.path);
         }
-        other => other,
+        PatchOperation::Copy(o) => {
+            rebase(&mut o.from);
+            rebase(&mut o.path);
+        }
+        PatchOperation::Test(o) => rebase(&mut o.path),
     }
+    op
 }
 
 /// Applies the rules to one object in place; returns the operations applied.
@@ -137,29 +155,26 @@ fn mutate_one(
     index: usize,
     cfg: &Config,
     warnings: &mut Vec<String>,
-) -> Result<Vec<json_patch::PatchOperation>, OfflineError> {
+) -> Result<Vec<PatchOperation>, OfflineError> {
     if !doc.is_object() {
         return Err(OfflineError::NotAnObject { index });
     }
-    let kind_name = doc
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let Some(kind) = Kind::from_name(&kind_name) else {
+    let text = |pointer: &str| doc.pointer(pointer).and_then(Value::as_str);
+    let kind_name = text("/kind").unwrap_or_default().to_owned();
+    // With an `apiVersion`, its group must match (a CRD may reuse the name
+    // `Deployment`); without one, the name decides.
+    let kind = match text("/apiVersion") {
+        Some(api_version) => Kind::from_api_version(api_version, &kind_name),
+        None => Kind::from_name(&kind_name),
+    };
+    let Some(kind) = kind else {
         return Ok(Vec::new());
     };
-    let name = doc
-        .pointer("/metadata/name")
-        .or_else(|| doc.pointer("/metadata/generateName"))
-        .and_then(Value::as_str)
+    let name = text("/metadata/name")
+        .or_else(|| text("/metadata/generateName"))
         .unwrap_or("<unnamed>")
         .to_owned();
-    let namespace = doc
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let namespace = text("/metadata/namespace").unwrap_or_default().to_owned();
     let object: ObjectView =
         serde_json::from_value(doc.clone()).map_err(|e| OfflineError::Malformed {
             index,
@@ -174,22 +189,25 @@ fn mutate_one(
         sub_resource: "",
         mode: Mode::Offline,
     };
-    let plan = mutate::plan(&subject, &object, cfg, &ClusterView::OFFLINE).map_err(|deny| {
-        OfflineError::Denied {
-            index,
-            kind: kind_name.clone(),
-            name: name.clone(),
-            deny: Box::new(deny),
-        }
-    })?;
+    let decision =
+        mutate::decide(&subject, &object, cfg.policy(), &ClusterView::OFFLINE).map_err(|deny| {
+            OfflineError::Denied {
+                index,
+                kind: kind_name.clone(),
+                name: name.clone(),
+                deny: Box::new(deny),
+            }
+        })?;
     warnings.extend(
-        plan.warnings
+        decision
+            .warnings
             .iter()
             .map(|w| format!("document {index} ({kind_name} {name}): {w}")),
     );
-    json_patch::patch(doc, &plan.ops).map_err(|e| OfflineError::Patch {
+    let ops = decision.to_json_patch();
+    json_patch::patch(doc, &ops).map_err(|e| OfflineError::Patch {
         index,
         reason: e.to_string(),
     })?;
-    Ok(plan.ops)
+    Ok(ops)
 }

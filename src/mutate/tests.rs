@@ -17,24 +17,80 @@ fn subject(kind: Kind, namespace: &str, mode: Mode) -> Subject<'_> {
     }
 }
 
-/// Plans, applies, re-plans; returns the patched object and the first plan.
-fn run(kind: Kind, object: Value, cfg: &Config) -> (Value, Plan) {
+/// The policy sections, owned (what `Config` holds in the binary).
+#[derive(Debug, Clone, Default)]
+struct P {
+    labels: LabelPolicy,
+    namespaces: NamespacePolicy,
+    bootstrap: BootstrapPolicy,
+    istio: IstioPolicy,
+}
+
+impl P {
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            labels: &self.labels,
+            namespaces: &self.namespaces,
+            bootstrap: &self.bootstrap,
+            istio: &self.istio,
+        }
+    }
+}
+
+/// A decision with its JSON Patch rendering, owned so tests can keep it.
+#[derive(Debug)]
+struct Planned {
+    ops: Vec<json_patch::PatchOperation>,
+    warnings: Vec<String>,
+    reasons: Vec<&'static str>,
+    skipped: Option<SkipReason>,
+    mutations: Vec<&'static str>,
+    bootstrap: Option<BootstrapOutcome>,
+    intent: Option<(Option<String>, String)>,
+    targets: Vec<LabelTarget>,
+    noop: bool,
+}
+
+/// Decides and renders.
+fn plan(s: &Subject<'_>, view: &ObjectView, p: &P, cluster: &ClusterView) -> Result<Planned, Deny> {
+    let d = decide(s, view, p.policy(), cluster)?;
+    Ok(Planned {
+        ops: d.to_json_patch(),
+        warnings: d.warnings.iter().map(ToString::to_string).collect(),
+        reasons: d.warnings.iter().map(Warning::reason).collect(),
+        skipped: d.skipped,
+        mutations: d.mutations().collect(),
+        bootstrap: d.bootstrap_outcome(),
+        intent: d
+            .intent
+            .as_ref()
+            .map(|i| (i.tag().map(str::to_owned), i.stage().to_owned())),
+        targets: d.targets.clone(),
+        noop: d.is_noop(),
+    })
+}
+
+/// Decides, applies the patch, decides again; returns the patched object
+/// and the first decision. The second decision must have nothing to do.
+fn run(kind: Kind, object: Value, cfg: &P) -> (Value, Planned) {
     run_in(kind, "shop", Mode::Admission, object, cfg)
 }
 
-fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &Config) -> (Value, Plan) {
+fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &P) -> (Value, Planned) {
     let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
     let s = subject(kind, ns, mode);
-    let plan = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
-    json_patch::patch(&mut object, &plan.ops).expect("patch applies");
+    let first = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
+    assert_eq!(first.noop, first.ops.is_empty(), "{first:?}");
+    json_patch::patch(&mut object, &first.ops).expect("patch applies");
     let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
-    let second = super::plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
+    let second = plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
+    assert!(second.noop, "second pass has work: {second:?}");
     assert!(
         second.ops.is_empty(),
         "second pass patched: {:?}",
         second.ops
     );
-    (object, plan)
+    (object, first)
 }
 
 fn pod(labels: Value, annotations: Value) -> Value {
@@ -52,7 +108,7 @@ fn pod_without_tag_gets_stage_normal_only() {
     let (out, plan) = run(
         Kind::Pod,
         pod(json!({"app": "web"}), json!({})),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(labels_of(&out), &json!({"app": "web", "stage": "normal"}));
     assert!(plan.warnings.is_empty());
@@ -67,7 +123,7 @@ fn pod_with_tag_gets_canary_labels() {
             json!({"app": "web"}),
             json!({"canary-injector.io/tag": "v2"}),
         ),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(
         labels_of(&out),
@@ -84,7 +140,7 @@ fn missing_or_null_labels_map_is_created() {
         if let Some(l) = labels.clone() {
             meta.insert("labels".into(), l);
         }
-        let (out, plan) = run(Kind::Pod, p, &Config::default());
+        let (out, plan) = run(Kind::Pod, p, &P::default());
         assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
         assert_eq!(plan.ops.len(), 1, "one op creates the map");
     }
@@ -92,11 +148,7 @@ fn missing_or_null_labels_map_is_created() {
 
 #[test]
 fn missing_metadata_is_created() {
-    let (out, _) = run(
-        Kind::Pod,
-        json!({"kind": "Pod", "spec": {}}),
-        &Config::default(),
-    );
+    let (out, _) = run(Kind::Pod, json!({"kind": "Pod", "spec": {}}), &P::default());
     assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
 }
 
@@ -155,11 +207,7 @@ fn existing_labels_are_never_overwritten() {
         ),
     ];
     for (labels, annotations, expected, warns) in cases {
-        let (out, plan) = run(
-            Kind::Pod,
-            pod(labels.clone(), annotations),
-            &Config::default(),
-        );
+        let (out, plan) = run(Kind::Pod, pod(labels.clone(), annotations), &P::default());
         assert_eq!(labels_of(&out), &expected, "from {labels}");
         assert_eq!(
             !plan.warnings.is_empty(),
@@ -178,7 +226,7 @@ fn invalid_tag_is_sanitized_with_a_warning() {
             json!({}),
             json!({"canary-injector.io/tag": "feature/Login_v2"}),
         ),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(labels_of(&out)["canarytag"], "feature-Login_v2");
     assert_eq!(plan.warnings.len(), 1);
@@ -194,7 +242,7 @@ fn unusable_tag_is_denied_naming_the_annotation() {
         let err = plan(
             &subject(Kind::Pod, "shop", Mode::Admission),
             &view,
-            &Config::default(),
+            &P::default(),
             &ClusterView::OFFLINE,
         )
         .unwrap_err();
@@ -207,9 +255,12 @@ fn unusable_tag_is_denied_naming_the_annotation() {
 
 #[test]
 fn skip_rules() {
-    let cfg = Config {
-        webhook_namespace: Some("canary-injector".into()),
-        ..Config::default()
+    let cfg = P {
+        namespaces: NamespacePolicy {
+            own: Some("canary-injector".into()),
+            ..NamespacePolicy::default()
+        },
+        ..P::default()
     };
     let plain = pod(json!({}), json!({}));
     let mirror = pod(json!({}), json!({"kubernetes.io/config.mirror": "abc"}));
@@ -297,7 +348,7 @@ fn object_kind_must_match_request_kind() {
     let err = plan(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
-        &Config::default(),
+        &P::default(),
         &ClusterView::OFFLINE,
     )
     .unwrap_err();
@@ -326,7 +377,7 @@ fn replicaset(owned: bool) -> Value {
 #[test]
 fn owned_replicaset_template_and_selector_are_untouched() {
     let original = replicaset(true);
-    let (out, plan) = run(Kind::ReplicaSet, original.clone(), &Config::default());
+    let (out, plan) = run(Kind::ReplicaSet, original.clone(), &P::default());
     assert_eq!(labels_of(&out)["stage"], "normal");
     assert_eq!(
         out["spec"], original["spec"],
@@ -344,7 +395,7 @@ fn owned_replicaset_reads_tag_from_its_template() {
     let mut rs = replicaset(true);
     rs["spec"]["template"]["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v3"});
     let original = rs.clone();
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(labels_of(&out)["canarytag"], "v3");
     assert_eq!(out["spec"], original["spec"]);
 }
@@ -354,7 +405,7 @@ fn non_controller_owner_means_standalone() {
     let mut rs = replicaset(false);
     rs["metadata"]["ownerReferences"] =
         json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}]);
-    let (out, plan) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, plan) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(
         out["spec"]["template"]["metadata"]["labels"]["stage"],
         "normal"
@@ -367,7 +418,7 @@ fn standalone_replicaset_gets_labels_on_metadata_and_template() {
     let mut rs = replicaset(false);
     rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "gray-1"});
     let selector = rs["spec"]["selector"].clone();
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     for labels in [
         &out["metadata"]["labels"],
         &out["spec"]["template"]["metadata"]["labels"],
@@ -384,7 +435,7 @@ fn standalone_replicaset_template_follows_existing_labels() {
     // The release platform labelled the ReplicaSet but not its template.
     let mut rs = replicaset(false);
     rs["metadata"]["labels"]["canarytag"] = json!("v9");
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     let t = &out["spec"]["template"]["metadata"]["labels"];
     assert_eq!(t["canarytag"], "v9");
     assert_eq!(t["stage"], "gray");
@@ -398,7 +449,7 @@ fn template_without_metadata_gets_one() {
         .as_object_mut()
         .unwrap()
         .remove("metadata");
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(
         out["spec"]["template"]["metadata"],
         json!({"labels": {"stage": "normal"}})
@@ -407,10 +458,13 @@ fn template_without_metadata_gets_one() {
 
 #[test]
 fn keys_with_slash_and_tilde_are_escaped() {
-    let cfg = Config {
-        canary_tag_label: "example.com/canary~tag".replace('~', "-"),
-        stage_label: "example.com/stage".into(),
-        ..Config::default()
+    let cfg = P {
+        labels: LabelPolicy {
+            canary_tag: "example.com/canary~tag".replace('~', "-"),
+            stage: "example.com/stage".into(),
+            ..LabelPolicy::default()
+        },
+        ..P::default()
     };
     let (out, plan) = run(
         Kind::Pod,
@@ -441,7 +495,7 @@ fn offline_labels_workload_templates_only() {
         "",
         Mode::Offline,
         deployment,
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(out["metadata"]["labels"], json!({"app": "web"}));
     assert_eq!(
@@ -455,13 +509,7 @@ fn offline_labels_workload_templates_only() {
 
     let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"},
         "spec": {"jobTemplate": {"spec": {"template": {"spec": {}}}}}});
-    let (out, _) = run_in(
-        Kind::CronJob,
-        "",
-        Mode::Offline,
-        cronjob,
-        &Config::default(),
-    );
+    let (out, _) = run_in(Kind::CronJob, "", Mode::Offline, cronjob, &P::default());
     assert_eq!(
         out["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"],
         json!({"stage": "normal"})
@@ -475,7 +523,7 @@ fn workload_without_template_is_left_alone() {
         "",
         Mode::Offline,
         json!({"kind": "StatefulSet", "metadata": {"name": "s"}, "spec": {}}),
-        &Config::default(),
+        &P::default(),
     );
     assert!(plan.ops.is_empty());
     assert!(out["metadata"].get("labels").is_none());
@@ -483,11 +531,14 @@ fn workload_without_template_is_left_alone() {
 
 #[test]
 fn custom_values_are_used() {
-    let cfg = Config {
-        gray_stage: "canary".into(),
-        normal_stage: "stable".into(),
-        tag_annotation: "example.com/version".into(),
-        ..Config::default()
+    let cfg = P {
+        labels: LabelPolicy {
+            gray_stage: "canary".into(),
+            normal_stage: "stable".into(),
+            tag_annotation: "example.com/version".into(),
+            ..LabelPolicy::default()
+        },
+        ..P::default()
     };
     let (out, _) = run(
         Kind::Pod,
@@ -535,7 +586,7 @@ proptest! {
         ]),
         standalone_rs in any::<bool>(),
     ) {
-        let cfg = Config::default();
+        let cfg = P::default();
         let annotations = match &tag {
             Some(t) => json!({"canary-injector.io/tag": t}),
             None => json!({}),
@@ -579,12 +630,12 @@ proptest! {
 
 // === bootstrap mount ===
 
-fn istio_cfg(version: Option<&str>) -> Config {
-    Config {
-        istio: crate::config::IstioConfig {
+fn istio_cfg(version: Option<&str>) -> P {
+    P {
+        istio: IstioPolicy {
             proxy_version: version.map(str::to_owned),
         },
-        ..Config::default()
+        ..P::default()
     }
 }
 
@@ -594,7 +645,7 @@ fn present() -> ClusterView {
     }
 }
 
-fn plan_with(object: &Value, cfg: &Config, cluster: ClusterView) -> (Value, Plan) {
+fn plan_with(object: &Value, cfg: &P, cluster: ClusterView) -> (Value, Planned) {
     let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
     let s = subject(Kind::Pod, "shop", Mode::Admission);
     let p = plan(&s, &view, cfg, &cluster).unwrap();
