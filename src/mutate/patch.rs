@@ -37,7 +37,17 @@ impl Decision<'_> {
             }
         }
         match &self.bootstrap {
-            Some(BootstrapDecision::Annotate(a)) => annotate(a, &mut ops),
+            Some(BootstrapDecision::Annotate(a)) => {
+                // When a label operation created this pod's `metadata`, the
+                // annotations go into it: a second `add /metadata` would
+                // replace the labels just added.
+                let created = self.intent.is_some()
+                    && self
+                        .targets
+                        .iter()
+                        .any(|t| t.location == a.location && !t.has_metadata && !t.is_complete());
+                annotate(a, created, &mut ops)
+            }
             Some(BootstrapDecision::Mount(m)) => mount(m, &mut ops),
             Some(BootstrapDecision::AlreadyDone | BootstrapDecision::Skipped(_)) | None => {}
         }
@@ -77,7 +87,8 @@ fn labels(target: &LabelTarget, intent: &Intent<'_>, ops: &mut Vec<PatchOperatio
     }
 }
 
-fn annotate(a: &Annotate, ops: &mut Vec<PatchOperation>) {
+/// `metadata_created`: an earlier operation created the pod's `metadata`.
+fn annotate(a: &Annotate, metadata_created: bool, ops: &mut Vec<PatchOperation>) {
     let at = a.location;
     let both = || {
         let mut map = Map::new();
@@ -88,14 +99,14 @@ fn annotate(a: &Annotate, ops: &mut Vec<PatchOperation>) {
         );
         Value::Object(map)
     };
-    if !a.has_metadata {
+    if !a.has_metadata && !metadata_created {
         ops.push(add(
             pointer(at, ["metadata"]),
             json!({ "annotations": both() }),
         ));
         return;
     }
-    if !a.has_annotations {
+    if !a.has_annotations || metadata_created {
         ops.push(add(pointer(at, ["metadata", "annotations"]), both()));
         return;
     }
