@@ -50,22 +50,40 @@ pub const MOVED_KEYS: [(&str, &str); 9] = [
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// `labels:` the label vocabulary.
+    #[serde(deserialize_with = "section")]
     pub labels: LabelPolicy,
     /// `namespaces:` which namespaces are acted on.
+    #[serde(deserialize_with = "section")]
     pub namespaces: NamespacePolicy,
     /// `server:` limits of the HTTPS server.
+    #[serde(deserialize_with = "section")]
     pub server: ServerConfig,
     /// `bootstrap:` the Istio sidecar bootstrap (xds-grpc keepalive) fix.
+    #[serde(deserialize_with = "section")]
     pub bootstrap: BootstrapPolicy,
     /// `istio:` what the webhook assumes about Istio.
+    #[serde(deserialize_with = "section")]
     pub istio: IstioPolicy,
     /// `routes:` the canary routes controller.
+    #[serde(deserialize_with = "section")]
     pub routes: RoutesConfig,
     /// `backfill:` the controller that labels pods created before the webhook.
+    #[serde(deserialize_with = "section")]
     pub backfill: BackfillConfig,
     /// `leaderElection:` the Lease that elects the one replica running the
     /// controllers that write.
+    #[serde(deserialize_with = "section")]
     pub leader_election: LeaderElectionConfig,
+}
+
+/// A section written with no keys under it (`istio:` then only comments)
+/// is YAML `null`: it means the section's defaults.
+fn section<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Limits of the HTTPS server (section `server:`).
@@ -580,6 +598,13 @@ mod tests {
     }
 
     #[test]
+    fn empty_sections_are_their_defaults() {
+        let cfg =
+            Config::from_yaml("istio:\n  # proxyVersion: '1.5'\nroutes:\nlabels: {}\n").unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
     fn nested_sections_take_partial_overrides() {
         let cfg = Config::from_yaml(
             "bootstrap:\n  keepalive: {time: 60}\n  reconcile: false\nistio:\n  proxyVersion: '1.5'\n",
@@ -603,6 +628,28 @@ mod tests {
         assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
         cfg.istio.proxy_version = None;
         assert_eq!(cfg, Config::default());
+    }
+
+    /// README "Configuration" shows every section with its defaults.
+    #[test]
+    fn readme_configuration_block_is_the_defaults() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("\n## Configuration\n").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        assert_eq!(Config::from_yaml(block).unwrap(), Config::default());
+        for key in [
+            "labels:",
+            "namespaces:",
+            "server:",
+            "bootstrap:",
+            "istio:",
+            "routes:",
+            "backfill:",
+            "leaderElection:",
+        ] {
+            assert!(block.lines().any(|l| l.starts_with(key)), "{key} missing");
+        }
     }
 
     /// The webhook configuration and the policy defaults name the same
