@@ -1,8 +1,9 @@
 //! Prometheus metrics, registered on a registry the caller owns (no global
 //! state), and the plain-HTTP `/metrics` endpoint.
 //!
-//! Label values are bounded: kinds and operations outside a fixed set are
-//! reported as `other`; namespaces, names, uids and error texts never appear.
+//! Label values are bounded: kinds admission does not act on (per
+//! [`crate::mutate::KINDS`]) and operations outside a fixed set are reported
+//! as `other`; namespaces, names, uids and error texts never appear.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -156,13 +157,10 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
     buf
 }
 
+/// The kinds admission acts on, by name (from the kinds table); else
+/// `unknown` or `other`.
 fn bounded_kind(kind: &str) -> &'static str {
-    match kind {
-        "Pod" => "Pod",
-        "ReplicaSet" => "ReplicaSet",
-        "" => "unknown",
-        _ => "other",
-    }
+    crate::mutate::Kind::metric_label(kind)
 }
 
 fn bounded_operation(op: &str) -> &'static str {

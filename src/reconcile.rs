@@ -115,7 +115,7 @@ impl Settings {
         Some(Self {
             source_namespace,
             config_map_name: cfg.bootstrap.config_map_name.clone(),
-            namespace_selector: DEFAULT_NAMESPACE_SELECTOR.into(),
+            namespace_selector: cfg.namespaces.opt_in_selector(),
             field_manager: FIELD_MANAGER.into(),
             reconcile: cfg.bootstrap.reconcile,
         })
@@ -1076,7 +1076,7 @@ mod tests {
     fn settings_need_bootstrap_enabled_and_an_own_namespace() {
         let mut cfg = Config::default();
         assert_eq!(Settings::from_config(&cfg), None);
-        cfg.webhook_namespace = Some(SOURCE_NS.into());
+        cfg.namespaces.own = Some(SOURCE_NS.into());
         assert_eq!(Settings::from_config(&cfg), Some(settings()));
         cfg.bootstrap.reconcile = false;
         assert!(!Settings::from_config(&cfg).unwrap().reconcile);
