@@ -6,8 +6,9 @@
 use std::hint::black_box;
 
 use canary_injector::admission::{self, no_cluster};
-use canary_injector::config::{Config, IstioConfig};
+use canary_injector::config::Config;
 use canary_injector::mutate::Availability;
+use canary_injector::mutate::IstioPolicy;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Value, json};
 
@@ -38,7 +39,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(istio.len() as u64));
 
     let boot_cfg = Config {
-        istio: IstioConfig {
+        istio: IstioPolicy {
             proxy_version: Some("1.5".into()),
         },
         ..Config::default()

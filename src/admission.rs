@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::mutate::{
-    self, Availability, BootstrapOutcome, ClusterView, Deny, Kind, Mode, ObjectView, Operation,
-    SkipReason, Subject,
+    self, Availability, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView,
+    Operation, SkipReason, Subject,
 };
 
 /// Tells whether the bootstrap ConfigMap exists in a namespace (from a
@@ -86,6 +86,16 @@ impl<O> RequestIn<O> {
             object: self.object.map(f),
         }
     }
+}
+
+/// What the core gets to see of a request.
+enum Input {
+    /// A skip rule applies without reading the object.
+    Skip(SkipReason),
+    /// The object, to decide about.
+    Object(Box<ObjectView>),
+    /// No usable object: refused.
+    Refuse(Deny),
 }
 
 /// Only the envelope, to explain a review that did not parse.
@@ -273,15 +283,9 @@ pub fn review(
             }
         };
 
-    // Core group ("") for Pods, "apps" for ReplicaSets: the kind is only ours
-    // when the group matches too.
-    let kind = Kind::from_name(&req.kind.kind).filter(|k| match k {
-        Kind::Pod => req.kind.group.is_empty(),
-        Kind::ReplicaSet | Kind::Deployment | Kind::StatefulSet | Kind::DaemonSet => {
-            req.kind.group == "apps"
-        }
-        Kind::Job | Kind::CronJob => req.kind.group == "batch",
-    });
+    // The kind is only ours when the group matches too (a CRD may reuse
+    // the name `Pod`).
+    let kind = Kind::from_gvk(&req.kind.group, &req.kind.kind);
     let namespace = req.namespace.as_deref().unwrap_or_default();
     let subject = Subject {
         kind,
@@ -290,64 +294,67 @@ pub fn review(
         sub_resource: req.sub_resource.as_deref().unwrap_or_default(),
         mode: Mode::Admission,
     };
+    let policy = cfg.policy();
 
-    let mut generate_name = None;
-    let decided: Result<mutate::Plan, Deny> = match mutate::pre_skip(&subject, cfg) {
-        Some(reason) => Ok(mutate::Plan {
-            skipped: Some(reason),
-            ..Default::default()
-        }),
-        None => match req.object.map(|o| match o {
-            ObjectIn::Parsed(view) => Ok(view),
-            ObjectIn::Raw(raw) => serde_json::from_str::<ObjectView>(raw.get()).map(Box::new),
-        }) {
-            None => Err(Deny::MissingObject),
-            Some(parsed) => match parsed {
-                Ok(object) => {
-                    generate_name = object
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.generate_name.clone());
-                    let cluster = ClusterView {
-                        bootstrap_configmap: configmaps(namespace),
-                    };
-                    mutate::plan(&subject, &object, cfg, &cluster)
-                }
-                Err(e) => Err(Deny::MalformedObject {
+    // The object is read only when no skip rule applies; the decision
+    // borrows from it.
+    let input = match mutate::pre_skip(&subject, policy) {
+        Some(reason) => Input::Skip(reason),
+        None => match req.object {
+            None => Input::Refuse(Deny::MissingObject),
+            Some(ObjectIn::Parsed(view)) => Input::Object(view),
+            Some(ObjectIn::Raw(raw)) => match serde_json::from_str::<ObjectView>(raw.get()) {
+                Ok(view) => Input::Object(Box::new(view)),
+                Err(e) => Input::Refuse(Deny::MalformedObject {
                     kind: req.kind.kind.clone(),
                     reason: e.to_string(),
                 }),
             },
         },
     };
-
+    let decided: Result<Decision<'_>, Deny> = match &input {
+        Input::Object(object) => {
+            let cluster = ClusterView {
+                bootstrap_configmap: configmaps(namespace),
+            };
+            mutate::decide(&subject, object, policy, &cluster)
+        }
+        Input::Skip(reason) => Ok(Decision::skip(*reason)),
+        Input::Refuse(deny) => Err(deny.clone()),
+    };
+    let generate_name = match &input {
+        Input::Object(o) => o.metadata.as_ref().and_then(|m| m.generate_name.as_deref()),
+        _ => None,
+    };
     let name = match (req.name.as_deref(), generate_name) {
         (Some(n), _) if !n.is_empty() => n.to_owned(),
         (_, Some(g)) => format!("{g}*"),
         _ => String::new(),
     };
 
-    let mutations = decided
-        .as_ref()
-        .map(|p| p.mutations.clone())
-        .unwrap_or_default();
-    let bootstrap = decided.as_ref().ok().and_then(|p| p.bootstrap);
+    let (mutations, bootstrap) = match &decided {
+        Ok(d) => (d.mutations().collect(), d.bootstrap_outcome()),
+        Err(_) => (Vec::new(), None),
+    };
     let (outcome, patch, status, warnings, patch_ops, patch_bytes) = match decided {
-        Ok(plan) if !plan.ops.is_empty() => {
-            let json = serde_json::to_vec(&plan.ops).map_err(ReviewError::Serialize)?;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(&json);
-            (
-                Outcome::Patched,
-                Some(b64),
-                None,
-                plan.warnings,
-                plan.ops.len(),
-                json.len(),
-            )
-        }
-        Ok(plan) => {
-            let outcome = plan.skipped.map_or(Outcome::Allowed, Outcome::Skipped);
-            (outcome, None, None, plan.warnings, 0, 0)
+        Ok(decision) => {
+            let warnings: Vec<String> = decision.warnings.iter().map(|w| w.to_string()).collect();
+            let ops = decision.to_json_patch();
+            if ops.is_empty() {
+                let outcome = decision.skipped.map_or(Outcome::Allowed, Outcome::Skipped);
+                (outcome, None, None, warnings, 0, 0)
+            } else {
+                let json = serde_json::to_vec(&ops).map_err(ReviewError::Serialize)?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&json);
+                (
+                    Outcome::Patched,
+                    Some(b64),
+                    None,
+                    warnings,
+                    ops.len(),
+                    json.len(),
+                )
+            }
         }
         Err(deny) => {
             let status = StatusOut {

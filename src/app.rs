@@ -41,7 +41,7 @@ use crate::cluster::events::{self, EventMetrics, EventSink, Pace};
 use crate::cluster::lease::{self, Elector, LeaseSettings};
 use crate::cluster::watches::Shared;
 use crate::cluster::{self, Cluster};
-use crate::config::Config;
+use crate::config::{Config, LeaderElectionConfig};
 use crate::copier::{self, BootstrapCache, CopierSettings, CopyError};
 use crate::metrics::{ControllerCounters, ControllerMetrics, Metrics};
 use crate::server::tls::{self, CertPaths, Loaded, Reloader, Resolver};
@@ -57,10 +57,6 @@ const REST_STOP_LIMIT: Duration = Duration::from_secs(5);
 
 /// How long to wait for an API server outside a cluster (a laptop).
 const CONNECT_LIMIT: Duration = Duration::from_secs(5);
-
-/// Lease name and duration until the configuration has its own section.
-const LEASE_NAME: &str = "canary-injector";
-const LEASE_DURATION: Duration = Duration::from_secs(15);
 
 /// Where the cluster comes from.
 pub enum ClusterAccess {
@@ -264,7 +260,7 @@ impl App {
             (None, Some(_)) => {}
             (_, None) => info!(
                 "bootstrap mounts disabled: bootstrap.enabled is false or the webhook \
-                 namespace is unknown (set POD_NAMESPACE or webhookNamespace)"
+                 namespace is unknown (set POD_NAMESPACE or namespaces.own)"
             ),
         }
         if let Some(cluster) = &cluster
@@ -273,6 +269,7 @@ impl App {
             start_writers(
                 &mut tasks,
                 cluster,
+                &cfg.leader_election,
                 &controller_metrics,
                 &stop_writers,
                 writers,
@@ -473,24 +470,43 @@ impl Writers {
 }
 
 /// Runs `writers` only on the leader: a `leader-election` task on the Lease
-/// and a `controllers` task gated by it; the `leader` gauge follows.
+/// and a `controllers` task gated by it; the `leader` gauge follows. With
+/// leader election off, every replica runs them (one replica only!).
 fn start_writers(
     tasks: &mut Supervisor,
     cluster: &Cluster,
+    election: &LeaderElectionConfig,
     metrics: &ControllerMetrics,
     stop: &CancellationToken,
     writers: Writers,
 ) {
-    let (tx, rx) = watch::channel(false);
-    let settings = LeaseSettings::new(LEASE_NAME, cluster.identity.clone(), LEASE_DURATION);
-    let elector = Elector::new(
-        Api::namespaced(cluster.client.clone(), &cluster.namespace),
-        settings,
-    );
-    tasks.spawn(
-        "leader-election",
-        lease::run(elector, tx, stop.clone()).instrument(info_span!("lease")),
-    );
+    let (tx, rx) = watch::channel(!election.enabled);
+    if election.enabled {
+        let settings = LeaseSettings {
+            retry_period: Duration::from_secs(election.renew_seconds().into()),
+            ..LeaseSettings::new(
+                election.lease_name.clone(),
+                cluster.identity.clone(),
+                Duration::from_secs(election.lease_duration_seconds.into()),
+            )
+        };
+        let elector = Elector::new(
+            Api::namespaced(cluster.client.clone(), &cluster.namespace),
+            settings,
+        );
+        tasks.spawn(
+            "leader-election",
+            lease::run(elector, tx, stop.clone()).instrument(info_span!("lease")),
+        );
+    } else {
+        info!("leader election off: this replica runs the controllers");
+        // Kept open: a closed channel means the election ended.
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            drop(tx);
+        });
+    }
     let gauge = metrics.leader.clone();
     let mut follow = rx.clone();
     let stop_gauge = stop.clone();

@@ -2,133 +2,263 @@
 //!
 //! Every key is optional; an unknown key or an invalid value is an error at
 //! start-up (never a surprise at admission time). Keys are camelCase, like
-//! Kubernetes manifests.
+//! Kubernetes manifests, grouped in sections. The sections the core decides
+//! with (`labels`, `namespaces`, `bootstrap`, `istio`) are defined in
+//! [`crate::mutate::policy`]; this module composes them with the adapters'
+//! sections (`server`, `routes`, `backfill`, `leaderElection`) and validates
+//! each in turn.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
-use crate::mutate::labels::{is_dns_subdomain, validate_label_key, validate_label_value};
+use crate::mutate::labels::is_dns_subdomain;
+use crate::mutate::{
+    BootstrapPolicy, IstioPolicy, LabelPolicy, NamespacePolicy, Policy, PolicyError,
+};
 
 /// Default upper bound for a request body. The apiserver caps an object at
 /// 3 MiB and a review can hold `object` and `oldObject`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
 
-/// Hard ceiling for `maxBodyBytes`, so a typo cannot let one request pin
-/// gigabytes of memory.
+/// Hard ceiling for `server.maxBodyBytes`, so a typo cannot let one request
+/// pin gigabytes of memory.
 pub const MAX_BODY_BYTES_CEILING: usize = 64 * 1024 * 1024;
 
-/// The mutation policy and server limits. Built from [`Config::default`] or
-/// [`Config::from_yaml`]; validated by [`Config::validate`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Keys of the flat schema before configuration sections, and where each
+/// one lives now. A file using one fails with a message naming the new key.
+pub const MOVED_KEYS: [(&str, &str); 9] = [
+    ("canaryTagLabel", "labels.canaryTag"),
+    ("stageLabel", "labels.stage"),
+    ("grayStage", "labels.grayStage"),
+    ("normalStage", "labels.normalStage"),
+    ("tagAnnotation", "labels.tagAnnotation"),
+    ("optOutLabel", "labels.optOutLabel"),
+    ("excludedNamespaces", "namespaces.excluded"),
+    ("webhookNamespace", "namespaces.own"),
+    ("maxBodyBytes", "server.maxBodyBytes"),
+];
+
+/// The whole configuration, one field per section of the file. Built from
+/// [`Config::default`] or [`Config::from_yaml`]; validated by
+/// [`Config::validate`], which asks each section to validate itself.
+///
+/// The core reads only the policy sections, through [`Config::policy`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
-    /// Label that carries the canary version (`canarytag`).
-    pub canary_tag_label: String,
-    /// Label that carries the release stage (`stage`).
-    pub stage_label: String,
-    /// Stage value for a canary (`gray`).
-    pub gray_stage: String,
-    /// Stage value for everything else (`normal`).
-    pub normal_stage: String,
-    /// Annotation that asks for a canary; its value is the tag.
-    pub tag_annotation: String,
-    /// Label whose value `"false"` opts one object out.
-    pub opt_out_label: String,
-    /// Namespaces never acted on (system namespaces, to avoid self-deadlock).
-    pub excluded_namespaces: Vec<String>,
-    /// The webhook's own namespace, always excluded. Defaults to `$POD_NAMESPACE`.
-    pub webhook_namespace: Option<String>,
-    /// Largest accepted request body in bytes; larger ones get HTTP 413.
-    pub max_body_bytes: usize,
-    /// The Istio sidecar bootstrap (xds-grpc keepalive) fix.
-    pub bootstrap: BootstrapConfig,
-    /// What the webhook assumes about Istio.
-    pub istio: IstioConfig,
+    /// `labels:` the label vocabulary.
+    #[serde(deserialize_with = "section")]
+    pub labels: LabelPolicy,
+    /// `namespaces:` which namespaces are acted on.
+    #[serde(deserialize_with = "section")]
+    pub namespaces: NamespacePolicy,
+    /// `server:` limits of the HTTPS server.
+    #[serde(deserialize_with = "section")]
+    pub server: ServerConfig,
+    /// `bootstrap:` the Istio sidecar bootstrap (xds-grpc keepalive) fix.
+    #[serde(deserialize_with = "section")]
+    pub bootstrap: BootstrapPolicy,
+    /// `istio:` what the webhook assumes about Istio.
+    #[serde(deserialize_with = "section")]
+    pub istio: IstioPolicy,
+    /// `routes:` the canary routes controller.
+    #[serde(deserialize_with = "section")]
+    pub routes: RoutesConfig,
+    /// `backfill:` the controller that labels pods created before the webhook.
+    #[serde(deserialize_with = "section")]
+    pub backfill: BackfillConfig,
+    /// `leaderElection:` the Lease that elects the one replica running the
+    /// controllers that write.
+    #[serde(deserialize_with = "section")]
+    pub leader_election: LeaderElectionConfig,
 }
 
-/// Settings of the sidecar bootstrap fix (see README "Fixing the xds-grpc
-/// keepalive").
+/// A section written with no keys under it (`istio:` then only comments)
+/// is YAML `null`: it means the section's defaults.
+fn section<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Limits of the HTTPS server (section `server:`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-pub struct BootstrapConfig {
-    /// Mount the patched bootstrap template into Istio sidecars.
-    pub enabled: bool,
-    /// Name of the ConfigMap holding the patched template (key
-    /// `envoy_bootstrap_tmpl.json`): the source in the webhook's namespace
-    /// and every copy.
-    pub config_map_name: String,
-    /// Pod annotation whose value `"false"` opts one pod out.
-    pub opt_out_annotation: String,
-    /// Copy the source ConfigMap into every opted-in namespace.
-    pub reconcile: bool,
-    /// The keepalive written by `canary-injector bootstrap-template`.
-    pub keepalive: KeepaliveConfig,
+pub struct ServerConfig {
+    /// Largest accepted request body in bytes; larger ones get HTTP 413.
+    pub max_body_bytes: usize,
 }
 
-impl Default for BootstrapConfig {
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `maxBodyBytes` must be within 1 KiB ..= [`MAX_BODY_BYTES_CEILING`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=MAX_BODY_BYTES_CEILING).contains(&self.max_body_bytes) {
+            return Err(invalid(
+                "server.maxBodyBytes",
+                format!(
+                    "{} is out of range (1024..={MAX_BODY_BYTES_CEILING})",
+                    self.max_body_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The canary routes controller (section `routes:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct RoutesConfig {
+    /// Generate Istio routes for canary versions.
+    pub enabled: bool,
+    /// The HTTP request header whose value selects a canary tag
+    /// (`x-canary-tag`); a lowercase header name.
+    pub header: String,
+    /// How long a canary's route outlives its last ready pod, in seconds.
+    pub removal_grace_seconds: u32,
+}
+
+impl Default for RoutesConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            config_map_name: "canary-injector-bootstrap".into(),
-            opt_out_annotation: "canary-injector.io/bootstrap".into(),
-            reconcile: true,
-            keepalive: KeepaliveConfig::default(),
+            header: "x-canary-tag".into(),
+            removal_grace_seconds: 60,
         }
     }
 }
 
-/// TCP keepalive of the `xds-grpc` cluster, in seconds and probes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-pub struct KeepaliveConfig {
-    /// Idle time before the first probe (`keepalive_time`).
-    pub time: u32,
-    /// Unanswered probes before the connection is dropped (`keepalive_probes`).
-    pub probes: u32,
-    /// Time between probes (`keepalive_interval`).
-    pub interval: u32,
+impl RoutesConfig {
+    /// The header must be a lowercase HTTP header name (RFC 9110 token) and
+    /// the grace at most an hour.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_lowercase_header_name(&self.header) {
+            return Err(invalid(
+                "routes.header",
+                format!(
+                    "{:?} is not a lowercase HTTP header name ([a-z0-9] and !#$%&'*+-.^_`|~)",
+                    self.header
+                ),
+            ));
+        }
+        check_range(
+            "routes.removalGraceSeconds",
+            self.removal_grace_seconds,
+            0,
+            3600,
+        )
+    }
 }
 
-impl Default for KeepaliveConfig {
+/// The controller that labels pods created before the webhook (section
+/// `backfill:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackfillConfig {
+    /// Label running pods that lack the labels.
+    pub enabled: bool,
+    /// At most this many label patches per second, to spare the apiserver.
+    pub patches_per_second: u32,
+}
+
+impl Default for BackfillConfig {
     fn default() -> Self {
         Self {
-            time: 30,
-            probes: 3,
-            interval: 5,
+            enabled: true,
+            patches_per_second: 20,
         }
     }
 }
 
-/// What the webhook assumes about the mesh.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-pub struct IstioConfig {
-    /// Istio proxy version (`"1.5"`, `"1.7.8"`) assumed for pods that are not
-    /// injected yet, or whose image tag is not a version. Unset: such pods
-    /// are skipped, because a template from another version can break the proxy.
-    pub proxy_version: Option<String>,
+impl BackfillConfig {
+    /// `patchesPerSecond` must be within 1..=1000.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_range(
+            "backfill.patchesPerSecond",
+            self.patches_per_second,
+            1,
+            1000,
+        )
+    }
 }
 
-impl Default for Config {
+/// Leader election among replicas (section `leaderElection:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LeaderElectionConfig {
+    /// Elect a leader; when off, every replica runs the writers (fine with
+    /// one replica only).
+    pub enabled: bool,
+    /// Name of the `coordination.k8s.io` Lease in the webhook's namespace.
+    pub lease_name: String,
+    /// How long a lease holds without renewal, in seconds.
+    pub lease_duration_seconds: u32,
+    /// How often the leader renews, in seconds; unset: a third of
+    /// `leaseDurationSeconds` ([`LeaderElectionConfig::renew_seconds`]).
+    pub renew_seconds: Option<u32>,
+}
+
+impl Default for LeaderElectionConfig {
     fn default() -> Self {
         Self {
-            canary_tag_label: "canarytag".into(),
-            stage_label: "stage".into(),
-            gray_stage: "gray".into(),
-            normal_stage: "normal".into(),
-            tag_annotation: "canary-injector.io/tag".into(),
-            opt_out_label: "canary-injector.io/inject".into(),
-            excluded_namespaces: vec![
-                "kube-system".into(),
-                "kube-public".into(),
-                "kube-node-lease".into(),
-            ],
-            webhook_namespace: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            bootstrap: BootstrapConfig::default(),
-            istio: IstioConfig::default(),
+            enabled: true,
+            lease_name: "canary-injector".into(),
+            lease_duration_seconds: 15,
+            renew_seconds: None,
         }
+    }
+}
+
+impl LeaderElectionConfig {
+    /// The lease name must be a DNS subdomain, the duration within
+    /// 5..=300 seconds and the renewal period shorter than the duration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_dns_subdomain(&self.lease_name) {
+            return Err(invalid(
+                "leaderElection.leaseName",
+                format!(
+                    "{:?} is not a valid Lease name (lowercase DNS subdomain)",
+                    self.lease_name
+                ),
+            ));
+        }
+        check_range(
+            "leaderElection.leaseDurationSeconds",
+            self.lease_duration_seconds,
+            5,
+            300,
+        )?;
+        if let Some(renew) = self.renew_seconds {
+            // At least two renewals must fit in the renew deadline (two
+            // thirds of the duration) before the leader steps down.
+            check_range(
+                "leaderElection.renewSeconds",
+                renew,
+                1,
+                (self.lease_duration_seconds / 3).max(1),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The renewal period: `renewSeconds`, else client-go's proportion
+    /// (2 s for a 15 s lease).
+    pub fn renew_seconds(&self) -> u32 {
+        self.renew_seconds
+            .unwrap_or((self.lease_duration_seconds * 2 / 15).max(1))
     }
 }
 
@@ -147,24 +277,72 @@ pub enum ConfigError {
     /// The YAML did not parse or had an unknown key / wrong type.
     #[error("invalid config: {0}")]
     Parse(String),
+    /// A key of the old flat schema, which now lives in a section.
+    #[error("invalid config: {old} moved to {new}")]
+    Moved {
+        /// The old key.
+        old: &'static str,
+        /// Its dotted place now.
+        new: &'static str,
+    },
     /// A value is out of range or not a valid Kubernetes name.
     #[error("invalid config: {field}: {reason}")]
     Invalid {
-        /// The offending key.
+        /// The offending key, dotted (`labels.stage`).
         field: &'static str,
         /// What is wrong with it.
         reason: String,
     },
 }
 
+impl From<PolicyError> for ConfigError {
+    fn from(e: PolicyError) -> Self {
+        Self::Invalid {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { field, reason }
+}
+
+fn check_range(field: &'static str, value: u32, min: u32, max: u32) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value} is out of range ({min}..={max})"),
+        ))
+    }
+}
+
+/// An HTTP field name (RFC 9110 `token`) without uppercase letters: what
+/// HTTP/2 requires on the wire and Istio's header matches compare against.
+fn is_lowercase_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
 impl Config {
     /// Parses YAML (an empty document means "all defaults") and validates it.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?
-        };
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        // A key of the flat schema gets a message naming its new place
+        // rather than "unknown field".
+        if let Ok(top) = serde_saphyr::from_str::<BTreeMap<String, IgnoredAny>>(text)
+            && let Some((old, new)) = MOVED_KEYS.iter().find(|(old, _)| top.contains_key(*old))
+        {
+            return Err(ConfigError::Moved { old, new });
+        }
+        let cfg: Config =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -178,122 +356,51 @@ impl Config {
         Self::from_yaml(&text)
     }
 
-    /// Loads `path` if given, else the defaults; then fills the webhook
-    /// namespace from `pod_namespace` (the `POD_NAMESPACE` env) if unset.
+    /// Loads `path` if given, else the defaults; then fills the webhook's
+    /// own namespace from `pod_namespace` (the `POD_NAMESPACE` env) if unset.
     pub fn load(path: Option<&Path>, pod_namespace: Option<String>) -> Result<Self, ConfigError> {
         let mut cfg = match path {
             Some(p) => Self::from_file(p)?,
             None => Self::default(),
         };
-        if cfg.webhook_namespace.is_none() {
-            cfg.webhook_namespace = pod_namespace.filter(|ns| !ns.is_empty());
+        if cfg.namespaces.own.is_none() {
+            cfg.namespaces.own = pod_namespace.filter(|ns| !ns.is_empty());
         }
         Ok(cfg)
     }
 
-    /// Checks every key and value; the error names the key.
+    /// Checks every section; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let keys: [(&'static str, &str); 4] = [
-            ("canaryTagLabel", &self.canary_tag_label),
-            ("stageLabel", &self.stage_label),
-            ("tagAnnotation", &self.tag_annotation),
-            ("optOutLabel", &self.opt_out_label),
-        ];
-        for (field, key) in keys {
-            validate_label_key(key).map_err(|reason| ConfigError::Invalid { field, reason })?;
+        self.labels.validate()?;
+        self.namespaces.validate()?;
+        self.server.validate()?;
+        self.bootstrap.validate()?;
+        self.istio.validate()?;
+        self.routes.validate()?;
+        self.backfill.validate()?;
+        self.leader_election.validate()
+    }
+
+    /// The sections the core decides with.
+    pub fn policy(&self) -> Policy<'_> {
+        Policy {
+            labels: &self.labels,
+            namespaces: &self.namespaces,
+            bootstrap: &self.bootstrap,
+            istio: &self.istio,
         }
-        if self.canary_tag_label == self.stage_label {
-            return Err(ConfigError::Invalid {
-                field: "stageLabel",
-                reason: "must differ from canaryTagLabel".into(),
-            });
-        }
-        for (field, value) in [
-            ("grayStage", &self.gray_stage),
-            ("normalStage", &self.normal_stage),
-        ] {
-            if value.is_empty() {
-                return Err(ConfigError::Invalid {
-                    field,
-                    reason: "must not be empty".into(),
-                });
-            }
-            validate_label_value(value).map_err(|reason| ConfigError::Invalid { field, reason })?;
-        }
-        if self.gray_stage == self.normal_stage {
-            return Err(ConfigError::Invalid {
-                field: "normalStage",
-                reason: "must differ from grayStage".into(),
-            });
-        }
-        if self.max_body_bytes < 1024 || self.max_body_bytes > MAX_BODY_BYTES_CEILING {
-            return Err(ConfigError::Invalid {
-                field: "maxBodyBytes",
-                reason: format!(
-                    "{} is out of range (1024..={MAX_BODY_BYTES_CEILING})",
-                    self.max_body_bytes
-                ),
-            });
-        }
-        validate_label_key(&self.bootstrap.opt_out_annotation).map_err(|reason| {
-            ConfigError::Invalid {
-                field: "bootstrap.optOutAnnotation",
-                reason,
-            }
-        })?;
-        if !is_dns_subdomain(&self.bootstrap.config_map_name) {
-            return Err(ConfigError::Invalid {
-                field: "bootstrap.configMapName",
-                reason: format!(
-                    "{:?} is not a valid ConfigMap name (lowercase DNS subdomain)",
-                    self.bootstrap.config_map_name
-                ),
-            });
-        }
-        let ka = self.bootstrap.keepalive;
-        for (field, value, max) in [
-            ("bootstrap.keepalive.time", ka.time, 7200),
-            ("bootstrap.keepalive.probes", ka.probes, 20),
-            ("bootstrap.keepalive.interval", ka.interval, 600),
-        ] {
-            if value == 0 || value > max {
-                return Err(ConfigError::Invalid {
-                    field,
-                    reason: format!("{value} is out of range (1..={max})"),
-                });
-            }
-        }
-        if let Some(v) = &self.istio.proxy_version
-            && crate::mutate::bootstrap::parse_version(v).is_none()
-        {
-            return Err(ConfigError::Invalid {
-                field: "istio.proxyVersion",
-                reason: format!("{v:?} is not a version like \"1.5\" or \"1.7.8\""),
-            });
-        }
-        if self.excluded_namespaces.iter().any(|ns| ns.is_empty()) {
-            return Err(ConfigError::Invalid {
-                field: "excludedNamespaces",
-                reason: "contains an empty name".into(),
-            });
-        }
-        Ok(())
     }
 
     /// The webhook's own namespace, where the source ConfigMap lives.
     pub fn own_namespace(&self) -> Option<&str> {
-        self.webhook_namespace.as_deref()
-    }
-
-    /// True when the webhook must not act on objects in `namespace`.
-    pub fn is_excluded_namespace(&self, namespace: &str) -> bool {
-        self.webhook_namespace.as_deref() == Some(namespace)
-            || self.excluded_namespaces.iter().any(|ns| ns == namespace)
+        self.namespaces.own.as_deref()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -303,47 +410,129 @@ mod tests {
             Config::from_yaml("# only a comment\n").unwrap(),
             Config::default()
         );
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let cfg = Config::default();
+        assert_eq!(cfg.labels.canary_tag, "canarytag");
+        assert_eq!(cfg.namespaces.opt_in_selector(), "canary-injection=enabled");
+        assert_eq!(cfg.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            cfg.routes,
+            RoutesConfig {
+                enabled: true,
+                header: "x-canary-tag".into(),
+                removal_grace_seconds: 60
+            }
+        );
+        assert_eq!(
+            cfg.backfill,
+            BackfillConfig {
+                enabled: true,
+                patches_per_second: 20
+            }
+        );
+        assert_eq!(cfg.leader_election.lease_name, "canary-injector");
+        assert_eq!(cfg.leader_election.lease_duration_seconds, 15);
+        assert_eq!(cfg.leader_election.renew_seconds(), 2);
     }
 
     #[test]
     fn overrides_are_applied() {
         let cfg = Config::from_yaml(
-            "canaryTagLabel: example.com/canary\ngrayStage: canary\nmaxBodyBytes: 2048\n",
+            "labels:\n  canaryTag: example.com/canary\n  grayStage: canary\n\
+             server: {maxBodyBytes: 2048}\n\
+             namespaces: {optIn: {team: shop, mesh: istio}, own: injector}\n\
+             routes: {header: x-version, removalGraceSeconds: 0}\n\
+             backfill: {enabled: false, patchesPerSecond: 1000}\n\
+             leaderElection: {leaseName: ci.example.com, leaseDurationSeconds: 30, renewSeconds: 8}\n",
         )
         .unwrap();
-        assert_eq!(cfg.canary_tag_label, "example.com/canary");
-        assert_eq!(cfg.gray_stage, "canary");
-        assert_eq!(cfg.max_body_bytes, 2048);
-        assert_eq!(cfg.stage_label, "stage");
+        assert_eq!(cfg.labels.canary_tag, "example.com/canary");
+        assert_eq!(cfg.labels.gray_stage, "canary");
+        assert_eq!(cfg.labels.stage, "stage");
+        assert_eq!(cfg.server.max_body_bytes, 2048);
+        assert_eq!(cfg.namespaces.opt_in_selector(), "mesh=istio,team=shop");
+        assert_eq!(cfg.own_namespace(), Some("injector"));
+        assert_eq!(cfg.namespaces.excluded.len(), 3, "default kept");
+        assert_eq!(cfg.routes.header, "x-version");
+        assert_eq!(cfg.routes.removal_grace_seconds, 0);
+        assert!(cfg.routes.enabled);
+        assert!(!cfg.backfill.enabled);
+        assert_eq!(cfg.leader_election.renew_seconds(), 8);
+        assert_eq!(cfg.policy().labels, &cfg.labels);
     }
 
     #[test]
     fn unknown_key_is_an_error_naming_it() {
-        let err = Config::from_yaml("stageLable: stage\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("stageLable"), "{err}");
+        for (yaml, key) in [
+            ("stageLable: stage\n", "stageLable"),
+            ("labels: {stageLabel: x}\n", "stageLabel"),
+            ("routes: {headers: x}\n", "headers"),
+        ] {
+            let err = Config::from_yaml(yaml).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn old_flat_keys_name_their_new_place() {
+        for (old, new) in MOVED_KEYS {
+            let err = Config::from_yaml(&format!("{old}: x\n")).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Moved { old: o, new: n } if o == old && n == new),
+                "{err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("invalid config: {old} moved to {new}")
+            );
+        }
+        // Among valid new keys too.
+        let err = Config::from_yaml("labels: {stage: s}\nexcludedNamespaces: []\n").unwrap_err();
+        assert!(err.to_string().contains("namespaces.excluded"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_an_error() {
-        let err = Config::from_yaml("maxBodyBytes: lots\n").unwrap_err();
-        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+        for yaml in [
+            "server: {maxBodyBytes: lots}\n",
+            "namespaces: {optIn: [canary-injection]}\n",
+            "- a list\n",
+        ] {
+            let err = Config::from_yaml(yaml).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse(_)), "{yaml}: {err}");
+        }
     }
 
     #[test]
     fn bad_values_name_the_field() {
         for (yaml, field) in [
-            ("stageLabel: 'has space'\n", "stageLabel"),
-            ("grayStage: 'feature/x'\n", "grayStage"),
-            ("normalStage: gray\n", "normalStage"),
-            ("stageLabel: canarytag\n", "stageLabel"),
-            ("maxBodyBytes: 10\n", "maxBodyBytes"),
-            ("tagAnnotation: ''\n", "tagAnnotation"),
-            ("excludedNamespaces: ['']\n", "excludedNamespaces"),
+            ("labels: {stage: 'has space'}\n", "labels.stage"),
+            ("labels: {grayStage: 'feature/x'}\n", "labels.grayStage"),
+            ("labels: {normalStage: gray}\n", "labels.normalStage"),
+            ("labels: {stage: canarytag}\n", "labels.stage"),
+            ("labels: {tagAnnotation: ''}\n", "labels.tagAnnotation"),
+            ("labels: {optOutLabel: 'a b'}\n", "labels.optOutLabel"),
+            ("server: {maxBodyBytes: 10}\n", "server.maxBodyBytes"),
+            (
+                "server: {maxBodyBytes: 1000000000}\n",
+                "server.maxBodyBytes",
+            ),
+            ("namespaces: {excluded: ['']}\n", "namespaces.excluded"),
+            ("namespaces: {own: 'Not_A_Namespace'}\n", "namespaces.own"),
+            ("namespaces: {optIn: {'bad key': x}}\n", "namespaces.optIn"),
+            ("namespaces: {optIn: {ok: '-bad'}}\n", "namespaces.optIn"),
             (
                 "bootstrap: {configMapName: Bad_Name}\n",
                 "bootstrap.configMapName",
+            ),
+            (
+                "bootstrap: {optOutAnnotation: '/x'}\n",
+                "bootstrap.optOutAnnotation",
             ),
             (
                 "bootstrap: {keepalive: {time: 0}}\n",
@@ -355,10 +544,67 @@ mod tests {
             ),
             ("istio: {proxyVersion: latest}\n", "istio.proxyVersion"),
             ("bootstrap: {enable: true}\n", "enable"),
+            ("routes: {header: X-Canary-Tag}\n", "routes.header"),
+            ("routes: {header: ''}\n", "routes.header"),
+            ("routes: {header: 'x canary'}\n", "routes.header"),
+            ("routes: {header: ':path'}\n", "routes.header"),
+            (
+                "routes: {removalGraceSeconds: 3601}\n",
+                "routes.removalGraceSeconds",
+            ),
+            (
+                "backfill: {patchesPerSecond: 0}\n",
+                "backfill.patchesPerSecond",
+            ),
+            (
+                "backfill: {patchesPerSecond: 1001}\n",
+                "backfill.patchesPerSecond",
+            ),
+            (
+                "leaderElection: {leaseName: 'Lease'}\n",
+                "leaderElection.leaseName",
+            ),
+            (
+                "leaderElection: {leaseDurationSeconds: 4}\n",
+                "leaderElection.leaseDurationSeconds",
+            ),
+            (
+                "leaderElection: {leaseDurationSeconds: 301}\n",
+                "leaderElection.leaseDurationSeconds",
+            ),
+            (
+                "leaderElection: {renewSeconds: 6}\n",
+                "leaderElection.renewSeconds",
+            ),
+            (
+                "leaderElection: {renewSeconds: 0}\n",
+                "leaderElection.renewSeconds",
+            ),
         ] {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn range_edges_are_accepted() {
+        for yaml in [
+            "routes: {removalGraceSeconds: 3600, header: 'x-b3_tag.1'}\n",
+            "backfill: {patchesPerSecond: 1}\n",
+            "leaderElection: {leaseDurationSeconds: 6, renewSeconds: 2}\n",
+            "leaderElection: {leaseDurationSeconds: 300}\n",
+            "server: {maxBodyBytes: 1024}\n",
+            "namespaces: {optIn: {}, excluded: []}\n",
+        ] {
+            Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
+    }
+
+    #[test]
+    fn empty_sections_are_their_defaults() {
+        let cfg =
+            Config::from_yaml("istio:\n  # proxyVersion: '1.5'\nroutes:\nlabels: {}\n").unwrap();
+        assert_eq!(cfg, Config::default());
     }
 
     #[test]
@@ -374,23 +620,99 @@ mod tests {
         assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
     }
 
+    /// deploy/base/config.yaml embeds the configuration users start from:
+    /// every value in it is the built-in default, except the one it says is not.
     #[test]
-    fn shipped_configmap_parses() {
-        // deploy/base/config.yaml embeds the configuration users start from.
+    fn shipped_configmap_is_the_defaults_but_proxy_version() {
         let manifest = include_str!("../deploy/base/config.yaml");
-        let cm: serde_json::Value = serde_saphyr::from_str(manifest).unwrap();
+        let cm: Value = serde_saphyr::from_str(manifest).unwrap();
         let text = cm["data"]["config.yaml"].as_str().unwrap();
-        Config::from_yaml(text).unwrap();
+        let mut cfg = Config::from_yaml(text).unwrap();
+        assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
+        cfg.istio.proxy_version = None;
+        assert_eq!(cfg, Config::default());
+    }
+
+    /// README "Configuration" shows every section with its defaults.
+    #[test]
+    fn readme_configuration_block_is_the_defaults() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("\n## Configuration\n").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        assert_eq!(Config::from_yaml(block).unwrap(), Config::default());
+        for key in [
+            "labels:",
+            "namespaces:",
+            "server:",
+            "bootstrap:",
+            "istio:",
+            "routes:",
+            "backfill:",
+            "leaderElection:",
+        ] {
+            assert!(block.lines().any(|l| l.starts_with(key)), "{key} missing");
+        }
+    }
+
+    /// The webhook configuration and the policy defaults name the same
+    /// opt-in selector, opt-out label and excluded namespaces.
+    #[test]
+    fn shipped_webhook_selectors_match_the_defaults() {
+        let manifest = include_str!("../deploy/base/webhook.yaml");
+        let hook: Value = serde_saphyr::from_str(manifest).unwrap();
+        let cfg = Config::default();
+        for w in hook["webhooks"].as_array().unwrap() {
+            let ns_selector = &w["namespaceSelector"];
+            let match_labels: BTreeMap<String, String> =
+                serde_json::from_value(ns_selector["matchLabels"].clone()).unwrap();
+            assert_eq!(match_labels, cfg.namespaces.opt_in);
+
+            let own = w["clientConfig"]["service"]["namespace"].as_str().unwrap();
+            let not_in: Vec<&str> = ns_selector["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["key"] == "kubernetes.io/metadata.name" && e["operator"] == "NotIn")
+                .flat_map(|e| e["values"].as_array().unwrap())
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            for ns in cfg
+                .namespaces
+                .excluded
+                .iter()
+                .map(String::as_str)
+                .chain([own])
+            {
+                assert!(not_in.contains(&ns), "{ns} not excluded by the webhook");
+            }
+
+            let object_selector = w["objectSelector"]["matchExpressions"].as_array().unwrap();
+            assert_eq!(object_selector.len(), 1);
+            assert_eq!(object_selector[0]["key"], cfg.labels.opt_out_label.as_str());
+            assert_eq!(object_selector[0]["operator"], "NotIn");
+            assert_eq!(object_selector[0]["values"], serde_json::json!(["false"]));
+        }
     }
 
     #[test]
-    fn webhook_namespace_comes_from_env_when_unset() {
+    fn own_namespace_comes_from_env_when_unset() {
         let cfg = Config::load(None, Some("canary-injector".into())).unwrap();
-        assert!(cfg.is_excluded_namespace("canary-injector"));
-        assert!(cfg.is_excluded_namespace("kube-system"));
-        assert!(!cfg.is_excluded_namespace("shop"));
+        assert_eq!(cfg.own_namespace(), Some("canary-injector"));
+        assert!(cfg.namespaces.is_excluded("canary-injector"));
+        assert!(cfg.namespaces.is_excluded("kube-system"));
+        assert!(!cfg.namespaces.is_excluded("shop"));
         let none = Config::load(None, Some(String::new())).unwrap();
-        assert_eq!(none.webhook_namespace, None);
+        assert_eq!(none.own_namespace(), None);
+    }
+
+    #[test]
+    fn own_namespace_in_the_file_wins_over_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "namespaces: {own: from-file}\n").unwrap();
+        let cfg = Config::load(Some(&path), Some("from-env".into())).unwrap();
+        assert_eq!(cfg.own_namespace(), Some("from-file"));
     }
 
     #[test]

@@ -52,10 +52,6 @@ use crate::metrics::ControllerCounters;
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "bootstrap-copier";
 
-/// Label selector of the namespaces that get a copy (the same label the
-/// webhook configuration's `namespaceSelector` uses).
-pub const DEFAULT_NAMESPACE_SELECTOR: &str = "canary-injection=enabled";
-
 /// Field manager of our server-side applies.
 pub const FIELD_MANAGER: &str = "canary-injector";
 
@@ -118,8 +114,8 @@ impl CopierSettings {
         Some(Self {
             source_namespace,
             config_map_name: cfg.bootstrap.config_map_name.clone(),
-            namespace_selector: DEFAULT_NAMESPACE_SELECTOR.into(),
-            excluded_namespaces: cfg.excluded_namespaces.clone(),
+            namespace_selector: cfg.namespaces.opt_in_selector(),
+            excluded_namespaces: cfg.namespaces.excluded.clone(),
             field_manager: FIELD_MANAGER.into(),
             copy: cfg.bootstrap.reconcile,
         })

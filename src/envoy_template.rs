@@ -18,31 +18,9 @@
 //!    a direct `"name": "xds-grpc"` member and rewrites only the byte ranges
 //!    it must; every other byte (directives, whitespace, CRLF) is kept.
 
-/// TCP keepalive settings to write into the `xds-grpc` cluster.
-///
-/// Field names follow Envoy's `core.TcpKeepalive` (`keepalive_time`,
-/// `keepalive_probes`, `keepalive_interval`); times are in seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keepalive {
-    /// Seconds a connection must be idle before the first probe is sent.
-    pub time: u32,
-    /// Unanswered probes after which the connection is considered dead.
-    pub probes: u32,
-    /// Seconds between probes.
-    pub interval: u32,
-}
-
-impl Default for Keepalive {
-    /// 30s idle, 3 probes, 5s apart: a dead control-plane connection is
-    /// noticed within about 45 seconds instead of Istio's default of hours.
-    fn default() -> Self {
-        Keepalive {
-            time: 30,
-            probes: 3,
-            interval: 5,
-        }
-    }
-}
+/// TCP keepalive settings to write into the `xds-grpc` cluster: the
+/// `bootstrap.keepalive` configuration section itself.
+pub use crate::mutate::Keepalive;
 
 /// Why a template could not be patched. `Display` says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

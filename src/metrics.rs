@@ -4,9 +4,10 @@
 //! ([`crate::server::serve_metrics`]). Other modules register their own
 //! (e.g. [`crate::cluster::events::EventMetrics`]) on the same registry.
 //!
-//! Label values are bounded: kinds and operations outside a fixed set are
-//! reported as `other`; controllers and reasons come from fixed lists;
-//! namespaces, names, uids and error texts never appear.
+//! Label values are bounded: kinds admission does not act on (per
+//! [`crate::mutate::KINDS`]) and operations outside a fixed set are reported
+//! as `other`; controllers and reasons come from fixed lists; namespaces,
+//! names, uids and error texts never appear.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -247,13 +248,10 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
     buf
 }
 
+/// The kinds admission acts on, by name (from the kinds table); else
+/// `unknown` or `other`.
 fn bounded_kind(kind: &str) -> &'static str {
-    match kind {
-        "Pod" => "Pod",
-        "ReplicaSet" => "ReplicaSet",
-        "" => "unknown",
-        _ => "other",
-    }
+    crate::mutate::Kind::metric_label(kind)
 }
 
 fn bounded_operation(op: &str) -> &'static str {

@@ -1,10 +1,13 @@
-//! The pure mutation core: `(subject, config) -> plan (patch ops, warnings,
-//! skip reason) | deny`.
+//! The pure mutation core: `(subject, object, policy, cluster view) ->`
+//! [`Decision`] `|` [`Deny`].
 //!
-//! No I/O, no clock, no globals. The admission server, the offline CLI and
-//! the tests all call [`plan`]. The core reads a typed, minimal view of the
-//! object ([`ObjectView`]): only the fields a decision needs, so the hot path
-//! does not deserialise whole pods.
+//! No I/O, no clock, no globals, no adapter imports. The admission server,
+//! the offline CLI and the tests all call [`decide`]; JSON Patch is one
+//! rendering of the decision ([`Decision::to_json_patch`]). The core reads a
+//! typed, minimal view of the object ([`ObjectView`]): only the fields a
+//! decision needs, so the hot path does not deserialise whole pods. Which
+//! kinds are acted on, and where their pods live, is one table
+//! ([`kinds::KINDS`]); the policy is [`policy`]'s sections.
 //!
 //! Rules (see README "Labels and annotations"):
 //! - only `CREATE` of the main resource is acted on;
@@ -19,74 +22,30 @@
 //! - `spec.selector` is never touched.
 
 pub mod bootstrap;
+pub mod decision;
+pub mod kinds;
 pub mod labels;
+mod patch;
+pub mod policy;
+
+use bootstrap::PodTarget;
+pub use bootstrap::{Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip};
+pub use decision::{Decision, Intent, Label, LabelTarget, Warning};
+pub use kinds::{KINDS, Kind, KindInfo, Location, Scope};
+pub use policy::{
+    BootstrapPolicy, IstioPolicy, Keepalive, LabelPolicy, NamespacePolicy, Policy, PolicyError,
+};
 
 use std::collections::BTreeMap;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, PatchOperation};
 use serde::Deserialize;
-use serde_json::Value;
-
-use crate::config::Config;
-use bootstrap::PodTarget;
-pub use bootstrap::{Availability, BootstrapOutcome, BootstrapSkip};
-use labels::sanitize_tag;
 
 /// Annotation the kubelet puts on mirror pods of static pods.
 pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
-/// The kinds the core knows. Admission acts on Pods and ReplicaSets; the
-/// offline CLI also labels the pod templates of the other workloads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `v1/Pod`.
-    Pod,
-    /// `apps/v1/ReplicaSet`.
-    ReplicaSet,
-    /// `apps/v1/Deployment` (offline only).
-    Deployment,
-    /// `apps/v1/StatefulSet` (offline only).
-    StatefulSet,
-    /// `apps/v1/DaemonSet` (offline only).
-    DaemonSet,
-    /// `batch/v1/Job` (offline only).
-    Job,
-    /// `batch/v1/CronJob` (offline only).
-    CronJob,
-}
-
-impl Kind {
-    /// Maps a Kubernetes `kind` name to a [`Kind`].
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "Pod" => Self::Pod,
-            "ReplicaSet" => Self::ReplicaSet,
-            "Deployment" => Self::Deployment,
-            "StatefulSet" => Self::StatefulSet,
-            "DaemonSet" => Self::DaemonSet,
-            "Job" => Self::Job,
-            "CronJob" => Self::CronJob,
-            _ => return None,
-        })
-    }
-
-    /// The Kubernetes `kind` name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Pod => "Pod",
-            Self::ReplicaSet => "ReplicaSet",
-            Self::Deployment => "Deployment",
-            Self::StatefulSet => "StatefulSet",
-            Self::DaemonSet => "DaemonSet",
-            Self::Job => "Job",
-            Self::CronJob => "CronJob",
-        }
-    }
-}
-
-/// Where the decision is made: admission acts on Pods and ReplicaSets only;
-/// offline (a source edit) also labels workload pod templates.
+/// Where the decision is made: admission acts on the kinds the table marks
+/// `admission` (Pods and ReplicaSets); offline (a source edit) acts on every
+/// kind of [`KINDS`] and also mounts the bootstrap into pod templates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Called by the apiserver through `/mutate`.
@@ -239,19 +198,16 @@ impl ObjectView {
             .is_some_and(|refs| refs.iter().any(|r| r.controller == Some(true)))
     }
 
-    fn template(&self) -> Option<&TemplateView> {
-        self.spec.as_ref()?.template.as_ref()
-    }
-
-    fn cronjob_template(&self) -> Option<&TemplateView> {
-        self.spec
-            .as_ref()?
-            .job_template
-            .as_ref()?
-            .spec
-            .as_ref()?
-            .template
-            .as_ref()
+    /// The pod template at `location` (`None` for [`Location::Object`]).
+    pub fn template_at(&self, location: Location) -> Option<&TemplateView> {
+        let spec = self.spec.as_ref()?;
+        match location {
+            Location::Object => None,
+            Location::PodTemplate => spec.template.as_ref(),
+            Location::CronJobPodTemplate => {
+                spec.job_template.as_ref()?.spec.as_ref()?.template.as_ref()
+            }
+        }
     }
 }
 
@@ -324,22 +280,6 @@ pub enum Deny {
     },
 }
 
-/// What to do with an object that is not denied.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
-    /// RFC 6902 operations, only `add`s; empty when nothing is missing.
-    pub ops: Vec<PatchOperation>,
-    /// Messages for the user (admission `warnings`, stderr offline).
-    pub warnings: Vec<String>,
-    /// Set when the object was skipped; `ops` is then empty.
-    pub skipped: Option<SkipReason>,
-    /// What was changed, for the mutations metric (`labels`,
-    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`).
-    pub mutations: Vec<&'static str>,
-    /// What the bootstrap part did, when it was considered.
-    pub bootstrap: Option<BootstrapOutcome>,
-}
-
 /// What the core knows about the cluster (filled by the adapter from its
 /// caches; the core never does I/O).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,19 +295,10 @@ impl ClusterView {
     };
 }
 
-impl Plan {
-    fn skip(reason: SkipReason) -> Self {
-        Self {
-            skipped: Some(reason),
-            ..Self::default()
-        }
-    }
-}
-
 /// The skip rules that need no object: operation, subresource, kind and
 /// namespace. Callers check this first so they need not parse an object
 /// they will not act on.
-pub fn pre_skip(subject: &Subject<'_>, cfg: &Config) -> Option<SkipReason> {
+pub fn pre_skip(subject: &Subject<'_>, policy: Policy<'_>) -> Option<SkipReason> {
     if subject.operation != Operation::Create {
         return Some(SkipReason::Operation);
     }
@@ -376,277 +307,139 @@ pub fn pre_skip(subject: &Subject<'_>, cfg: &Config) -> Option<SkipReason> {
     }
     match (subject.kind, subject.mode) {
         (None, _) => return Some(SkipReason::Kind),
-        (Some(Kind::Pod | Kind::ReplicaSet), _) | (Some(_), Mode::Offline) => {}
-        (Some(_), Mode::Admission) => return Some(SkipReason::Kind),
+        (Some(kind), Mode::Admission) if !kind.info().admission => return Some(SkipReason::Kind),
+        (Some(_), _) => {}
     }
-    if cfg.is_excluded_namespace(subject.namespace) {
+    if policy.namespaces.is_excluded(subject.namespace) {
         return Some(SkipReason::Namespace);
     }
     None
 }
 
-/// Decides what to add to `object`. See the module docs for the rules.
-pub fn plan(
+/// Decides what `object` needs. See the module docs for the rules.
+pub fn decide<'a>(
     subject: &Subject<'_>,
-    object: &ObjectView,
-    cfg: &Config,
+    object: &'a ObjectView,
+    policy: Policy<'a>,
     cluster: &ClusterView,
-) -> Result<Plan, Deny> {
-    if let Some(reason) = pre_skip(subject, cfg) {
-        return Ok(Plan::skip(reason));
+) -> Result<Decision<'a>, Deny> {
+    if let Some(reason) = pre_skip(subject, policy) {
+        return Ok(Decision::skip(reason));
     }
     let Some(kind) = subject.kind else {
-        return Ok(Plan::skip(SkipReason::Kind));
+        return Ok(Decision::skip(SkipReason::Kind));
     };
+    let info = kind.info();
     if let Some(found) = object.kind.as_deref()
-        && found != kind.name()
+        && found != info.name
     {
         return Err(Deny::KindMismatch {
-            expected: kind.name().into(),
+            expected: info.name.into(),
             found: found.into(),
         });
     }
     let annotations = object.annotations();
-    if kind == Kind::Pod && annotations.is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION)) {
-        return Ok(Plan::skip(SkipReason::MirrorPod));
-    }
-    if object
-        .labels()
-        .and_then(|l| l.get(&cfg.opt_out_label))
-        .is_some_and(|v| v == "false")
+    if info.pod == Location::Object
+        && annotations.is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION))
     {
-        return Ok(Plan::skip(SkipReason::OptedOut));
+        return Ok(Decision::skip(SkipReason::MirrorPod));
+    }
+    if policy.labels.opts_out(object.labels()) {
+        return Ok(Decision::skip(SkipReason::OptedOut));
     }
 
-    let targets = targets(kind, object);
-    let mut plan = Plan::default();
-    if let Some(labels) = desired_labels(object, &targets, cfg, &mut plan.warnings)? {
-        for target in &targets {
-            let before = plan.ops.len();
-            add_missing(target, &labels, &mut plan.ops);
-            if plan.ops.len() > before {
-                plan.mutations.push(target.mutation());
-            }
-        }
+    // The pod template, unless the object's controller owns it.
+    let template = object
+        .template_at(info.pod)
+        .filter(|_| !(info.owned_template_untouched && object.has_controller()));
+    let holders = [
+        info.labels_on_object
+            .then_some((Location::Object, object.metadata.as_ref())),
+        template.map(|t| (info.pod, t.metadata.as_ref())),
+    ];
+    let mut decision = Decision::default();
+    if holders.iter().any(Option::is_some) {
+        let labels_of = |m: Option<&'a MetaView>| m.and_then(|m| m.labels.as_ref());
+        // Existing labels win; the first target that has one speaks for all.
+        let existing = |key: &str| {
+            holders
+                .iter()
+                .flatten()
+                .find_map(|(_, m)| labels_of(*m)?.get(key))
+        };
+        // The tag annotation, on the object or its pod template. Reading
+        // an owned ReplicaSet's template is harmless.
+        let tag_annotation = &policy.labels.tag_annotation;
+        let annotation = annotations.and_then(|a| a.get(tag_annotation)).or_else(|| {
+            object
+                .template_at(info.pod)?
+                .metadata
+                .as_ref()?
+                .annotations
+                .as_ref()?
+                .get(tag_annotation)
+        });
+        let intent = policy.labels.resolve(
+            existing(&policy.labels.canary_tag),
+            existing(&policy.labels.stage),
+            annotation,
+            &mut decision.warnings,
+        )?;
+        decision.targets = holders
+            .iter()
+            .flatten()
+            .map(|&(location, metadata)| {
+                let labels = labels_of(metadata);
+                let lacks = |key: &str| labels.is_none_or(|l| !l.contains_key(key));
+                LabelTarget {
+                    location,
+                    has_metadata: metadata.is_some(),
+                    has_labels: labels.is_some(),
+                    lacks_tag: intent.tag.as_ref().is_some_and(|t| lacks(t.key)),
+                    lacks_stage: lacks(intent.stage.key),
+                }
+            })
+            .collect();
+        decision.intent = Some(intent);
     }
-    if cfg.bootstrap.enabled
-        && let Some(pod) = bootstrap_target(kind, subject.mode, object)
+
+    if policy.bootstrap.enabled
+        && let Some(pod) = bootstrap_target(info, subject.mode, object)
     {
-        let outcome = bootstrap::plan(
+        decision.bootstrap = Some(bootstrap::decide(
             &pod,
-            cfg,
+            policy,
             cluster.bootstrap_configmap,
-            &mut plan.ops,
-            &mut plan.warnings,
-        );
-        plan.mutations.extend(outcome.mutation());
-        plan.bootstrap = Some(outcome);
+            &mut decision.warnings,
+        ));
     }
-    Ok(plan)
+    Ok(decision)
 }
 
 /// The pod (or pod template) whose `istio-proxy` gets the bootstrap mount:
-/// Pods at admission; offline also workload templates (a source edit).
-fn bootstrap_target(kind: Kind, mode: Mode, object: &ObjectView) -> Option<PodTarget<'_>> {
-    match (kind, mode) {
-        (Kind::Pod, _) => Some(PodTarget {
-            holder: ROOT,
+/// Pods at admission; offline also workload templates (a source edit),
+/// except the template of a controller-owned ReplicaSet.
+fn bootstrap_target<'a>(
+    info: &KindInfo,
+    mode: Mode,
+    object: &'a ObjectView,
+) -> Option<PodTarget<'a>> {
+    if info.pod == Location::Object {
+        return Some(PodTarget {
+            location: Location::Object,
             metadata: object.metadata.as_ref(),
             spec: object.spec.as_ref(),
-        }),
-        (_, Mode::Admission) => None,
-        (Kind::ReplicaSet, Mode::Offline) if object.has_controller() => None,
-        (Kind::CronJob, Mode::Offline) => {
-            template_target(CRONJOB_TEMPLATE, object.cronjob_template())
-        }
-        (_, Mode::Offline) => template_target(TEMPLATE, object.template()),
+        });
     }
-}
-
-fn template_target<'a>(
-    holder: &'static [&'static str],
-    template: Option<&'a TemplateView>,
-) -> Option<PodTarget<'a>> {
-    let t = template?;
+    if mode == Mode::Admission || (info.owned_template_untouched && object.has_controller()) {
+        return None;
+    }
+    let template = object.template_at(info.pod)?;
     Some(PodTarget {
-        holder,
-        metadata: t.metadata.as_ref(),
-        spec: t.spec.as_deref(),
+        location: info.pod,
+        metadata: template.metadata.as_ref(),
+        spec: template.spec.as_deref(),
     })
-}
-
-/// A label map the core fills: where it lives and what it holds now.
-struct Target<'a> {
-    /// Tokens of the object that holds `metadata` (empty = the root).
-    holder: &'static [&'static str],
-    /// That holder's `metadata`, if present.
-    metadata: Option<&'a MetaView>,
-}
-
-impl Target<'_> {
-    fn mutation(&self) -> &'static str {
-        if self.holder.is_empty() {
-            "labels"
-        } else {
-            "template-labels"
-        }
-    }
-
-    fn labels(&self) -> Option<&BTreeMap<String, String>> {
-        self.metadata?.labels.as_ref()
-    }
-}
-
-const ROOT: &[&str] = &[];
-const TEMPLATE: &[&str] = &["spec", "template"];
-const CRONJOB_TEMPLATE: &[&str] = &["spec", "jobTemplate", "spec", "template"];
-
-/// The label maps to fill for `kind`, primary first.
-fn targets(kind: Kind, object: &ObjectView) -> Vec<Target<'_>> {
-    let root = Target {
-        holder: ROOT,
-        metadata: object.metadata.as_ref(),
-    };
-    fn template<'a>(
-        holder: &'static [&'static str],
-        t: Option<&'a TemplateView>,
-    ) -> Option<Target<'a>> {
-        t.map(|t| Target {
-            holder,
-            metadata: t.metadata.as_ref(),
-        })
-    }
-    match kind {
-        Kind::Pod => vec![root],
-        // An owned ReplicaSet's template belongs to its controller: never touch it.
-        Kind::ReplicaSet if object.has_controller() => vec![root],
-        Kind::ReplicaSet => std::iter::once(root)
-            .chain(template(TEMPLATE, object.template()))
-            .collect(),
-        Kind::Deployment | Kind::StatefulSet | Kind::DaemonSet | Kind::Job => {
-            template(TEMPLATE, object.template()).into_iter().collect()
-        }
-        Kind::CronJob => template(CRONJOB_TEMPLATE, object.cronjob_template())
-            .into_iter()
-            .collect(),
-    }
-}
-
-/// The labels every target should carry: `(key, value)` pairs in patch order.
-/// `None` when there is nothing to add anywhere.
-fn desired_labels(
-    object: &ObjectView,
-    targets: &[Target<'_>],
-    cfg: &Config,
-    warnings: &mut Vec<String>,
-) -> Result<Option<Vec<(String, String)>>, Deny> {
-    if targets.is_empty() {
-        return Ok(None);
-    }
-    // Existing labels win; the first target that has one speaks for all.
-    let existing = |key: &str| targets.iter().find_map(|t| t.labels()?.get(key));
-    let existing_tag = existing(&cfg.canary_tag_label);
-    let existing_stage = existing(&cfg.stage_label);
-
-    // The tag annotation, on the object or (ReplicaSet, workloads) its pod
-    // template. Reading an owned ReplicaSet's template is harmless.
-    fn template_annotation<'a>(t: Option<&'a TemplateView>, key: &str) -> Option<&'a String> {
-        t?.metadata.as_ref()?.annotations.as_ref()?.get(key)
-    }
-    let annotation = object
-        .annotations()
-        .and_then(|a| a.get(&cfg.tag_annotation))
-        .or_else(|| template_annotation(object.template(), &cfg.tag_annotation))
-        .or_else(|| template_annotation(object.cronjob_template(), &cfg.tag_annotation));
-
-    let tag: Option<String> = match (existing_tag, annotation) {
-        (Some(tag), Some(requested)) => {
-            if sanitize_tag(requested).is_none_or(|s| &s.value != tag) {
-                warnings.push(format!(
-                    "label {}={tag} is already set; annotation {} ignored",
-                    cfg.canary_tag_label, cfg.tag_annotation
-                ));
-            }
-            Some(tag.clone())
-        }
-        (Some(tag), None) => Some(tag.clone()),
-        (None, Some(_)) if existing_stage == Some(&cfg.normal_stage) => {
-            warnings.push(format!(
-                "label {}={} is already set; annotation {} ignored",
-                cfg.stage_label, cfg.normal_stage, cfg.tag_annotation
-            ));
-            None
-        }
-        (None, Some(requested)) => {
-            let Some(sanitized) = sanitize_tag(requested) else {
-                return Err(Deny::UnusableTag {
-                    annotation: cfg.tag_annotation.clone(),
-                    value: requested.clone(),
-                    label: cfg.canary_tag_label.clone(),
-                });
-            };
-            if sanitized.changed {
-                warnings.push(format!(
-                    "annotation {}: {requested:?} is not a valid label value; using {:?}",
-                    cfg.tag_annotation, sanitized.value
-                ));
-            }
-            Some(sanitized.value)
-        }
-        (None, None) => None,
-    };
-
-    let stage = match (existing_stage, &tag) {
-        (Some(stage), _) => stage.clone(),
-        (None, Some(_)) => cfg.gray_stage.clone(),
-        (None, None) => cfg.normal_stage.clone(),
-    };
-    let mut labels = Vec::with_capacity(2);
-    if let Some(tag) = tag {
-        labels.push((cfg.canary_tag_label.clone(), tag));
-    }
-    labels.push((cfg.stage_label.clone(), stage));
-    Ok(Some(labels))
-}
-
-/// Appends `add` operations for the labels `target` lacks, creating
-/// `metadata` or `metadata.labels` when absent.
-fn add_missing(target: &Target<'_>, labels: &[(String, String)], ops: &mut Vec<PatchOperation>) {
-    let current = target.labels();
-    let missing: Vec<&(String, String)> = labels
-        .iter()
-        .filter(|(k, _)| current.is_none_or(|l| !l.contains_key(k)))
-        .collect();
-    if missing.is_empty() {
-        return;
-    }
-    let map = || {
-        Value::Object(
-            missing
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect(),
-        )
-    };
-    let path = |tail: &[&str]| PointerBuf::from_tokens(target.holder.iter().chain(tail).copied());
-    let add = |path: PointerBuf, value: Value| PatchOperation::Add(AddOperation { path, value });
-    match (target.metadata, current) {
-        (None, _) => ops.push(add(
-            path(&["metadata"]),
-            serde_json::json!({ "labels": map() }),
-        )),
-        (Some(_), None) => ops.push(add(path(&["metadata", "labels"]), map())),
-        (Some(_), Some(_)) => {
-            for (k, v) in missing {
-                let path = PointerBuf::from_tokens(target.holder.iter().copied().chain([
-                    "metadata",
-                    "labels",
-                    k.as_str(),
-                ]));
-                ops.push(add(path, Value::String(v.clone())));
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -197,7 +197,7 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let start = Instant::now();
-    let limit = state.config.max_body_bytes;
+    let limit = state.config.server.max_body_bytes;
     let refuse = |reason: &'static str, status: StatusCode, msg: String| {
         state.metrics.error(
             reason,

@@ -179,7 +179,7 @@ fn config_file_changes_the_labels_and_bad_config_is_exit_2() {
     let good = dir.path().join("good.yaml");
     std::fs::write(
         &good,
-        "stageLabel: example.com/stage\nnormalStage: stable\n",
+        "labels: {stage: example.com/stage, normalStage: stable}\n",
     )
     .unwrap();
     let out = run(

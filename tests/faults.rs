@@ -300,10 +300,8 @@ async fn concurrent_mixed_traffic_never_mixes_answers() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let cfg = Config {
-        max_body_bytes: 64 * 1024,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.server.max_body_bytes = 64 * 1024;
     let server = start_with(cfg, Limits::default()).await;
     let v1 = fixture_json("pod.review.json");
     let v1beta1 = fixture_json("canary-pod.v1beta1.review.json");

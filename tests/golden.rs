@@ -12,8 +12,9 @@ mod common;
 
 use std::sync::Arc;
 
-use canary_injector::config::{Config, IstioConfig};
+use canary_injector::config::Config;
 use canary_injector::mutate::Availability;
+use canary_injector::mutate::IstioPolicy;
 use canary_injector::server::Limits;
 use common::{Client, TestServer, apply_response, fixture_json, start, start_full, with_object};
 use serde_json::{Value, json};
@@ -96,7 +97,7 @@ async fn label_fixtures_match_golden_outputs_and_are_idempotent() {
 #[tokio::test]
 async fn bootstrap_fixtures_match_golden_outputs_and_are_idempotent() {
     let cfg = Config {
-        istio: IstioConfig {
+        istio: IstioPolicy {
             proxy_version: Some("1.5".into()),
         },
         ..Config::default()

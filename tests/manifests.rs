@@ -152,7 +152,7 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
 
     let cm: ConfigMap = round_trip(find(&objects, "ConfigMap", "canary-injector-config"));
     let cfg = Config::from_yaml(&cm.data.unwrap()["config.yaml"]).expect("shipped config is valid");
-    assert_eq!(cfg.canary_tag_label, Config::default().canary_tag_label);
+    assert_eq!(cfg.labels, Config::default().labels);
 
     let hook: MutatingWebhookConfiguration = round_trip(find(
         &objects,

@@ -190,10 +190,8 @@ async fn oversized_declared_body_is_refused_before_it_is_sent() {
 
 #[tokio::test]
 async fn oversized_chunked_body_is_cut_off_at_the_limit() {
-    let cfg = Config {
-        max_body_bytes: 4096,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.server.max_body_bytes = 4096;
     let server = start(cfg).await;
     let head = b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
     // 8 chunks of 1000 bytes, never terminated: the server must answer as

@@ -154,10 +154,9 @@ const LEASE: &str =
     "/apis/coordination.k8s.io/v1/namespaces/canary-injector/leases/canary-injector";
 
 fn cluster_config() -> Config {
-    Config {
-        webhook_namespace: Some(NS.into()),
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.namespaces.own = Some(NS.into());
+    cfg
 }
 
 fn source_json() -> Value {
@@ -295,4 +294,39 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
             "a follower never {write}: {calls:#?}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_leader_election_off_the_replica_copies_without_a_lease() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (client, _served) = api.client();
+    let mut cfg = cluster_config();
+    cfg.leader_election.enabled = false;
+    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert_eq!(
+        position(&calls, "GET /apis/coordination"),
+        None,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        position(&calls, "POST /apis/coordination"),
+        None,
+        "{calls:#?}"
+    );
 }

@@ -26,7 +26,7 @@ pub(super) struct TemplateArgs {
     /// (key envoy_bootstrap_tmpl.json) instead of the template.
     #[arg(long)]
     configmap: Option<String>,
-    /// Namespace of the ConfigMap [default: config webhookNamespace, else
+    /// Namespace of the ConfigMap [default: config namespaces.own, else
     /// $POD_NAMESPACE, else canary-injector].
     #[arg(long, requires = "configmap")]
     namespace: Option<String>,

@@ -16,6 +16,8 @@ use crate::metrics::ControllerMetrics;
 use crate::testing::{Call, MockApi, WAIT, list, mock_client};
 
 const SOURCE_NS: &str = "canary-injector";
+/// The default `namespaces.optIn`, as a selector.
+const DEFAULT_NAMESPACE_SELECTOR: &str = "canary-injection=enabled";
 const NAME: &str = "canary-injector-bootstrap";
 const TEMPLATE_KEY: &str = "envoy_bootstrap_tmpl.json";
 const TEMPLATE: &str = r#"{"static_resources": {"clusters": [{"name": "xds-grpc"}]}}"#;
@@ -432,11 +434,11 @@ fn cache_ignores_configmaps_of_other_names() {
 fn settings_need_bootstrap_enabled_and_an_own_namespace() {
     let mut cfg = Config::default();
     assert_eq!(CopierSettings::from_config(&cfg), None);
-    cfg.webhook_namespace = Some(SOURCE_NS.into());
+    cfg.namespaces.own = Some(SOURCE_NS.into());
     let s = CopierSettings::from_config(&cfg).unwrap();
     assert_eq!(s.source_namespace, SOURCE_NS);
     assert_eq!(s.namespace_selector, DEFAULT_NAMESPACE_SELECTOR);
-    assert_eq!(s.excluded_namespaces, cfg.excluded_namespaces);
+    assert_eq!(s.excluded_namespaces, cfg.namespaces.excluded);
     assert!(s.copy);
     cfg.bootstrap.reconcile = false;
     assert!(!CopierSettings::from_config(&cfg).unwrap().copy);

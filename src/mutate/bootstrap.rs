@@ -11,15 +11,16 @@
 //! - Only for proxies below Istio 1.8: from 1.8 `xds-grpc` is a Unix socket
 //!   to the agent and TCP keepalive does not apply.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::HashSet;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::decision::Warning;
+use super::kinds::Location;
+use super::policy::Policy;
 use super::{MetaView, SpecView};
-use crate::config::Config;
 
 /// Where Istio's proxy reads its bootstrap template.
 pub const TEMPLATE_PATH: &str = "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json";
@@ -155,7 +156,7 @@ impl BootstrapSkip {
     }
 }
 
-/// What the bootstrap part did.
+/// What the bootstrap part did: the metric view of [`BootstrapDecision`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootstrapOutcome {
     /// Added the userVolume annotations (pod not injected yet).
@@ -179,40 +180,129 @@ impl BootstrapOutcome {
     }
 }
 
+/// What the bootstrap part decided for one pod or pod template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootstrapDecision<'a> {
+    /// Not injected yet: set Istio's userVolume annotations.
+    Annotate(Annotate),
+    /// Already injected: add the volume and the mount to `istio-proxy`.
+    Mount(Mount<'a>),
+    /// The mount (or our annotations) is already there.
+    AlreadyDone,
+    /// Left alone, and why.
+    Skipped(BootstrapSkip),
+}
+
+impl BootstrapDecision<'_> {
+    /// The metric view.
+    pub fn outcome(&self) -> BootstrapOutcome {
+        match self {
+            Self::Annotate(_) => BootstrapOutcome::Annotated,
+            Self::Mount(_) => BootstrapOutcome::Mounted,
+            Self::AlreadyDone => BootstrapOutcome::AlreadyDone,
+            Self::Skipped(skip) => BootstrapOutcome::Skipped(*skip),
+        }
+    }
+}
+
+/// The userVolume annotations to set on a pod Istio has not injected yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotate {
+    /// The pod or pod template.
+    pub location: Location,
+    /// Whether it has `metadata` (absent: created).
+    pub has_metadata: bool,
+    /// Whether `metadata.annotations` exists and is not null (absent: created).
+    pub has_annotations: bool,
+    /// The new [`USER_VOLUME`] value: the pod's own map with ours merged in.
+    pub user_volume: AnnotationEdit,
+    /// The new [`USER_VOLUME_MOUNT`] value, likewise.
+    pub user_volume_mount: AnnotationEdit,
+}
+
+/// One annotation's new value and how it relates to the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotationEdit {
+    /// The value to set.
+    pub value: String,
+    /// Add, replace, or keep as it is.
+    pub edit: Edit,
+}
+
+/// How a value relates to what the object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// Absent: add it.
+    Add,
+    /// Present with another value: replace it.
+    Replace,
+    /// Present with this value already.
+    Keep,
+}
+
+/// The volume and mount to add to an injected pod's `istio-proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount<'a> {
+    /// The pod or pod template.
+    pub location: Location,
+    /// Where `istio-proxy` is.
+    pub container: ContainerList,
+    /// Its index in that list.
+    pub index: usize,
+    /// The volume name: [`VOLUME_NAME`], or with a numeric suffix when the
+    /// pod already has a volume of that name.
+    pub volume_name: Cow<'static, str>,
+    /// The ConfigMap the volume reads.
+    pub config_map_name: &'a str,
+    /// Whether `spec.volumes` exists (absent: created).
+    pub has_volumes: bool,
+    /// Whether the container has `volumeMounts` (absent: created).
+    pub has_volume_mounts: bool,
+}
+
+/// Which container list holds `istio-proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerList {
+    /// `spec.containers` (a classic sidecar).
+    Containers,
+    /// `spec.initContainers` (a native sidecar, Istio 1.27+).
+    InitContainers,
+}
+
+impl ContainerList {
+    /// The field name.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Containers => "containers",
+            Self::InitContainers => "initContainers",
+        }
+    }
+}
+
 /// A pod, or a pod template, to decide about.
 pub struct PodTarget<'a> {
-    /// JSON Pointer tokens of the object holding `metadata` and `spec`.
-    pub holder: &'a [&'a str],
+    /// Where it is in the object.
+    pub location: Location,
     /// Its metadata.
     pub metadata: Option<&'a MetaView>,
     /// Its pod spec.
     pub spec: Option<&'a SpecView>,
 }
 
-fn add(path: PointerBuf, value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path, value })
-}
-
-fn pointer<'a>(holder: &[&'a str], tail: impl IntoIterator<Item = &'a str>) -> PointerBuf {
-    PointerBuf::from_tokens(holder.iter().copied().chain(tail))
-}
-
-/// Decides the bootstrap mount for one pod (or template) and appends the
-/// operations. Never fails: anything unexpected is a skip, plus a warning
-/// where the user can act.
-pub fn plan(
+/// Decides the bootstrap mount for one pod (or template). Never fails:
+/// anything unexpected is a skip, plus a warning where the user can act.
+pub fn decide<'a>(
     target: &PodTarget<'_>,
-    cfg: &Config,
+    policy: Policy<'a>,
     availability: Availability,
-    ops: &mut Vec<PatchOperation>,
-    warnings: &mut Vec<String>,
-) -> BootstrapOutcome {
-    use BootstrapOutcome::Skipped;
+    warnings: &mut Vec<Warning>,
+) -> BootstrapDecision<'a> {
+    use BootstrapDecision::Skipped;
     let annotations = target.metadata.and_then(|m| m.annotations.as_ref());
     let labels = target.metadata.and_then(|m| m.labels.as_ref());
     let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
 
-    if annotation(&cfg.bootstrap.opt_out_annotation) == Some("false") {
+    if annotation(&policy.bootstrap.opt_out_annotation) == Some("false") {
         return Skipped(BootstrapSkip::OptedOut);
     }
     let empty = SpecView::default();
@@ -235,26 +325,40 @@ pub fn plan(
         .and_then(|(_, _, c)| c.image.as_deref())
         .and_then(image_tag)
         .and_then(parse_version)
-        .or_else(|| cfg.istio.proxy_version.as_deref().and_then(parse_version));
+        .or_else(|| {
+            policy
+                .istio
+                .proxy_version
+                .as_deref()
+                .and_then(parse_version)
+        });
     if version.is_none_or(|v| v >= FIRST_PIPE_VERSION) {
         return Skipped(BootstrapSkip::IstioVersion);
     }
 
+    let config_map_name = policy.bootstrap.config_map_name.as_str();
     match proxy {
-        Some((list, index, container)) => {
-            let mounted = container
+        Some((container, index, proxy)) => {
+            let mounted = proxy
                 .volume_mounts
                 .iter()
                 .flatten()
                 .any(|m| m.mount_path == TEMPLATE_PATH);
             if mounted {
-                return BootstrapOutcome::AlreadyDone;
+                return BootstrapDecision::AlreadyDone;
             }
-            if let Some(skip) = check_availability(availability, cfg, warnings) {
+            if let Some(skip) = check_availability(availability, config_map_name, warnings) {
                 return Skipped(skip);
             }
-            mount_directly(target.holder, spec, cfg, list, index, container, ops);
-            BootstrapOutcome::Mounted
+            BootstrapDecision::Mount(Mount {
+                location: target.location,
+                container,
+                index,
+                volume_name: free_volume_name(spec),
+                config_map_name,
+                has_volumes: spec.volumes.is_some(),
+                has_volume_mounts: proxy.volume_mounts.is_some(),
+            })
         }
         None => {
             let parsed = (
@@ -264,10 +368,7 @@ pub fn plan(
             let (volumes, mounts) = match parsed {
                 (Ok(v), Ok(m)) => (v, m),
                 (Err(()), _) | (_, Err(())) => {
-                    warnings.push(format!(
-                        "annotation {USER_VOLUME} or {USER_VOLUME_MOUNT} is not a JSON object; \
-                         bootstrap keepalive template not mounted"
-                    ));
+                    warnings.push(Warning::MalformedAnnotation);
                     return Skipped(BootstrapSkip::MalformedAnnotation);
                 }
             };
@@ -275,30 +376,44 @@ pub fn plan(
                 m.as_ref().is_some_and(|m| m.contains_key(VOLUME_NAME))
             };
             if has_ours(&volumes) && has_ours(&mounts) {
-                return BootstrapOutcome::AlreadyDone;
+                return BootstrapDecision::AlreadyDone;
             }
-            if let Some(skip) = check_availability(availability, cfg, warnings) {
+            if let Some(skip) = check_availability(availability, config_map_name, warnings) {
                 return Skipped(skip);
             }
-            annotate(target, annotations, cfg, volumes, mounts, ops);
-            BootstrapOutcome::Annotated
+            let edit = |key: &str, existing: Option<Map<String, Value>>, ours: Value| {
+                let mut map = existing.unwrap_or_default();
+                map.entry(VOLUME_NAME.to_string()).or_insert(ours);
+                let value = Value::Object(map).to_string();
+                let edit = match annotation(key) {
+                    None => Edit::Add,
+                    Some(current) if current == value => Edit::Keep,
+                    Some(_) => Edit::Replace,
+                };
+                AnnotationEdit { value, edit }
+            };
+            BootstrapDecision::Annotate(Annotate {
+                location: target.location,
+                has_metadata: target.metadata.is_some(),
+                has_annotations: annotations.is_some(),
+                user_volume: edit(USER_VOLUME, volumes, volume_source(config_map_name)),
+                user_volume_mount: edit(USER_VOLUME_MOUNT, mounts, mount_fields()),
+            })
         }
     }
 }
 
 fn check_availability(
     availability: Availability,
-    cfg: &Config,
-    warnings: &mut Vec<String>,
+    config_map_name: &str,
+    warnings: &mut Vec<Warning>,
 ) -> Option<BootstrapSkip> {
     match availability {
         Availability::Present => None,
         Availability::Missing => {
-            warnings.push(format!(
-                "ConfigMap {} is missing in this namespace; the Istio sidecar keeps its default \
-                 xds-grpc keepalive",
-                cfg.bootstrap.config_map_name
-            ));
+            warnings.push(Warning::ConfigMapMissing {
+                config_map: config_map_name.to_owned(),
+            });
             Some(BootstrapSkip::ConfigMapMissing)
         }
         Availability::Unknown => Some(BootstrapSkip::ClusterUnavailable),
@@ -306,7 +421,7 @@ fn check_availability(
 }
 
 /// `istio-proxy` in `containers`, or a native sidecar in `initContainers`.
-fn find_proxy(spec: &SpecView) -> Option<(&'static str, usize, &ContainerView)> {
+fn find_proxy(spec: &SpecView) -> Option<(ContainerList, usize, &ContainerView)> {
     if let Some((i, c)) = spec
         .containers
         .iter()
@@ -314,78 +429,47 @@ fn find_proxy(spec: &SpecView) -> Option<(&'static str, usize, &ContainerView)> 
         .enumerate()
         .find(|(_, c)| c.name == PROXY_CONTAINER)
     {
-        return Some(("containers", i, c));
+        return Some((ContainerList::Containers, i, c));
     }
     spec.init_containers
         .iter()
         .flatten()
         .enumerate()
         .find(|(_, c)| c.name == PROXY_CONTAINER && c.restart_policy.as_deref() == Some("Always"))
-        .map(|(i, c)| ("initContainers", i, c))
+        .map(|(i, c)| (ContainerList::InitContainers, i, c))
 }
 
-fn volume_source(cfg: &Config) -> Value {
+/// [`VOLUME_NAME`], else the first `VOLUME_NAME-<n>` the pod does not use.
+/// One pass over the pod's volumes into a set, so a pod with thousands of
+/// volumes (user input) costs linear time.
+fn free_volume_name(spec: &SpecView) -> Cow<'static, str> {
+    let volumes = spec.volumes.as_deref().unwrap_or_default();
+    if volumes.iter().all(|v| v.name != VOLUME_NAME) {
+        return Cow::Borrowed(VOLUME_NAME);
+    }
+    let taken: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    // Ends: `taken` is finite, so some suffix is free.
+    let mut n = 1_usize;
+    loop {
+        let name = format!("{VOLUME_NAME}-{n}");
+        if !taken.contains(name.as_str()) {
+            return Cow::Owned(name);
+        }
+        n += 1;
+    }
+}
+
+/// The volume source of the template ConfigMap (`volumes[]` without `name`).
+pub fn volume_source(config_map_name: &str) -> Value {
     json!({"configMap": {
-        "name": cfg.bootstrap.config_map_name,
+        "name": config_map_name,
         "items": [{"key": TEMPLATE_KEY, "path": TEMPLATE_KEY}],
     }})
 }
 
-fn mount_fields() -> Value {
+/// The read-only subPath mount over [`TEMPLATE_PATH`] (without `name`).
+pub fn mount_fields() -> Value {
     json!({"mountPath": TEMPLATE_PATH, "subPath": TEMPLATE_KEY, "readOnly": true})
-}
-
-fn with_name(name: &str, fields: Value) -> Value {
-    let mut map = Map::new();
-    map.insert("name".into(), Value::String(name.into()));
-    if let Value::Object(rest) = fields {
-        map.extend(rest);
-    }
-    Value::Object(map)
-}
-
-fn mount_directly(
-    holder: &[&str],
-    spec: &SpecView,
-    cfg: &Config,
-    list: &'static str,
-    index: usize,
-    container: &ContainerView,
-    ops: &mut Vec<PatchOperation>,
-) {
-    let taken: Vec<&str> = spec
-        .volumes
-        .iter()
-        .flatten()
-        .map(|v| v.name.as_str())
-        .collect();
-    let name = (0..)
-        .map(|n| {
-            if n == 0 {
-                VOLUME_NAME.to_string()
-            } else {
-                format!("{VOLUME_NAME}-{n}")
-            }
-        })
-        .find(|n| !taken.contains(&n.as_str()))
-        .expect("an unused name exists");
-    let volume = with_name(&name, volume_source(cfg));
-    match &spec.volumes {
-        Some(_) => ops.push(add(pointer(holder, ["spec", "volumes", "-"]), volume)),
-        None => ops.push(add(pointer(holder, ["spec", "volumes"]), json!([volume]))),
-    }
-    let mount = with_name(&name, mount_fields());
-    let index = index.to_string();
-    match &container.volume_mounts {
-        Some(_) => ops.push(add(
-            pointer(holder, ["spec", list, &index, "volumeMounts", "-"]),
-            mount,
-        )),
-        None => ops.push(add(
-            pointer(holder, ["spec", list, &index, "volumeMounts"]),
-            json!([mount]),
-        )),
-    }
 }
 
 /// Parses an optional JSON-object annotation; `Err` when present but not an object.
@@ -396,50 +480,6 @@ fn parse_map(value: Option<&str>) -> Result<Option<Map<String, Value>>, ()> {
             Ok(Value::Object(map)) => Ok(Some(map)),
             _ => Err(()),
         },
-    }
-}
-
-fn annotate(
-    target: &PodTarget<'_>,
-    annotations: Option<&BTreeMap<String, String>>,
-    cfg: &Config,
-    volumes: Option<Map<String, Value>>,
-    mounts: Option<Map<String, Value>>,
-    ops: &mut Vec<PatchOperation>,
-) {
-    let merged = |existing: Option<Map<String, Value>>, ours: Value| {
-        let mut map = existing.unwrap_or_default();
-        map.entry(VOLUME_NAME.to_string()).or_insert(ours);
-        Value::Object(map).to_string()
-    };
-    let volume_json = merged(volumes, volume_source(cfg));
-    let mount_json = merged(mounts, mount_fields());
-    let holder = target.holder;
-    match (target.metadata, annotations) {
-        (None, _) => ops.push(add(
-            pointer(holder, ["metadata"]),
-            json!({"annotations": {USER_VOLUME: volume_json, USER_VOLUME_MOUNT: mount_json}}),
-        )),
-        (Some(_), None) => ops.push(add(
-            pointer(holder, ["metadata", "annotations"]),
-            json!({USER_VOLUME: volume_json, USER_VOLUME_MOUNT: mount_json}),
-        )),
-        (Some(_), Some(existing)) => {
-            for (key, value) in [(USER_VOLUME, volume_json), (USER_VOLUME_MOUNT, mount_json)] {
-                let path = pointer(holder, ["metadata", "annotations", key]);
-                if existing.get(key).map(String::as_str) == Some(value.as_str()) {
-                    continue;
-                }
-                if existing.contains_key(key) {
-                    ops.push(PatchOperation::Replace(ReplaceOperation {
-                        path,
-                        value: Value::String(value),
-                    }));
-                } else {
-                    ops.push(add(path, Value::String(value)));
-                }
-            }
-        }
     }
 }
 

@@ -17,24 +17,80 @@ fn subject(kind: Kind, namespace: &str, mode: Mode) -> Subject<'_> {
     }
 }
 
-/// Plans, applies, re-plans; returns the patched object and the first plan.
-fn run(kind: Kind, object: Value, cfg: &Config) -> (Value, Plan) {
+/// The policy sections, owned (what `Config` holds in the binary).
+#[derive(Debug, Clone, Default)]
+struct P {
+    labels: LabelPolicy,
+    namespaces: NamespacePolicy,
+    bootstrap: BootstrapPolicy,
+    istio: IstioPolicy,
+}
+
+impl P {
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            labels: &self.labels,
+            namespaces: &self.namespaces,
+            bootstrap: &self.bootstrap,
+            istio: &self.istio,
+        }
+    }
+}
+
+/// A decision with its JSON Patch rendering, owned so tests can keep it.
+#[derive(Debug)]
+struct Planned {
+    ops: Vec<json_patch::PatchOperation>,
+    warnings: Vec<String>,
+    reasons: Vec<&'static str>,
+    skipped: Option<SkipReason>,
+    mutations: Vec<&'static str>,
+    bootstrap: Option<BootstrapOutcome>,
+    intent: Option<(Option<String>, String)>,
+    targets: Vec<LabelTarget>,
+    noop: bool,
+}
+
+/// Decides and renders.
+fn plan(s: &Subject<'_>, view: &ObjectView, p: &P, cluster: &ClusterView) -> Result<Planned, Deny> {
+    let d = decide(s, view, p.policy(), cluster)?;
+    Ok(Planned {
+        ops: d.to_json_patch(),
+        warnings: d.warnings.iter().map(ToString::to_string).collect(),
+        reasons: d.warnings.iter().map(Warning::reason).collect(),
+        skipped: d.skipped,
+        mutations: d.mutations().collect(),
+        bootstrap: d.bootstrap_outcome(),
+        intent: d
+            .intent
+            .as_ref()
+            .map(|i| (i.tag().map(str::to_owned), i.stage().to_owned())),
+        targets: d.targets.clone(),
+        noop: d.is_noop(),
+    })
+}
+
+/// Decides, applies the patch, decides again; returns the patched object
+/// and the first decision. The second decision must have nothing to do.
+fn run(kind: Kind, object: Value, cfg: &P) -> (Value, Planned) {
     run_in(kind, "shop", Mode::Admission, object, cfg)
 }
 
-fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &Config) -> (Value, Plan) {
+fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &P) -> (Value, Planned) {
     let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
     let s = subject(kind, ns, mode);
-    let plan = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
-    json_patch::patch(&mut object, &plan.ops).expect("patch applies");
+    let first = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
+    assert_eq!(first.noop, first.ops.is_empty(), "{first:?}");
+    json_patch::patch(&mut object, &first.ops).expect("patch applies");
     let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
-    let second = super::plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
+    let second = plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
+    assert!(second.noop, "second pass has work: {second:?}");
     assert!(
         second.ops.is_empty(),
         "second pass patched: {:?}",
         second.ops
     );
-    (object, plan)
+    (object, first)
 }
 
 fn pod(labels: Value, annotations: Value) -> Value {
@@ -52,7 +108,7 @@ fn pod_without_tag_gets_stage_normal_only() {
     let (out, plan) = run(
         Kind::Pod,
         pod(json!({"app": "web"}), json!({})),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(labels_of(&out), &json!({"app": "web", "stage": "normal"}));
     assert!(plan.warnings.is_empty());
@@ -67,7 +123,7 @@ fn pod_with_tag_gets_canary_labels() {
             json!({"app": "web"}),
             json!({"canary-injector.io/tag": "v2"}),
         ),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(
         labels_of(&out),
@@ -84,7 +140,7 @@ fn missing_or_null_labels_map_is_created() {
         if let Some(l) = labels.clone() {
             meta.insert("labels".into(), l);
         }
-        let (out, plan) = run(Kind::Pod, p, &Config::default());
+        let (out, plan) = run(Kind::Pod, p, &P::default());
         assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
         assert_eq!(plan.ops.len(), 1, "one op creates the map");
     }
@@ -92,11 +148,7 @@ fn missing_or_null_labels_map_is_created() {
 
 #[test]
 fn missing_metadata_is_created() {
-    let (out, _) = run(
-        Kind::Pod,
-        json!({"kind": "Pod", "spec": {}}),
-        &Config::default(),
-    );
+    let (out, _) = run(Kind::Pod, json!({"kind": "Pod", "spec": {}}), &P::default());
     assert_eq!(labels_of(&out), &json!({"stage": "normal"}));
 }
 
@@ -155,11 +207,7 @@ fn existing_labels_are_never_overwritten() {
         ),
     ];
     for (labels, annotations, expected, warns) in cases {
-        let (out, plan) = run(
-            Kind::Pod,
-            pod(labels.clone(), annotations),
-            &Config::default(),
-        );
+        let (out, plan) = run(Kind::Pod, pod(labels.clone(), annotations), &P::default());
         assert_eq!(labels_of(&out), &expected, "from {labels}");
         assert_eq!(
             !plan.warnings.is_empty(),
@@ -178,7 +226,7 @@ fn invalid_tag_is_sanitized_with_a_warning() {
             json!({}),
             json!({"canary-injector.io/tag": "feature/Login_v2"}),
         ),
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(labels_of(&out)["canarytag"], "feature-Login_v2");
     assert_eq!(plan.warnings.len(), 1);
@@ -194,7 +242,7 @@ fn unusable_tag_is_denied_naming_the_annotation() {
         let err = plan(
             &subject(Kind::Pod, "shop", Mode::Admission),
             &view,
-            &Config::default(),
+            &P::default(),
             &ClusterView::OFFLINE,
         )
         .unwrap_err();
@@ -207,9 +255,12 @@ fn unusable_tag_is_denied_naming_the_annotation() {
 
 #[test]
 fn skip_rules() {
-    let cfg = Config {
-        webhook_namespace: Some("canary-injector".into()),
-        ..Config::default()
+    let cfg = P {
+        namespaces: NamespacePolicy {
+            own: Some("canary-injector".into()),
+            ..NamespacePolicy::default()
+        },
+        ..P::default()
     };
     let plain = pod(json!({}), json!({}));
     let mirror = pod(json!({}), json!({"kubernetes.io/config.mirror": "abc"}));
@@ -297,7 +348,7 @@ fn object_kind_must_match_request_kind() {
     let err = plan(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
-        &Config::default(),
+        &P::default(),
         &ClusterView::OFFLINE,
     )
     .unwrap_err();
@@ -326,7 +377,7 @@ fn replicaset(owned: bool) -> Value {
 #[test]
 fn owned_replicaset_template_and_selector_are_untouched() {
     let original = replicaset(true);
-    let (out, plan) = run(Kind::ReplicaSet, original.clone(), &Config::default());
+    let (out, plan) = run(Kind::ReplicaSet, original.clone(), &P::default());
     assert_eq!(labels_of(&out)["stage"], "normal");
     assert_eq!(
         out["spec"], original["spec"],
@@ -344,7 +395,7 @@ fn owned_replicaset_reads_tag_from_its_template() {
     let mut rs = replicaset(true);
     rs["spec"]["template"]["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v3"});
     let original = rs.clone();
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(labels_of(&out)["canarytag"], "v3");
     assert_eq!(out["spec"], original["spec"]);
 }
@@ -354,7 +405,7 @@ fn non_controller_owner_means_standalone() {
     let mut rs = replicaset(false);
     rs["metadata"]["ownerReferences"] =
         json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}]);
-    let (out, plan) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, plan) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(
         out["spec"]["template"]["metadata"]["labels"]["stage"],
         "normal"
@@ -367,7 +418,7 @@ fn standalone_replicaset_gets_labels_on_metadata_and_template() {
     let mut rs = replicaset(false);
     rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "gray-1"});
     let selector = rs["spec"]["selector"].clone();
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     for labels in [
         &out["metadata"]["labels"],
         &out["spec"]["template"]["metadata"]["labels"],
@@ -384,7 +435,7 @@ fn standalone_replicaset_template_follows_existing_labels() {
     // The release platform labelled the ReplicaSet but not its template.
     let mut rs = replicaset(false);
     rs["metadata"]["labels"]["canarytag"] = json!("v9");
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     let t = &out["spec"]["template"]["metadata"]["labels"];
     assert_eq!(t["canarytag"], "v9");
     assert_eq!(t["stage"], "gray");
@@ -398,7 +449,7 @@ fn template_without_metadata_gets_one() {
         .as_object_mut()
         .unwrap()
         .remove("metadata");
-    let (out, _) = run(Kind::ReplicaSet, rs, &Config::default());
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
     assert_eq!(
         out["spec"]["template"]["metadata"],
         json!({"labels": {"stage": "normal"}})
@@ -407,10 +458,13 @@ fn template_without_metadata_gets_one() {
 
 #[test]
 fn keys_with_slash_and_tilde_are_escaped() {
-    let cfg = Config {
-        canary_tag_label: "example.com/canary~tag".replace('~', "-"),
-        stage_label: "example.com/stage".into(),
-        ..Config::default()
+    let cfg = P {
+        labels: LabelPolicy {
+            canary_tag: "example.com/canary~tag".replace('~', "-"),
+            stage: "example.com/stage".into(),
+            ..LabelPolicy::default()
+        },
+        ..P::default()
     };
     let (out, plan) = run(
         Kind::Pod,
@@ -441,7 +495,7 @@ fn offline_labels_workload_templates_only() {
         "",
         Mode::Offline,
         deployment,
-        &Config::default(),
+        &P::default(),
     );
     assert_eq!(out["metadata"]["labels"], json!({"app": "web"}));
     assert_eq!(
@@ -455,13 +509,7 @@ fn offline_labels_workload_templates_only() {
 
     let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"},
         "spec": {"jobTemplate": {"spec": {"template": {"spec": {}}}}}});
-    let (out, _) = run_in(
-        Kind::CronJob,
-        "",
-        Mode::Offline,
-        cronjob,
-        &Config::default(),
-    );
+    let (out, _) = run_in(Kind::CronJob, "", Mode::Offline, cronjob, &P::default());
     assert_eq!(
         out["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"],
         json!({"stage": "normal"})
@@ -475,7 +523,7 @@ fn workload_without_template_is_left_alone() {
         "",
         Mode::Offline,
         json!({"kind": "StatefulSet", "metadata": {"name": "s"}, "spec": {}}),
-        &Config::default(),
+        &P::default(),
     );
     assert!(plan.ops.is_empty());
     assert!(out["metadata"].get("labels").is_none());
@@ -483,11 +531,14 @@ fn workload_without_template_is_left_alone() {
 
 #[test]
 fn custom_values_are_used() {
-    let cfg = Config {
-        gray_stage: "canary".into(),
-        normal_stage: "stable".into(),
-        tag_annotation: "example.com/version".into(),
-        ..Config::default()
+    let cfg = P {
+        labels: LabelPolicy {
+            gray_stage: "canary".into(),
+            normal_stage: "stable".into(),
+            tag_annotation: "example.com/version".into(),
+            ..LabelPolicy::default()
+        },
+        ..P::default()
     };
     let (out, _) = run(
         Kind::Pod,
@@ -535,7 +586,7 @@ proptest! {
         ]),
         standalone_rs in any::<bool>(),
     ) {
-        let cfg = Config::default();
+        let cfg = P::default();
         let annotations = match &tag {
             Some(t) => json!({"canary-injector.io/tag": t}),
             None => json!({}),
@@ -579,12 +630,12 @@ proptest! {
 
 // === bootstrap mount ===
 
-fn istio_cfg(version: Option<&str>) -> Config {
-    Config {
-        istio: crate::config::IstioConfig {
+fn istio_cfg(version: Option<&str>) -> P {
+    P {
+        istio: IstioPolicy {
             proxy_version: version.map(str::to_owned),
         },
-        ..Config::default()
+        ..P::default()
     }
 }
 
@@ -594,7 +645,7 @@ fn present() -> ClusterView {
     }
 }
 
-fn plan_with(object: &Value, cfg: &Config, cluster: ClusterView) -> (Value, Plan) {
+fn plan_with(object: &Value, cfg: &P, cluster: ClusterView) -> (Value, Planned) {
     let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
     let s = subject(Kind::Pod, "shop", Mode::Admission);
     let p = plan(&s, &view, cfg, &cluster).unwrap();
@@ -795,4 +846,551 @@ fn offline_deployment_template_gets_the_annotations() {
         "canary-injector-bootstrap"
     );
     assert!(out["metadata"].get("annotations").is_none());
+}
+
+// === the typed decision ===
+
+fn decided(kind: Kind, mode: Mode, object: &Value, p: &P, cluster: ClusterView) -> Planned {
+    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    plan(&subject(kind, "shop", mode), &view, p, &cluster).unwrap()
+}
+
+#[test]
+fn decision_names_the_intent_and_what_each_target_lacks() {
+    let mut rs = replicaset(false);
+    rs["metadata"]["labels"]["canarytag"] = json!("v9");
+    rs["spec"]["template"]
+        .as_object_mut()
+        .unwrap()
+        .remove("metadata");
+    let d = decided(
+        Kind::ReplicaSet,
+        Mode::Admission,
+        &rs,
+        &P::default(),
+        ClusterView::OFFLINE,
+    );
+    assert_eq!(d.intent, Some((Some("v9".into()), "gray".into())));
+    assert_eq!(
+        d.targets,
+        [
+            LabelTarget {
+                location: Location::Object,
+                has_metadata: true,
+                has_labels: true,
+                lacks_tag: false,
+                lacks_stage: true,
+            },
+            LabelTarget {
+                location: Location::PodTemplate,
+                has_metadata: false,
+                has_labels: false,
+                lacks_tag: true,
+                lacks_stage: true,
+            },
+        ]
+    );
+    assert_eq!(d.mutations, ["labels", "template-labels"]);
+    assert!(d.warnings.is_empty());
+    assert_eq!(d.skipped, None);
+}
+
+#[test]
+fn missing_labels_come_as_key_value_pairs() {
+    let p = P::default();
+    let object = pod(
+        json!({"stage": "gray"}),
+        json!({"canary-injector.io/tag": "v2"}),
+    );
+    let view: ObjectView = serde_json::from_value(object).unwrap();
+    let d = decide(
+        &subject(Kind::Pod, "shop", Mode::Admission),
+        &view,
+        p.policy(),
+        &ClusterView::OFFLINE,
+    )
+    .unwrap();
+    let intent = d.intent.as_ref().unwrap();
+    assert_eq!((intent.tag(), intent.stage()), (Some("v2"), "gray"));
+    let missing: Vec<(&str, &str)> = d.targets[0]
+        .missing(intent)
+        .map(|l| (l.key, &*l.value))
+        .collect();
+    assert_eq!(missing, [("canarytag", "v2")]);
+}
+
+#[test]
+fn owned_replicaset_has_one_target_and_workloads_only_their_template() {
+    let d = decided(
+        Kind::ReplicaSet,
+        Mode::Offline,
+        &replicaset(true),
+        &istio_cfg(Some("1.5")),
+        ClusterView::OFFLINE,
+    );
+    let locations: Vec<Location> = d.targets.iter().map(|t| t.location).collect();
+    assert_eq!(locations, [Location::Object]);
+    assert_eq!(
+        d.bootstrap, None,
+        "owned template: no bootstrap offline either"
+    );
+
+    let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"},
+        "spec": {"jobTemplate": {"spec": {"template": {"spec": {}}}}}});
+    let d = decided(
+        Kind::CronJob,
+        Mode::Offline,
+        &cronjob,
+        &P::default(),
+        ClusterView::OFFLINE,
+    );
+    let locations: Vec<Location> = d.targets.iter().map(|t| t.location).collect();
+    assert_eq!(locations, [Location::CronJobPodTemplate]);
+}
+
+#[test]
+fn skipped_decision_is_empty() {
+    let d = decided(
+        Kind::Pod,
+        Mode::Admission,
+        &pod(json!({"canary-injector.io/inject": "false"}), json!({})),
+        &P::default(),
+        present(),
+    );
+    assert_eq!(d.skipped, Some(SkipReason::OptedOut));
+    assert_eq!(d.intent, None);
+    assert!(d.targets.is_empty() && d.ops.is_empty() && d.noop);
+    assert_eq!(d.bootstrap, None);
+}
+
+#[test]
+fn warnings_carry_reason_codes() {
+    let d = decided(
+        Kind::Pod,
+        Mode::Admission,
+        &pod(
+            json!({"stage": "normal"}),
+            json!({"canary-injector.io/tag": "v1"}),
+        ),
+        &P::default(),
+        ClusterView::OFFLINE,
+    );
+    assert_eq!(d.reasons, ["tag-ignored"]);
+    assert_eq!(
+        d.warnings,
+        ["label stage=normal is already set; annotation canary-injector.io/tag ignored"]
+    );
+    let d = decided(
+        Kind::Pod,
+        Mode::Admission,
+        &pod(json!({}), json!({"canary-injector.io/tag": "a/b"})),
+        &P::default(),
+        ClusterView::OFFLINE,
+    );
+    assert_eq!(d.reasons, ["tag-rewritten"]);
+    let missing = ClusterView {
+        bootstrap_configmap: Availability::Missing,
+    };
+    let d = decided(
+        Kind::Pod,
+        Mode::Admission,
+        &injected_pod("istio/proxyv2:1.5.4", false),
+        &istio_cfg(None),
+        missing,
+    );
+    assert_eq!(d.reasons, ["configmap-missing"]);
+    let mut p = pod(json!({}), json!({bootstrap::USER_VOLUME: "{not json"}));
+    p["metadata"]["labels"] = json!({"stage": "normal"});
+    let d = decided(
+        Kind::Pod,
+        Mode::Admission,
+        &p,
+        &istio_cfg(Some("1.5")),
+        present(),
+    );
+    assert_eq!(d.reasons, ["malformed-annotation"]);
+}
+
+#[test]
+fn bootstrap_decision_says_what_to_mount() {
+    let mut p = injected_pod("istio/proxyv2:1.5.4", true);
+    p["spec"]["volumes"] = json!([{"name": "canary-injector-bootstrap", "emptyDir": {}}]);
+    let policy = istio_cfg(None);
+    let view: ObjectView = serde_json::from_value(p).unwrap();
+    let d = decide(
+        &subject(Kind::Pod, "shop", Mode::Admission),
+        &view,
+        policy.policy(),
+        &present(),
+    )
+    .unwrap();
+    assert_eq!(
+        d.bootstrap,
+        Some(BootstrapDecision::Mount(bootstrap::Mount {
+            location: Location::Object,
+            container: bootstrap::ContainerList::InitContainers,
+            index: 1,
+            volume_name: "canary-injector-bootstrap-1".into(),
+            config_map_name: "canary-injector-bootstrap",
+            has_volumes: true,
+            has_volume_mounts: false,
+        }))
+    );
+}
+
+#[test]
+fn bootstrap_decision_says_what_to_annotate() {
+    let theirs = r#"{"data":{"emptyDir":{}}}"#;
+    let p = pod(
+        json!({"stage": "normal"}),
+        json!({bootstrap::USER_VOLUME: theirs}),
+    );
+    let policy = istio_cfg(Some("1.5"));
+    let view: ObjectView = serde_json::from_value(p).unwrap();
+    let d = decide(
+        &subject(Kind::Pod, "shop", Mode::Admission),
+        &view,
+        policy.policy(),
+        &present(),
+    )
+    .unwrap();
+    let Some(BootstrapDecision::Annotate(a)) = &d.bootstrap else {
+        panic!("{:?}", d.bootstrap);
+    };
+    assert_eq!(a.location, Location::Object);
+    assert!(a.has_metadata && a.has_annotations);
+    assert_eq!(a.user_volume.edit, bootstrap::Edit::Replace);
+    assert_eq!(a.user_volume_mount.edit, bootstrap::Edit::Add);
+    let merged: Value = serde_json::from_str(&a.user_volume.value).unwrap();
+    assert_eq!(merged["data"], json!({"emptyDir": {}}));
+    assert_eq!(
+        merged["canary-injector-bootstrap"]["configMap"]["name"],
+        "canary-injector-bootstrap"
+    );
+    let ops: Vec<&str> = d
+        .to_json_patch()
+        .iter()
+        .map(|op| match op {
+            json_patch::PatchOperation::Add(_) => "add",
+            json_patch::PatchOperation::Replace(_) => "replace",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(ops, ["replace", "add"]);
+}
+
+/// Thousands of user volumes that take our name and its suffixes: the free
+/// name is found (in linear time: a set, not a scan per candidate).
+#[test]
+fn free_volume_name_skips_every_taken_suffix() {
+    let mut p = injected_pod("istio/proxyv2:1.5.4", false);
+    let mut volumes = vec![json!({"name": "canary-injector-bootstrap", "emptyDir": {}})];
+    volumes.extend(
+        (1..5000)
+            .map(|n| json!({"name": format!("canary-injector-bootstrap-{n}"), "emptyDir": {}})),
+    );
+    volumes.reverse();
+    p["spec"]["volumes"] = json!(volumes);
+    let (out, _) = plan_with(&p, &istio_cfg(None), present());
+    assert_eq!(
+        out["spec"]["volumes"][5000]["name"],
+        "canary-injector-bootstrap-5000"
+    );
+}
+
+// === proptest: rendered, applied, re-decided: nothing left to do ===
+
+fn tag_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "\\PC{0,90}",
+        "[a-zA-Z0-9/_.#-]{1,100}",
+        Just("v2".to_string())
+    ]
+}
+
+/// A userVolume / userVolumeMount annotation: absent, someone else's map,
+/// one that already has ours, or not a JSON object.
+fn user_volume_annotation() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => Just(Some(r#"{"data":{"emptyDir":{}}}"#.to_string())),
+        1 => Just(Some(r#"{"canary-injector-bootstrap":{"configMap":{"name":"x"}}}"#.to_string())),
+        1 => Just(Some("{not json".to_string())),
+        1 => Just(Some("[1, 2]".to_string())),
+    ]
+}
+
+/// `metadata` of a pod or template: absent, without labels, labels null,
+/// or random labels (the opt-out label among them sometimes), with random
+/// tag and bootstrap annotations.
+fn metadata() -> impl Strategy<Value = Option<Value>> {
+    let labels = prop::collection::btree_map(
+        prop_oneof![
+            9 => label_key(),
+            1 => Just("canary-injector.io/inject".to_string()),
+        ],
+        prop_oneof![9 => label_value(), 1 => Just("false".to_string())],
+        0..5,
+    );
+    (
+        0..4u8,
+        labels,
+        prop::option::of(tag_value()),
+        user_volume_annotation(),
+        user_volume_annotation(),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
+        0..3u8,
+    )
+        .prop_map(
+            |(shape, labels, tag, volume, mount, status, no_inject, opt_out, annotations_shape)| {
+                let mut annotations = serde_json::Map::new();
+                let mut put = |k: &str, v: Option<String>| {
+                    if let Some(v) = v {
+                        annotations.insert(k.into(), Value::String(v));
+                    }
+                };
+                put("canary-injector.io/tag", tag);
+                put(bootstrap::USER_VOLUME, volume);
+                put(bootstrap::USER_VOLUME_MOUNT, mount);
+                put(bootstrap::ISTIO_STATUS, status.then(|| "{}".into()));
+                put(bootstrap::ISTIO_INJECT, no_inject.then(|| "false".into()));
+                put(
+                    "canary-injector.io/bootstrap",
+                    opt_out.then(|| "false".into()),
+                );
+                let mut meta = serde_json::Map::new();
+                match annotations_shape {
+                    0 if annotations.is_empty() => {}
+                    1 if annotations.is_empty() => {
+                        meta.insert("annotations".into(), Value::Null);
+                    }
+                    _ => {
+                        meta.insert("annotations".into(), Value::Object(annotations));
+                    }
+                }
+                match shape {
+                    0 => return None,
+                    1 => {}
+                    2 => {
+                        meta.insert("labels".into(), Value::Null);
+                    }
+                    _ => {
+                        meta.insert("labels".into(), json!(labels));
+                    }
+                }
+                Some(Value::Object(meta))
+            },
+        )
+}
+
+/// A pod spec: not injected, or injected (classic or native sidecar) with
+/// various proxy versions, volumes (clashing names), mounts (the template
+/// already mounted) and hostNetwork.
+fn pod_spec() -> impl Strategy<Value = Value> {
+    (
+        prop_oneof![
+            4 => Just(None),
+            1 => Just(Some("istio/proxyv2:1.5.4")),
+            1 => Just(Some("istio/proxyv2:1.7.8")),
+            1 => Just(Some("istio/proxyv2:1.12.0")),
+            1 => Just(Some("istio/proxyv2:latest")),
+        ],
+        any::<bool>(),
+        0..3u8,
+        0..4usize,
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(proxy, native, mounts, volumes, clash, host_network)| {
+            let mut spec = json!({"containers": [{"name": "app", "image": "nginx"}]});
+            if let Some(image) = proxy {
+                let mut proxy = json!({"name": "istio-proxy", "image": image});
+                match mounts {
+                    0 => {}
+                    1 => proxy["volumeMounts"] = json!([{"name": "x", "mountPath": "/x"}]),
+                    _ => {
+                        proxy["volumeMounts"] = json!([{"name": "t",
+                                "mountPath": bootstrap::TEMPLATE_PATH}])
+                    }
+                }
+                if native {
+                    proxy["restartPolicy"] = json!("Always");
+                    spec["initContainers"] = json!([proxy]);
+                } else {
+                    spec["containers"].as_array_mut().unwrap().push(proxy);
+                }
+            }
+            if volumes > 0 {
+                let mut list: Vec<Value> = (1..volumes)
+                    .map(|i| json!({"name": format!("v{i}"), "emptyDir": {}}))
+                    .collect();
+                if clash {
+                    list.push(json!({"name": bootstrap::VOLUME_NAME, "emptyDir": {}}));
+                }
+                spec["volumes"] = json!(list);
+            }
+            if host_network {
+                spec["hostNetwork"] = json!(true);
+            }
+            spec
+        })
+}
+
+/// A Pod, an owned or standalone ReplicaSet, or a workload, with the mode
+/// that acts on it.
+fn subject_object() -> impl Strategy<Value = (Kind, Mode, Value)> {
+    (0..8u8, metadata(), metadata(), pod_spec(), any::<bool>()).prop_map(
+        |(which, meta, template_meta, spec, offline)| {
+            let (kind, owned) = match which {
+                0 => (Kind::Pod, false),
+                1 => (Kind::ReplicaSet, true),
+                2 => (Kind::ReplicaSet, false),
+                3 => (Kind::Deployment, false),
+                4 => (Kind::StatefulSet, false),
+                5 => (Kind::DaemonSet, false),
+                6 => (Kind::Job, false),
+                _ => (Kind::CronJob, false),
+            };
+            let info = kind.info();
+            let mode = if info.admission && !offline {
+                Mode::Admission
+            } else {
+                Mode::Offline
+            };
+            let mut object = json!({"apiVersion": "v1", "kind": info.name});
+            let mut meta = meta;
+            if owned {
+                let m = meta.get_or_insert_with(|| json!({}));
+                m["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment",
+                    "name": "web", "uid": "u", "controller": true}]);
+            }
+            if let Some(m) = meta {
+                object["metadata"] = m;
+            }
+            let mut template = json!({"spec": spec.clone()});
+            if let Some(m) = template_meta {
+                template["metadata"] = m;
+            }
+            object["spec"] = match info.pod {
+                Location::Object => spec,
+                Location::PodTemplate => {
+                    json!({"selector": {"matchLabels": {"app": "web"}}, "template": template})
+                }
+                Location::CronJobPodTemplate => {
+                    json!({"jobTemplate": {"spec": {"template": template}}})
+                }
+            };
+            (kind, mode, object)
+        },
+    )
+}
+
+fn labels_at(object: &Value, location: Location) -> Option<&serde_json::Map<String, Value>> {
+    let mut at = object;
+    for token in location.tokens() {
+        at = at.get(*token)?;
+    }
+    at.get("metadata")?.get("labels")?.as_object()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// Whatever the kind, labels, tag, annotations, pod shape, policy and
+    /// cluster view: the rendered patch applies, keeps every label the
+    /// object had, fills each target with the intent's labels, and the
+    /// decision on the patched object has nothing to do.
+    #[test]
+    fn rendered_patch_applied_then_redecided_has_nothing_to_do(
+        (kind, mode, object) in subject_object(),
+        proxy_version in prop_oneof![1 => Just(None), 3 => Just(Some("1.5")), 1 => Just(Some("1.9"))],
+        bootstrap_enabled in prop::bool::weighted(0.8),
+        availability in prop_oneof![
+            3 => Just(Availability::Present),
+            1 => Just(Availability::Missing),
+            1 => Just(Availability::Unknown),
+        ],
+    ) {
+        let mut p = istio_cfg(proxy_version);
+        p.bootstrap.enabled = bootstrap_enabled;
+        let cluster = ClusterView { bootstrap_configmap: availability };
+        let s = subject(kind, "shop", mode);
+        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let first = match decide(&s, &view, p.policy(), &cluster) {
+            Err(Deny::UnusableTag { value, .. }) => {
+                prop_assert!(!value.chars().any(|c| c.is_ascii_alphanumeric()), "{value:?}");
+                return Ok(());
+            }
+            Err(other) => return Err(TestCaseError::fail(format!("unexpected deny {other}"))),
+            Ok(d) => d,
+        };
+        let ops = first.to_json_patch();
+        prop_assert_eq!(first.is_noop(), ops.is_empty());
+        prop_assert_eq!(first.mutations().next().is_none(), ops.is_empty());
+        if first.skipped.is_some() {
+            prop_assert!(ops.is_empty());
+        }
+        let mut patched = object.clone();
+        json_patch::patch(&mut patched, &ops).unwrap();
+
+        // Never the selector; never an owned ReplicaSet's spec.
+        prop_assert_eq!(&patched["spec"]["selector"], &object["spec"]["selector"]);
+        if kind == Kind::ReplicaSet && view.has_controller() {
+            prop_assert_eq!(&patched["spec"], &object["spec"]);
+        }
+        // Every label kept; every target filled with the intent's labels
+        // where it lacked them.
+        if let Some(intent) = &first.intent {
+            for label in intent.labels() {
+                prop_assert!(labels::validate_label_value(&label.value).is_ok(), "{label:?}");
+            }
+            for target in &first.targets {
+                let before = labels_at(&object, target.location);
+                let after = labels_at(&patched, target.location).unwrap();
+                for (k, v) in before.into_iter().flatten() {
+                    prop_assert_eq!(after.get(k), Some(v), "label {} kept", k);
+                }
+                for label in intent.labels() {
+                    let had = before.and_then(|b| b.get(label.key));
+                    let now = after.get(label.key).and_then(Value::as_str);
+                    match had {
+                        Some(v) => prop_assert_eq!(Some(v.as_str().unwrap_or_default()), now),
+                        None => prop_assert_eq!(Some(&*label.value), now),
+                    }
+                }
+            }
+        }
+
+        let again: ObjectView = serde_json::from_value(patched.clone()).unwrap();
+        let second = decide(&s, &again, p.policy(), &cluster).unwrap();
+        prop_assert!(second.is_noop(), "second decision has work: {second:?}");
+        prop_assert!(second.to_json_patch().is_empty());
+        prop_assert_eq!(
+            second.intent.as_ref().map(|i| (i.tag(), i.stage())),
+            first.intent.as_ref().map(|i| (i.tag(), i.stage()))
+        );
+    }
+}
+
+/// Found by the proptest: a template without `metadata` gets labels and the
+/// bootstrap annotations; the annotations must not replace the `metadata`
+/// the labels created.
+#[test]
+fn labels_and_annotations_share_a_created_metadata() {
+    let mut rs = replicaset(false);
+    rs["spec"]["template"] = json!({"spec": {"containers": [{"name": "app", "image": "nginx"}]}});
+    let (out, p) = run_in(
+        Kind::ReplicaSet,
+        "shop",
+        Mode::Offline,
+        rs,
+        &istio_cfg(Some("1.5")),
+    );
+    assert_eq!(p.bootstrap, Some(BootstrapOutcome::Annotated));
+    let meta = &out["spec"]["template"]["metadata"];
+    assert_eq!(meta["labels"], json!({"stage": "normal"}));
+    assert!(meta["annotations"][bootstrap::USER_VOLUME].is_string());
+    assert!(meta["annotations"][bootstrap::USER_VOLUME_MOUNT].is_string());
 }

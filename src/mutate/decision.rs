@@ -1,0 +1,409 @@
+//! The typed decision: what an object means (its [`Intent`]), which label
+//! maps lack which labels ([`LabelTarget`]), what the bootstrap part does
+//! ([`BootstrapDecision`]), why it was skipped, and what to tell the user
+//! ([`Warning`]). JSON Patch is one rendering of it
+//! ([`Decision::to_json_patch`]); controllers read the fields directly.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::bootstrap::{BootstrapDecision, BootstrapOutcome, USER_VOLUME, USER_VOLUME_MOUNT};
+use super::kinds::Location;
+use super::labels::sanitize_tag;
+use super::policy::LabelPolicy;
+use super::{Deny, SkipReason};
+
+/// One label: key and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label<'a> {
+    /// The label key, from the policy.
+    pub key: &'a str,
+    /// The value: borrowed from the object or the policy, owned when the
+    /// tag annotation had to be made a valid label value.
+    pub value: Cow<'a, str>,
+}
+
+/// What an object (or a set of labels) means in the stage/tag vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent<'a> {
+    /// `<labels.canaryTag>=<tag>`, for a canary.
+    pub tag: Option<Label<'a>>,
+    /// `<labels.stage>=<stage>`: an existing value wins; else `grayStage`
+    /// with a tag and `normalStage` without.
+    pub stage: Label<'a>,
+}
+
+impl<'a> Intent<'a> {
+    /// The canary tag, if any.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_ref().map(|l| &*l.value)
+    }
+
+    /// The stage value.
+    pub fn stage(&self) -> &str {
+        &self.stage.value
+    }
+
+    /// The labels the intent stands for, tag first (the patch order).
+    pub fn labels(&self) -> impl Iterator<Item = &Label<'a>> {
+        self.tag.iter().chain(std::iter::once(&self.stage))
+    }
+
+    fn from_parts(
+        policy: &'a LabelPolicy,
+        tag: Option<Cow<'a, str>>,
+        existing_stage: Option<&'a String>,
+    ) -> Self {
+        let stage = match (existing_stage, &tag) {
+            (Some(stage), _) => stage.as_str(),
+            (None, Some(_)) => policy.gray_stage.as_str(),
+            (None, None) => policy.normal_stage.as_str(),
+        };
+        Self {
+            tag: tag.map(|value| Label {
+                key: &policy.canary_tag,
+                value,
+            }),
+            stage: Label {
+                key: &policy.stage,
+                value: Cow::Borrowed(stage),
+            },
+        }
+    }
+}
+
+impl LabelPolicy {
+    /// What a set of labels means, with no tag annotation to consider: the
+    /// question a routes controller or `check` asks of a running pod. A
+    /// `canaryTag` label makes a canary; an existing `stage` label wins.
+    pub fn intent<'a>(&'a self, labels: Option<&'a BTreeMap<String, String>>) -> Intent<'a> {
+        let get = |key: &str| labels.and_then(|l| l.get(key));
+        let tag = get(&self.canary_tag).map(|t| Cow::Borrowed(t.as_str()));
+        Intent::from_parts(self, tag, get(&self.stage))
+    }
+
+    /// Resolves the intent from the labels already present (the first
+    /// target that has one speaks for all) and the tag annotation. Existing
+    /// labels win over the annotation, with a warning when they disagree.
+    pub(crate) fn resolve<'a>(
+        &'a self,
+        existing_tag: Option<&'a String>,
+        existing_stage: Option<&'a String>,
+        annotation: Option<&'a String>,
+        warnings: &mut Vec<Warning>,
+    ) -> Result<Intent<'a>, Deny> {
+        let tag: Option<Cow<'a, str>> = match (existing_tag, annotation) {
+            (Some(tag), Some(requested)) => {
+                if sanitize_tag(requested).is_none_or(|s| &s.value != tag) {
+                    warnings.push(Warning::TagIgnored {
+                        label: self.canary_tag.clone(),
+                        value: tag.clone(),
+                        annotation: self.tag_annotation.clone(),
+                    });
+                }
+                Some(Cow::Borrowed(tag))
+            }
+            (Some(tag), None) => Some(Cow::Borrowed(tag)),
+            (None, Some(_)) if existing_stage == Some(&self.normal_stage) => {
+                warnings.push(Warning::TagIgnored {
+                    label: self.stage.clone(),
+                    value: self.normal_stage.clone(),
+                    annotation: self.tag_annotation.clone(),
+                });
+                None
+            }
+            (None, Some(requested)) => {
+                let Some(sanitized) = sanitize_tag(requested) else {
+                    return Err(Deny::UnusableTag {
+                        annotation: self.tag_annotation.clone(),
+                        value: requested.clone(),
+                        label: self.canary_tag.clone(),
+                    });
+                };
+                if sanitized.changed {
+                    warnings.push(Warning::TagRewritten {
+                        annotation: self.tag_annotation.clone(),
+                        requested: requested.clone(),
+                        value: sanitized.value.clone(),
+                    });
+                }
+                Some(Cow::Owned(sanitized.value))
+            }
+            (None, None) => None,
+        };
+        Ok(Intent::from_parts(self, tag, existing_stage))
+    }
+}
+
+/// One label map the core fills, where it is and what it lacks. A
+/// backfill controller builds a label-only patch from exactly this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelTarget {
+    /// Whose `metadata.labels`: the object's, or its pod template's.
+    pub location: Location,
+    /// Whether that holder has `metadata` (absent: it is created).
+    pub has_metadata: bool,
+    /// Whether `metadata.labels` exists and is not null (absent: created).
+    pub has_labels: bool,
+    /// Lacks the intent's tag label (never set without a tag).
+    pub lacks_tag: bool,
+    /// Lacks the stage label.
+    pub lacks_stage: bool,
+}
+
+impl LabelTarget {
+    /// The labels of `intent` this map lacks, as `(key, value)`, tag first.
+    pub fn missing<'i, 'a>(&self, intent: &'i Intent<'a>) -> impl Iterator<Item = &'i Label<'a>> {
+        let tag = intent.tag.as_ref().filter(|_| self.lacks_tag);
+        let stage = Some(&intent.stage).filter(|_| self.lacks_stage);
+        tag.into_iter().chain(stage)
+    }
+
+    /// True when nothing is missing.
+    pub fn is_complete(&self) -> bool {
+        !self.lacks_tag && !self.lacks_stage
+    }
+
+    /// The mutations-metric type of filling it.
+    pub fn mutation(&self) -> &'static str {
+        match self.location {
+            Location::Object => "labels",
+            Location::PodTemplate | Location::CronJobPodTemplate => "template-labels",
+        }
+    }
+}
+
+/// Something the user should know about a decision. [`Warning::reason`]
+/// is a stable code (Event reasons, metric labels); `Display` is the text
+/// users see (admission `warnings`, stderr offline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// A label already set (`label=value`) wins over the tag annotation.
+    TagIgnored {
+        /// The label key already set.
+        label: String,
+        /// Its value.
+        value: String,
+        /// The tag annotation key.
+        annotation: String,
+    },
+    /// The tag annotation was not a valid label value and was rewritten.
+    TagRewritten {
+        /// The tag annotation key.
+        annotation: String,
+        /// The value given.
+        requested: String,
+        /// The label value used instead.
+        value: String,
+    },
+    /// The bootstrap ConfigMap is missing in the object's namespace, so the
+    /// template was not mounted.
+    ConfigMapMissing {
+        /// The ConfigMap name.
+        config_map: String,
+    },
+    /// The pod's userVolume annotations are not JSON objects, so the
+    /// template was not mounted.
+    MalformedAnnotation,
+}
+
+impl Warning {
+    /// Every reason code, for documentation and tests.
+    pub const REASONS: [&'static str; 4] = [
+        "tag-ignored",
+        "tag-rewritten",
+        "configmap-missing",
+        "malformed-annotation",
+    ];
+
+    /// Stable kebab-case code: an Event reason and a metric label value.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TagIgnored { .. } => Self::REASONS[0],
+            Self::TagRewritten { .. } => Self::REASONS[1],
+            Self::ConfigMapMissing { .. } => Self::REASONS[2],
+            Self::MalformedAnnotation => Self::REASONS[3],
+        }
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TagIgnored {
+                label,
+                value,
+                annotation,
+            } => write!(
+                f,
+                "label {label}={value} is already set; annotation {annotation} ignored"
+            ),
+            Self::TagRewritten {
+                annotation,
+                requested,
+                value,
+            } => write!(
+                f,
+                "annotation {annotation}: {requested:?} is not a valid label value; using {value:?}"
+            ),
+            Self::ConfigMapMissing { config_map } => write!(
+                f,
+                "ConfigMap {config_map} is missing in this namespace; the Istio sidecar keeps \
+                 its default xds-grpc keepalive"
+            ),
+            Self::MalformedAnnotation => write!(
+                f,
+                "annotation {USER_VOLUME} or {USER_VOLUME_MOUNT} is not a JSON object; \
+                 bootstrap keepalive template not mounted"
+            ),
+        }
+    }
+}
+
+/// What to do with an object that is not denied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision<'a> {
+    /// Set when the object was left alone; everything else is then empty.
+    pub skipped: Option<SkipReason>,
+    /// What the object means; `None` when skipped or when it has no label
+    /// map to fill (a workload without a pod template).
+    pub intent: Option<Intent<'a>>,
+    /// The label maps, primary first (the object, then its pod template),
+    /// complete ones included.
+    pub targets: Vec<LabelTarget>,
+    /// What the bootstrap part decided, when it was considered.
+    pub bootstrap: Option<BootstrapDecision<'a>>,
+    /// Messages for the user.
+    pub warnings: Vec<Warning>,
+}
+
+impl Decision<'_> {
+    /// A decision to leave the object alone.
+    pub fn skip(reason: SkipReason) -> Self {
+        Self {
+            skipped: Some(reason),
+            ..Self::default()
+        }
+    }
+
+    /// True when nothing would change: every target complete and no
+    /// bootstrap mount or annotation to add.
+    pub fn is_noop(&self) -> bool {
+        self.targets.iter().all(LabelTarget::is_complete)
+            && self
+                .bootstrap
+                .as_ref()
+                .is_none_or(|b| b.outcome().mutation().is_none())
+    }
+
+    /// What would change, for the mutations metric (`labels`,
+    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`).
+    pub fn mutations(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let labels = self
+            .targets
+            .iter()
+            .filter(|t| !t.is_complete())
+            .map(LabelTarget::mutation);
+        let bootstrap = self.bootstrap.as_ref().and_then(|b| b.outcome().mutation());
+        labels.chain(bootstrap)
+    }
+
+    /// What the bootstrap part did, for its metric.
+    pub fn bootstrap_outcome(&self) -> Option<BootstrapOutcome> {
+        self.bootstrap.as_ref().map(BootstrapDecision::outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn labels_alone_have_a_meaning() {
+        let policy = LabelPolicy::default();
+        let none = policy.intent(None);
+        assert_eq!((none.tag(), none.stage()), (None, "normal"));
+        let tagged = labels(&[("canarytag", "v2")]);
+        let i = policy.intent(Some(&tagged));
+        assert_eq!((i.tag(), i.stage()), (Some("v2"), "gray"));
+        let custom = labels(&[("canarytag", "v2"), ("stage", "beta")]);
+        let i = policy.intent(Some(&custom));
+        assert_eq!((i.tag(), i.stage()), (Some("v2"), "beta"));
+        let pairs: Vec<(&str, &str)> = i.labels().map(|l| (l.key, &*l.value)).collect();
+        assert_eq!(pairs, [("canarytag", "v2"), ("stage", "beta")]);
+    }
+
+    #[test]
+    fn missing_labels_follow_the_flags() {
+        let policy = LabelPolicy::default();
+        let tagged = labels(&[("canarytag", "v2")]);
+        let intent = policy.intent(Some(&tagged));
+        let target = LabelTarget {
+            location: Location::PodTemplate,
+            has_metadata: true,
+            has_labels: true,
+            lacks_tag: false,
+            lacks_stage: true,
+        };
+        let missing: Vec<_> = target
+            .missing(&intent)
+            .map(|l| (l.key, &*l.value))
+            .collect();
+        assert_eq!(missing, [("stage", "gray")]);
+        assert!(!target.is_complete());
+        assert_eq!(target.mutation(), "template-labels");
+    }
+
+    #[test]
+    fn warnings_have_stable_reasons_and_the_messages_users_know() {
+        let cases = [
+            (
+                Warning::TagIgnored {
+                    label: "canarytag".into(),
+                    value: "a".into(),
+                    annotation: "canary-injector.io/tag".into(),
+                },
+                "tag-ignored",
+                "label canarytag=a is already set; annotation canary-injector.io/tag ignored",
+            ),
+            (
+                Warning::TagRewritten {
+                    annotation: "canary-injector.io/tag".into(),
+                    requested: "feature/x".into(),
+                    value: "feature-x".into(),
+                },
+                "tag-rewritten",
+                "annotation canary-injector.io/tag: \"feature/x\" is not a valid label value; \
+                 using \"feature-x\"",
+            ),
+            (
+                Warning::ConfigMapMissing {
+                    config_map: "canary-injector-bootstrap".into(),
+                },
+                "configmap-missing",
+                "ConfigMap canary-injector-bootstrap is missing in this namespace; the Istio \
+                 sidecar keeps its default xds-grpc keepalive",
+            ),
+            (
+                Warning::MalformedAnnotation,
+                "malformed-annotation",
+                "annotation sidecar.istio.io/userVolume or sidecar.istio.io/userVolumeMount is \
+                 not a JSON object; bootstrap keepalive template not mounted",
+            ),
+        ];
+        for (warning, reason, text) in &cases {
+            assert_eq!(warning.reason(), *reason);
+            assert_eq!(warning.to_string(), *text);
+            assert!(reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+        }
+        assert_eq!(cases.len(), Warning::REASONS.len());
+    }
+}

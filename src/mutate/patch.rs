@@ -1,0 +1,158 @@
+//! Renders a [`Decision`] as RFC 6902 JSON Patch operations: the one place
+//! operations are built, for admission and the offline CLI.
+//!
+//! Label maps and annotation maps that do not exist are created whole
+//! (`add /metadata/labels {..}`), existing ones get one `add` per missing
+//! key; userVolume annotations the pod already has are `replace`d with the
+//! merged value. Keys are escaped per RFC 6901 (`example.com/stage` ->
+//! `example.com~1stage`).
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
+use serde_json::{Map, Value, json};
+
+use super::bootstrap::{
+    Annotate, BootstrapDecision, Edit, Mount, USER_VOLUME, USER_VOLUME_MOUNT, mount_fields,
+    volume_source,
+};
+use super::decision::{Decision, Intent, LabelTarget};
+use super::kinds::Location;
+
+fn add(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path, value })
+}
+
+fn pointer<'a>(location: Location, tail: impl IntoIterator<Item = &'a str>) -> PointerBuf {
+    PointerBuf::from_tokens(location.tokens().iter().copied().chain(tail))
+}
+
+impl Decision<'_> {
+    /// The JSON Patch that carries out this decision; empty when there is
+    /// nothing to do. Applying it and deciding again gives a no-op decision.
+    pub fn to_json_patch(&self) -> Vec<PatchOperation> {
+        let mut ops = Vec::new();
+        if let Some(intent) = &self.intent {
+            for target in &self.targets {
+                labels(target, intent, &mut ops);
+            }
+        }
+        match &self.bootstrap {
+            Some(BootstrapDecision::Annotate(a)) => {
+                // When a label operation created this pod's `metadata`, the
+                // annotations go into it: a second `add /metadata` would
+                // replace the labels just added.
+                let created = self.intent.is_some()
+                    && self
+                        .targets
+                        .iter()
+                        .any(|t| t.location == a.location && !t.has_metadata && !t.is_complete());
+                annotate(a, created, &mut ops)
+            }
+            Some(BootstrapDecision::Mount(m)) => mount(m, &mut ops),
+            Some(BootstrapDecision::AlreadyDone | BootstrapDecision::Skipped(_)) | None => {}
+        }
+        ops
+    }
+}
+
+fn labels(target: &LabelTarget, intent: &Intent<'_>, ops: &mut Vec<PatchOperation>) {
+    if target.is_complete() {
+        return;
+    }
+    let map = || {
+        Value::Object(
+            target
+                .missing(intent)
+                .map(|l| {
+                    (
+                        l.key.to_owned(),
+                        Value::String(l.value.clone().into_owned()),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let at = target.location;
+    if !target.has_metadata {
+        ops.push(add(pointer(at, ["metadata"]), json!({ "labels": map() })));
+    } else if !target.has_labels {
+        ops.push(add(pointer(at, ["metadata", "labels"]), map()));
+    } else {
+        for label in target.missing(intent) {
+            ops.push(add(
+                pointer(at, ["metadata", "labels", label.key]),
+                Value::String(label.value.clone().into_owned()),
+            ));
+        }
+    }
+}
+
+/// `metadata_created`: an earlier operation created the pod's `metadata`.
+fn annotate(a: &Annotate, metadata_created: bool, ops: &mut Vec<PatchOperation>) {
+    let at = a.location;
+    let both = || {
+        let mut map = Map::new();
+        map.insert(USER_VOLUME.into(), a.user_volume.value.clone().into());
+        map.insert(
+            USER_VOLUME_MOUNT.into(),
+            a.user_volume_mount.value.clone().into(),
+        );
+        Value::Object(map)
+    };
+    if !a.has_metadata && !metadata_created {
+        ops.push(add(
+            pointer(at, ["metadata"]),
+            json!({ "annotations": both() }),
+        ));
+        return;
+    }
+    if !a.has_annotations || metadata_created {
+        ops.push(add(pointer(at, ["metadata", "annotations"]), both()));
+        return;
+    }
+    for (key, edit) in [
+        (USER_VOLUME, &a.user_volume),
+        (USER_VOLUME_MOUNT, &a.user_volume_mount),
+    ] {
+        let path = pointer(at, ["metadata", "annotations", key]);
+        let value = Value::String(edit.value.clone());
+        match edit.edit {
+            Edit::Add => ops.push(add(path, value)),
+            Edit::Replace => ops.push(PatchOperation::Replace(ReplaceOperation { path, value })),
+            Edit::Keep => {}
+        }
+    }
+}
+
+fn with_name(name: &str, fields: Value) -> Value {
+    let mut map = Map::new();
+    map.insert("name".into(), Value::String(name.into()));
+    if let Value::Object(rest) = fields {
+        map.extend(rest);
+    }
+    Value::Object(map)
+}
+
+fn mount(m: &Mount<'_>, ops: &mut Vec<PatchOperation>) {
+    let at = m.location;
+    let volume = with_name(&m.volume_name, volume_source(m.config_map_name));
+    if m.has_volumes {
+        ops.push(add(pointer(at, ["spec", "volumes", "-"]), volume));
+    } else {
+        ops.push(add(pointer(at, ["spec", "volumes"]), json!([volume])));
+    }
+    let mount = with_name(&m.volume_name, mount_fields());
+    let index = m.index.to_string();
+    let list = m.container.field();
+    if m.has_volume_mounts {
+        ops.push(add(
+            pointer(at, ["spec", list, &index, "volumeMounts", "-"]),
+            mount,
+        ));
+    } else {
+        ops.push(add(
+            pointer(at, ["spec", list, &index, "volumeMounts"]),
+            json!([mount]),
+        ));
+    }
+}
