@@ -242,20 +242,23 @@ impl LeaderElectionConfig {
             300,
         )?;
         if let Some(renew) = self.renew_seconds {
+            // At least two renewals must fit in the renew deadline (two
+            // thirds of the duration) before the leader steps down.
             check_range(
                 "leaderElection.renewSeconds",
                 renew,
                 1,
-                self.lease_duration_seconds - 1,
+                (self.lease_duration_seconds / 3).max(1),
             )?;
         }
         Ok(())
     }
 
-    /// The renewal period: `renewSeconds`, else a third of the duration.
+    /// The renewal period: `renewSeconds`, else client-go's proportion
+    /// (2 s for a 15 s lease).
     pub fn renew_seconds(&self) -> u32 {
         self.renew_seconds
-            .unwrap_or((self.lease_duration_seconds / 3).max(1))
+            .unwrap_or((self.lease_duration_seconds * 2 / 15).max(1))
     }
 }
 
@@ -433,7 +436,7 @@ mod tests {
         );
         assert_eq!(cfg.leader_election.lease_name, "canary-injector");
         assert_eq!(cfg.leader_election.lease_duration_seconds, 15);
-        assert_eq!(cfg.leader_election.renew_seconds(), 5);
+        assert_eq!(cfg.leader_election.renew_seconds(), 2);
     }
 
     #[test]
@@ -444,7 +447,7 @@ mod tests {
              namespaces: {optIn: {team: shop, mesh: istio}, own: injector}\n\
              routes: {header: x-version, removalGraceSeconds: 0}\n\
              backfill: {enabled: false, patchesPerSecond: 1000}\n\
-             leaderElection: {leaseName: ci.example.com, leaseDurationSeconds: 30, renewSeconds: 10}\n",
+             leaderElection: {leaseName: ci.example.com, leaseDurationSeconds: 30, renewSeconds: 8}\n",
         )
         .unwrap();
         assert_eq!(cfg.labels.canary_tag, "example.com/canary");
@@ -458,7 +461,7 @@ mod tests {
         assert_eq!(cfg.routes.removal_grace_seconds, 0);
         assert!(cfg.routes.enabled);
         assert!(!cfg.backfill.enabled);
-        assert_eq!(cfg.leader_election.renew_seconds(), 10);
+        assert_eq!(cfg.leader_election.renew_seconds(), 8);
         assert_eq!(cfg.policy().labels, &cfg.labels);
     }
 
@@ -570,7 +573,7 @@ mod tests {
                 "leaderElection.leaseDurationSeconds",
             ),
             (
-                "leaderElection: {renewSeconds: 15}\n",
+                "leaderElection: {renewSeconds: 6}\n",
                 "leaderElection.renewSeconds",
             ),
             (
@@ -588,7 +591,7 @@ mod tests {
         for yaml in [
             "routes: {removalGraceSeconds: 3600, header: 'x-b3_tag.1'}\n",
             "backfill: {patchesPerSecond: 1}\n",
-            "leaderElection: {leaseDurationSeconds: 5, renewSeconds: 4}\n",
+            "leaderElection: {leaseDurationSeconds: 6, renewSeconds: 2}\n",
             "leaderElection: {leaseDurationSeconds: 300}\n",
             "server: {maxBodyBytes: 1024}\n",
             "namespaces: {optIn: {}, excluded: []}\n",

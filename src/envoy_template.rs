@@ -160,7 +160,7 @@ const MAX_DEPTH: usize = 256;
 
 /// Lexical class of a [`Tok`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+enum TokenKind {
     LBrace,
     RBrace,
     LBracket,
@@ -181,7 +181,7 @@ enum Kind {
 /// offsets are always `char` boundaries.
 #[derive(Debug, Clone, Copy)]
 struct Tok {
-    kind: Kind,
+    kind: TokenKind,
     start: usize,
     end: usize,
 }
@@ -300,14 +300,14 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, TemplateError> {
                 continue;
             }
             // `{{` is always a Go action: JSON never has `{` right after `{`.
-            b'{' if b.get(i + 1) == Some(&b'{') => (Kind::Directive, skip_directive(src, i)?),
-            b'{' => (Kind::LBrace, i + 1),
-            b'}' => (Kind::RBrace, i + 1),
-            b'[' => (Kind::LBracket, i + 1),
-            b']' => (Kind::RBracket, i + 1),
-            b':' => (Kind::Colon, i + 1),
-            b',' => (Kind::Comma, i + 1),
-            b'"' => (Kind::Str, skip_string(src, i)?),
+            b'{' if b.get(i + 1) == Some(&b'{') => (TokenKind::Directive, skip_directive(src, i)?),
+            b'{' => (TokenKind::LBrace, i + 1),
+            b'}' => (TokenKind::RBrace, i + 1),
+            b'[' => (TokenKind::LBracket, i + 1),
+            b']' => (TokenKind::RBracket, i + 1),
+            b':' => (TokenKind::Colon, i + 1),
+            b',' => (TokenKind::Comma, i + 1),
+            b'"' => (TokenKind::Str, skip_string(src, i)?),
             _ => {
                 let mut j = i;
                 while b
@@ -316,7 +316,7 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, TemplateError> {
                 {
                     j += 1;
                 }
-                (Kind::Bare, j)
+                (TokenKind::Bare, j)
             }
         };
         toks.push(Tok {
@@ -401,23 +401,23 @@ impl<'a> Doc<'a> {
                 // Control directives (`{{ if }}`, `{{ end }}`, comments...) are
                 // transparent to the structure; a value directive right after
                 // `"key":` (`"metadata": {{ .meta_json_str }}`) is that value.
-                Kind::Directive => {
+                TokenKind::Directive => {
                     let pending = stack.last().is_some_and(|f| f.pending_key.is_some());
                     if !pending || is_control(doc.text(i, i)) {
                         continue;
                     }
                 }
-                Kind::Comma => match stack.last_mut() {
+                TokenKind::Comma => match stack.last_mut() {
                     Some(f) => {
                         f.pending_key = None;
                         continue;
                     }
                     None => return Err(bad(format!("unexpected ',' at line {}", line()))),
                 },
-                Kind::Colon => {
+                TokenKind::Colon => {
                     let prev = i.checked_sub(1).map(|p| doc.toks[p].kind);
                     match stack.last_mut() {
-                        Some(f) if doc.nodes[f.node].object && prev == Some(Kind::Str) => {
+                        Some(f) if doc.nodes[f.node].object && prev == Some(TokenKind::Str) => {
                             f.pending_key = Some(i - 1);
                         }
                         Some(_) => {}
@@ -425,8 +425,8 @@ impl<'a> Doc<'a> {
                     }
                     continue;
                 }
-                Kind::RBrace | Kind::RBracket => {
-                    let object = tok.kind == Kind::RBrace;
+                TokenKind::RBrace | TokenKind::RBracket => {
+                    let object = tok.kind == TokenKind::RBrace;
                     let Some(frame) = stack.pop() else {
                         return Err(bad(format!(
                             "unbalanced braces: unexpected closing bracket at line {}",
@@ -450,7 +450,7 @@ impl<'a> Doc<'a> {
                 _ => {}
             }
             // `tok` starts a value: a scalar, or an opening brace/bracket.
-            let opens = matches!(tok.kind, Kind::LBrace | Kind::LBracket);
+            let opens = matches!(tok.kind, TokenKind::LBrace | TokenKind::LBracket);
             let mut member = None;
             let parent = match stack.last_mut() {
                 Some(f) => {
@@ -489,7 +489,7 @@ impl<'a> Doc<'a> {
                 }
                 let node = doc.nodes.len();
                 doc.nodes.push(Node {
-                    object: tok.kind == Kind::LBrace,
+                    object: tok.kind == TokenKind::LBrace,
                     open: i,
                     close: i,
                     parent,
@@ -523,7 +523,7 @@ impl<'a> Doc<'a> {
     /// Text of a string token without its quotes (escapes left as written).
     fn str_content(&self, tok: usize) -> &'a str {
         let t = self.toks[tok];
-        if t.kind != Kind::Str {
+        if t.kind != TokenKind::Str {
             return "";
         }
         self.src.get(t.start + 1..t.end - 1).unwrap_or("")
@@ -578,7 +578,7 @@ impl<'a> Doc<'a> {
                 node.object
                     && node.parent.is_some_and(|p| is_clusters[p])
                     && self.members_named(n, "name").any(|m| {
-                        self.toks[m.value].kind == Kind::Str
+                        self.toks[m.value].kind == TokenKind::Str
                             && self.str_content(m.value) == "xds-grpc"
                     })
             })
@@ -659,7 +659,7 @@ impl<'a> Doc<'a> {
         // Prepend `"tcp_keepalive": {...},` before the first member. Only safe
         // when that member is unconditional (not preceded by a directive),
         // otherwise our comma could end up trailing.
-        if self.toks[first_inner].kind != Kind::Str {
+        if self.toks[first_inner].kind != TokenKind::Str {
             return Err(unsupported());
         }
         let open_end = self.toks[node.open].end;
@@ -703,7 +703,7 @@ impl<'a> Doc<'a> {
         let comma = self
             .toks
             .get(name.value + 1)
-            .filter(|t| t.kind == Kind::Comma);
+            .filter(|t| t.kind == TokenKind::Comma);
         let layout = match own_line_indent(src, key_pos) {
             Some(indent) => Layout::Multi {
                 indent,
@@ -749,7 +749,7 @@ impl<'a> Doc<'a> {
         let node = self.nodes[obj];
         if self.toks[node.open..=node.close]
             .iter()
-            .any(|t| t.kind == Kind::Directive)
+            .any(|t| t.kind == TokenKind::Directive)
         {
             return false;
         }
@@ -765,7 +765,7 @@ impl<'a> Doc<'a> {
                     (it.next(), it.next()),
                     (Some(m), None)
                         if m.value == m.value_end
-                            && self.toks[m.value].kind == Kind::Bare
+                            && self.toks[m.value].kind == TokenKind::Bare
                             && is_number(self.text(m.value, m.value), v)
                 )
             })

@@ -1,22 +1,35 @@
 //! canary-injector: a Kubernetes mutating admission webhook that gives Pods
 //! and ReplicaSets the `canarytag` / `stage` labels Istio canary routing
-//! selects on.
+//! selects on, and mounts a patched Envoy bootstrap template (xds-grpc TCP
+//! keepalive) into Istio sidecars.
 //!
 //! ```text
-//!            +-------------------- adapters --------------------+
-//!  apiserver | server (hyper+rustls) -> admission (JSON) --+    |
-//!  kubectl   | offline (YAML docs) ---------------------------+--> mutate (pure core)
-//!            | metrics, config, certs                            |
-//!            +--------------------------------------------------+
+//!                 +------------------------------ adapters ------------------------------+
+//!   apiserver --> | server (hyper+rustls) --> admission (review JSON) --+                 |
+//!   kubectl   --> | offline (`mutate -f` YAML) ------------------------+--> mutate        |
+//!                 |                                                    |    (pure core)   |
+//!                 | copier  (ConfigMap cache: every replica;           |                  |
+//!                 |          copies: leader only) ----------------------+                  |
+//!                 | cluster (kube client, lease, shared watches, events)                  |
+//!                 | app     (serve's supervised tasks)  metrics  config  certs            |
+//!                 +-----------------------------------------------------------------------+
+//!   envoy_template (pure): the bootstrap template scanner and patcher
 //! ```
-//! Adapters depend on the core ([`mutate`]), never the reverse.
+//! Adapters depend on the pure core ([`mutate`], [`envoy_template`]), never
+//! the reverse; the core does no I/O. [`app`] wires the adapters for
+//! `serve`; the binary's `cli/` only parses flags and calls it.
 
 pub mod admission;
+pub mod app;
 pub mod certs;
+pub mod cluster;
 pub mod config;
+pub mod copier;
 pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
-pub mod reconcile;
 pub mod server;
+
+#[cfg(test)]
+mod testing;

@@ -1,13 +1,17 @@
 //! Prometheus metrics, registered on a registry the caller owns (no global
-//! state), and the plain-HTTP `/metrics` endpoint.
+//! state): the review path's [`Metrics`], the writers' [`ControllerMetrics`];
+//! [`encode`] renders a scrape for the plain-HTTP `/metrics` listener
+//! ([`crate::server::serve_metrics`]). Other modules register their own
+//! (e.g. [`crate::cluster::events::EventMetrics`]) on the same registry.
 //!
 //! Label values are bounded: kinds admission does not act on (per
 //! [`crate::mutate::KINDS`]) and operations outside a fixed set are reported
-//! as `other`; namespaces, names, uids and error texts never appear.
+//! as `other`; controllers and reasons come from fixed lists; namespaces,
+//! names, uids and error texts never appear.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Prefix of every metric name.
@@ -142,6 +146,93 @@ impl Metrics {
     }
 }
 
+/// What every controller (writer) reports, labelled by `controller`: a
+/// fixed set of names (`bootstrap-copier`; `routes` and `backfill` next),
+/// never an object's name. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    applies: IntCounterVec,
+    errors: IntCounterVec,
+    /// 1 while this replica holds the Lease (runs the writers), else 0.
+    pub leader: IntGauge,
+}
+
+impl ControllerMetrics {
+    /// Creates and registers `reconcile_applies_total{controller}`,
+    /// `reconcile_errors_total{controller,reason}` and `leader`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "reconcile_applies_total",
+                "Writes to the API server that succeeded, by controller.",
+            ),
+            &["controller"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "reconcile_errors_total",
+                "Failed reconciles, by controller and reason.",
+            ),
+            &["controller", "reason"],
+        )?;
+        let leader = IntGauge::new(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controllers.",
+        )?;
+        registry.register(Box::new(applies.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        Ok(Self {
+            applies,
+            errors,
+            leader,
+        })
+    }
+
+    /// Handles for one controller; every reason is exported at 0 from the
+    /// start, so `rate()` sees the first error.
+    pub fn controller(&self, name: &'static str, reasons: &[&'static str]) -> ControllerCounters {
+        for reason in reasons {
+            self.errors.with_label_values(&[name, reason]);
+        }
+        ControllerCounters {
+            applies: self.applies.with_label_values(&[name]),
+            errors: self.errors.clone(),
+            name,
+        }
+    }
+}
+
+/// One controller's counters (see [`ControllerMetrics::controller`]).
+#[derive(Clone)]
+pub struct ControllerCounters {
+    applies: IntCounter,
+    errors: IntCounterVec,
+    name: &'static str,
+}
+
+impl ControllerCounters {
+    /// Counts a successful write.
+    pub fn applied(&self) {
+        self.applies.inc();
+    }
+
+    /// Counts a failed reconcile (`reason` from the controller's fixed set).
+    pub fn error(&self, reason: &'static str) {
+        self.errors.with_label_values(&[self.name, reason]).inc();
+    }
+
+    /// Successful writes so far.
+    pub fn applies(&self) -> u64 {
+        self.applies.get()
+    }
+
+    /// Errors with `reason` so far.
+    pub fn errors(&self, reason: &str) -> u64 {
+        self.errors.with_label_values(&[self.name, reason]).get()
+    }
+}
+
 /// A registry whose metric names start with `canary_injector_`.
 pub fn new_registry() -> Registry {
     Registry::new_custom(Some(NAMESPACE.into()), None).expect("static prefix is valid")
@@ -199,6 +290,32 @@ mod tests {
             r#"canary_injector_admission_duration_seconds_bucket{kind="Pod",le="0.00025"} 1"#
         ));
         assert!(text.contains("canary_injector_build_info{version="));
+    }
+
+    #[test]
+    fn controller_counters_carry_the_controller_label() {
+        let registry = new_registry();
+        let m = ControllerMetrics::register(&registry).unwrap();
+        let copier = m.controller("bootstrap-copier", &["apply", "source-missing"]);
+        copier.applied();
+        copier.error("apply");
+        m.leader.set(1);
+        let text = String::from_utf8(encode(&registry)).unwrap();
+        assert!(
+            text.contains(
+                r#"canary_injector_reconcile_applies_total{controller="bootstrap-copier"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"canary_injector_reconcile_errors_total{controller="bootstrap-copier",reason="apply"} 1"#
+        ));
+        assert!(text.contains(
+            r#"canary_injector_reconcile_errors_total{controller="bootstrap-copier",reason="source-missing"} 0"#
+        ));
+        assert!(text.contains("canary_injector_leader 1"));
+        assert_eq!(copier.applies(), 1);
+        assert_eq!(copier.errors("apply"), 1);
     }
 
     #[test]

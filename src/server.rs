@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, ConfigMapLookup, Outcome};
+use crate::cluster::events::EventSink;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mutate::BootstrapOutcome;
@@ -83,6 +84,9 @@ pub struct State {
     pub limits: Limits,
     /// Where the bootstrap ConfigMap exists (the reconciler's cache).
     pub configmaps: Arc<ConfigMapLookup>,
+    /// Where events about reviewed objects go (never awaited on the review
+    /// path; dry-run reviews emit none).
+    pub events: EventSink,
     /// Benchmark floor: answer every `POST /mutate` with these bytes after
     /// reading the body, without parsing (same listener, TLS and limits).
     pub floor_response: Option<Bytes>,
@@ -97,6 +101,7 @@ impl State {
             metrics,
             limits,
             configmaps: Arc::new(admission::no_cluster),
+            events: EventSink::disabled(),
             floor_response: None,
             ready: AtomicBool::new(false),
         }
@@ -105,6 +110,12 @@ impl State {
     /// Uses `lookup` to tell where the bootstrap ConfigMap exists.
     pub fn with_configmaps(mut self, lookup: Arc<ConfigMapLookup>) -> Self {
         self.configmaps = lookup;
+        self
+    }
+
+    /// Sends events about reviewed objects to `events`.
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = events;
         self
     }
 

@@ -167,7 +167,10 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
     assert_eq!(webhooks.len(), 1);
     let w = &webhooks[0];
     assert_eq!(w.admission_review_versions, ["v1", "v1beta1"]);
-    assert_eq!(w.side_effects, "None");
+    assert_eq!(
+        w.side_effects, "NoneOnDryRun",
+        "events are a side effect, never on dry-run"
+    );
     assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
     assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
     assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
@@ -670,7 +673,14 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
     m.bootstrap_skip("istio-version");
     m.mutation("labels");
     m.error("bad-request", false, 0.0);
-    canary_injector::reconcile::ReconcileMetrics::register(&registry).unwrap();
+    let controllers = canary_injector::metrics::ControllerMetrics::register(&registry).unwrap();
+    controllers
+        .controller(
+            canary_injector::copier::CONTROLLER,
+            &canary_injector::copier::CopyError::REASONS,
+        )
+        .applied();
+    canary_injector::cluster::events::EventMetrics::register(&registry).unwrap();
     let exported: BTreeSet<String> = registry
         .gather()
         .iter()

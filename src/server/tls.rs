@@ -247,7 +247,21 @@ impl Reloader {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.reload_if_changed() {
+            // File reads and PEM parsing block: keep them off the async
+            // workers that serve reviews.
+            let (reloader, outcome) = match tokio::task::spawn_blocking(move || {
+                let outcome = self.reload_if_changed();
+                (self, outcome)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: only when the runtime shuts down.
+                Err(_) => return,
+            };
+            self = reloader;
+            match outcome {
                 Reload::Unchanged => {}
                 Reload::Swapped(not_after) => {
                     refused_logged = false;

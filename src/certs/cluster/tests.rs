@@ -1,29 +1,18 @@
-//! `certs --secret` against a mock apiserver (kube-rs' tower-test pattern).
-//!
-//! The mock keeps the objects and answers as an apiserver does: `GET` (200
-//! or a 404 `Status`), server-side apply (`PATCH` with
-//! `application/apply-patch+yaml`: `fieldManager` required, creates when
-//! absent ignoring a `resourceVersion`, else 409 when the applied
-//! `resourceVersion` is not the stored one, merges `data` keys and labels,
-//! refuses a type change with 422), and RFC 6902 JSON Patch (`test` failures
-//! give 422). Every request is recorded, so tests check the exact calls, and
-//! failures or concurrent writers can be injected before a given request.
-//! Not modelled: managed-fields ownership (which keys an apply may remove).
+//! `certs --secret` against the in-memory apiserver of [`crate::testing`]
+//! ([`FakeApiServer`](crate::testing::FakeApiServer): objects kept, server-side
+//! apply, JSON Patch `test`, `resourceVersion` conflicts, every call
+//! recorded, failures and concurrent writers injected).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use kube::Client;
-use kube::client::Body;
+use http::Method;
 use serde_json::{Value, json};
-use tower_test::mock;
 
 use super::*;
 use crate::certs::{Bundle, service_sans};
+use crate::testing::{FakeApiServer as ApiServer, Hook, Seen as Call};
 
 const TLS: &str = "/api/v1/namespaces/canary-injector/secrets/canary-injector-tls";
 const CA: &str = "/api/v1/namespaces/canary-injector/secrets/canary-injector-ca";
@@ -38,230 +27,14 @@ const JSON_PATCH: &str = "application/json-patch+json";
 const HOUR: Duration = Duration::from_secs(3600);
 const YEAR: Duration = Duration::from_secs(8760 * 3600);
 
-/// One request as the mock apiserver received it.
-#[derive(Debug, Clone)]
-struct Call {
-    method: Method,
-    path: String,
-    query: BTreeMap<String, String>,
-    content_type: Option<String>,
-    body: Value,
-}
-
-impl Call {
-    fn is_write(&self) -> bool {
-        self.method != Method::GET
-    }
-}
-
-/// What to do just before the mock handles a matching request.
-enum Hook {
-    /// Answer with this status instead.
-    Fail(u16),
-    /// Another writer changes the object first (a new resourceVersion).
-    Touch,
-}
-
-#[derive(Default)]
-struct State {
-    objects: BTreeMap<String, Value>,
-    version: u64,
-    calls: Vec<Call>,
-    hooks: Vec<(Method, String, Hook)>,
-}
-
-/// The mock apiserver, shared between runs of `ensure`.
-#[derive(Clone, Default)]
-struct ApiServer(Arc<Mutex<State>>);
-
-impl ApiServer {
-    fn with(objects: &[(&str, Value)]) -> Self {
-        let server = Self::default();
-        for (path, object) in objects {
-            server.put(path, object.clone());
-        }
-        server
-    }
-
-    /// Stores `object` at `path` as the apiserver would (new resourceVersion).
-    fn put(&self, path: &str, mut object: Value) {
-        let mut s = self.0.lock().unwrap();
-        s.version += 1;
-        object["metadata"]["resourceVersion"] = json!(s.version.to_string());
-        s.objects.insert(path.to_owned(), object);
-    }
-
-    fn get(&self, path: &str) -> Option<Value> {
-        self.0.lock().unwrap().objects.get(path).cloned()
-    }
-
-    fn hook(&self, method: Method, path: &str, hook: Hook) {
-        self.0
-            .lock()
-            .unwrap()
-            .hooks
-            .push((method, path.to_owned(), hook));
-    }
-
-    /// Takes the calls recorded so far.
-    fn calls(&self) -> Vec<Call> {
-        std::mem::take(&mut self.0.lock().unwrap().calls)
-    }
-
-    /// Runs `ensure` against this apiserver.
-    async fn ensure(&self) -> Result<Outcome, ClusterError> {
-        let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let server = self.clone();
-        let task = tokio::spawn(async move {
-            while let Some((req, reply)) = handle.next_request().await {
-                let resp = server.handle(req).await;
-                reply.send_response(resp);
-            }
-        });
-        let client = Client::new(svc, "default");
-        let result = tokio::time::timeout(Duration::from_secs(20), ensure(client, &target()))
-            .await
-            .expect("ensure() did not finish");
-        task.await.unwrap();
-        result
-    }
-
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let query: BTreeMap<String, String> =
-            form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-                .into_owned()
-                .collect();
-        let content_type = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_owned());
-        let bytes = req.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("request bodies are JSON")
-        };
-        let call = Call {
-            method,
-            path,
-            query,
-            content_type,
-            body,
-        };
-        let mut s = self.0.lock().unwrap();
-        s.calls.push(call.clone());
-        let hook = s
-            .hooks
-            .iter()
-            .position(|(m, p, _)| *m == call.method && *p == call.path)
-            .map(|i| s.hooks.remove(i).2);
-        match hook {
-            Some(Hook::Fail(code)) => return status(code, "InternalError", "injected failure"),
-            Some(Hook::Touch) => {
-                s.version += 1;
-                let v = s.version.to_string();
-                let o = s
-                    .objects
-                    .get_mut(&call.path)
-                    .expect("touch an existing object");
-                o["metadata"]["resourceVersion"] = json!(v);
-                o["metadata"]["labels"]["touched-by"] = json!("someone-else");
-            }
-            None => {}
-        }
-        let stored = s.objects.get(&call.path).cloned();
-        match (call.method.clone(), call.content_type.as_deref()) {
-            (Method::GET, _) => match stored {
-                Some(o) => ok(200, &o),
-                None => status(404, "NotFound", "not found"),
-            },
-            (Method::PATCH, Some(APPLY)) => {
-                assert!(
-                    call.query.contains_key("fieldManager"),
-                    "apply needs fieldManager"
-                );
-                let mut applied = call.body.clone();
-                assert_eq!(
-                    applied["metadata"]["name"].as_str(),
-                    call.path.rsplit('/').next(),
-                    "name in the body and the URL"
-                );
-                s.version += 1;
-                let v = s.version.to_string();
-                let (code, object) = match stored {
-                    None => {
-                        // Create: a resourceVersion in the applied object is ignored.
-                        applied["metadata"]["resourceVersion"] = json!(v);
-                        applied["metadata"]["uid"] = json!("0b9e4f5e-0000-4000-8000-000000000001");
-                        (201, applied)
-                    }
-                    Some(mut o) => {
-                        if let Some(rv) = applied["metadata"]["resourceVersion"].as_str()
-                            && Some(rv) != o["metadata"]["resourceVersion"].as_str()
-                        {
-                            return status(409, "Conflict", "the object has been modified");
-                        }
-                        if applied.get("type").is_some() && applied["type"] != o["type"] {
-                            return status(422, "Invalid", "type: field is immutable");
-                        }
-                        for (k, val) in applied["data"].as_object().cloned().unwrap_or_default() {
-                            o["data"][k] = val;
-                        }
-                        for (k, val) in applied["metadata"]["labels"]
-                            .as_object()
-                            .cloned()
-                            .unwrap_or_default()
-                        {
-                            o["metadata"]["labels"][k] = val;
-                        }
-                        o["metadata"]["resourceVersion"] = json!(v);
-                        (200, o)
-                    }
-                };
-                s.objects.insert(call.path.clone(), object.clone());
-                ok(code, &object)
-            }
-            (Method::PATCH, Some(JSON_PATCH)) => {
-                let Some(mut o) = stored else {
-                    return status(404, "NotFound", "not found");
-                };
-                let ops: json_patch::Patch = serde_json::from_value(call.body.clone()).unwrap();
-                if json_patch::patch(&mut o, &ops).is_err() {
-                    return status(
-                        422,
-                        "Invalid",
-                        "the server rejected our request due to an error in our request",
-                    );
-                }
-                s.version += 1;
-                o["metadata"]["resourceVersion"] = json!(s.version.to_string());
-                s.objects.insert(call.path.clone(), o.clone());
-                ok(200, &o)
-            }
-            other => panic!("unexpected request {other:?} {}", call.path),
-        }
-    }
-}
-
-fn ok(code: u16, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(StatusCode::from_u16(code).unwrap())
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
-}
-
-/// A `Status` failure as the apiserver sends it.
-fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
-    ok(
-        code,
-        &json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "message": message, "reason": reason, "code": code,
-        }),
-    )
+/// Runs `ensure` against `api`; the served client goes away with it.
+async fn ensure_on(api: &ApiServer) -> Result<Outcome, ClusterError> {
+    let (client, served) = api.client();
+    let result = tokio::time::timeout(Duration::from_secs(20), ensure(client, &target()))
+        .await
+        .expect("ensure() did not finish");
+    served.await.unwrap();
+    result
 }
 
 fn target() -> Target {
@@ -409,7 +182,7 @@ fn check_apply(
     version: Option<&str>,
 ) -> Value {
     assert_eq!((&call.method, call.path.as_str()), (&Method::PATCH, path));
-    assert_eq!(call.content_type.as_deref(), Some(APPLY));
+    assert_eq!(call.content_type, APPLY);
     assert_eq!(
         call.query,
         BTreeMap::from([
@@ -457,7 +230,7 @@ fn check_apply(
 #[tokio::test]
 async fn first_install_writes_the_ca_then_the_bundle_then_the_tls_secret() {
     let api = ApiServer::with(&[(CONFIG, config_json(None))]);
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(outcome.ca, CaOutcome::Created);
     assert_eq!(
         outcome.ca_bundle,
@@ -500,7 +273,7 @@ async fn first_install_writes_the_ca_then_the_bundle_then_the_tls_secret() {
     );
     assert_eq!(config_rv["op"], "test");
     assert_eq!(config_rv["path"], "/metadata/resourceVersion");
-    assert_eq!(calls[4].content_type.as_deref(), Some(JSON_PATCH));
+    assert_eq!(calls[4].content_type, JSON_PATCH);
     let tls_body = check_apply(
         &calls[5],
         TLS,
@@ -512,7 +285,7 @@ async fn first_install_writes_the_ca_then_the_bundle_then_the_tls_secret() {
     assert_eq!(assert_trusted(&api), [der_of(&ca_pem)]);
 
     // What was written is what the next run keeps: only reads.
-    let again = api.ensure().await.unwrap();
+    let again = ensure_on(&api).await.unwrap();
     assert_eq!(
         (again.ca, again.ca_bundle, again.tls),
         (
@@ -539,7 +312,7 @@ async fn renewal_carries_the_resource_version_and_a_conflict_restarts_the_run() 
     let rv = api.get(TLS).unwrap()["metadata"]["resourceVersion"].clone();
     // Someone labels the Secret between our read and our write.
     api.hook(Method::PATCH, TLS, Hook::Touch);
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(
         outcome.tls,
         TlsOutcome::Renewed(RenewReason::Expiring("tls.crt"))
@@ -580,7 +353,7 @@ async fn ca_replacement_survives_a_failed_bundle_patch_and_prunes_the_old_ca_lat
         (CONFIG, config_json(Some(old.cert_pem()))),
     ]);
     api.hook(Method::PATCH, CONFIG, Hook::Fail(500));
-    let err = api.ensure().await.unwrap_err();
+    let err = ensure_on(&api).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot patch MutatingWebhookConfiguration canary-injector"
@@ -605,7 +378,7 @@ async fn ca_replacement_survives_a_failed_bundle_patch_and_prunes_the_old_ca_lat
     assert_ne!(new_pem, old.cert_pem());
 
     // The rerun publishes both CAs, then switches the serving certificate.
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(outcome.ca, CaOutcome::Unchanged);
     assert_eq!(
         outcome.ca_bundle,
@@ -626,7 +399,7 @@ async fn ca_replacement_survives_a_failed_bundle_patch_and_prunes_the_old_ca_lat
     );
 
     // A run right after keeps the old CA: the pods may still serve it.
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(outcome.ca_bundle, CaBundleOutcome::Unchanged);
     assert!(api.calls().iter().all(|c| !c.is_write()));
 
@@ -634,7 +407,7 @@ async fn ca_replacement_survives_a_failed_bundle_patch_and_prunes_the_old_ca_lat
     // CA goes (simulated: a certificate of the new CA issued an hour ago).
     let new = Ca::from_pem(&new_pem, &unb64(&api.get(CA).unwrap()["data"]["ca.key"])).unwrap();
     api.put(TLS, tls_json(&serving(&new, HOUR)));
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(outcome.ca_bundle, CaBundleOutcome::Pruned { webhooks: 2 });
     assert_eq!(outcome.tls, TlsOutcome::Unchanged);
     assert_eq!(assert_trusted(&api), [der_of(&new_pem)]);
@@ -648,7 +421,7 @@ async fn ca_key_in_an_old_tls_secret_moves_to_the_ca_secret() {
         (TLS, legacy_tls_json(&served)),
         (CONFIG, config_json(Some(ca.cert_pem()))),
     ]);
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert_eq!(outcome.ca, CaOutcome::Moved);
     assert_eq!(
         outcome.ca_bundle,
@@ -669,7 +442,7 @@ async fn ca_key_in_an_old_tls_secret_moves_to_the_ca_secret() {
         (&writes[1].method, writes[1].path.as_str()),
         (&Method::PATCH, TLS)
     );
-    assert_eq!(writes[1].content_type.as_deref(), Some(JSON_PATCH));
+    assert_eq!(writes[1].content_type, JSON_PATCH);
     assert_eq!(writes[1].body[0]["op"], "test");
     assert_eq!(writes[1].body[0]["path"], "/metadata/resourceVersion");
     assert_eq!(
@@ -685,7 +458,7 @@ async fn ca_key_in_an_old_tls_secret_moves_to_the_ca_secret() {
     assert_eq!(assert_trusted(&api), [der_of(ca.cert_pem())]);
 
     // Done: the next run only reads.
-    api.ensure().await.unwrap();
+    ensure_on(&api).await.unwrap();
     assert!(api.calls().iter().all(|c| !c.is_write()));
 }
 
@@ -693,7 +466,7 @@ async fn ca_key_in_an_old_tls_secret_moves_to_the_ca_secret() {
 async fn a_concurrent_bundle_change_restarts_the_run_from_a_fresh_read() {
     let api = ApiServer::with(&[(CONFIG, config_json(None))]);
     api.hook(Method::PATCH, CONFIG, Hook::Touch);
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     let summary: Vec<(Method, String)> = api
         .calls()
         .into_iter()
@@ -728,7 +501,7 @@ async fn endless_conflicts_give_up_after_the_attempts() {
     for _ in 0..ATTEMPTS {
         api.hook(Method::PATCH, CONFIG, Hook::Touch);
     }
-    let err = api.ensure().await.unwrap_err();
+    let err = ensure_on(&api).await.unwrap_err();
     assert!(matches!(err, ClusterError::Conflict { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
@@ -743,7 +516,7 @@ async fn endless_conflicts_give_up_after_the_attempts() {
 #[tokio::test]
 async fn missing_webhook_configuration_is_an_error_before_any_write() {
     let api = ApiServer::default();
-    let err = api.ensure().await.unwrap_err();
+    let err = ensure_on(&api).await.unwrap_err();
     assert!(
         matches!(&err, ClusterError::WebhookConfigurationNotFound(n) if n == "canary-injector"),
         "{err:?}"
@@ -756,7 +529,7 @@ async fn missing_webhook_configuration_is_an_error_before_any_write() {
 async fn forbidden_is_reported_with_the_action() {
     let api = ApiServer::default();
     api.hook(Method::GET, TLS, Hook::Fail(403));
-    let err = api.ensure().await.unwrap_err();
+    let err = ensure_on(&api).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot get Secret canary-injector/canary-injector-tls"
@@ -779,7 +552,7 @@ async fn a_secret_of_another_type_keeps_its_type() {
         (TLS, tls),
         (CONFIG, config_json(Some(ca.cert_pem()))),
     ]);
-    let outcome = api.ensure().await.unwrap();
+    let outcome = ensure_on(&api).await.unwrap();
     assert!(matches!(outcome.tls, TlsOutcome::Renewed(_)));
     let apply = api
         .calls()

@@ -1,0 +1,332 @@
+//! `serve` in process: real listeners and TLS, a mock apiserver where a
+//! cluster is needed.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+use crate::testing::FakeApiServer;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    tls: CertPaths,
+    ca_pem: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = crate::certs::ensure_dev_cert(dir.path()).unwrap();
+    let ca_pem = std::fs::read_to_string(&dev.ca).unwrap();
+    Fixture {
+        tls: CertPaths {
+            cert: dev.cert,
+            key: dev.key,
+        },
+        ca_pem,
+        _dir: dir,
+    }
+}
+
+fn options(f: &Fixture, cluster: ClusterAccess) -> ServeOptions {
+    ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: f.tls.clone(),
+        cert_reload_interval: Duration::from_secs(1),
+        shutdown_delay: Duration::from_millis(1500),
+        limits: Limits::default(),
+        floor_response: None,
+        cluster,
+    }
+}
+
+/// `GET path` over TLS (HTTP/1.1, verified against `ca_pem`); the status,
+/// or `None` when the connection is refused.
+async fn get(addr: SocketAddr, ca_pem: &str, path: &str) -> Option<u16> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await.ok()?;
+    response.get(9..12)?.parse().ok()
+}
+
+async fn poll(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_ends_stops_serving_and_names_itself() {
+    let f = fixture();
+    let mut app = App::bind(Config::default(), options(&f, ClusterAccess::Off))
+        .await
+        .unwrap();
+    let (https, _) = app.local_addrs();
+    app.supervise("doomed", |_stop| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Err("its watch broke".into())
+    });
+    let running = tokio::spawn(app.run(Shutdown::new()));
+    poll("ready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(200)
+    })
+    .await;
+    let err = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("run returns once a task ended")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, AppError::TaskEnded(ended) if ended.name == "doomed"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "critical task doomed failed: its watch broke"
+    );
+    assert_eq!(
+        get(https, &f.ca_pem, "/healthz").await,
+        None,
+        "listener closed"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_turns_unready_while_serving_then_closes_the_listener() {
+    let f = fixture();
+    let app = App::bind(Config::default(), options(&f, ClusterAccess::Off))
+        .await
+        .unwrap();
+    let (https, _) = app.local_addrs();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("ready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(200)
+    })
+    .await;
+    shutdown.request();
+    // During the shutdown delay: unready, but still answering.
+    poll("unready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(503)
+    })
+    .await;
+    assert_eq!(get(https, &f.ca_pem, "/healthz").await, Some(200));
+    poll("the listener to close", async || {
+        get(https, &f.ca_pem, "/healthz").await.is_none()
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+// === with a cluster ===
+
+const NS: &str = "canary-injector";
+const LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/canary-injector/leases/canary-injector";
+
+fn cluster_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.namespaces.own = Some(NS.into());
+    cfg
+}
+
+fn source_json() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "canary-injector-bootstrap", "namespace": NS, "resourceVersion": "5"},
+        "data": {"envoy_bootstrap_tmpl.json": "{}"},
+    })
+}
+
+/// An apiserver holding the bootstrap source and the opted-in namespace
+/// `shop`, and the Lease `lease` when given.
+fn apiserver(lease: Option<Value>) -> FakeApiServer {
+    let mut objects = vec![
+        (
+            "/api/v1/namespaces/canary-injector/configmaps/canary-injector-bootstrap",
+            source_json(),
+        ),
+        (
+            "/api/v1/namespaces/shop",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}}),
+        ),
+    ];
+    if let Some(l) = lease {
+        objects.push((LEASE, l));
+    }
+    FakeApiServer::with(&objects)
+}
+
+/// Every call so far as `METHOD path` (`?watch` appended for watches).
+fn calls(api: &FakeApiServer) -> Vec<String> {
+    api.seen()
+        .iter()
+        .map(|c| {
+            let watch = if c.query.get("watch").is_some_and(|w| w == "true") {
+                "?watch"
+            } else {
+                ""
+            };
+            format!("{} {}{watch}", c.method, c.path)
+        })
+        .collect()
+}
+
+fn position(calls: &[String], prefix: &str) -> Option<usize> {
+    calls.iter().position(|c| c.starts_with(prefix))
+}
+
+#[tokio::test]
+async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (client, _served) = api.client();
+    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let (https, _) = app.local_addrs();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("ready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(200)
+    })
+    .await;
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
+    let listed = position(&calls, "GET /api/v1/namespaces").expect("namespaces listed");
+    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
+    assert!(acquired < listed && listed < copied, "{calls:#?}");
+    let released = calls
+        .iter()
+        .rposition(|c| c.starts_with("PUT /apis/coordination.k8s.io"));
+    assert!(
+        released.is_some_and(|r| r > copied),
+        "released at shutdown: {calls:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_follower_serves_from_its_cache_and_writes_nothing() {
+    let f = fixture();
+    // Another replica holds the lease for an hour.
+    let held = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "canary-injector", "namespace": NS, "resourceVersion": "7"},
+        "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
+    });
+    let api = apiserver(Some(held));
+    let (client, _served) = api.client();
+    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let (https, _) = app.local_addrs();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("ready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(200)
+    })
+    .await;
+    // Two election rounds at least.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert!(
+        position(&calls, "GET /api/v1/configmaps").is_some(),
+        "every replica caches"
+    );
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("GET /apis/coordination"))
+            .count()
+            >= 2,
+        "{calls:#?}"
+    );
+    for write in ["PATCH", "PUT", "POST", "GET /api/v1/namespaces"] {
+        assert_eq!(
+            position(&calls, write),
+            None,
+            "a follower never {write}: {calls:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_leader_election_off_the_replica_copies_without_a_lease() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (client, _served) = api.client();
+    let mut cfg = cluster_config();
+    cfg.leader_election.enabled = false;
+    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert_eq!(
+        position(&calls, "GET /apis/coordination"),
+        None,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        position(&calls, "POST /apis/coordination"),
+        None,
+        "{calls:#?}"
+    );
+}

@@ -1,0 +1,371 @@
+//! Kubernetes Events from code that must never wait for the API server (the
+//! admission path): [`EventSink::emit`] only queues (a bounded channel,
+//! never blocking; a full queue drops and counts), and one task
+//! ([`publish`]) drains the queue into kube-runtime's [`Recorder`], which
+//! aggregates repeats of the same event into a series. The task is paced by
+//! a token bucket, so a storm of warnings cannot flood the API server.
+//!
+//! Dry-run reviews must not emit (the webhook declares
+//! `sideEffects: NoneOnDryRun`); callers check before [`EventSink::emit`].
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::app::TaskError;
+
+/// Events waiting to be published at most; beyond this they are dropped.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// One event to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRequest {
+    /// The object the event is about (shown by `kubectl describe`).
+    pub regarding: ObjectReference,
+    /// `Normal` or `Warning`.
+    pub type_: EventType,
+    /// Short PascalCase reason, e.g. `CanaryTagRewritten`.
+    pub reason: String,
+    /// What was done, PascalCase, e.g. `Admit`.
+    pub action: String,
+    /// The human-readable message (at most 1 kB is kept).
+    pub note: String,
+}
+
+/// Event counters by outcome (`published`, `dropped`, `failed`).
+#[derive(Clone)]
+pub struct EventMetrics {
+    events: IntCounterVec,
+}
+
+impl EventMetrics {
+    /// Creates and registers `events_total{outcome}`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "events_total",
+                "Kubernetes Events by outcome: published, dropped (queue full or \
+                 over the rate), failed (the API refused them).",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in ["published", "dropped", "failed"] {
+            events.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(events.clone()))?;
+        Ok(Self { events })
+    }
+
+    fn count(&self, outcome: &str) {
+        self.events.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// The sending side; cheap to clone. See the module docs.
+#[derive(Clone)]
+pub struct EventSink {
+    tx: Option<mpsc::Sender<EventRequest>>,
+    metrics: Option<EventMetrics>,
+}
+
+/// The receiving side, for [`publish`].
+pub struct EventQueue {
+    rx: mpsc::Receiver<EventRequest>,
+}
+
+impl EventSink {
+    /// A sink that discards everything (no cluster).
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            metrics: None,
+        }
+    }
+
+    /// A sink and its queue holding up to `capacity` events.
+    pub fn channel(capacity: usize, metrics: EventMetrics) -> (Self, EventQueue) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Self {
+                tx: Some(tx),
+                metrics: Some(metrics),
+            },
+            EventQueue { rx },
+        )
+    }
+
+    /// Queues `event` without waiting; false when it was dropped (queue
+    /// full, or no publisher).
+    pub fn emit(&self, event: EventRequest) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let queued = tx.try_send(event).is_ok();
+        if !queued && let Some(m) = &self.metrics {
+            m.count("dropped");
+        }
+        queued
+    }
+}
+
+/// Publishing pace: `per_second` on average, bursts of up to `burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Average events per second.
+    pub per_second: u32,
+    /// Events allowed at once after a quiet spell.
+    pub burst: u32,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            per_second: 5,
+            burst: 25,
+        }
+    }
+}
+
+const MAX_NOTE_BYTES: usize = 1024;
+
+fn truncate(note: &str) -> String {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note.to_owned();
+    }
+    let mut end = MAX_NOTE_BYTES - 3;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &note[..end])
+}
+
+/// Publishes queued events through `recorder` at `pace` until `shutdown`.
+/// A refused event is counted and logged (once until one succeeds again);
+/// it never ends the task.
+pub async fn publish(
+    mut queue: EventQueue,
+    recorder: Recorder,
+    pace: Pace,
+    metrics: EventMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), TaskError> {
+    let per_token = Duration::from_secs(1) / pace.per_second.max(1);
+    let burst = f64::from(pace.burst.max(1));
+    let mut tokens = burst;
+    let mut last = Instant::now();
+    let mut failing = false;
+    loop {
+        let request = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = queue.rx.recv() => match r { Some(r) => r, None => break },
+        };
+        let now = Instant::now();
+        tokens =
+            (tokens + now.duration_since(last).as_secs_f64() / per_token.as_secs_f64()).min(burst);
+        last = now;
+        if tokens < 1.0 {
+            let wait = per_token.mul_f64(1.0 - tokens);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+            tokens = 1.0;
+            last = Instant::now();
+        }
+        tokens -= 1.0;
+        let event = Event {
+            type_: request.type_,
+            reason: request.reason.clone(),
+            note: Some(truncate(&request.note)),
+            action: request.action.clone(),
+            secondary: None,
+        };
+        match recorder.publish(&event, &request.regarding).await {
+            Ok(()) => {
+                metrics.count("published");
+                failing = false;
+                debug!(reason = %request.reason, "event published");
+            }
+            Err(error) => {
+                metrics.count("failed");
+                if !failing {
+                    warn!(%error, reason = %request.reason, "cannot publish an event");
+                }
+                failing = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::mock_client;
+    use http::{Method, StatusCode};
+    use kube::runtime::events::Reporter;
+
+    fn metrics() -> (Registry, EventMetrics) {
+        let registry = Registry::new();
+        let m = EventMetrics::register(&registry).unwrap();
+        (registry, m)
+    }
+
+    fn count(m: &EventMetrics, outcome: &str) -> u64 {
+        m.events.with_label_values(&[outcome]).get()
+    }
+
+    fn request(name: &str) -> EventRequest {
+        EventRequest {
+            regarding: ObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: Some("Deployment".into()),
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                uid: Some("8f8c9a3e-0000-4000-8000-000000000001".into()),
+                ..ObjectReference::default()
+            },
+            type_: EventType::Warning,
+            reason: "CanaryTagRewritten".into(),
+            action: "Admit".into(),
+            note: "annotation canary-injector.io/tag: \"feature/x\" is not a valid label value; using \"feature-x\"".into(),
+        }
+    }
+
+    fn reporter() -> Reporter {
+        Reporter {
+            controller: "canary-injector".into(),
+            instance: Some("canary-injector-7d9f-abcde".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_event_is_created_on_the_object() {
+        let (client, mut api) = mock_client();
+        let (_, m) = metrics();
+        let (sink, queue) = EventSink::channel(8, m.clone());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publish(
+            queue,
+            Recorder::new(client, reporter()),
+            Pace::default(),
+            m.clone(),
+            shutdown.clone(),
+        ));
+        assert!(sink.emit(request("checkout")));
+        let call = api
+            .expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/shop/events",
+            )
+            .await;
+        let body = call.body.clone();
+        assert_eq!(body["type"], "Warning");
+        assert_eq!(body["reason"], "CanaryTagRewritten");
+        assert_eq!(body["action"], "Admit");
+        assert_eq!(body["regarding"]["kind"], "Deployment");
+        assert_eq!(body["regarding"]["name"], "checkout");
+        assert_eq!(body["reportingController"], "canary-injector");
+        assert_eq!(body["reportingInstance"], "canary-injector-7d9f-abcde");
+        assert!(body["note"].as_str().unwrap().contains("feature-x"));
+        call.respond(StatusCode::CREATED, &body);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(count(&m, "published"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_without_waiting() {
+        let (_, m) = metrics();
+        let (sink, _queue) = EventSink::channel(2, m.clone());
+        assert!(sink.emit(request("a")));
+        assert!(sink.emit(request("b")));
+        // Nobody drains the queue: the third is dropped at once.
+        assert!(!sink.emit(request("c")));
+        assert_eq!(count(&m, "dropped"), 1);
+        assert!(!EventSink::disabled().emit(request("d")));
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_counted_and_the_next_one_still_goes_out() {
+        let (client, mut api) = mock_client();
+        let (_, m) = metrics();
+        let (sink, queue) = EventSink::channel(8, m.clone());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publish(
+            queue,
+            Recorder::new(client, reporter()),
+            Pace::default(),
+            m.clone(),
+            shutdown.clone(),
+        ));
+        sink.emit(request("first"));
+        sink.emit(request("second"));
+        let path = "/apis/events.k8s.io/v1/namespaces/shop/events";
+        api.expect(Method::POST, path).await.fail(
+            403,
+            "Forbidden",
+            "events.events.k8s.io is forbidden: User cannot create resource",
+        );
+        let call = api.expect(Method::POST, path).await;
+        assert_eq!(call.body["regarding"]["name"], "second");
+        let body = call.body.clone();
+        call.respond(StatusCode::CREATED, &body);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(count(&m, "failed"), 1);
+        assert_eq!(count(&m, "published"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishing_is_paced_after_the_burst() {
+        let (client, mut api) = mock_client();
+        let (_, m) = metrics();
+        let (sink, queue) = EventSink::channel(64, m.clone());
+        let shutdown = CancellationToken::new();
+        let pace = Pace {
+            per_second: 2,
+            burst: 3,
+        };
+        let task = tokio::spawn(publish(
+            queue,
+            Recorder::new(client, reporter()),
+            pace,
+            m.clone(),
+            shutdown.clone(),
+        ));
+        for i in 0..7 {
+            assert!(sink.emit(request(&format!("obj-{i}"))));
+        }
+        let start = Instant::now();
+        for _ in 0..7 {
+            let call = api.next().await;
+            let body = call.body.clone();
+            call.respond(StatusCode::CREATED, &body);
+        }
+        // 3 at once, then 4 more at 2/s: about 2 s.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+        assert!(took <= Duration::from_millis(2600), "{took:?}");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(count(&m, "published"), 7);
+    }
+
+    #[test]
+    fn long_notes_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(800);
+        let cut = truncate(&long);
+        assert!(cut.len() <= MAX_NOTE_BYTES);
+        assert!(cut.ends_with("..."));
+        assert_eq!(truncate("short"), "short");
+    }
+}
