@@ -13,7 +13,7 @@ mod plan;
 
 pub use plan::{
     BUNDLE_OVERLAP, BundleStep, CaStep, Observed, RenewReason, Rotation, SecretData, TlsStep,
-    Wanted, bundle_pem, check_ca, plan_rotation,
+    Wanted, bundle_pem, bundle_trusts, check_ca, not_after, plan_rotation,
 };
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@
 
 mod bootstrap_template;
 mod certs;
+mod check;
 mod mutate;
 mod serve;
 
@@ -58,6 +59,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Set the xds-grpc TCP keepalive in an Istio Envoy bootstrap template.
     BootstrapTemplate(bootstrap_template::TemplateArgs),
+    /// Tell whether canary routing in the cluster is sound, and what to fix.
+    Check(check::CheckArgs),
 }
 
 /// Why a subcommand failed; decides the exit code (see the module docs).
@@ -131,6 +134,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Mutate(args) => mutate::run(args),
         Command::BootstrapTemplate(args) => bootstrap_template::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::Check(args) => check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -411,3 +411,39 @@ fn mutate_mounts_the_bootstrap_template_unless_told_not_to() {
             .is_none()
     );
 }
+
+/// `check` without a reachable cluster: exit 2 and a reason, not a report.
+#[test]
+fn check_without_a_cluster_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    // A kubeconfig whose API server refuses connections.
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: dead\n\
+         clusters: [{name: dead, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         contexts: [{name: dead, context: {cluster: dead, user: u}}]\n\
+         users: [{name: u, user: {token: t}}]\n",
+    )
+    .unwrap();
+    for (config, reason) in [
+        (
+            dir.path().join("missing").display().to_string(),
+            "cannot configure the Kubernetes client",
+        ),
+        (kubeconfig.display().to_string(), "cannot read"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["check", "-o", "json"])
+            .env("KUBECONFIG", &config)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(reason), "{}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "no report without a cluster");
+    }
+    let out = run(&["check", "-o", "yaml"], None);
+    assert_eq!(out.status.code(), Some(2), "bad usage");
+}
