@@ -202,6 +202,40 @@ fn calls(api: &FakeApiServer) -> Vec<String> {
         .collect()
 }
 
+/// A running `serve` with a cluster: its HTTPS address and how to stop it.
+struct Running {
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), AppError>>,
+}
+
+/// Binds and runs `serve` with `cfg` against `api`, and waits until ready.
+async fn serve_with(f: &Fixture, cfg: Config, api: &FakeApiServer) -> Running {
+    let (client, _served) = api.client();
+    let app = App::bind(cfg, options(f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let (https, _) = app.local_addrs();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    poll("ready", async || {
+        get(https, &f.ca_pem, "/readyz").await == Some(200)
+    })
+    .await;
+    Running { shutdown, task }
+}
+
+impl Running {
+    /// Requests shutdown and waits for a clean exit.
+    async fn stop(self) {
+        self.shutdown.request();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 fn position(calls: &[String], prefix: &str) -> Option<usize> {
     calls.iter().position(|c| c.starts_with(prefix))
 }
@@ -210,27 +244,12 @@ fn position(calls: &[String], prefix: &str) -> Option<usize> {
 async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     let f = fixture();
     let api = apiserver(None);
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let (https, _) = app.local_addrs();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-    poll("ready", async || {
-        get(https, &f.ca_pem, "/readyz").await == Some(200)
-    })
-    .await;
+    let running = serve_with(&f, cluster_config(), &api).await;
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
-    shutdown.request();
-    tokio::time::timeout(Duration::from_secs(20), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     let calls = calls(&api);
     let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
     let listed = position(&calls, "GET /api/v1/namespaces").expect("namespaces listed");
@@ -255,25 +274,10 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
     });
     let api = apiserver(Some(held));
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let (https, _) = app.local_addrs();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-    poll("ready", async || {
-        get(https, &f.ca_pem, "/readyz").await == Some(200)
-    })
-    .await;
+    let running = serve_with(&f, cluster_config(), &api).await;
     // Two election rounds at least.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    shutdown.request();
-    tokio::time::timeout(Duration::from_secs(20), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     let calls = calls(&api);
     assert!(
         position(&calls, "GET /api/v1/configmaps").is_some(),
@@ -300,24 +304,14 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
 async fn with_leader_election_off_the_replica_copies_without_a_lease() {
     let f = fixture();
     let api = apiserver(None);
-    let (client, _served) = api.client();
     let mut cfg = cluster_config();
     cfg.leader_election.enabled = false;
-    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
+    let running = serve_with(&f, cfg, &api).await;
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
-    shutdown.request();
-    tokio::time::timeout(Duration::from_secs(20), running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     let calls = calls(&api);
     assert_eq!(
         position(&calls, "GET /apis/coordination"),

@@ -247,19 +247,35 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_queued_event_is_created_on_the_object() {
-        let (client, mut api) = mock_client();
+    /// A publisher on a mock apiserver, its sink and what stops it.
+    #[allow(clippy::type_complexity)]
+    fn publisher(
+        capacity: usize,
+        pace: Pace,
+    ) -> (
+        EventSink,
+        crate::testing::MockApi,
+        EventMetrics,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), TaskError>>,
+    ) {
+        let (client, api) = mock_client();
         let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(8, m.clone());
+        let (sink, queue) = EventSink::channel(capacity, m.clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(publish(
             queue,
             Recorder::new(client, reporter()),
-            Pace::default(),
+            pace,
             m.clone(),
             shutdown.clone(),
         ));
+        (sink, api, m, shutdown, task)
+    }
+
+    #[tokio::test]
+    async fn a_queued_event_is_created_on_the_object() {
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
         assert!(sink.emit(request("checkout")));
         let call = api
             .expect(
@@ -296,17 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_event_is_counted_and_the_next_one_still_goes_out() {
-        let (client, mut api) = mock_client();
-        let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(8, m.clone());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(publish(
-            queue,
-            Recorder::new(client, reporter()),
-            Pace::default(),
-            m.clone(),
-            shutdown.clone(),
-        ));
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
         sink.emit(request("first"));
         sink.emit(request("second"));
         let path = "/apis/events.k8s.io/v1/namespaces/shop/events";
@@ -327,21 +333,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn publishing_is_paced_after_the_burst() {
-        let (client, mut api) = mock_client();
-        let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(64, m.clone());
-        let shutdown = CancellationToken::new();
         let pace = Pace {
             per_second: 2,
             burst: 3,
         };
-        let task = tokio::spawn(publish(
-            queue,
-            Recorder::new(client, reporter()),
-            pace,
-            m.clone(),
-            shutdown.clone(),
-        ));
+        let (sink, mut api, m, shutdown, task) = publisher(64, pace);
         for i in 0..7 {
             assert!(sink.emit(request(&format!("obj-{i}"))));
         }
