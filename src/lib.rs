@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod duration;
 pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
