@@ -98,6 +98,9 @@ pub enum AppError {
     /// The serving certificate could not be loaded or used.
     #[error("cannot load the serving certificate: {0}")]
     Tls(#[source] tls::TlsError),
+    /// The listener limits do not work together.
+    #[error("invalid server limits: {0}")]
+    Limits(#[source] crate::server::LimitsError),
     /// Metrics could not be registered (a bug: duplicate names).
     #[error("cannot register metrics: {0}")]
     Metrics(#[source] prometheus::Error),
@@ -141,7 +144,10 @@ pub struct App {
 
 impl App {
     /// Binds the listeners and loads the certificate.
+    /// `opts.limits` are used as given (the CLI lays the `server:` section
+    /// and the flags over the defaults) and checked here.
     pub async fn bind(cfg: Config, opts: ServeOptions) -> Result<Self, AppError> {
+        opts.limits.validate().map_err(AppError::Limits)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let loaded = tls::load(&opts.tls, &provider).map_err(AppError::Tls)?;
         let resolver = Arc::new(Resolver::new(&loaded));
@@ -303,8 +309,9 @@ impl App {
             Ok(())
         });
         let stop = stop_rest.clone();
+        let metrics_limits = state.limits.clone();
         tasks.spawn("metrics-server", async move {
-            server::serve_metrics(metrics_listener, registry, stop).await;
+            server::serve_metrics_with(metrics_listener, registry, metrics_limits, stop).await;
             Ok(())
         });
         let tls_config = tls::server_config(provider, resolver).map_err(AppError::Tls)?;

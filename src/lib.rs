@@ -25,6 +25,7 @@ pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod copier;
+pub mod duration;
 pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
