@@ -597,7 +597,8 @@ fn cert_manager_overlay_builds_and_injects_the_ca() {
 fn examples_route_to_what_the_webhook_labels() {
     let yaml = kustomize("deploy/examples");
     let objects = check_all(&yaml);
-    let mutated = offline::mutate_documents(&yaml, &Config::default(), false).unwrap();
+    let mutated =
+        offline::mutate_documents(&yaml, "deploy/examples", &Config::default(), false).unwrap();
     let mutated = docs(&mutated.text);
 
     let dr = objects
