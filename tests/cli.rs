@@ -510,7 +510,7 @@ fn fixture_pod(case: &str) -> String {
     review["request"]["object"].to_string()
 }
 
-fn proxy<'a>(pod: &'a Value) -> &'a Value {
+fn proxy(pod: &Value) -> &Value {
     ["containers", "initContainers"]
         .iter()
         .flat_map(|list| pod["spec"][list].as_array().into_iter().flatten())
