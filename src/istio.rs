@@ -27,7 +27,7 @@
 //! may be listed in `istio.injectorConfigMaps`. Pods are not told apart by
 //! revision here, so [`agree`] gives one answer for all: when every listed
 //! injector that exists has a readable version and they share a
-//! [`KeepaliveForm`], the lowest (what canary-injector does depends only on
+//! [`KeepaliveForm`](crate::mutate::KeepaliveForm), the lowest (what canary-injector does depends only on
 //! the form); otherwise (none found, one unreadable, forms differ) unknown,
 //! and pods not injected yet are skipped, counted as
 //! `istio-version-unknown`, unless config `istio.proxyVersion` says which

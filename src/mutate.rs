@@ -231,6 +231,16 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every skip, for documentation and tests.
+    pub const ALL: [Self; 6] = [
+        Self::Operation,
+        Self::SubResource,
+        Self::Kind,
+        Self::Namespace,
+        Self::MirrorPod,
+        Self::OptedOut,
+    ];
+
     /// Stable name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

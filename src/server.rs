@@ -184,10 +184,13 @@ where
             }
         }
         ("/healthz" | "/readyz", _) => method_not_allowed("GET"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; the webhook path is /mutate",
-        ),
+        _ => {
+            state.metrics.error("not-found", false, 0.0);
+            text(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook path is /mutate",
+            )
+        }
     }
 }
 
