@@ -227,12 +227,20 @@ fn position(calls: &[String], prefix: &str) -> Option<usize> {
     calls.iter().position(|c| c.starts_with(prefix))
 }
 
-#[tokio::test]
-async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
-    let f = fixture();
-    let api = apiserver(None);
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
+/// `serve` with the cluster config against `api`, once ready: its HTTPS
+/// address, the shutdown handle and the running task.
+async fn serve_ready(
+    f: &Fixture,
+    api: &FakeApiServer,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
+    let (client, served) = api.client();
+    // Serves until every client is dropped (the app's, at its end).
+    drop(served);
+    let app = App::bind(cluster_config(), options(f, ClusterAccess::Client(client)))
         .await
         .unwrap();
     let (https, _) = app.local_addrs();
@@ -242,6 +250,14 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         get(https, &f.ca_pem, "/readyz").await == Some(200)
     })
     .await;
+    (https, shutdown, running)
+}
+
+#[tokio::test]
+async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
@@ -279,17 +295,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
     });
     let api = apiserver(Some(held));
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let (https, _) = app.local_addrs();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-    poll("ready", async || {
-        get(https, &f.ca_pem, "/readyz").await == Some(200)
-    })
-    .await;
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     // Two election rounds at least.
     tokio::time::sleep(Duration::from_secs(3)).await;
     shutdown.request();
@@ -353,17 +359,7 @@ async fn the_detected_injector_version_reaches_admission() {
             );
         }
     }
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let (https, _) = app.local_addrs();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-    poll("ready", async || {
-        get(https, &f.ca_pem, "/readyz").await == Some(200)
-    })
-    .await;
+    let (https, shutdown, running) = serve_ready(&f, &api).await;
     let review = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {

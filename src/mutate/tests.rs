@@ -829,17 +829,20 @@ fn custom_configmap_name_is_used() {
     );
 }
 
-#[test]
-fn offline_deployment_template_gets_the_annotations() {
-    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+fn web_deployment() -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
         "spec": {"selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
-                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
+                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}})
+}
+
+#[test]
+fn offline_deployment_template_gets_the_annotations() {
     let (out, p) = run_in(
         Kind::Deployment,
         "",
         Mode::Offline,
-        deployment,
+        web_deployment(),
         &istio_cfg(Some("1.5")),
     );
     assert_eq!(p.bootstrap, Some(BootstrapOutcome::Annotated));
@@ -1223,15 +1226,11 @@ fn template_not_configured_is_quiet() {
 
 #[test]
 fn offline_deployment_template_gets_proxy_metadata() {
-    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-        "spec": {"selector": {"matchLabels": {"app": "web"}},
-                 "template": {"metadata": {"labels": {"app": "web"}},
-                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
     let (out, p) = run_in(
         Kind::Deployment,
         "",
         Mode::Offline,
-        deployment,
+        web_deployment(),
         &istio_cfg(Some("1.20")),
     );
     assert_eq!(p.bootstrap, Some(BootstrapOutcome::ProxyConfig));
