@@ -51,6 +51,7 @@ const BOOTSTRAP_CASES: &[&str] = &[
     "bootstrap-pods/before-injection-1.20-proxy-config",
     "bootstrap-pods/injected-1.22",
     "bootstrap-pods/injected-1.22-user-keepalive",
+    "bootstrap-pods/opted-out-1.22",
     "bootstrap-pods/native-sidecar-1.27",
 ];
 
