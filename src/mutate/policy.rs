@@ -203,7 +203,8 @@ impl NamespacePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct BootstrapPolicy {
-    /// Mount the patched bootstrap template into Istio sidecars.
+    /// Give Istio sidecars the keepalive fix: the patched bootstrap template
+    /// below 1.8, the agent keepalive env from 1.18.
     pub enabled: bool,
     /// Name of the ConfigMap holding the patched template (key
     /// `envoy_bootstrap_tmpl.json`): the source in the webhook's namespace
@@ -213,7 +214,9 @@ pub struct BootstrapPolicy {
     pub opt_out_annotation: String,
     /// Copy the source ConfigMap into every opted-in namespace.
     pub reconcile: bool,
-    /// The keepalive written by `canary-injector bootstrap-template`.
+    /// The keepalive: written into the template by `canary-injector
+    /// bootstrap-template`, and the agent's env from Istio 1.18
+    /// ([`Keepalive::agent`]).
     pub keepalive: Keepalive,
 }
 
