@@ -11,8 +11,7 @@ use bytes::Bytes;
 use canary_injector::admission::{self, no_cluster};
 use canary_injector::config::Config;
 use canary_injector::metrics::{self, Metrics};
-use canary_injector::mutate::Availability;
-use canary_injector::mutate::IstioPolicy;
+use canary_injector::mutate::{Availability, ClusterView, Version};
 use canary_injector::server::{self, Limits, State};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::Request;
@@ -45,15 +44,13 @@ fn bench(c: &mut Criterion) {
     });
     group.throughput(Throughput::Bytes(istio.len() as u64));
 
-    let boot_cfg = Config {
-        istio: IstioPolicy {
-            proxy_version: Some("1.5".into()),
-        },
-        ..Config::default()
+    // What the caches report in a 1.5 mesh set up for the template fix.
+    let present = |_: &str| ClusterView {
+        bootstrap_configmap: Availability::Present,
+        injector_version: Some(Version { major: 1, minor: 5 }),
     };
-    let present = |_: &str| Availability::Present;
     group.bench_function("istio-pod (labels + bootstrap mount)", |b| {
-        b.iter(|| admission::review(black_box(&istio), &boot_cfg, &present).unwrap())
+        b.iter(|| admission::review(black_box(&istio), &cfg, &present).unwrap())
     });
 
     let skip = fixture("kube-system-pod.review.json").into_bytes();

@@ -656,6 +656,14 @@ mod tests {
                 "bootstrap.keepalive.probes",
             ),
             ("istio: {proxyVersion: latest}\n", "istio.proxyVersion"),
+            (
+                "istio: {injectorNamespace: Istio_System}\n",
+                "istio.injectorNamespace",
+            ),
+            (
+                "istio: {injectorConfigMaps: [ok, Not-OK]}\n",
+                "istio.injectorConfigMaps",
+            ),
             ("bootstrap: {enable: true}\n", "enable"),
             ("routes: {header: X-Canary-Tag}\n", "routes.header"),
             ("routes: {header: ''}\n", "routes.header"),
@@ -734,16 +742,20 @@ mod tests {
     }
 
     /// deploy/base/config.yaml embeds the configuration users start from:
-    /// every value in it is the built-in default, except the one it says is not.
+    /// every value in it is the built-in default, as it says; no Istio
+    /// version is pinned (it is detected).
     #[test]
-    fn shipped_configmap_is_the_defaults_but_proxy_version() {
+    fn shipped_configmap_is_the_defaults() {
         let manifest = include_str!("../deploy/base/config.yaml");
+        assert!(manifest.contains("Every value below is the built-in default"));
         let cm: Value = serde_saphyr::from_str(manifest).unwrap();
         let text = cm["data"]["config.yaml"].as_str().unwrap();
-        let mut cfg = Config::from_yaml(text).unwrap();
-        assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
-        cfg.istio.proxy_version = None;
+        let cfg = Config::from_yaml(text).unwrap();
         assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.istio.proxy_version, None);
+        for key in ["proxyVersion", "injectorNamespace", "injectorConfigMaps"] {
+            assert!(text.contains(key), "{key} documented");
+        }
     }
 
     /// README "Configuration" shows every section with its defaults.

@@ -350,10 +350,13 @@ fn other(path: &str, method: &Method, state: &State) -> Resp {
             }
         }
         ("/healthz" | "/readyz", _) => method_not_allowed("GET"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; the webhook path is /mutate",
-        ),
+        _ => {
+            state.metrics.error("not-found", false, 0.0);
+            text(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook path is /mutate",
+            )
+        }
     }
 }
 
