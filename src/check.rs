@@ -378,7 +378,7 @@ fn check_namespace(
     let availability = match (&snapshot.bootstrap_source, &ns.bootstrap_copy) {
         (_, Some(_)) => Availability::Present,
         (Some(_), None) => Availability::Missing,
-        (None, None) => Availability::Unknown,
+        (None, None) => Availability::NotConfigured,
     };
     if policy.bootstrap.enabled
         && let Some(source) = &snapshot.bootstrap_source
@@ -401,8 +401,11 @@ fn check_namespace(
             Some(_) => {}
         }
     }
+    // Running pods carry their proxy's version in its image tag; the
+    // injector version only matters for pods not injected yet.
     let cluster = ClusterView {
         bootstrap_configmap: availability,
+        injector_version: None,
     };
     let replicasets: BTreeMap<&str, &Value> = ns
         .replicasets
