@@ -22,6 +22,27 @@ use crate::mutate::{
     Availability, ClusterView, Kind, LabelPolicy, Mode, ObjectView, Operation, Policy, Subject,
 };
 
+/// Every finding code; README "check" documents each (a test checks).
+pub const CODES: &[&str] = &[
+    "webhook-missing",
+    "ca-bundle-missing",
+    "ca-bundle-mismatch",
+    "certificate-expired",
+    "certificate-expiring",
+    "certificate-invalid",
+    "certificate-unreadable",
+    "no-ready-endpoints",
+    "selector-mismatch",
+    "config-invalid",
+    "pod-without-stage",
+    "gray-without-tag",
+    "pod-replicaset-disagree",
+    "tag-rewritten",
+    "bootstrap-configmap-missing",
+    "bootstrap-configmap-stale",
+    "sidecar-without-template",
+];
+
 /// Certificates expiring sooner than this are a warning.
 pub const EXPIRY_WARNING_SECONDS: i64 = 30 * 86400;
 
@@ -238,6 +259,7 @@ fn finding(
     message: impl Into<String>,
     fix: impl Into<String>,
 ) -> Finding {
+    debug_assert!(CODES.contains(&code), "{code} is missing from CODES");
     Finding {
         severity,
         code,

@@ -539,3 +539,18 @@ async fn an_api_failure_names_what_could_not_be_read() {
         "{err}"
     );
 }
+
+#[test]
+fn every_code_is_documented_in_the_readme() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## Is canary routing sound here?")
+        .nth(1)
+        .expect("README has the check section");
+    for code in CODES {
+        assert!(
+            section.contains(&format!("| `{code}` |")),
+            "README lacks {code}"
+        );
+    }
+}
