@@ -29,6 +29,7 @@ pub mod envoy_template;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod routes;
 pub mod server;
 
 #[cfg(test)]
