@@ -528,7 +528,7 @@ fn in_collection(path: &str, collection: &str) -> bool {
 }
 
 /// Equality-based label selectors and name/namespace field selectors.
-fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
     let meta = &object["metadata"];
     let labels = &meta["labels"];
     let label_ok = query.get("labelSelector").is_none_or(|sel| {
