@@ -14,6 +14,7 @@
 mod bootstrap_template;
 mod certs;
 mod mutate;
+mod routes;
 mod serve;
 
 use std::io::{IsTerminal, Read};
@@ -58,6 +59,10 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Set the xds-grpc TCP keepalive in an Istio Envoy bootstrap template.
     BootstrapTemplate(bootstrap_template::TemplateArgs),
+    /// Print the Istio DestinationRule and VirtualService of every Service
+    /// annotated canary-injector.io/routes: "true", from the workloads in the
+    /// same manifests.
+    Routes(routes::RoutesArgs),
 }
 
 /// Why a subcommand failed; decides the exit code (see the module docs).
@@ -131,6 +136,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Mutate(args) => mutate::run(args),
         Command::BootstrapTemplate(args) => bootstrap_template::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::Routes(args) => routes::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
