@@ -656,7 +656,12 @@ fn examples_route_to_what_the_webhook_labels() {
             .find(|o| o["kind"] == "VirtualService")
             .unwrap();
         let http = vs["spec"]["http"].as_array().unwrap();
-        let to = |r: &Value| r["route"][0]["destination"]["subset"].as_str().unwrap().to_owned();
+        let to = |r: &Value| {
+            r["route"][0]["destination"]["subset"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
         let gray_route = http
             .iter()
             .find(|r| r["match"][0]["headers"]["x-canary-tag"]["exact"] == "feature-login")

@@ -246,20 +246,27 @@ pub struct Observed<S> {
     pub owner_uids: Vec<String>,
     /// The hosts it names (`spec.host` / `spec.hosts`).
     pub hosts: Vec<String>,
-    /// The spec, `None` when it does not have the expected shape.
+    /// The spec; `None` when it does not have the expected shape, and for
+    /// objects that are not ours.
     pub spec: Option<S>,
 }
 
 impl<S: Spec> Observed<S> {
-    /// Reads an object from its metadata and raw `spec`.
+    /// Reads an object from its metadata and raw `spec`. The spec of an
+    /// object that is not ours is not kept: only its hosts matter (for
+    /// conflicts), and a mesh may hold many such objects.
     pub fn new(meta: ObservedMeta, spec: Option<&Value>) -> Self {
+        let managed =
+            meta.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE);
         let (hosts, spec) = match spec {
-            Some(raw) => (S::hosts(raw), S::deserialize(raw).ok()),
+            Some(raw) => (
+                S::hosts(raw),
+                managed.then(|| S::deserialize(raw).ok()).flatten(),
+            ),
             None => (Vec::new(), None),
         };
         Self {
-            managed: meta.labels.get(MANAGED_BY_LABEL).map(String::as_str)
-                == Some(MANAGED_BY_VALUE),
+            managed,
             name: meta.name,
             namespace: meta.namespace,
             uid: meta.uid,
