@@ -484,8 +484,9 @@ fn failure(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
     )
 }
 
-/// Merges `from` into `into` map by map (what an apply of a map does).
-fn merge(into: &mut Value, from: Value) {
+/// Merges `from` into `into` map by map (what an apply of a map does;
+/// lists and scalars are replaced).
+pub(crate) fn merge(into: &mut Value, from: Value) {
     match (into, from) {
         (Value::Object(into), Value::Object(from)) => {
             for (k, v) in from {

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use canary_injector::config::Config;
+use canary_injector::mutate::labels::is_dns_label;
 use canary_injector::offline;
 use serde_json::Value;
 
@@ -47,15 +48,6 @@ fn docs(yaml: &str) -> Vec<Value> {
         .into_iter()
         .filter(|d| !d.is_null())
         .collect()
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn labels(v: &Value) -> BTreeMap<String, String> {

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::cluster::events::{self, EventMetrics, Pace};
 use crate::metrics::ControllerMetrics;
-use crate::testing::{mock_client, selected, status};
+use crate::testing::{merge, mock_client, selected, status};
 
 const SHOP: &str = "/api/v1/namespaces/shop";
 const SERVICE: &str = "/api/v1/namespaces/shop/services/checkout";
@@ -471,19 +471,6 @@ impl State {
             }
             method => panic!("unexpected {method} {path}"),
         }
-    }
-}
-
-/// Maps merge key by key; everything else (lists included, as in Istio's
-/// schemas) is replaced.
-fn merge(into: &mut Value, from: Value) {
-    match (into, from) {
-        (Value::Object(into), Value::Object(from)) => {
-            for (k, v) in from {
-                merge(into.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (into, from) => *into = from,
     }
 }
 
