@@ -117,6 +117,7 @@ impl RoutesSettings {
 pub struct RouteMetrics {
     services: IntGaugeVec,
     changes: IntCounterVec,
+    watch_errors: IntCounterVec,
     /// 1 while `networking.istio.io` and EndpointSlices are served (on the
     /// leader; 0 elsewhere).
     pub crds_present: IntGauge,
@@ -135,8 +136,19 @@ impl RouteMetrics {
         "objects-deleted",
     ];
 
+    /// Values of the `watch` label of `routes_watch_errors_total`.
+    pub const WATCHES: [&'static str; 6] = [
+        "namespaces",
+        "services",
+        "endpointslices",
+        "pods",
+        "destinationrules",
+        "virtualservices",
+    ];
+
     /// Creates and registers `routes_services{state}`,
-    /// `routes_changes_total{change}` and `routes_crds_present`.
+    /// `routes_changes_total{change}`, `routes_watch_errors_total{watch}`
+    /// and `routes_crds_present`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let services = IntGaugeVec::new(
             Opts::new(
@@ -154,6 +166,15 @@ impl RouteMetrics {
             ),
             &["change"],
         )?;
+        let watch_errors = IntCounterVec::new(
+            Opts::new(
+                "routes_watch_errors_total",
+                "Failed lists and watches of the routes controller, by watch (retried with \
+                 backoff; nothing is reconciled until every watch has listed once). Steady \
+                 errors usually mean missing RBAC.",
+            ),
+            &["watch"],
+        )?;
         let crds_present = IntGauge::new(
             "routes_crds_present",
             "1 while the leader finds networking.istio.io and EndpointSlices served; 0 while \
@@ -165,12 +186,17 @@ impl RouteMetrics {
         for change in Self::CHANGES {
             changes.with_label_values(&[change]);
         }
+        for watch in Self::WATCHES {
+            watch_errors.with_label_values(&[watch]);
+        }
         registry.register(Box::new(services.clone()))?;
         registry.register(Box::new(changes.clone()))?;
+        registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(crds_present.clone()))?;
         Ok(Self {
             services,
             changes,
+            watch_errors,
             crds_present,
         })
     }
@@ -189,6 +215,11 @@ impl RouteMetrics {
     /// Changes written so far.
     pub fn changes(&self, change: &str) -> u64 {
         self.changes.with_label_values(&[change]).get()
+    }
+
+    /// Errors of one watch so far.
+    pub fn watch_errors(&self, watch: &str) -> u64 {
+        self.watch_errors.with_label_values(&[watch]).get()
     }
 
     /// Zero every gauge (the term ended: another replica reports now).
@@ -560,10 +591,12 @@ impl Routes {
                 _ = resync.tick() => self.dirty.extend(self.index.all_keys()),
             }
             // Take in what else is waiting before reconciling.
+            let mut rediscover = false;
             while let Some(Some(u)) = updates.next().now_or_never() {
-                if self.apply(u) == Some(Exit::Rediscover) {
-                    return Exit::Rediscover;
-                }
+                rediscover |= self.apply(u) == Some(Exit::Rediscover);
+            }
+            if rediscover {
+                break Exit::Rediscover;
             }
             if self.index.is_synced() {
                 tokio::select! {
@@ -631,6 +664,11 @@ impl Routes {
                 None
             }
             Err(error) => {
+                self.writer
+                    .metrics
+                    .watch_errors
+                    .with_label_values(&[watch])
+                    .inc();
                 if self.failing.insert(watch) {
                     warn!(watch, %error, "watch failed; retrying with backoff");
                 }

@@ -1037,6 +1037,8 @@ async fn watch_errors_are_retried_and_nothing_is_written_before_every_list_compl
         .filter(|c| c.path == "/api/v1/pods" && !c.query.contains_key("watch"))
         .count();
     assert_eq!(pod_lists, 2, "the failed list was retried before any write");
+    assert_eq!(r.metrics.watch_errors("pods"), 1);
+    assert_eq!(r.metrics.watch_errors("virtualservices"), 1);
     // Later, a watch breaks off with an error: the watcher relists and
     // nothing is written again.
     api.fail_once(Method::GET, "/api/v1/services", 500);
