@@ -124,6 +124,15 @@ pub fn routes_documents(
                 if !wants_routes(Some(&annotations)) {
                     continue;
                 }
+                let namespace = text(&doc, "/metadata/namespace").unwrap_or_default();
+                if cfg.namespaces.is_excluded(namespace) {
+                    warnings.push(format!(
+                        "document {index} (Service {}): namespace {namespace} is excluded \
+                         (namespaces.excluded); no routes",
+                        text(&doc, "/metadata/name").unwrap_or_default()
+                    ));
+                    continue;
+                }
                 services.push(Routed {
                     index,
                     service: ServiceRef {
@@ -255,6 +264,17 @@ mod tests {
         assert_eq!(subset_tags(&docs[0]), ["x"]);
         assert_eq!(docs[0]["apiVersion"], API);
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn excluded_namespaces_get_no_routes() {
+        let (docs, warnings) = run("apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  \
+             namespace: kube-system\n  annotations: {canary-injector.io/routes: \"true\"}\n");
+        assert!(docs.is_empty());
+        assert!(
+            warnings[0].contains("namespace kube-system is excluded"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
