@@ -508,7 +508,7 @@ impl Routes {
         }
     }
 
-    /// The index (tests fill it directly).
+    /// The index and the dirty set (benchmarks fill them directly).
     pub fn index_mut(&mut self) -> (&mut Index, &mut BTreeSet<Key>) {
         (&mut self.index, &mut self.dirty)
     }
