@@ -10,13 +10,15 @@
 //!                 |                                                    |    (pure core)   |
 //!                 | copier  (ConfigMap cache: every replica;           |                  |
 //!                 |          copies: leader only) ----------------------+                  |
+//!                 | routes::controller (leader only; DestinationRules, |                  |
+//!                 |          VirtualServices) --------------------------+--> routes (pure) |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
 //!   envoy_template (pure): the bootstrap template scanner and patcher
 //! ```
-//! Adapters depend on the pure core ([`mutate`], [`envoy_template`]), never
-//! the reverse; the core does no I/O. [`app`] wires the adapters for
+//! Adapters depend on the pure core ([`mutate`], [`envoy_template`], the
+//! computation in [`routes`]), never the reverse; the core does no I/O. [`app`] wires the adapters for
 //! `serve`; the binary's `cli/` only parses flags and calls it.
 
 pub mod admission;
