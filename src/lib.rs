@@ -1,7 +1,9 @@
 //! canary-injector: a Kubernetes mutating admission webhook that gives Pods
 //! and ReplicaSets the `canarytag` / `stage` labels Istio canary routing
-//! selects on, and mounts a patched Envoy bootstrap template (xds-grpc TCP
-//! keepalive) into Istio sidecars.
+//! selects on, and gives Istio sidecars a keepalive that notices a dead
+//! istiod within ~45 s, in the form their version understands (a patched
+//! Envoy bootstrap template below 1.8, the agent's gRPC keepalive env from
+//! 1.18).
 //!
 //! ```text
 //!                 +------------------------------ adapters ------------------------------+
@@ -12,14 +14,16 @@
 //!                 |          copies: leader only) ----------------------+                  |
 //!                 | routes::controller (leader only; DestinationRules, |                  |
 //!                 |          VirtualServices) --------------------------+--> routes (pure) |
+//!                 | istio   (injector version: every replica) ---------+                  |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
 //!   envoy_template (pure): the bootstrap template scanner and patcher
 //! ```
 //! Adapters depend on the pure core ([`mutate`], [`envoy_template`], the
-//! computation in [`routes`]), never the reverse; the core does no I/O. [`app`] wires the adapters for
-//! `serve`; the binary's `cli/` only parses flags and calls it.
+//! computation in [`routes`]), never the reverse; the core does no I/O.
+//! [`app`] wires the adapters for `serve`; the binary's `cli/` only parses
+//! flags and calls it.
 
 pub mod admission;
 pub mod app;
@@ -27,7 +31,9 @@ pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod copier;
+pub mod duration;
 pub mod envoy_template;
+pub mod istio;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;

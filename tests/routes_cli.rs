@@ -93,7 +93,7 @@ fn routes_match_the_labels_the_rules_write() {
     let out = run(&["routes", "-f", &path(INPUT)], None);
     let objects = docs(&text(&out.stdout));
     let input = std::fs::read_to_string(path(INPUT)).unwrap();
-    let mutated = offline::mutate_documents(&input, &Config::default(), false).unwrap();
+    let mutated = offline::mutate_documents(&input, INPUT, &Config::default(), false).unwrap();
     let workloads = docs(&mutated.text);
 
     let kinds: Vec<(&str, &str)> = objects

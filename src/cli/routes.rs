@@ -26,22 +26,37 @@ pub(super) struct RoutesArgs {
 }
 
 /// Prints the objects; warnings go to stderr. A document the label rules
-/// refuse is exit code 1, unreadable input or a bad annotation 2.
+/// refuse is exit code 1 (the objects are printed, from the labels the
+/// documents have); unreadable input or a bad annotation 2, printing nothing.
 pub(super) fn run(args: RoutesArgs) -> Result<(), Failure> {
     let cfg = load_config(args.config.as_deref()).or_usage()?;
     let input = read_input(&args.file).or_usage()?;
+    let source = if args.file == "-" {
+        "<stdin>"
+    } else {
+        &args.file
+    };
     let api_version = format!("{GROUP}/{}", args.istio_api_version);
-    match routes_documents(&input, &cfg, &api_version) {
+    match routes_documents(&input, source, &cfg, &api_version) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("warning: {w}");
             }
             print!("{}", out.text);
-            Ok(())
+            if out.refused.is_empty() {
+                return Ok(());
+            }
+            for refused in &out.refused {
+                eprintln!("error: {refused}");
+            }
+            Err(Failure::Failed(anyhow::anyhow!(
+                "{} of {} documents refused by the label rules; their pods count with the \
+                 labels they have",
+                out.refused.len(),
+                out.documents
+            )))
         }
-        Err(e @ (OfflineError::Denied { .. } | OfflineError::Patch { .. })) => {
-            Err(Failure::Failed(e.into()))
-        }
+        Err(e @ OfflineError::Patch { .. }) => Err(Failure::Failed(e.into())),
         Err(e) => Err(Failure::Usage(e.into())),
     }
 }

@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::bootstrap::{BootstrapDecision, BootstrapOutcome, USER_VOLUME, USER_VOLUME_MOUNT};
+use super::bootstrap::{
+    BootstrapDecision, BootstrapOutcome, PROXY_CONFIG, USER_VOLUME, USER_VOLUME_MOUNT,
+};
 use super::kinds::Location;
 use super::labels::sanitize_tag;
 use super::policy::LabelPolicy;
@@ -206,15 +208,19 @@ pub enum Warning {
     /// The pod's userVolume annotations are not JSON objects, so the
     /// template was not mounted.
     MalformedAnnotation,
+    /// The pod's `proxy.istio.io/config` annotation is not a YAML/JSON
+    /// mapping, so the agent keepalive was not set.
+    MalformedProxyConfig,
 }
 
 impl Warning {
     /// Every reason code, for documentation and tests.
-    pub const REASONS: [&'static str; 4] = [
+    pub const REASONS: [&'static str; 5] = [
         "tag-ignored",
         "tag-rewritten",
         "configmap-missing",
         "malformed-annotation",
+        "malformed-proxy-config",
     ];
 
     /// Stable kebab-case code: an Event reason and a metric label value.
@@ -224,6 +230,7 @@ impl Warning {
             Self::TagRewritten { .. } => Self::REASONS[1],
             Self::ConfigMapMissing { .. } => Self::REASONS[2],
             Self::MalformedAnnotation => Self::REASONS[3],
+            Self::MalformedProxyConfig => Self::REASONS[4],
         }
     }
 }
@@ -257,6 +264,11 @@ impl fmt::Display for Warning {
                 "annotation {USER_VOLUME} or {USER_VOLUME_MOUNT} is not a JSON object; \
                  bootstrap keepalive template not mounted"
             ),
+            Self::MalformedProxyConfig => write!(
+                f,
+                "annotation {PROXY_CONFIG} is not a YAML or JSON mapping with a proxyMetadata \
+                 mapping; the Istio agent keeps its default keepalive"
+            ),
         }
     }
 }
@@ -288,7 +300,7 @@ impl Decision<'_> {
     }
 
     /// True when nothing would change: every target complete and no
-    /// bootstrap mount or annotation to add.
+    /// bootstrap mount, annotation or keepalive env to add.
     pub fn is_noop(&self) -> bool {
         self.targets.iter().all(LabelTarget::is_complete)
             && self
@@ -298,7 +310,8 @@ impl Decision<'_> {
     }
 
     /// What would change, for the mutations metric (`labels`,
-    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`).
+    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`,
+    /// `keepalive-proxy-config`, `keepalive-env`).
     pub fn mutations(&self) -> impl Iterator<Item = &'static str> + '_ {
         let labels = self
             .targets
@@ -397,6 +410,12 @@ mod tests {
                 "malformed-annotation",
                 "annotation sidecar.istio.io/userVolume or sidecar.istio.io/userVolumeMount is \
                  not a JSON object; bootstrap keepalive template not mounted",
+            ),
+            (
+                Warning::MalformedProxyConfig,
+                "malformed-proxy-config",
+                "annotation proxy.istio.io/config is not a YAML or JSON mapping with a \
+                 proxyMetadata mapping; the Istio agent keeps its default keepalive",
             ),
         ];
         for (warning, reason, text) in &cases {

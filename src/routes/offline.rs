@@ -48,11 +48,13 @@ fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The documents of `yaml`, `kind: List` items in their place, with their
-/// 1-based document number.
-fn documents(yaml: &str) -> Result<Vec<(usize, Value)>, OfflineError> {
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(yaml).map_err(|e| OfflineError::Parse(e.to_string()))?;
+/// The documents of `yaml` (named `source_name` in errors), `kind: List`
+/// items in their place, with their 1-based document number.
+fn documents(yaml: &str, source_name: &str) -> Result<Vec<(usize, Value)>, OfflineError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| OfflineError::Parse {
+        source_name: source_name.to_owned(),
+        reason: e.to_string(),
+    })?;
     let mut out = Vec::new();
     for (i, doc) in docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
         match doc.get("items").and_then(Value::as_array) {
@@ -94,29 +96,33 @@ fn workload(doc: &Value) -> Option<Workload> {
     })
 }
 
-/// Prints the routes of `input` (see the module docs) as YAML documents, a
-/// DestinationRule and a VirtualService per Service in namespace and name
-/// order, at `api_version` (`networking.istio.io/v1beta1`).
+/// Prints the routes of `input` (named `source_name` in errors; see the
+/// module docs) as YAML documents, a DestinationRule and a VirtualService
+/// per Service in namespace and name order, at `api_version`
+/// (`networking.istio.io/v1beta1`). A document the label rules refuse is
+/// reported in [`Output::refused`] (its pods count with the labels they
+/// have), as `mutate -f` does; input that cannot be read is an error.
 pub fn routes_documents(
     input: &str,
+    source_name: &str,
     cfg: &Config,
     api_version: &str,
 ) -> Result<Output, OfflineError> {
-    // The label rules, without the bootstrap mount (it changes no label).
+    // The label rules, without the sidecar keepalive fix (it changes no label).
     let mut rules = cfg.clone();
     rules.bootstrap.enabled = false;
-    let mutated = offline::mutate_documents(input, &rules, false)?;
+    let mutated = offline::mutate_documents(input, source_name, &rules, false)?;
     let mut warnings = mutated.warnings;
 
     // Workloads as the rules leave them; Services and Namespaces (which the
     // rules never change) from the input, so document numbers are the input's.
-    let workloads: Vec<Workload> = documents(&mutated.text)?
+    let workloads: Vec<Workload> = documents(&mutated.text, source_name)?
         .iter()
         .filter_map(|(_, doc)| workload(doc))
         .collect();
     let mut services = Vec::new();
     let mut namespaces: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for (index, doc) in documents(input)? {
+    for (index, doc) in documents(input, source_name)? {
         let core = matches!(text(&doc, "/apiVersion"), None | Some("v1"));
         match text(&doc, "/kind") {
             Some("Service") if core => {
@@ -210,7 +216,12 @@ pub fn routes_documents(
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    Ok(Output { text, warnings })
+    Ok(Output {
+        text,
+        warnings,
+        refused: mutated.refused,
+        documents: mutated.documents,
+    })
 }
 
 #[cfg(test)]
@@ -222,7 +233,7 @@ mod tests {
     const API: &str = "networking.istio.io/v1beta1";
 
     fn run(input: &str) -> (Vec<Value>, Vec<String>) {
-        let out = routes_documents(input, &Config::default(), API).unwrap();
+        let out = routes_documents(input, "<stdin>", &Config::default(), API).unwrap();
         let docs = if out.text.is_empty() {
             Vec::new()
         } else {
@@ -291,7 +302,7 @@ mod tests {
     fn an_invalid_header_annotation_is_an_error_naming_the_service() {
         let input = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  annotations:\n    \
                      canary-injector.io/routes: \"true\"\n    canary-injector.io/route-header: X-Tag\n";
-        let err = routes_documents(input, &Config::default(), API).unwrap_err();
+        let err = routes_documents(input, "<stdin>", &Config::default(), API).unwrap_err();
         assert!(
             matches!(err, OfflineError::Malformed { index: 1, .. }),
             "{err}"
