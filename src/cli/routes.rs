@@ -4,11 +4,10 @@
 
 use std::path::PathBuf;
 
-use canary_injector::offline::OfflineError;
 use canary_injector::routes::objects::{GROUP, VERSIONS};
 use canary_injector::routes::offline::routes_documents;
 
-use super::{Failure, OrFail, load_config, read_input};
+use super::{Failure, OrFail, load_config, print_offline, read_input, source_name};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct RoutesArgs {
@@ -31,32 +30,9 @@ pub(super) struct RoutesArgs {
 pub(super) fn run(args: RoutesArgs) -> Result<(), Failure> {
     let cfg = load_config(args.config.as_deref()).or_usage()?;
     let input = read_input(&args.file).or_usage()?;
-    let source = if args.file == "-" {
-        "<stdin>"
-    } else {
-        &args.file
-    };
     let api_version = format!("{GROUP}/{}", args.istio_api_version);
-    match routes_documents(&input, source, &cfg, &api_version) {
-        Ok(out) => {
-            for w in &out.warnings {
-                eprintln!("warning: {w}");
-            }
-            print!("{}", out.text);
-            if out.refused.is_empty() {
-                return Ok(());
-            }
-            for refused in &out.refused {
-                eprintln!("error: {refused}");
-            }
-            Err(Failure::Failed(anyhow::anyhow!(
-                "{} of {} documents refused by the label rules; their pods count with the \
-                 labels they have",
-                out.refused.len(),
-                out.documents
-            )))
-        }
-        Err(e @ OfflineError::Patch { .. }) => Err(Failure::Failed(e.into())),
-        Err(e) => Err(Failure::Usage(e.into())),
-    }
+    print_offline(
+        routes_documents(&input, source_name(&args.file), &cfg, &api_version),
+        "their pods count with the labels they have",
+    )
 }
