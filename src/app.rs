@@ -46,6 +46,9 @@ use crate::copier::{self, BootstrapCache, CopierSettings, CopyError};
 use crate::istio::{self, DetectSettings, InjectorVersion};
 use crate::metrics::{ControllerCounters, ControllerMetrics, Metrics};
 use crate::mutate::ClusterView;
+use crate::routes::controller::{
+    self as routes, RouteError, RouteMetrics, RoutesSettings, RoutesWriter,
+};
 use crate::server::tls::{self, CertPaths, Loaded, Reloader, Resolver};
 use crate::server::{self, Limits, State};
 
@@ -271,6 +274,16 @@ impl App {
                  namespace is unknown (set POD_NAMESPACE or namespaces.own)"
             ),
         }
+        if cluster.is_some()
+            && let Some(settings) = RoutesSettings::from_config(&cfg)
+        {
+            writers.routes = Some(RoutesWriter {
+                settings,
+                metrics: RouteMetrics::register(&registry).map_err(AppError::Metrics)?,
+                counters: controller_metrics.controller(routes::CONTROLLER, &RouteError::REASONS),
+                events: events.clone(),
+            });
+        }
         let mut versions = InjectorVersion::disabled();
         if let (Some(cluster), Some(settings)) = (&cluster, DetectSettings::from_config(&cfg)) {
             let (version, watch) = istio::watch(cluster.client.clone(), settings);
@@ -421,7 +434,7 @@ async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion) {
 /// The cluster to use, if the configuration needs one and one answers.
 async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
     let namespace = cfg.own_namespace()?.to_owned();
-    let wanted = cfg.bootstrap.enabled;
+    let wanted = cfg.bootstrap.enabled || cfg.routes.enabled;
     let client = match access {
         ClusterAccess::Off => return None,
         ClusterAccess::Client(client) => client,
@@ -429,7 +442,7 @@ async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
         ClusterAccess::Discover => match cluster::connect(CONNECT_LIMIT).await {
             Ok(client) => client,
             Err(error) => {
-                warn!(%error, "no Kubernetes API reachable; bootstrap mounts disabled");
+                warn!(%error, "no Kubernetes API reachable; bootstrap mounts and routes disabled");
                 return None;
             }
         },
@@ -448,11 +461,13 @@ async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
 struct Writers {
     /// The bootstrap ConfigMap copier.
     copier: Option<(CopierSettings, copier::CopySource, ControllerCounters)>,
+    /// The canary routes controller.
+    routes: Option<RoutesWriter>,
 }
 
 impl Writers {
     fn is_empty(&self) -> bool {
-        self.copier.is_none()
+        self.copier.is_none() && self.routes.is_none()
     }
 
     /// Runs every configured controller for one leadership term, until
@@ -463,6 +478,12 @@ impl Writers {
         term: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + use<> {
         let mut parts: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
+        if let Some(writer) = &self.routes {
+            parts.push(Box::pin(
+                routes::run(client.clone(), writer.clone(), term.clone())
+                    .instrument(info_span!("routes")),
+            ));
+        }
         if let Some((settings, source, counters)) = &self.copier {
             let namespaces = Shared::<Namespace>::new();
             let (subscription, store) = (namespaces.subscribe(), namespaces.store());

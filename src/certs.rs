@@ -9,7 +9,7 @@
 //!   against a real Secret, plus the webhook configuration's `caBundle`.
 
 pub mod cluster;
-mod plan;
+pub mod plan;
 
 pub use plan::{
     BUNDLE_OVERLAP, BundleStep, CaStep, Observed, RenewReason, Rotation, SecretData, TlsStep,

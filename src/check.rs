@@ -10,13 +10,15 @@
 //! what a pod should carry.
 
 pub mod cluster;
+pub mod manifests;
+pub mod routing;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::certs::{bundle_trusts, not_after};
+use crate::certs::plan::{bundle_trusts, not_after};
 use crate::mutate::bootstrap::BootstrapDecision;
 use crate::mutate::{
     Availability, ClusterView, Kind, LabelPolicy, Mode, ObjectView, Operation, Policy, Subject,
@@ -41,6 +43,11 @@ pub const CODES: &[&str] = &[
     "bootstrap-configmap-missing",
     "bootstrap-configmap-stale",
     "sidecar-without-template",
+    "subset-selects-no-pod",
+    "route-to-missing-subset",
+    "live-tag-without-route",
+    "duplicate-rules",
+    "routes-conflict",
 ];
 
 /// Certificates expiring sooner than this are a warning.
@@ -90,12 +97,23 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// Namespaces looked at.
     pub namespaces: usize,
-    /// Pods looked at.
+    /// Pods looked at (workloads with `check -f`).
     pub pods: usize,
+    /// What `pods` counts: `pod`, or `workload` with `check -f`.
+    pub unit: &'static str,
 }
 
 impl Report {
-    fn new(mut findings: Vec<Finding>, namespaces: usize, pods: usize) -> Self {
+    fn new(findings: Vec<Finding>, namespaces: usize, pods: usize) -> Self {
+        Self::counting(findings, namespaces, pods, "pod")
+    }
+
+    fn counting(
+        mut findings: Vec<Finding>,
+        namespaces: usize,
+        pods: usize,
+        unit: &'static str,
+    ) -> Self {
         findings.sort_by(|a, b| {
             (a.severity, &a.place, a.code, &a.message)
                 .cmp(&(b.severity, &b.place, b.code, &b.message))
@@ -104,6 +122,7 @@ impl Report {
             findings,
             namespaces,
             pods,
+            unit,
         }
     }
 
@@ -116,7 +135,7 @@ impl Report {
     pub fn to_json(&self) -> Value {
         json!({
             "sound": self.is_sound(),
-            "checked": {"namespaces": self.namespaces, "pods": self.pods},
+            "checked": {"namespaces": self.namespaces, format!("{}s", self.unit): self.pods},
             "findings": self.findings.iter().map(|f| json!({
                 "severity": f.severity.as_str(),
                 "code": f.code,
@@ -150,9 +169,10 @@ impl Report {
         }
         let count = |s: Severity| self.findings.iter().filter(|f| f.severity == s).count();
         let summary = format!(
-            "{} namespace(s), {} pod(s) checked: {} error(s), {} warning(s), {} info",
+            "{} namespace(s), {} {}(s) checked: {} error(s), {} warning(s), {} info",
             self.namespaces,
             self.pods,
+            self.unit,
             count(Severity::Error),
             count(Severity::Warning),
             count(Severity::Info),
@@ -207,6 +227,13 @@ pub struct NamespaceView {
     pub replicasets: Vec<Value>,
     /// `data` of its copy of the bootstrap ConfigMap, when it has one.
     pub bootstrap_copy: Option<BTreeMap<String, String>>,
+    /// Its Services, as the API returns them.
+    pub services: Vec<Value>,
+    /// Its EndpointSlices, as the API returns them.
+    pub endpoint_slices: Vec<Value>,
+    /// Its DestinationRules and VirtualServices (any version), when Istio's
+    /// API is served.
+    pub rules: Vec<Value>,
 }
 
 /// Everything `check` looks at.
@@ -252,7 +279,7 @@ pub fn check(snapshot: &Snapshot, policy: Policy<'_>) -> Report {
     Report::new(findings, snapshot.namespaces.len(), pods)
 }
 
-fn finding(
+pub(crate) fn finding(
     severity: Severity,
     code: &'static str,
     place: impl Into<String>,
@@ -519,6 +546,61 @@ fn check_namespace(
             ));
         }
     }
+    let services = services_with_ready_pods(ns);
+    routing::check_routing(
+        &routing::RoutingInput {
+            namespace: &ns.name,
+            services: &services,
+            rules: &ns.rules,
+            backend: "ready pod",
+        },
+        labels,
+        out,
+    );
+}
+
+/// Each Service of `ns` with the labels of the pods behind its ready
+/// endpoints.
+fn services_with_ready_pods(ns: &NamespaceView) -> Vec<routing::ServiceInfo> {
+    let labels_of: BTreeMap<&str, BTreeMap<String, String>> = ns
+        .pods
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["metadata"]["name"].as_str()?,
+                string_map(&p["metadata"]["labels"]),
+            ))
+        })
+        .collect();
+    ns.services
+        .iter()
+        .filter_map(|svc| {
+            let name = svc["metadata"]["name"].as_str()?;
+            let backends = ns
+                .endpoint_slices
+                .iter()
+                .filter(|s| s["metadata"]["labels"]["kubernetes.io/service-name"] == name)
+                .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+                // An unset condition counts as ready, as the API says.
+                .filter(|e| e["conditions"]["ready"] != false)
+                .filter(|e| e["targetRef"]["kind"] == "Pod")
+                .filter_map(|e| labels_of.get(e["targetRef"]["name"].as_str()?).cloned())
+                .collect();
+            Some(routing::ServiceInfo {
+                name: name.to_owned(),
+                annotations: string_map(&svc["metadata"]["annotations"]),
+                backends,
+            })
+        })
+        .collect()
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
 }
 
 fn describe(stage: &str, tag: Option<&str>) -> String {

@@ -15,6 +15,7 @@ mod bootstrap_template;
 mod certs;
 mod check;
 mod mutate;
+mod routes;
 mod serve;
 
 use std::io::{IsTerminal, Read};
@@ -25,6 +26,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use canary_injector::config::Config;
+use canary_injector::offline;
 
 /// Kubernetes mutating admission webhook that labels Pods and ReplicaSets
 /// for Istio canary routing.
@@ -61,6 +63,10 @@ enum Command {
     BootstrapTemplate(bootstrap_template::TemplateArgs),
     /// Tell whether canary routing in the cluster is sound, and what to fix.
     Check(check::CheckArgs),
+    /// Print the Istio DestinationRule and VirtualService of every Service
+    /// annotated canary-injector.io/routes: "true", from the workloads in the
+    /// same manifests.
+    Routes(routes::RoutesArgs),
 }
 
 /// Why a subcommand failed; decides the exit code (see the module docs).
@@ -135,6 +141,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::BootstrapTemplate(args) => bootstrap_template::run(args),
         Command::Certs(args) => certs::run(args),
         Command::Check(args) => check::run(args),
+        Command::Routes(args) => routes::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +164,41 @@ fn read_input(file: &str) -> Result<String, anyhow::Error> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))
     }
+}
+
+/// How an input file is named in messages: `<stdin>` for `-`.
+fn source_name(file: &str) -> &str {
+    if file == "-" { "<stdin>" } else { file }
+}
+
+/// Prints an offline run (`mutate -f`, `routes -f`): warnings to stderr,
+/// the text to stdout. Documents the label rules refused are errors on
+/// stderr and exit code 1 (`refused_note` says what became of them); input
+/// that could not be used is exit code 2 and prints nothing.
+fn print_offline(
+    result: Result<offline::Output, offline::OfflineError>,
+    refused_note: &str,
+) -> Result<(), Failure> {
+    let out = match result {
+        Ok(out) => out,
+        Err(e @ offline::OfflineError::Patch { .. }) => return Err(Failure::Failed(e.into())),
+        Err(e) => return Err(Failure::Usage(e.into())),
+    };
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", out.text);
+    if out.refused.is_empty() {
+        return Ok(());
+    }
+    for refused in &out.refused {
+        eprintln!("error: {refused}");
+    }
+    Err(Failure::Failed(anyhow::anyhow!(
+        "{} of {} documents refused by the rules; {refused_note}",
+        out.refused.len(),
+        out.documents
+    )))
 }
 
 /// The configuration from `path` (embedded defaults without one), with the

@@ -183,7 +183,8 @@ impl ServerConfig {
     }
 }
 
-/// The canary routes controller (section `routes:`).
+/// The canary routes controller (section `routes:`; see
+/// [`crate::routes`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct RoutesConfig {
@@ -210,7 +211,7 @@ impl RoutesConfig {
     /// The header must be a lowercase HTTP header name (RFC 9110 token) and
     /// the grace at most an hour.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !is_lowercase_header_name(&self.header) {
+        if !crate::routes::is_header_name(&self.header) {
             return Err(invalid(
                 "routes.header",
                 format!(
@@ -382,15 +383,6 @@ fn check_range(field: &'static str, value: u32, min: u32, max: u32) -> Result<()
             format!("{value} is out of range ({min}..={max})"),
         ))
     }
-}
-
-/// An HTTP field name (RFC 9110 `token`) without uppercase letters: what
-/// HTTP/2 requires on the wire and Istio's header matches compare against.
-fn is_lowercase_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
 }
 
 impl Config {

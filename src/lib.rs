@@ -12,15 +12,18 @@
 //!                 |                                                    |    (pure core)   |
 //!                 | copier  (ConfigMap cache: every replica;           |                  |
 //!                 |          copies: leader only) ----------------------+                  |
+//!                 | routes::controller (leader only; DestinationRules, |                  |
+//!                 |          VirtualServices) --------------------------+--> routes (pure) |
 //!                 | istio   (injector version: every replica) ---------+                  |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
 //!   envoy_template (pure): the bootstrap template scanner and patcher
 //! ```
-//! Adapters depend on the pure core ([`mutate`], [`envoy_template`]), never
-//! the reverse; the core does no I/O. [`app`] wires the adapters for
-//! `serve`; the binary's `cli/` only parses flags and calls it.
+//! Adapters depend on the pure core ([`mutate`], [`envoy_template`], the
+//! computation in [`routes`]), never the reverse; the core does no I/O.
+//! [`app`] wires the adapters for `serve`; the binary's `cli/` only parses
+//! flags and calls it.
 
 pub mod admission;
 pub mod app;
@@ -35,6 +38,7 @@ pub mod istio;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod routes;
 pub mod server;
 
 #[cfg(test)]

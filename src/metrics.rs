@@ -174,7 +174,7 @@ impl Metrics {
 }
 
 /// What every controller (writer) reports, labelled by `controller`: a
-/// fixed set of names (`bootstrap-copier`; `routes` and `backfill` next),
+/// fixed set of names (`bootstrap-copier`, `routes`; `backfill` next),
 /// never an object's name. Cheap to clone.
 #[derive(Clone)]
 pub struct ControllerMetrics {

@@ -484,8 +484,9 @@ fn failure(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
     )
 }
 
-/// Merges `from` into `into` map by map (what an apply of a map does).
-fn merge(into: &mut Value, from: Value) {
+/// Merges `from` into `into` map by map (what an apply of a map does;
+/// lists and scalars are replaced).
+pub(crate) fn merge(into: &mut Value, from: Value) {
     match (into, from) {
         (Value::Object(into), Value::Object(from)) => {
             for (k, v) in from {
@@ -528,7 +529,7 @@ fn in_collection(path: &str, collection: &str) -> bool {
 }
 
 /// Equality-based label selectors and name/namespace field selectors.
-fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
     let meta = &object["metadata"];
     let labels = &meta["labels"];
     let label_ok = query.get("labelSelector").is_none_or(|sel| {

@@ -6,7 +6,25 @@ use std::path::Path;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Modules that decide without I/O: a file, or a directory of files.
-const PURE: &[&str] = &["src/mutate.rs", "src/mutate", "src/envoy_template.rs"];
+const PURE: &[&str] = &[
+    "src/mutate.rs",
+    "src/mutate",
+    "src/envoy_template.rs",
+    // The routes computation; its controller, index and offline front end
+    // (src/routes/{controller,index,offline}.rs) are adapters.
+    "src/routes.rs",
+    "src/routes/names.rs",
+    "src/routes/objects.rs",
+    "src/routes/plan.rs",
+    // What to keep, renew or replace of the webhook's certificates.
+    "src/certs/plan.rs",
+    // check's rules; its cluster reader and -f front end are adapters.
+    "src/check.rs",
+    "src/check/routing.rs",
+];
+
+/// Pure modules that live inside adapter modules: naming them is fine.
+const PURE_PATHS: &[&str] = &["crate::certs::plan"];
 
 /// What pure code must not name: our adapters and I/O crates.
 const FORBIDDEN: &[&str] = &[
@@ -18,6 +36,9 @@ const FORBIDDEN: &[&str] = &[
     "crate::copier",
     "crate::metrics",
     "crate::offline",
+    "crate::routes::controller",
+    "crate::routes::index",
+    "crate::routes::offline",
     "crate::server",
     "kube::",
     "k8s_openapi::",
@@ -57,9 +78,13 @@ fn the_pure_core_imports_no_adapter_and_does_no_io() {
             if line.starts_with("//") {
                 continue;
             }
+            let mut line = line.to_owned();
+            for allowed in PURE_PATHS {
+                line = line.replace(allowed, "");
+            }
             for bad in FORBIDDEN {
                 if line.contains(bad) {
-                    found.push(format!("{}:{}: {line}", file.display(), n + 1));
+                    found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
                 }
             }
         }

@@ -590,32 +590,48 @@ fn cert_manager_overlay_builds_and_injects_the_ca() {
     assert!(dns.contains(&"canary-injector.canary-injector.svc".into()));
 }
 
-/// The examples agree with the webhook's defaults: after the webhook's rules,
-/// the stable Deployment's pods and the gray ReplicaSet's pods fall into
-/// exactly the DestinationRule subsets the VirtualService routes to.
+/// The examples agree with the webhook's defaults: `generated/routes.yaml` is
+/// what the routes controller makes of the example (the same pure function
+/// as `routes -f`); after the webhook's rules, the stable Deployment's pods
+/// and the gray ReplicaSet's pods fall into exactly one of its subsets each,
+/// the gray one has its header route and the stable one the default route;
+/// and the hand-written alternative in `manual/` routes the same way.
 #[test]
 fn examples_route_to_what_the_webhook_labels() {
     let yaml = kustomize("deploy/examples");
     let objects = check_all(&yaml);
+    assert!(
+        objects.iter().all(|o| o["apiVersion"]
+            .as_str()
+            .is_some_and(|a| !a.starts_with("networking.istio.io"))),
+        "the controller makes the Istio objects, the example does not apply them"
+    );
     let mutated =
         offline::mutate_documents(&yaml, "deploy/examples", &Config::default(), false).unwrap();
     let mutated = docs(&mutated.text);
-
-    let dr = objects
+    let generated = canary_injector::routes::offline::routes_documents(
+        &yaml,
+        "deploy/examples",
+        &Config::default(),
+        "networking.istio.io/v1beta1",
+    )
+    .unwrap();
+    let committed =
+        std::fs::read_to_string(format!("{ROOT}/deploy/examples/generated/routes.yaml")).unwrap();
+    assert_eq!(
+        docs(&committed),
+        docs(&generated.text),
+        "deploy/examples/generated/routes.yaml is stale: see the command in it"
+    );
+    let manual = ["destinationrule.yaml", "virtualservice.yaml"]
         .iter()
-        .find(|o| o["kind"] == "DestinationRule")
-        .unwrap();
-    let subsets: Vec<(String, serde_json::Map<String, Value>)> = dr["spec"]["subsets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["labels"].as_object().unwrap().clone(),
-            )
+        .flat_map(|f| {
+            docs(&std::fs::read_to_string(format!("{ROOT}/deploy/examples/manual/{f}")).unwrap())
         })
-        .collect();
+        .collect::<Vec<_>>();
+    check_all(&serde_json::to_string(&manual[0]).unwrap());
+    check_all(&serde_json::to_string(&manual[1]).unwrap());
+
     let pod_labels = |kind: &str| -> serde_json::Map<String, Value> {
         let w = mutated.iter().find(|o| o["kind"] == kind).unwrap();
         w["spec"]["template"]["metadata"]["labels"]
@@ -623,35 +639,55 @@ fn examples_route_to_what_the_webhook_labels() {
             .unwrap()
             .clone()
     };
-    let matching = |labels: &serde_json::Map<String, Value>| -> Vec<String> {
-        subsets
+    for routes in [docs(&generated.text), manual] {
+        let dr = routes
             .iter()
-            .filter(|(_, sel)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            .map(|(n, _)| n.clone())
-            .collect()
-    };
-    let stable = matching(&pod_labels("Deployment"));
-    let gray = matching(&pod_labels("ReplicaSet"));
-    assert_eq!(stable.len(), 1, "stable pods match one subset: {stable:?}");
-    assert_eq!(gray.len(), 1, "gray pods match one subset: {gray:?}");
-    assert_ne!(stable, gray);
+            .find(|o| o["kind"] == "DestinationRule")
+            .unwrap();
+        let subsets: Vec<(String, serde_json::Map<String, Value>)> = dr["spec"]["subsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    s["labels"].as_object().unwrap().clone(),
+                )
+            })
+            .collect();
+        let matching = |labels: &serde_json::Map<String, Value>| -> Vec<String> {
+            subsets
+                .iter()
+                .filter(|(_, sel)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let stable = matching(&pod_labels("Deployment"));
+        let gray = matching(&pod_labels("ReplicaSet"));
+        assert_eq!(stable, ["normal"], "stable pods match one subset");
+        assert_eq!(gray, ["feature-login"], "gray pods match one subset");
 
-    let vs = objects
-        .iter()
-        .find(|o| o["kind"] == "VirtualService")
-        .unwrap();
-    let routes: Vec<&str> = vs["spec"]["http"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["route"][0]["destination"]["subset"].as_str().unwrap())
-        .collect();
-    assert!(routes.contains(&gray[0].as_str()), "{routes:?}");
-    assert_eq!(
-        routes.last().copied(),
-        Some(stable[0].as_str()),
-        "stable route last"
-    );
+        let vs = routes
+            .iter()
+            .find(|o| o["kind"] == "VirtualService")
+            .unwrap();
+        let http = vs["spec"]["http"].as_array().unwrap();
+        let to = |r: &Value| {
+            r["route"][0]["destination"]["subset"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let gray_route = http
+            .iter()
+            .find(|r| r["match"][0]["headers"]["x-canary-tag"]["exact"] == "feature-login")
+            .unwrap();
+        assert_eq!(to(gray_route), gray[0]);
+        assert_eq!(to(http.last().unwrap()), stable[0], "stable route last");
+        assert!(http.last().unwrap().get("match").is_none());
+        assert_eq!(dr["spec"]["host"], "checkout");
+        assert_eq!(vs["spec"]["hosts"], serde_json::json!(["checkout"]));
+    }
 }
 
 #[test]
@@ -696,6 +732,7 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
         )
         .applied();
     canary_injector::cluster::events::EventMetrics::register(&registry).unwrap();
+    canary_injector::routes::controller::RouteMetrics::register(&registry).unwrap();
     let exported: BTreeSet<String> = registry
         .gather()
         .iter()

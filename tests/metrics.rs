@@ -11,6 +11,7 @@ use canary_injector::config::Config;
 use canary_injector::copier::CopyError;
 use canary_injector::metrics::ERROR_REASONS;
 use canary_injector::mutate::{BootstrapOutcome, BootstrapSkip, SkipReason, Warning};
+use canary_injector::routes::controller::{RouteError, RouteMetrics};
 use common::{Client, start};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -49,7 +50,22 @@ fn codes() -> Vec<(&'static str, Vec<&'static str>)> {
         ),
         (
             "canary_injector_reconcile_errors_total",
-            CopyError::REASONS.to_vec(),
+            CopyError::REASONS
+                .into_iter()
+                .chain(RouteError::REASONS)
+                .collect(),
+        ),
+        (
+            "canary_injector_routes_services",
+            RouteMetrics::STATES.to_vec(),
+        ),
+        (
+            "canary_injector_routes_changes_total",
+            RouteMetrics::CHANGES.to_vec(),
+        ),
+        (
+            "canary_injector_routes_watch_errors_total",
+            RouteMetrics::WATCHES.to_vec(),
         ),
         ("warnings", Warning::REASONS.to_vec()),
     ]

@@ -284,6 +284,9 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         .expect("namespaces listed");
     let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
     assert!(acquired < listed && listed < copied, "{calls:#?}");
+    // The routes controller runs on the leader too (and idles: no Istio here).
+    let routes = position(&calls, "GET /apis/networking.istio.io").expect("routes discovery");
+    assert!(acquired < routes, "{calls:#?}");
     let released = calls
         .iter()
         .rposition(|c| c.starts_with("PUT /apis/coordination.k8s.io"));
@@ -324,7 +327,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
             >= 2,
         "{calls:#?}"
     );
-    for write in ["PATCH", "PUT", "POST"] {
+    for write in ["PATCH", "PUT", "POST", "GET /apis/networking.istio.io"] {
         assert_eq!(
             position(&calls, write),
             None,

@@ -4,13 +4,14 @@
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 
 use super::{NamespaceView, Report, Snapshot, WebhookEntry, WebhookView};
 use crate::config::Config;
+use crate::routes::controller::{Discovered, discover};
 
 /// Where the webhook is installed (the defaults of `deploy/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,8 +196,43 @@ pub async fn gather(
     } else {
         None
     };
+    // Istio's DestinationRules and VirtualServices at the version served.
+    let istio: Option<(ApiResource, ApiResource)> =
+        match read("the served APIs", discover(&client).await)? {
+            Discovered::Ready(apis) => Some((apis.destination_rules, apis.virtual_services)),
+            Discovered::NoIstio | Discovered::NoEndpointSlices => None,
+        };
     let mut views = Vec::with_capacity(names.len());
     for name in names {
+        let services: Api<Service> = Api::namespaced(client.clone(), &name);
+        let services = read(
+            format!("Services in {name}"),
+            services.list(&ListParams::default()).await,
+        )?;
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &name);
+        let slices = match slices.list(&ListParams::default()).await {
+            Ok(list) => list.items.iter().map(json).collect(),
+            // discovery.k8s.io/v1 arrives in 1.21: no readiness to judge by.
+            Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+            Err(e) => {
+                return Err(read::<()>(format!("EndpointSlices in {name}"), Err(e)).unwrap_err());
+            }
+        };
+        let mut rules = Vec::new();
+        if let Some((dr, vs)) = &istio {
+            for resource in [dr, vs] {
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &name, resource);
+                let list = read(
+                    format!("{} in {name}", resource.plural),
+                    api.list(&ListParams::default()).await,
+                )?;
+                rules.extend(list.items.iter().map(|o| {
+                    let mut v = json(o);
+                    v["kind"] = serde_json::Value::from(resource.kind.clone());
+                    v
+                }));
+            }
+        }
         let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
         let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &name);
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
@@ -221,6 +257,9 @@ pub async fn gather(
             pods: pods.items.iter().map(json).collect(),
             replicasets: rss.items.iter().map(json).collect(),
             bootstrap_copy: copy,
+            services: services.items.iter().map(json).collect(),
+            endpoint_slices: slices,
+            rules,
         });
     }
     let snapshot = Snapshot {

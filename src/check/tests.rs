@@ -110,6 +110,7 @@ fn sound(t: &Tls) -> Snapshot {
                 ),
             ],
             bootstrap_copy: Some(template()),
+            ..NamespaceView::default()
         }],
         now: t.not_after - 300 * DAY,
         config_error: None,
@@ -551,6 +552,216 @@ fn every_code_is_documented_in_the_readme() {
         assert!(
             section.contains(&format!("| `{code}` |")),
             "README lacks {code}"
+        );
+    }
+}
+
+// === routing ===
+
+fn svc(name: &str, annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+           "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}})
+}
+
+fn slice(service: &str, pods: &[(&str, bool)]) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abc"), "labels": {"kubernetes.io/service-name": service}},
+           "endpoints": pods.iter().map(|(pod, ready)| json!({
+               "addresses": ["10.0.0.1"], "conditions": {"ready": ready},
+               "targetRef": {"kind": "Pod", "name": pod}})).collect::<Vec<_>>()})
+}
+
+fn dr(name: &str, host: &str, subsets: Value, managed: bool) -> Value {
+    let labels = if managed {
+        json!({"app.kubernetes.io/managed-by": "canary-injector"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
+           "metadata": {"name": name, "namespace": "shop", "labels": labels},
+           "spec": {"host": host, "subsets": subsets}})
+}
+
+fn vs(name: &str, host: &str, routes: Value) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"hosts": [host], "http": routes}})
+}
+
+fn header_route(tag: &str, host: &str, subset: &str) -> Value {
+    json!({"match": [{"headers": {"x-canary-tag": {"exact": tag}}}],
+           "route": [{"destination": {"host": host, "subset": subset}}]})
+}
+
+fn default_route(host: &str, subset: &str) -> Value {
+    json!({"route": [{"destination": {"host": host, "subset": subset}}]})
+}
+
+/// `shop` with a checkout Service, a normal and a gray pod behind ready
+/// endpoints, and hand-written rules that route both correctly.
+fn routed(t: &Tls) -> Snapshot {
+    let mut s = sound(t);
+    let ns = shop(&mut s);
+    for p in &mut ns.pods {
+        p["metadata"]["labels"]["app"] = json!("checkout");
+    }
+    ns.services = vec![svc("checkout", json!({}))];
+    ns.endpoint_slices = vec![slice(
+        "checkout",
+        &[("checkout-7d9f-a", true), ("checkout-gray-5c4b-b", true)],
+    )];
+    ns.rules = vec![
+        dr(
+            "checkout",
+            "checkout",
+            json!([
+                {"name": "normal", "labels": {"stage": "normal"}},
+                {"name": "feature-login", "labels": {"stage": "gray", "canarytag": "feature-login"}},
+            ]),
+            false,
+        ),
+        vs(
+            "checkout",
+            "checkout.shop.svc.cluster.local",
+            json!([
+                header_route("feature-login", "checkout", "feature-login"),
+                default_route("checkout", "normal"),
+            ]),
+        ),
+    ];
+    s
+}
+
+#[test]
+fn hand_written_rules_that_route_every_ready_pod_are_sound() {
+    let t = tls(365);
+    let r = report(&routed(&t));
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+}
+
+#[test]
+fn a_routed_subset_without_ready_pods_is_an_error() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    // The gray pod is not ready: its subset selects nothing, yet is routed.
+    shop(&mut s).endpoint_slices = vec![slice(
+        "checkout",
+        &[("checkout-7d9f-a", true), ("checkout-gray-5c4b-b", false)],
+    )];
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Error, "subset-selects-no-pod")
+    );
+    assert_eq!(f.place, "shop/DestinationRule/checkout");
+    assert!(f.message.contains("Service checkout has no ready pod that subset feature-login (canarytag=feature-login,stage=gray) selects"), "{}", f.message);
+}
+
+#[test]
+fn an_unrouted_subset_without_pods_is_a_warning_unless_ours_in_its_grace_period() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules[0]["spec"]["subsets"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "old", "labels": {"canarytag": "old"}}));
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "subset-selects-no-pod")
+    );
+    shop(&mut s).rules[0]["metadata"]["labels"] =
+        json!({"app.kubernetes.io/managed-by": "canary-injector"});
+    assert!(
+        report(&s).findings.is_empty(),
+        "kept for the removal grace period"
+    );
+}
+
+#[test]
+fn a_route_to_a_subset_no_rule_defines_is_an_error() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules[1]["spec"]["http"][0]["route"][0]["destination"]["subset"] =
+        json!("feature-logn");
+    let r = report(&s);
+    assert!(
+        codes(&r).contains(&"route-to-missing-subset"),
+        "{:#?}",
+        r.findings
+    );
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.code == "route-to-missing-subset")
+        .unwrap();
+    assert_eq!(f.place, "shop/VirtualService/checkout");
+}
+
+#[test]
+fn a_live_canary_without_a_header_route_is_a_warning() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules.pop();
+    let r = report(&s);
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.code == "live-tag-without-route")
+        .expect("{r:#?}");
+    assert!(
+        f.message
+            .contains("canary feature-login has a ready pod behind Service checkout")
+            && f.message.contains("share of all traffic"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn two_rules_for_one_host_are_a_warning() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    let copy = {
+        let mut d = shop(&mut s).rules[0].clone();
+        d["metadata"]["name"] = json!("checkout-old");
+        d["spec"]["host"] = json!("checkout.shop");
+        d
+    };
+    shop(&mut s).rules.push(copy);
+    let f = only(&s);
+    assert_eq!(f.code, "duplicate-rules");
+    assert!(
+        f.message.contains("checkout, checkout-old"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn a_routed_service_with_a_hand_written_rule_is_a_conflict() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).services = vec![svc(
+        "checkout",
+        json!({"canary-injector.io/routes": "true"}),
+    )];
+    let r = report(&s);
+    assert!(
+        codes(&r).iter().all(|c| *c == "routes-conflict"),
+        "{:#?}",
+        r.findings
+    );
+    let text: String = r.findings.iter().map(|f| f.message.clone()).collect();
+    for kind in ["DestinationRule", "VirtualService"] {
+        assert!(
+            text.contains(&format!("a {kind} of the same name")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{kind} checkout (not managed")),
+            "{text}"
         );
     }
 }

@@ -9,7 +9,7 @@ use clap::ValueEnum;
 
 use canary_injector::check::{self, cluster::Target};
 
-use super::{Failure, OrFail};
+use super::{Failure, OrFail, load_config, read_input, source_name};
 
 /// How the report is printed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -26,8 +26,17 @@ pub(super) enum Output {
 Credentials as kubectl finds them (KUBECONFIG or ~/.kube/config), else a pod's service account."
 )]
 pub(super) struct CheckArgs {
+    /// Check manifests instead of a cluster (YAML or JSON, several
+    /// documents allowed), or - for stdin: the routing rules against the
+    /// pods the workloads in them will create.
+    #[arg(short = 'f', long = "filename")]
+    file: Option<String>,
+    /// With -f: the webhook's YAML configuration (label keys, routes
+    /// header); embedded defaults otherwise.
+    #[arg(long, requires = "file")]
+    config: Option<std::path::PathBuf>,
     /// Check only this namespace [default: every opted-in namespace].
-    #[arg(long, short = 'n')]
+    #[arg(long, short = 'n', conflicts_with = "file")]
     namespace: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
@@ -59,6 +68,13 @@ pub(super) fn run(args: CheckArgs) -> Result<(), Failure> {
         config_map: args.config_map,
         only_namespace: args.namespace,
     };
+    if let Some(file) = &args.file {
+        let cfg = load_config(args.config.as_deref()).or_usage()?;
+        let input = read_input(file).or_usage()?;
+        let report =
+            check::manifests::check_documents(&input, source_name(file), &cfg).or_usage()?;
+        return print(&report, args.output);
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -75,7 +91,12 @@ pub(super) fn run(args: CheckArgs) -> Result<(), Failure> {
             anyhow::Ok(check::cluster::run(client, &target, now).await?)
         })
         .or_usage()?;
-    match args.output {
+    print(&report, args.output)
+}
+
+/// Prints `report`; something to fix is exit code 1.
+fn print(report: &check::Report, output: Output) -> Result<(), Failure> {
+    match output {
         Output::Json => println!("{}", report.to_json()),
         Output::Text => {
             let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();

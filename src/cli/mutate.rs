@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use canary_injector::offline::{self, OfflineError};
+use canary_injector::offline;
 
-use super::{Failure, OrFail, load_config, read_input};
+use super::{Failure, OrFail, load_config, print_offline, read_input, source_name};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct MutateArgs {
@@ -47,30 +47,9 @@ pub(super) fn run(args: MutateArgs) -> Result<(), Failure> {
             .or_usage()?;
     }
     let input = read_input(&args.file).or_usage()?;
-    let source = if args.file == "-" {
-        "<stdin>"
-    } else {
-        &args.file
-    };
-    match offline::mutate_documents(&input, source, &cfg, args.patch) {
-        Ok(out) => {
-            for w in &out.warnings {
-                eprintln!("warning: {w}");
-            }
-            print!("{}", out.text);
-            if out.refused.is_empty() {
-                return Ok(());
-            }
-            for refused in &out.refused {
-                eprintln!("error: {refused}");
-            }
-            Err(Failure::Failed(anyhow::anyhow!(
-                "{} of {} documents refused by the rules; printed unchanged",
-                out.refused.len(),
-                out.documents
-            )))
-        }
-        Err(e @ OfflineError::Patch { .. }) => Err(Failure::Failed(e.into())),
-        Err(e) => Err(Failure::Usage(e.into())),
-    }
+    let source = source_name(&args.file);
+    print_offline(
+        offline::mutate_documents(&input, source, &cfg, args.patch),
+        "printed unchanged",
+    )
 }

@@ -112,7 +112,7 @@ pub fn sanitize_tag(tag: &str) -> Option<SanitizedTag> {
 
 /// FNV-1a, 32 bits: tiny, and stable across releases and platforms (unlike
 /// `std`'s hasher), so the same branch always gets the same label.
-fn fnv1a32(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
     })

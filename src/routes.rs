@@ -1,0 +1,413 @@
+//! Canary routes, the pure part: which canary tags of a Service are live,
+//! the DestinationRule and VirtualService that route them, and the order in
+//! which to get there (make before break). No I/O, no clock, no kube types:
+//! the controller ([`controller`], leader only), `canary-injector routes -f`
+//! ([`offline`]) and the tests all call these functions with plain views.
+//!
+//! ```text
+//!  Service (annotated canary-injector.io/routes: "true") -------------------+
+//!  EndpointSlices: ready endpoints -> pods -> pod_tag() -> live tags -------+--> desired()
+//!  config: header, label vocabulary ----------------------------------------+     (DR + VS)
+//!
+//!  controller:  plan::plan(observed DR/VS, live tags, when tags went away, now)
+//!                 -> the next write (subset before route; route before subset)
+//! ```
+//!
+//! The objects ([`objects`]):
+//! - a DestinationRule named after the Service, `host: <service>`, subset
+//!   [`NORMAL_SUBSET`] = `{<stage>: <normalStage>}` and one subset per tag =
+//!   `{<stage>: <grayStage>, <canaryTag>: <tag>}` (label keys and values from
+//!   the `labels:` configuration), named by [`names`];
+//! - a VirtualService named after the Service, `hosts: [<service>]`, one HTTP
+//!   route per tag matching `<header>: {exact: <tag>}`, and last a default
+//!   route to [`NORMAL_SUBSET`]. No `port`: Istio applies the routes to every
+//!   HTTP port of the Service and sends each request to the port it came in
+//!   on (a single-port Service needs none either).
+//!
+//! Both carry `app.kubernetes.io/managed-by: canary-injector` and, when the
+//! Service's uid is known, an ownerReference to it.
+
+pub mod controller;
+pub mod index;
+pub mod names;
+pub mod objects;
+pub mod offline;
+pub mod plan;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+pub use names::{NORMAL_SUBSET, assign_names, subset_name};
+pub use objects::{DestinationRule, Observed, VirtualService};
+
+use crate::mutate::LabelPolicy;
+use objects::{
+    Destination, DestinationRuleSpec, HttpMatch, HttpRoute, Meta, OwnerReference, RouteDestination,
+    StringMatch, Subset, VirtualServiceSpec,
+};
+
+/// Service annotation that opts a Service in: value `"true"`.
+pub const ROUTES_ANNOTATION: &str = "canary-injector.io/routes";
+
+/// Service annotation naming the request header for this Service, instead
+/// of `routes.header`.
+pub const HEADER_ANNOTATION: &str = "canary-injector.io/route-header";
+
+/// Label set on every object the routes controller owns.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// Value of [`MANAGED_BY_LABEL`] on every object we own.
+pub const MANAGED_BY_VALUE: &str = "canary-injector";
+
+/// The Service the routes are for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    /// Its namespace (empty when a manifest names none).
+    pub namespace: String,
+    /// Its name: also the name of the DestinationRule and VirtualService.
+    pub name: String,
+    /// Its uid, for the ownerReference (unknown offline).
+    pub uid: Option<String>,
+}
+
+/// True when a Service's annotations ask for routes
+/// (`canary-injector.io/routes: "true"`; any other value means no).
+pub fn wants_routes(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(ROUTES_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+/// A header annotation that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "annotation {HEADER_ANNOTATION}: {0:?} is not a lowercase HTTP header name \
+     ([a-z0-9] and !#$%&'*+-.^_`|~); fix it or remove it to use the default header"
+)]
+pub struct InvalidHeader(pub String);
+
+/// The request header for a Service: [`HEADER_ANNOTATION`] when set, else
+/// `default` (`routes.header`).
+pub fn route_header<'a>(
+    annotations: Option<&'a BTreeMap<String, String>>,
+    default: &'a str,
+) -> Result<&'a str, InvalidHeader> {
+    match annotations.and_then(|a| a.get(HEADER_ANNOTATION)) {
+        None => Ok(default),
+        Some(h) if is_header_name(h) => Ok(h),
+        Some(h) => Err(InvalidHeader(h.clone())),
+    }
+}
+
+/// An HTTP field name (RFC 9110 `token`) without uppercase letters: what
+/// HTTP/2 requires on the wire and what Istio's header matches compare
+/// against (Envoy lowercases header names).
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+/// The canary tag a pod serves, if it is a canary: it carries
+/// `<canaryTag>: <tag>` (read through [`LabelPolicy::intent`]) and the label
+/// `<stage>: <grayStage>` itself, because that is what the tag's subset
+/// selects on. An empty tag is no tag.
+pub fn pod_tag<'a>(labels: &'a LabelPolicy, pod: &'a BTreeMap<String, String>) -> Option<&'a str> {
+    // `intent` reads the tag label as it is (borrowed), never rewritten.
+    let tag = match labels.intent(Some(pod)).tag?.value {
+        Cow::Borrowed(tag) => tag,
+        Cow::Owned(_) => return None,
+    };
+    (!tag.is_empty() && pod.get(&labels.stage) == Some(&labels.gray_stage)).then_some(tag)
+}
+
+/// One endpoint of a Service, as its EndpointSlices give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointView<'a> {
+    /// The pod behind it (`targetRef` of kind Pod), if any.
+    pub pod: Option<&'a str>,
+    /// `conditions.ready` (an unset condition counts as ready, as the API
+    /// says consumers should read it).
+    pub ready: bool,
+}
+
+/// The tags that are live for a Service: those of the pods behind its
+/// **ready** endpoints. `tag_of` gives a pod's tag ([`pod_tag`] of its
+/// labels; `None` for a pod that is not a canary or not known). The result
+/// does not depend on the order of `endpoints`.
+pub fn live_tags<'a, F>(
+    endpoints: impl IntoIterator<Item = EndpointView<'a>>,
+    tag_of: F,
+) -> BTreeSet<String>
+where
+    F: Fn(&str) -> Option<&'a str>,
+{
+    endpoints
+        .into_iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| tag_of(e.pod?))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The objects a Service's routes converge to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The DestinationRule.
+    pub destination_rule: DestinationRule,
+    /// The VirtualService.
+    pub virtual_service: VirtualService,
+}
+
+/// The DestinationRule and VirtualService for `service` when `live` are its
+/// live tags: one subset and one header route per tag (subset names from
+/// [`assign_names`] with nothing written before), the default route last.
+/// What the controller converges to, and what `routes -f` prints.
+pub fn desired(
+    service: &ServiceRef,
+    header: &str,
+    live: &BTreeSet<String>,
+    labels: &LabelPolicy,
+) -> Desired {
+    let names = assign_names(live.iter().map(String::as_str), &BTreeMap::new());
+    Desired {
+        destination_rule: destination_rule(service, &names, labels),
+        virtual_service: virtual_service(service, header, &names),
+    }
+}
+
+fn meta(service: &ServiceRef) -> Meta {
+    Meta {
+        name: service.name.clone(),
+        namespace: Some(service.namespace.clone()).filter(|ns| !ns.is_empty()),
+        labels: BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned())]),
+        owner_references: service
+            .uid
+            .iter()
+            .map(|uid| OwnerReference {
+                api_version: "v1".into(),
+                kind: "Service".into(),
+                name: service.name.clone(),
+                uid: uid.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The subset of the normal stage.
+fn normal_subset(labels: &LabelPolicy) -> Subset {
+    Subset {
+        name: NORMAL_SUBSET.into(),
+        labels: BTreeMap::from([(labels.stage.clone(), labels.normal_stage.clone())]),
+    }
+}
+
+/// The subset selector of `tag`.
+fn tag_selector(labels: &LabelPolicy, tag: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels.stage.clone(), labels.gray_stage.clone()),
+        (labels.canary_tag.clone(), tag.to_owned()),
+    ])
+}
+
+/// The DestinationRule with [`NORMAL_SUBSET`] and one subset per entry of
+/// `subsets` (tag -> subset name), in tag order.
+pub(crate) fn destination_rule(
+    service: &ServiceRef,
+    subsets: &BTreeMap<String, String>,
+    labels: &LabelPolicy,
+) -> DestinationRule {
+    let mut all = Vec::with_capacity(subsets.len() + 1);
+    all.push(normal_subset(labels));
+    all.extend(subsets.iter().map(|(tag, name)| Subset {
+        name: name.clone(),
+        labels: tag_selector(labels, tag),
+    }));
+    DestinationRule {
+        metadata: meta(service),
+        spec: DestinationRuleSpec {
+            host: service.name.clone(),
+            subsets: all,
+        },
+    }
+}
+
+/// The VirtualService with one header route per entry of `routes` (tag ->
+/// subset name), in tag order, then the default route to [`NORMAL_SUBSET`].
+pub(crate) fn virtual_service(
+    service: &ServiceRef,
+    header: &str,
+    routes: &BTreeMap<String, String>,
+) -> VirtualService {
+    let to = |subset: &str| {
+        vec![RouteDestination {
+            destination: Destination {
+                host: service.name.clone(),
+                subset: Some(subset.to_owned()),
+            },
+        }]
+    };
+    let mut http: Vec<HttpRoute> = routes
+        .iter()
+        .map(|(tag, subset)| HttpRoute {
+            name: Some(subset.clone()),
+            matches: vec![HttpMatch {
+                headers: BTreeMap::from([(
+                    header.to_owned(),
+                    StringMatch {
+                        exact: Some(tag.clone()),
+                    },
+                )]),
+            }],
+            route: to(subset),
+        })
+        .collect();
+    http.push(HttpRoute {
+        name: Some(NORMAL_SUBSET.into()),
+        matches: Vec::new(),
+        route: to(NORMAL_SUBSET),
+    });
+    VirtualService {
+        metadata: meta(service),
+        spec: VirtualServiceSpec {
+            hosts: vec![service.name.clone()],
+            http,
+        },
+    }
+}
+
+// === conflicts ===
+
+/// Which of the two kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RuleKind {
+    /// `DestinationRule`.
+    DestinationRule,
+    /// `VirtualService`.
+    VirtualService,
+}
+
+impl RuleKind {
+    /// The kind name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DestinationRule => "DestinationRule",
+            Self::VirtualService => "VirtualService",
+        }
+    }
+}
+
+impl fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An object canary-injector does not own that stands in the way of a
+/// Service's routes. While there is one, nothing is written for the Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Conflict {
+    /// An object not labelled as ours has the Service's name.
+    SameName {
+        /// Its kind.
+        kind: RuleKind,
+    },
+    /// An object not labelled as ours in the namespace names the Service as
+    /// a host: Istio does not merge two of them for one host.
+    SameHost {
+        /// Its kind.
+        kind: RuleKind,
+        /// Its name.
+        name: String,
+        /// The host as it names the Service.
+        host: String,
+    },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SameName { kind } => write!(
+                f,
+                "a {kind} of the same name exists and is not managed by canary-injector"
+            ),
+            Self::SameHost { kind, name, host } => write!(
+                f,
+                "{kind} {name} (not managed by canary-injector) routes host {host}"
+            ),
+        }
+    }
+}
+
+/// True when `host`, written in a rule in `namespace`, names the Service
+/// `service` of that namespace: the short name, `<service>.<namespace>`,
+/// `<service>.<namespace>.svc` or `<service>.<namespace>.svc.<domain>` (any
+/// cluster domain). Wildcards are not expanded.
+pub fn host_names_service(host: &str, service: &str, namespace: &str) -> bool {
+    let Some(rest) = host.strip_prefix(service) else {
+        return false;
+    };
+    if rest.is_empty() {
+        return true;
+    }
+    let Some(rest) = rest
+        .strip_prefix('.')
+        .and_then(|r| r.strip_prefix(namespace))
+    else {
+        return false;
+    };
+    rest.is_empty() || rest == ".svc" || rest.starts_with(".svc.")
+}
+
+/// What [`conflicts`] needs to know of a rule in the Service's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleHead<'a> {
+    /// Its kind.
+    pub kind: RuleKind,
+    /// Its name.
+    pub name: &'a str,
+    /// Labelled as ours.
+    pub managed: bool,
+    /// The hosts it names.
+    pub hosts: &'a [String],
+}
+
+/// The conflicts of `service` among the rules of its namespace (ours
+/// included: only those not labelled as ours count). Sorted, so the report
+/// is stable.
+pub fn conflicts<'a>(
+    service: &ServiceRef,
+    rules: impl IntoIterator<Item = RuleHead<'a>>,
+) -> Vec<Conflict> {
+    let mut found = Vec::new();
+    for rule in rules.into_iter().filter(|r| !r.managed) {
+        if rule.name == service.name {
+            found.push(Conflict::SameName { kind: rule.kind });
+        }
+        found.extend(
+            rule.hosts
+                .iter()
+                .filter(|h| host_names_service(h, &service.name, &service.namespace))
+                .map(|h| Conflict::SameHost {
+                    kind: rule.kind,
+                    name: rule.name.to_owned(),
+                    host: h.clone(),
+                }),
+        );
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The Service of `namespace` that `host` names, if it names one (see
+/// [`host_names_service`]).
+pub fn host_service<'a>(host: &'a str, namespace: &str) -> Option<&'a str> {
+    let service = host.split('.').next()?;
+    (!service.is_empty() && host_names_service(host, service, namespace)).then_some(service)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1120 @@
+//! The routes controller: keeps one DestinationRule and one VirtualService
+//! per routed Service in step with the Service's live canary tags. Runs on
+//! the leader only (a field of the app's writers), one instance per
+//! leadership term; a thin adapter around [`super::plan`].
+//!
+//! ```text
+//!  discover: networking.istio.io (v1 > v1beta1 > v1alpha3), discovery.k8s.io
+//!            absent -> idle, re-check every 30 s (routes_crds_present 0)
+//!  watches:  Namespaces (opt-in selector), Services (metadata), EndpointSlices
+//!            (kubernetes.io/service-name), canary pods (metadata, <stage>=<gray>,<canaryTag>),
+//!            DestinationRules, VirtualServices
+//!              --> Index (small rows) --> dirty Services
+//!  reconcile: conflicts? -> report, write nothing
+//!             plan() -> one write -> read the answer back -> plan() again ...
+//!             not routed any more -> delete our VirtualService, then our DestinationRule
+//! ```
+//!
+//! Writes: a create is a `POST` (it fails if anyone else's object took the
+//! name meanwhile); a change is a server-side apply (field manager
+//! [`FIELD_MANAGER`], forced, with the `resourceVersion` read as a
+//! precondition, so an object changed since is never overwritten blindly);
+//! a delete carries uid and `resourceVersion` preconditions. Our own writes
+//! reach the watch cache a moment later; until they do, the answers of the
+//! writes stand in for the cache, so a quick second reconcile never plans
+//! from a stale view. In steady state nothing is written.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup;
+use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions,
+};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::EventType;
+use kube::runtime::watcher::{self, watcher};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::index::{Change, Index, Key, SERVICE_NAME_LABEL};
+use super::objects::{self, DestinationRuleSpec, Observed, Spec, VirtualServiceSpec};
+use super::plan::{self, PlanInput, Removal, Step, Write};
+use super::{Conflict, InvalidHeader, RuleKind, ServiceRef, conflicts, route_header};
+use crate::cluster::events::{EventRequest, EventSink};
+use crate::config::Config;
+use crate::metrics::ControllerCounters;
+use crate::mutate::{LabelPolicy, NamespacePolicy};
+
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "routes";
+
+/// Field manager of the routes controller's writes.
+pub const FIELD_MANAGER: &str = "canary-injector-routes";
+
+/// How often to look again for the API groups while they are not served.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// Reconcile every Service this often even without a change.
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// First retry after a failed write; doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+
+/// Longest wait between retries of a failing Service.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// Retry after a write found its object changed since it was read (the
+/// watch brings the new version within moments).
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// Writes per Service per reconcile at most (converging takes at most
+/// four: subset, route, and a repair of each).
+const MAX_STEPS: usize = 6;
+
+/// The EndpointSlice API group and the versions read, best first (the
+/// fields read are the same in both).
+const SLICE_GROUP: &str = "discovery.k8s.io";
+const SLICE_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+// === settings and metrics ===
+
+/// What the controller takes from [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutesSettings {
+    /// The label vocabulary (subset selectors, which pods are canaries).
+    pub labels: LabelPolicy,
+    /// Which namespaces are routed (`namespaces.optIn`, minus exclusions).
+    pub namespaces: NamespacePolicy,
+    /// The default request header (`routes.header`).
+    pub header: String,
+    /// How long a subset outlives its tag (`routes.removalGraceSeconds`).
+    pub grace: Duration,
+}
+
+impl RoutesSettings {
+    /// The settings for `cfg`; `None` when `routes.enabled` is false.
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        cfg.routes.enabled.then(|| Self {
+            labels: cfg.labels.clone(),
+            namespaces: cfg.namespaces.clone(),
+            header: cfg.routes.header.clone(),
+            grace: Duration::from_secs(cfg.routes.removal_grace_seconds.into()),
+        })
+    }
+}
+
+/// The routes controller's own metrics (besides the shared
+/// `reconcile_*{controller="routes"}`). Labels are fixed sets.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    services: IntGaugeVec,
+    changes: IntCounterVec,
+    watch_errors: IntCounterVec,
+    /// 1 while `networking.istio.io` and EndpointSlices are served (on the
+    /// leader; 0 elsewhere).
+    pub crds_present: IntGauge,
+}
+
+impl RouteMetrics {
+    /// Values of the `state` label of `routes_services`.
+    pub const STATES: [&'static str; 3] = ["routed", "conflict", "invalid-header"];
+
+    /// Values of the `change` label of `routes_changes_total`.
+    pub const CHANGES: [&'static str; 5] = [
+        "route-added",
+        "route-removed",
+        "subset-added",
+        "subset-removed",
+        "objects-deleted",
+    ];
+
+    /// Values of the `watch` label of `routes_watch_errors_total`.
+    pub const WATCHES: [&'static str; 6] = [
+        "namespaces",
+        "services",
+        "endpointslices",
+        "pods",
+        "destinationrules",
+        "virtualservices",
+    ];
+
+    /// Creates and registers `routes_services{state}`,
+    /// `routes_changes_total{change}`, `routes_watch_errors_total{watch}`
+    /// and `routes_crds_present`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let services = IntGaugeVec::new(
+            Opts::new(
+                "routes_services",
+                "Services asking for canary routes in opted-in namespaces, by state: routed, \
+                 conflict (an object not managed by canary-injector is in the way), \
+                 invalid-header. Set by the leader.",
+            ),
+            &["state"],
+        )?;
+        let changes = IntCounterVec::new(
+            Opts::new(
+                "routes_changes_total",
+                "Changes written to DestinationRules and VirtualServices, by change.",
+            ),
+            &["change"],
+        )?;
+        let watch_errors = IntCounterVec::new(
+            Opts::new(
+                "routes_watch_errors_total",
+                "Failed lists and watches of the routes controller, by watch (retried with \
+                 backoff; nothing is reconciled until every watch has listed once). Steady \
+                 errors usually mean missing RBAC.",
+            ),
+            &["watch"],
+        )?;
+        let crds_present = IntGauge::new(
+            "routes_crds_present",
+            "1 while the leader finds networking.istio.io and EndpointSlices served; 0 while \
+             the routes controller idles (or on a replica that does not lead).",
+        )?;
+        for state in Self::STATES {
+            services.with_label_values(&[state]);
+        }
+        for change in Self::CHANGES {
+            changes.with_label_values(&[change]);
+        }
+        for watch in Self::WATCHES {
+            watch_errors.with_label_values(&[watch]);
+        }
+        registry.register(Box::new(services.clone()))?;
+        registry.register(Box::new(changes.clone()))?;
+        registry.register(Box::new(watch_errors.clone()))?;
+        registry.register(Box::new(crds_present.clone()))?;
+        Ok(Self {
+            services,
+            changes,
+            watch_errors,
+            crds_present,
+        })
+    }
+
+    fn count(&self, change: &'static str, n: usize) {
+        if n > 0 {
+            self.changes.with_label_values(&[change]).inc_by(n as u64);
+        }
+    }
+
+    /// Services by state (tests and the gauges).
+    pub fn services(&self, state: &str) -> i64 {
+        self.services.with_label_values(&[state]).get()
+    }
+
+    /// Changes written so far.
+    pub fn changes(&self, change: &str) -> u64 {
+        self.changes.with_label_values(&[change]).get()
+    }
+
+    /// Errors of one watch so far.
+    pub fn watch_errors(&self, watch: &str) -> u64 {
+        self.watch_errors.with_label_values(&[watch]).get()
+    }
+
+    /// Zero every gauge (the term ended: another replica reports now).
+    fn reset(&self) {
+        for state in Self::STATES {
+            self.services.with_label_values(&[state]).set(0);
+        }
+        self.crds_present.set(0);
+    }
+}
+
+/// Everything one leadership term of the controller needs; cheap to clone.
+#[derive(Clone)]
+pub struct RoutesWriter {
+    /// From the configuration.
+    pub settings: RoutesSettings,
+    /// Its own metrics.
+    pub metrics: RouteMetrics,
+    /// `reconcile_*{controller="routes"}`.
+    pub counters: ControllerCounters,
+    /// Events on Services (route added / removed / conflict).
+    pub events: EventSink,
+}
+
+// === errors ===
+
+/// Why a Service could not be brought in step.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The API refused a write.
+    #[error("cannot write {kind} {namespace}/{name}: {source}")]
+    Write {
+        /// The kind written.
+        kind: RuleKind,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object changed (or appeared) since it was read; read it again.
+    #[error("{kind} {namespace}/{name} changed since it was read")]
+    Stale {
+        /// The kind.
+        kind: RuleKind,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+}
+
+impl RouteError {
+    /// Every `reason` label value, exported at 0 from the start.
+    pub const REASONS: [&'static str; 2] = ["write", "stale"];
+
+    /// Bounded metric label for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Write { .. } => Self::REASONS[0],
+            Self::Stale { .. } => Self::REASONS[1],
+        }
+    }
+}
+
+// === discovery ===
+
+/// The API resources the controller reads and writes, at the versions the
+/// cluster serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apis {
+    /// `destinationrules`.
+    pub destination_rules: ApiResource,
+    /// `virtualservices`.
+    pub virtual_services: ApiResource,
+    /// `endpointslices`.
+    pub endpoint_slices: ApiResource,
+}
+
+/// What discovery found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovered {
+    /// Everything is served.
+    Ready(Box<Apis>),
+    /// `networking.istio.io` with DestinationRules and VirtualServices is
+    /// not served (Istio not installed yet).
+    NoIstio,
+    /// EndpointSlices are not served (Kubernetes 1.16).
+    NoEndpointSlices,
+}
+
+/// The first of `versions` of `group` the cluster serves with all of
+/// `resources`; `None` when there is none.
+async fn served(
+    client: &Client,
+    group: &str,
+    versions: &[&str],
+    resources: &[&str],
+) -> Result<Option<String>, kube::Error> {
+    let request = http::Request::get(format!("/apis/{group}"))
+        .body(Vec::new())
+        .expect("a static URI is valid");
+    let doc: APIGroup = match client.request(request).await {
+        Ok(doc) => doc,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for version in versions {
+        if !doc.versions.iter().any(|v| v.version == *version) {
+            continue;
+        }
+        let list = match client
+            .list_api_group_resources(&format!("{group}/{version}"))
+            .await
+        {
+            Ok(list) => list,
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(e),
+        };
+        if resources
+            .iter()
+            .all(|r| list.resources.iter().any(|l| l.name == *r))
+        {
+            return Ok(Some((*version).to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk(group, version, kind),
+        plural,
+    )
+}
+
+/// Finds the versions the cluster serves: `networking.istio.io` `v1`, else
+/// `v1beta1`, else `v1alpha3`; EndpointSlices `v1`, else `v1beta1`.
+pub async fn discover(client: &Client) -> Result<Discovered, kube::Error> {
+    let rules = ["destinationrules", "virtualservices"];
+    let Some(istio) = served(client, objects::GROUP, &objects::VERSIONS, &rules).await? else {
+        return Ok(Discovered::NoIstio);
+    };
+    let Some(slices) = served(client, SLICE_GROUP, &SLICE_VERSIONS, &["endpointslices"]).await?
+    else {
+        return Ok(Discovered::NoEndpointSlices);
+    };
+    Ok(Discovered::Ready(Box::new(Apis {
+        destination_rules: resource(objects::GROUP, &istio, "DestinationRule", rules[0]),
+        virtual_services: resource(objects::GROUP, &istio, "VirtualService", rules[1]),
+        endpoint_slices: resource(SLICE_GROUP, &slices, "EndpointSlice", "endpointslices"),
+    })))
+}
+
+// === run ===
+
+/// Runs the controller for one leadership term, until `term` is cancelled:
+/// discovers the APIs (idling with one log line while they are missing,
+/// re-checking every [`RECHECK`]), then routes. Never ends on its own.
+pub async fn run(client: Client, writer: RoutesWriter, term: CancellationToken) {
+    let mut idle_reason = None;
+    loop {
+        match discover(&client).await {
+            Ok(Discovered::Ready(apis)) => {
+                idle_reason = None;
+                writer.metrics.crds_present.set(1);
+                info!(
+                    istio = %apis.destination_rules.api_version,
+                    endpoint_slices = %apis.endpoint_slices.api_version,
+                    "routes controller started"
+                );
+                let routes = Routes::new(client.clone(), writer.clone(), *apis);
+                if routes.run(&term).await == Exit::Stopped {
+                    break;
+                }
+                writer.metrics.crds_present.set(0);
+                warn!(
+                    "DestinationRules or VirtualServices no longer served; routes controller idle"
+                );
+            }
+            Ok(missing) => {
+                writer.metrics.crds_present.set(0);
+                if idle_reason.as_ref() != Some(&missing) {
+                    match missing {
+                        Discovered::NoEndpointSlices => info!(
+                            recheck_seconds = RECHECK.as_secs(),
+                            "discovery.k8s.io EndpointSlices not served; routes controller idle"
+                        ),
+                        _ => info!(
+                            recheck_seconds = RECHECK.as_secs(),
+                            "networking.istio.io DestinationRules/VirtualServices not served \
+                             (Istio not installed?); routes controller idle"
+                        ),
+                    }
+                    idle_reason = Some(missing);
+                }
+            }
+            Err(error) => {
+                writer.metrics.crds_present.set(0);
+                warn!(%error, "cannot discover the Istio API; retrying");
+            }
+        }
+        tokio::select! {
+            biased;
+            () = term.cancelled() => break,
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+    writer.metrics.reset();
+    info!("routes controller stopped");
+}
+
+/// Why [`Routes::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// The term ended.
+    Stopped,
+    /// The Istio API went away: discover again.
+    Rediscover,
+}
+
+/// One watch's events.
+enum Update {
+    Namespace(watcher::Result<watcher::Event<PartialObjectMeta<Namespace>>>),
+    Service(watcher::Result<watcher::Event<PartialObjectMeta<Service>>>),
+    Slice(watcher::Result<watcher::Event<DynamicObject>>),
+    Pod(watcher::Result<watcher::Event<PartialObjectMeta<Pod>>>),
+    DestinationRule(watcher::Result<watcher::Event<DynamicObject>>),
+    VirtualService(watcher::Result<watcher::Event<DynamicObject>>),
+}
+
+/// Why a Service gets no writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Blocked {
+    Conflict(Vec<Conflict>),
+    Header(InvalidHeader),
+}
+
+/// Our latest write to an object, standing in for the watch cache until the
+/// cache has seen it: used while the cache still shows `prior` (the
+/// `resourceVersion` the write started from; `None`: it was absent).
+#[derive(Debug, Clone)]
+struct Memo<S> {
+    prior: Option<String>,
+    result: Option<Observed<S>>,
+}
+
+/// One leadership term's state (see the module docs).
+pub struct Routes {
+    client: Client,
+    writer: RoutesWriter,
+    apis: Apis,
+    index: Index,
+    dirty: BTreeSet<Key>,
+    timers: HashMap<Key, Instant>,
+    failures: HashMap<Key, u32>,
+    gone: HashMap<Key, BTreeMap<String, std::time::Instant>>,
+    blocked: HashMap<Key, Blocked>,
+    memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
+    memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
+    failing: BTreeSet<&'static str>,
+}
+
+impl Routes {
+    /// A controller with an empty index.
+    pub fn new(client: Client, writer: RoutesWriter, apis: Apis) -> Self {
+        let index = Index::new(
+            writer.settings.labels.clone(),
+            writer.settings.namespaces.clone(),
+        );
+        Self {
+            client,
+            writer,
+            apis,
+            index,
+            dirty: BTreeSet::new(),
+            timers: HashMap::new(),
+            failures: HashMap::new(),
+            gone: HashMap::new(),
+            blocked: HashMap::new(),
+            memo_dr: HashMap::new(),
+            memo_vs: HashMap::new(),
+            failing: BTreeSet::new(),
+        }
+    }
+
+    /// The index and the dirty set (benchmarks fill them directly).
+    pub fn index_mut(&mut self) -> (&mut Index, &mut BTreeSet<Key>) {
+        (&mut self.index, &mut self.dirty)
+    }
+
+    fn watches(&self) -> SelectAll<BoxStream<'static, Update>> {
+        let client = &self.client;
+        let settings = &self.writer.settings;
+        let mut namespaces = watcher::Config::default();
+        let selector = settings.namespaces.opt_in_selector();
+        if !selector.is_empty() {
+            namespaces = namespaces.labels(&selector);
+        }
+        let canaries = format!(
+            "{}={},{}",
+            settings.labels.stage, settings.labels.gray_stage, settings.labels.canary_tag
+        );
+        let all = watcher::Config::default;
+        futures::stream::select_all([
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                namespaces,
+            )
+            .default_backoff()
+            .map(Update::Namespace)
+            .boxed(),
+            watcher(
+                Api::<PartialObjectMeta<Service>>::all(client.clone()),
+                all(),
+            )
+            .default_backoff()
+            .map(Update::Service)
+            .boxed(),
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &self.apis.endpoint_slices),
+                all().labels(SERVICE_NAME_LABEL),
+            )
+            .default_backoff()
+            .map(Update::Slice)
+            .boxed(),
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                all().labels(&canaries),
+            )
+            .default_backoff()
+            .map(Update::Pod)
+            .boxed(),
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &self.apis.destination_rules),
+                all(),
+            )
+            .default_backoff()
+            .map(Update::DestinationRule)
+            .boxed(),
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &self.apis.virtual_services),
+                all(),
+            )
+            .default_backoff()
+            .map(Update::VirtualService)
+            .boxed(),
+        ])
+    }
+
+    /// Watches and reconciles until `term` is cancelled or the Istio API
+    /// goes away. Reconciles nothing before every watch has listed once (a
+    /// half-filled index would make tags look gone and conflicts absent).
+    async fn run(mut self, term: &CancellationToken) -> Exit {
+        let mut updates = self.watches();
+        let mut resync = tokio::time::interval_at(Instant::now() + RESYNC, RESYNC);
+        let exit = loop {
+            let next = self.timers.values().min().copied();
+            tokio::select! {
+                biased;
+                () = term.cancelled() => break Exit::Stopped,
+                update = updates.next() => match update {
+                    Some(u) => if self.apply(u) == Some(Exit::Rediscover) { break Exit::Rediscover },
+                    None => break Exit::Rediscover,
+                },
+                () = sleep_until(next) => {}
+                _ = resync.tick() => self.dirty.extend(self.index.all_keys()),
+            }
+            // Take in what else is waiting before reconciling.
+            let mut rediscover = false;
+            while let Some(Some(u)) = updates.next().now_or_never() {
+                rediscover |= self.apply(u) == Some(Exit::Rediscover);
+            }
+            if rediscover {
+                break Exit::Rediscover;
+            }
+            if self.index.is_synced() {
+                tokio::select! {
+                    biased;
+                    () = term.cancelled() => break Exit::Stopped,
+                    () = self.process() => {}
+                }
+            }
+        };
+        self.writer.metrics.reset();
+        exit
+    }
+
+    /// Takes one watch event into the index; `Rediscover` when the Istio
+    /// API is gone.
+    fn apply(&mut self, update: Update) -> Option<Exit> {
+        let index = &mut self.index;
+        let dirty = &mut self.dirty;
+        let (watch, result) = match update {
+            Update::Namespace(r) => (
+                "namespaces",
+                r.map(|e| {
+                    let change = Change::from_event(e, |o| index.namespace_row(&o.metadata));
+                    index.apply_namespace(change, dirty)
+                }),
+            ),
+            Update::Service(r) => (
+                "services",
+                r.map(|e| {
+                    index.apply_service(
+                        Change::from_event(e, |o| Index::service_row(&o.metadata)),
+                        dirty,
+                    )
+                }),
+            ),
+            Update::Slice(r) => (
+                "endpointslices",
+                r.map(|e| index.apply_slice(Change::from_event(e, Index::slice_row), dirty)),
+            ),
+            Update::Pod(r) => (
+                "pods",
+                r.map(|e| {
+                    let change = Change::from_event(e, |o| index.pod_row(&o.metadata));
+                    index.apply_pod(change, dirty)
+                }),
+            ),
+            Update::DestinationRule(r) => (
+                "destinationrules",
+                r.map(|e| {
+                    index.apply_destination_rule(Change::from_event(e, Index::rule_row), dirty)
+                }),
+            ),
+            Update::VirtualService(r) => (
+                "virtualservices",
+                r.map(|e| {
+                    index.apply_virtual_service(Change::from_event(e, Index::rule_row), dirty)
+                }),
+            ),
+        };
+        match result {
+            Ok(()) => {
+                if self.failing.remove(watch) {
+                    info!(watch, "watch recovered");
+                }
+                None
+            }
+            Err(error) => {
+                self.writer
+                    .metrics
+                    .watch_errors
+                    .with_label_values(&[watch])
+                    .inc();
+                if self.failing.insert(watch) {
+                    warn!(watch, %error, "watch failed; retrying with backoff");
+                }
+                let istio = matches!(watch, "destinationrules" | "virtualservices");
+                (istio && is_not_found(&error)).then_some(Exit::Rediscover)
+            }
+        }
+    }
+
+    /// Reconciles every dirty Service and every Service whose timer is due.
+    pub async fn process(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Key> = self
+            .timers
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.timers.remove(&key);
+            self.dirty.insert(key);
+        }
+        while let Some(key) = self.dirty.pop_first() {
+            match self.reconcile(&key).await {
+                Ok(wake) => {
+                    self.failures.remove(&key);
+                    match wake {
+                        Some(at) => self.timers.insert(key, at),
+                        None => self.timers.remove(&key),
+                    };
+                }
+                Err(error) => {
+                    self.writer.counters.error(error.reason());
+                    let delay = match &error {
+                        RouteError::Stale { .. } => {
+                            debug!(%error, "read again");
+                            STALE_RETRY
+                        }
+                        RouteError::Write { .. } => {
+                            let n = self.failures.entry(key.clone()).or_insert(0);
+                            *n += 1;
+                            let delay = FIRST_RETRY
+                                .saturating_mul(1 << (*n - 1).min(8))
+                                .min(MAX_RETRY);
+                            warn!(%error, retry_seconds = delay.as_secs(), "cannot route a Service");
+                            delay
+                        }
+                    };
+                    self.timers.insert(key, Instant::now() + delay);
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let mut counts = [0_i64; 3];
+        for key in self.index.services() {
+            if self.index.routed(key).is_none() {
+                continue;
+            }
+            let i = match self.blocked.get(key) {
+                None => 0,
+                Some(Blocked::Conflict(_)) => 1,
+                Some(Blocked::Header(_)) => 2,
+            };
+            counts[i] += 1;
+        }
+        for (state, n) in RouteMetrics::STATES.iter().zip(counts) {
+            self.writer
+                .metrics
+                .services
+                .with_label_values(&[state])
+                .set(n);
+        }
+    }
+
+    fn observe<S: Spec + Clone>(
+        cached: Option<&Observed<S>>,
+        memo: &mut HashMap<Key, Memo<S>>,
+        key: &Key,
+    ) -> Option<Observed<S>> {
+        let cached_version = cached.and_then(|c| c.resource_version.as_deref());
+        match memo.get(key) {
+            Some(m) if m.prior.as_deref() == cached_version => m.result.clone(),
+            Some(_) => {
+                memo.remove(key);
+                cached.cloned()
+            }
+            None => cached.cloned(),
+        }
+    }
+
+    fn observed(
+        &mut self,
+        key: &Key,
+    ) -> (
+        Option<Observed<DestinationRuleSpec>>,
+        Option<Observed<VirtualServiceSpec>>,
+    ) {
+        (
+            Self::observe(self.index.destination_rule(key), &mut self.memo_dr, key),
+            Self::observe(self.index.virtual_service(key), &mut self.memo_vs, key),
+        )
+    }
+
+    /// Brings one Service in step; the time to look again, if any.
+    pub async fn reconcile(&mut self, key: &Key) -> Result<Option<Instant>, RouteError> {
+        let Some(entry) = self.index.routed(key).cloned() else {
+            self.blocked.remove(key);
+            self.gone.remove(key);
+            return self.remove(key).await.map(|()| None);
+        };
+        let service = ServiceRef {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            uid: entry.uid.clone(),
+        };
+        let found = conflicts(&service, self.index.rules_in(&key.0));
+        if !found.is_empty() {
+            self.block(&service, Blocked::Conflict(found));
+            return Ok(None);
+        }
+        let header = match route_header(Some(&entry.annotations), &self.writer.settings.header) {
+            Ok(h) => h.to_owned(),
+            Err(invalid) => {
+                self.block(&service, Blocked::Header(invalid));
+                return Ok(None);
+            }
+        };
+        if self.blocked.remove(key).is_some() {
+            info!(namespace = %key.0, service = %key.1, "routes no longer blocked");
+        }
+        let live = self.index.live_tags(key);
+        for _ in 0..MAX_STEPS {
+            let (dr, vs) = self.observed(key);
+            let empty = BTreeMap::new();
+            let now = Instant::now();
+            let plan = plan::plan(&PlanInput {
+                service: &service,
+                header: &header,
+                labels: &self.writer.settings.labels,
+                live: &live,
+                destination_rule: dr.as_ref(),
+                virtual_service: vs.as_ref(),
+                gone: self.gone.get(key).unwrap_or(&empty),
+                now: now.into_std(),
+                grace: self.writer.settings.grace,
+            });
+            if plan.gone.is_empty() {
+                self.gone.remove(key);
+            } else {
+                self.gone.insert(key.clone(), plan.gone);
+            }
+            let Some(step) = plan.step else {
+                return Ok(plan.wake_at.map(Instant::from_std));
+            };
+            match step {
+                Step::DestinationRule(w) => {
+                    let prior = dr.and_then(|o| o.resource_version);
+                    let json = w.object.to_json(&self.apis.destination_rules.api_version);
+                    let result = self
+                        .write(RuleKind::DestinationRule, &service, json, &w)
+                        .await?;
+                    self.memo_dr.insert(
+                        key.clone(),
+                        Memo {
+                            prior,
+                            result: Some(result),
+                        },
+                    );
+                    self.report_subsets(&service, &w);
+                }
+                Step::VirtualService(w) => {
+                    let prior = vs.and_then(|o| o.resource_version);
+                    let json = w.object.to_json(&self.apis.virtual_services.api_version);
+                    let result = self
+                        .write(RuleKind::VirtualService, &service, json, &w)
+                        .await?;
+                    self.memo_vs.insert(
+                        key.clone(),
+                        Memo {
+                            prior,
+                            result: Some(result),
+                        },
+                    );
+                    self.report_routes(&service, &w);
+                }
+            }
+        }
+        // Not in step after MAX_STEPS writes: someone keeps changing the
+        // objects. Look again shortly.
+        Ok(Some(Instant::now() + STALE_RETRY))
+    }
+
+    fn api(&self, kind: RuleKind, namespace: &str) -> Api<DynamicObject> {
+        let resource = match kind {
+            RuleKind::DestinationRule => &self.apis.destination_rules,
+            RuleKind::VirtualService => &self.apis.virtual_services,
+        };
+        Api::namespaced_with(self.client.clone(), namespace, resource)
+    }
+
+    /// Creates or applies one object; its state as the API answered.
+    async fn write<T, S: Spec>(
+        &self,
+        kind: RuleKind,
+        service: &ServiceRef,
+        mut json: serde_json::Value,
+        w: &Write<T>,
+    ) -> Result<Observed<S>, RouteError> {
+        let api = self.api(kind, &service.namespace);
+        let result = if w.create {
+            match serde_json::from_value::<DynamicObject>(json) {
+                Ok(object) => {
+                    let params = PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..PostParams::default()
+                    };
+                    api.create(&params, &object).await
+                }
+                Err(e) => Err(kube::Error::SerdeError(e)),
+            }
+        } else {
+            if let Some(rv) = &w.resource_version {
+                json["metadata"]["resourceVersion"] = rv.clone().into();
+            }
+            api.patch(
+                &service.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&json),
+            )
+            .await
+        };
+        match result {
+            Ok(object) => {
+                self.writer.counters.applied();
+                Ok(Index::observe_rule(&object))
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(RouteError::Stale {
+                kind,
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+            }),
+            Err(source) => Err(RouteError::Write {
+                kind,
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes our VirtualService, then our DestinationRule, of a Service
+    /// that no longer wants routes.
+    async fn remove(&mut self, key: &Key) -> Result<(), RouteError> {
+        for _ in 0..2 {
+            let (dr, vs) = self.observed(key);
+            let Some(Removal {
+                kind,
+                uid,
+                resource_version,
+            }) = plan::plan_removal(dr.as_ref(), vs.as_ref())
+            else {
+                return Ok(());
+            };
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid,
+                    resource_version: resource_version.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            match self.api(kind, &key.0).delete(&key.1, &params).await {
+                Ok(_) => {
+                    self.writer.counters.applied();
+                    self.writer.metrics.count("objects-deleted", 1);
+                    info!(namespace = %key.0, service = %key.1, %kind, "routing object deleted: the Service no longer asks for routes");
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    return Err(RouteError::Stale {
+                        kind,
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                    });
+                }
+                Err(source) => {
+                    return Err(RouteError::Write {
+                        kind,
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                        source,
+                    });
+                }
+            }
+            match kind {
+                RuleKind::DestinationRule => {
+                    self.memo_dr.insert(
+                        key.clone(),
+                        Memo {
+                            prior: resource_version,
+                            result: None,
+                        },
+                    );
+                }
+                RuleKind::VirtualService => {
+                    self.memo_vs.insert(
+                        key.clone(),
+                        Memo {
+                            prior: resource_version,
+                            result: None,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, service: &ServiceRef, why: Blocked) {
+        let key = (service.namespace.clone(), service.name.clone());
+        if self.blocked.get(&key) == Some(&why) {
+            return;
+        }
+        let (reason, note) = match &why {
+            Blocked::Conflict(found) => {
+                let list: Vec<String> = found.iter().map(ToString::to_string).collect();
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    conflicts = %list.join("; "),
+                    "canary routes conflict with objects canary-injector does not own; writing nothing"
+                );
+                (
+                    "RouteConflict",
+                    format!(
+                        "canary-injector writes no routes for this Service while {}; delete or \
+                         rename them, or remove the annotation canary-injector.io/routes",
+                        list.join("; ")
+                    ),
+                )
+            }
+            Blocked::Header(invalid) => {
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    error = %invalid,
+                    "invalid route header annotation; writing nothing"
+                );
+                ("RouteHeaderInvalid", invalid.to_string())
+            }
+        };
+        self.event(service, EventType::Warning, reason, note);
+        self.blocked.insert(key, why);
+    }
+
+    fn event(&self, service: &ServiceRef, type_: EventType, reason: &str, note: String) {
+        self.writer.events.emit(EventRequest {
+            regarding: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                name: Some(service.name.clone()),
+                namespace: Some(service.namespace.clone()),
+                uid: service.uid.clone(),
+                ..ObjectReference::default()
+            },
+            type_,
+            reason: reason.into(),
+            action: "Route".into(),
+            note,
+        });
+    }
+
+    fn report_subsets(&self, service: &ServiceRef, w: &Write<super::DestinationRule>) {
+        let metrics = &self.writer.metrics;
+        metrics.count("subset-added", w.added.len());
+        metrics.count("subset-removed", w.removed.len());
+        if w.create {
+            info!(namespace = %service.namespace, service = %service.name, "destination rule created");
+        }
+        for tag in &w.added {
+            info!(namespace = %service.namespace, service = %service.name, %tag, "canary subset added");
+        }
+        for tag in &w.removed {
+            info!(namespace = %service.namespace, service = %service.name, %tag, "canary subset removed");
+        }
+    }
+
+    fn report_routes(&self, service: &ServiceRef, w: &Write<super::VirtualService>) {
+        let metrics = &self.writer.metrics;
+        metrics.count("route-added", w.added.len());
+        metrics.count("route-removed", w.removed.len());
+        if w.create {
+            info!(namespace = %service.namespace, service = %service.name, "virtual service created");
+        }
+        let header = w
+            .object
+            .spec
+            .http
+            .iter()
+            .flat_map(|r| r.matches.iter().flat_map(|m| m.headers.keys()))
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        for tag in &w.added {
+            info!(namespace = %service.namespace, service = %service.name, %tag, %header, "canary route added");
+            self.event(
+                service,
+                EventType::Normal,
+                "RouteAdded",
+                format!("requests with {header}: {tag} now go to the ready pods of canary {tag}"),
+            );
+        }
+        for tag in &w.removed {
+            info!(namespace = %service.namespace, service = %service.name, %tag, "canary route removed");
+            self.event(
+                service,
+                EventType::Normal,
+                "RouteRemoved",
+                format!(
+                    "canary {tag} has no ready pod; requests with its header go to the normal pods"
+                ),
+            );
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// True when a watch error is the resource not being served (404).
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

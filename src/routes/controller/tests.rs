@@ -1,0 +1,1089 @@
+//! The controller against an apiserver model: discovery, lists, watches
+//! that deliver every change (with the label selector applied, as the real
+//! one does), creates, server-side applies and deletes with their
+//! preconditions, and Events. Time is tokio's paused clock, so grace
+//! periods and resyncs pass instantly and the order of writes is exact.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::cluster::events::{self, EventMetrics, Pace};
+use crate::metrics::ControllerMetrics;
+use crate::testing::{merge, mock_client, selected, status};
+
+const SHOP: &str = "/api/v1/namespaces/shop";
+const SERVICE: &str = "/api/v1/namespaces/shop/services/checkout";
+const SLICE: &str = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/checkout-abc12";
+const GRAY_POD: &str = "/api/v1/namespaces/shop/pods/checkout-gray-7d9f-x1";
+const DR: &str = "/apis/networking.istio.io/v1/namespaces/shop/destinationrules/checkout";
+const VS: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/checkout";
+const DR_COLLECTION: &str = "/apis/networking.istio.io/v1/namespaces/shop/destinationrules";
+const VS_COLLECTION: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+const SERVICE_UID: &str = "0b5c3e6a-1111-4222-8333-944445555666";
+const GRACE: Duration = Duration::from_secs(60);
+
+// === the apiserver model ===
+
+/// One request as seen, with the (virtual) time it came.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    method: Method,
+    path: String,
+    query: BTreeMap<String, String>,
+    content_type: String,
+    body: Value,
+}
+
+impl Seen {
+    fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+struct Parked {
+    collection: String,
+    query: BTreeMap<String, String>,
+    since: u64,
+    reply: tower_test::mock::SendResponse<Response<Body>>,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    version: u64,
+    /// (resourceVersion, path, old, new)
+    log: Vec<(u64, String, Option<Value>, Option<Value>)>,
+    parked: Vec<Parked>,
+    istio: bool,
+    seen: Vec<Seen>,
+    /// One-shot failures: (method, path, status).
+    failures: Vec<(Method, String, u16)>,
+    /// One-shot: someone else changes the object at this path just before
+    /// our next write to it.
+    touch: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct Apiserver(Arc<Mutex<State>>);
+
+/// The collection an object path belongs to, across namespaces:
+/// `/api/v1/namespaces/shop/pods/x` -> `/api/v1/pods`,
+/// `/api/v1/namespaces/shop` -> `/api/v1/namespaces`.
+fn collection_of(path: &str) -> String {
+    let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        ("/api/v1".to_owned(), rest)
+    } else {
+        let mut parts = path.trim_start_matches("/apis/").splitn(3, '/');
+        let (g, v, rest) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap_or(""),
+        );
+        (format!("/apis/{g}/{v}"), rest)
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        ["namespaces", _] => format!("{prefix}/namespaces"),
+        ["namespaces", _, resource, _] => format!("{prefix}/{resource}"),
+        _ => panic!("not an object path: {path}"),
+    }
+}
+
+impl Apiserver {
+    fn new(objects: &[(&str, Value)]) -> Self {
+        let api = Self::default();
+        {
+            let mut s = api.0.lock().unwrap();
+            s.istio = true;
+        }
+        for (path, object) in objects {
+            api.put(path, object.clone());
+        }
+        api
+    }
+
+    fn with_istio(&self, served: bool) {
+        self.0.lock().unwrap().istio = served;
+    }
+
+    /// Another actor writes `object` at `path` (kubelet, a user).
+    fn put(&self, path: &str, object: Value) {
+        let mut s = self.0.lock().unwrap();
+        s.store(path, Some(object));
+    }
+
+    /// Another actor deletes the object at `path`.
+    fn delete(&self, path: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.store(path, None);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.0.lock().unwrap().objects.get(path).cloned()
+    }
+
+    fn fail_once(&self, method: Method, path: &str, code: u16) {
+        self.0
+            .lock()
+            .unwrap()
+            .failures
+            .push((method, path.to_owned(), code));
+    }
+
+    fn touch_before_next_write(&self, path: &str) {
+        self.0.lock().unwrap().touch.push(path.to_owned());
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().seen.clone()
+    }
+
+    /// Writes to DestinationRules and VirtualServices, in order.
+    fn writes(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|c| c.method != Method::GET && c.path.contains("networking.istio.io"))
+            .collect()
+    }
+
+    fn write_lines(&self) -> Vec<String> {
+        self.writes().iter().map(Seen::line).collect()
+    }
+
+    /// Events posted, as (reason, type, regarding name).
+    fn events(&self) -> Vec<(String, String, String)> {
+        self.seen()
+            .into_iter()
+            .filter(|c| c.method == Method::POST && c.path == EVENTS)
+            .map(|c| {
+                let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+                (
+                    s(&c.body["reason"]),
+                    s(&c.body["type"]),
+                    s(&c.body["regarding"]["name"]),
+                )
+            })
+            .collect()
+    }
+
+    fn serve(&self) -> (Client, JoinHandle<()>) {
+        let (client, mut mock) = mock_client();
+        let api = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(call) = mock.next_or_end().await {
+                let seen = Seen {
+                    at: Instant::now(),
+                    method: call.method.clone(),
+                    path: call.path.clone(),
+                    query: call.query.clone(),
+                    content_type: call.content_type.clone(),
+                    body: call.body.clone(),
+                };
+                if call.method == Method::GET && call.is_watch() {
+                    let since = call
+                        .param("resourceVersion")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut s = api.0.lock().unwrap();
+                    s.seen.push(seen.clone());
+                    if let Some(code) = s.take_failure(&seen) {
+                        drop(s);
+                        call.fail(code, "InternalError", "injected failure");
+                        continue;
+                    }
+                    if seen.path.contains("networking.istio.io") && !s.istio {
+                        drop(s);
+                        call.fail(
+                            404,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        );
+                        continue;
+                    }
+                    let parked = Parked {
+                        collection: seen.path.clone(),
+                        query: seen.query.clone(),
+                        since,
+                        reply: call.park(),
+                    };
+                    s.parked.push(parked);
+                    s.flush();
+                    continue;
+                }
+                let (code, body) = api.0.lock().unwrap().handle(seen);
+                call.respond(code, &body);
+            }
+        });
+        (client, task)
+    }
+}
+
+impl State {
+    fn take_failure(&mut self, seen: &Seen) -> Option<u16> {
+        let i = self
+            .failures
+            .iter()
+            .position(|(m, p, _)| *m == seen.method && *p == seen.path)?;
+        Some(self.failures.remove(i).2)
+    }
+
+    /// Stores (or deletes, with `None`) an object, logs the change and
+    /// answers the watches it concerns.
+    fn store(&mut self, path: &str, object: Option<Value>) -> Option<Value> {
+        self.version += 1;
+        let old = self.objects.get(path).cloned();
+        let new = object.map(|mut o| {
+            o["metadata"]["resourceVersion"] = json!(self.version.to_string());
+            if o["metadata"].get("uid").is_none() {
+                o["metadata"]["uid"] =
+                    json!(format!("00000000-0000-4000-8000-{:012}", self.version));
+            }
+            o
+        });
+        match &new {
+            Some(o) => self.objects.insert(path.to_owned(), o.clone()),
+            None => self.objects.remove(path),
+        };
+        let mut deleted = old.clone();
+        if new.is_none()
+            && let Some(d) = &mut deleted
+        {
+            d["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        }
+        self.log
+            .push((self.version, path.to_owned(), deleted, new.clone()));
+        self.flush();
+        new
+    }
+
+    /// Answers every parked watch that has events past its version.
+    fn flush(&mut self) {
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            let mut lines = Vec::new();
+            for (rv, path, old, new) in &self.log {
+                if *rv <= p.since || collection_of(path) != p.collection {
+                    continue;
+                }
+                let matches = |o: &Option<Value>| o.as_ref().is_some_and(|o| selected(o, &p.query));
+                let event = match (matches(old), matches(new)) {
+                    (_, true) if old.is_none() || !matches(old) => ("ADDED", new),
+                    (_, true) => ("MODIFIED", new),
+                    (true, false) => {
+                        // Deleted, or no longer selected: the last state seen.
+                        let mut gone = old.clone().unwrap();
+                        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+                        lines.push(json!({"type": "DELETED", "object": gone}));
+                        continue;
+                    }
+                    (false, false) => continue,
+                };
+                lines.push(json!({"type": event.0, "object": event.1}));
+            }
+            if lines.is_empty() {
+                self.parked.push(p);
+                continue;
+            }
+            let mut body = Vec::new();
+            for l in lines {
+                body.extend(serde_json::to_vec(&l).unwrap());
+                body.push(b'\n');
+            }
+            p.reply.send_response(Response::new(Body::from(body)));
+        }
+    }
+
+    fn group(&self, group: &str, version: &str) -> (StatusCode, Value) {
+        (
+            StatusCode::OK,
+            json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
+                   "versions": [{"groupVersion": format!("{group}/{version}"), "version": version}],
+                   "preferredVersion": {"groupVersion": format!("{group}/{version}"), "version": version}}),
+        )
+    }
+
+    fn resources(&self, group_version: &str, names: &[(&str, &str)]) -> (StatusCode, Value) {
+        let resources: Vec<Value> = names
+            .iter()
+            .map(|(name, kind)| json!({"name": name, "singularName": "", "namespaced": true, "kind": kind,
+                                        "verbs": ["create", "delete", "get", "list", "patch", "watch"]}))
+            .collect();
+        (
+            StatusCode::OK,
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
+        )
+    }
+
+    fn fail(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
+        (
+            StatusCode::from_u16(code).unwrap(),
+            status(code, reason, message),
+        )
+    }
+
+    fn handle(&mut self, call: Seen) -> (StatusCode, Value) {
+        self.seen.push(call.clone());
+        if let Some(code) = self.take_failure(&call) {
+            return Self::fail(code, "InternalError", "injected failure");
+        }
+        let path = call.path.as_str();
+        match (&call.method, path) {
+            (&Method::GET, "/apis/networking.istio.io") if self.istio => {
+                return self.group("networking.istio.io", "v1");
+            }
+            (&Method::GET, "/apis/networking.istio.io" | "/apis/networking.istio.io/v1")
+                if !self.istio =>
+            {
+                return Self::fail(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                );
+            }
+            (&Method::GET, "/apis/networking.istio.io/v1") => {
+                return self.resources(
+                    "networking.istio.io/v1",
+                    &[
+                        ("destinationrules", "DestinationRule"),
+                        ("virtualservices", "VirtualService"),
+                    ],
+                );
+            }
+            (&Method::GET, "/apis/discovery.k8s.io") => {
+                return self.group("discovery.k8s.io", "v1");
+            }
+            (&Method::GET, "/apis/discovery.k8s.io/v1") => {
+                return self.resources(
+                    "discovery.k8s.io/v1",
+                    &[("endpointslices", "EndpointSlice")],
+                );
+            }
+            _ => {}
+        }
+        if path.contains("networking.istio.io") && !self.istio {
+            return Self::fail(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        if call.method != Method::GET
+            && let Some(i) = self.touch.iter().position(|p| path.starts_with(p.as_str()))
+        {
+            let touched = self.touch.remove(i);
+            let mut o = self
+                .objects
+                .get(&touched)
+                .cloned()
+                .expect("touch an existing object");
+            o["metadata"]["annotations"]["touched-by"] = json!("someone-else");
+            self.store(&touched, Some(o));
+        }
+        let stored = self.objects.get(path).cloned();
+        match call.method.clone() {
+            Method::GET => {
+                if let Some(o) = stored {
+                    return (StatusCode::OK, o);
+                }
+                let items: Vec<Value> = self
+                    .objects
+                    .iter()
+                    .filter(|(p, o)| collection_of(p) == path && selected(o, &call.query))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "List",
+                           "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
+                )
+            }
+            Method::POST => {
+                let mut o = call.body.clone();
+                let name = match o["metadata"]["name"].as_str() {
+                    Some(n) => n.to_owned(),
+                    None => {
+                        let n = format!("event-{}", self.version + 1);
+                        o["metadata"]["name"] = json!(n);
+                        n
+                    }
+                };
+                let target = format!("{path}/{name}");
+                if self.objects.contains_key(&target) {
+                    return Self::fail(409, "AlreadyExists", &format!("{name:?} already exists"));
+                }
+                o["metadata"]["namespace"] = json!("shop");
+                (StatusCode::CREATED, self.store(&target, Some(o)).unwrap())
+            }
+            Method::PATCH if call.content_type == "application/merge-patch+json" => {
+                // kube-runtime's recorder counting a repeated Event.
+                let Some(mut o) = stored else {
+                    return Self::fail(404, "NotFound", "not found");
+                };
+                json_patch::merge(&mut o, &call.body);
+                (StatusCode::OK, self.store(path, Some(o)).unwrap())
+            }
+            Method::PATCH => {
+                assert_eq!(call.content_type, "application/apply-patch+yaml", "{path}");
+                assert_eq!(
+                    call.query.get("fieldManager").map(String::as_str),
+                    Some(FIELD_MANAGER)
+                );
+                assert_eq!(call.query.get("force").map(String::as_str), Some("true"));
+                let Some(mut o) = stored else {
+                    return Self::fail(404, "NotFound", "not found");
+                };
+                if let Some(rv) = call.body["metadata"]["resourceVersion"].as_str()
+                    && Some(rv) != o["metadata"]["resourceVersion"].as_str()
+                {
+                    return Self::fail(
+                        409,
+                        "Conflict",
+                        "the object has been modified; please apply your changes to the latest version and try again",
+                    );
+                }
+                merge(&mut o, call.body.clone());
+                (StatusCode::OK, self.store(path, Some(o)).unwrap())
+            }
+            Method::DELETE => {
+                let Some(o) = stored else {
+                    return Self::fail(404, "NotFound", "not found");
+                };
+                let pre = &call.body["preconditions"];
+                for (field, have) in [
+                    ("uid", &o["metadata"]["uid"]),
+                    ("resourceVersion", &o["metadata"]["resourceVersion"]),
+                ] {
+                    if !pre[field].is_null() && pre[field] != *have {
+                        return Self::fail(409, "Conflict", "Precondition failed");
+                    }
+                }
+                self.store(path, None);
+                (StatusCode::OK, status(200, "", "deleted"))
+            }
+            method => panic!("unexpected {method} {path}"),
+        }
+    }
+}
+
+// === fixtures ===
+
+fn namespace() -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}})
+}
+
+fn service(annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "checkout", "namespace": "shop", "uid": SERVICE_UID, "annotations": annotations},
+           "spec": {"selector": {"app": "checkout"}, "ports": [{"name": "http", "port": 80}]}})
+}
+
+fn routed() -> Value {
+    service(json!({"canary-injector.io/routes": "true"}))
+}
+
+fn pod(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "labels": labels},
+           "spec": {"containers": [{"name": "app", "image": "checkout"}]}})
+}
+
+fn gray_pod() -> Value {
+    pod(
+        "checkout-gray-7d9f-x1",
+        json!({"app": "checkout", "canarytag": "feature-login", "stage": "gray"}),
+    )
+}
+
+/// The Service's slice: a normal pod (ready) and the gray one.
+fn slice(gray_ready: bool) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "checkout-abc12", "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": "checkout"}},
+           "addressType": "IPv4",
+           "endpoints": [
+               {"addresses": ["10.0.0.5"], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": "checkout-7c6d-a1", "namespace": "shop"}},
+               {"addresses": ["10.0.0.9"], "conditions": {"ready": gray_ready, "serving": gray_ready},
+                "targetRef": {"kind": "Pod", "name": "checkout-gray-7d9f-x1", "namespace": "shop"}},
+           ],
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+fn cluster(gray_ready: bool) -> Apiserver {
+    Apiserver::new(&[
+        (SHOP, namespace()),
+        (SERVICE, routed()),
+        (
+            "/api/v1/namespaces/shop/pods/checkout-7c6d-a1",
+            pod(
+                "checkout-7c6d-a1",
+                json!({"app": "checkout", "stage": "normal"}),
+            ),
+        ),
+        (GRAY_POD, gray_pod()),
+        (SLICE, slice(gray_ready)),
+    ])
+}
+
+struct Running {
+    api: Apiserver,
+    metrics: RouteMetrics,
+    counters: ControllerCounters,
+    term: CancellationToken,
+    task: JoinHandle<()>,
+    _served: JoinHandle<()>,
+}
+
+/// Starts the controller (leading) against `api`, with Events published
+/// through kube-runtime's recorder to the same apiserver.
+fn start(api: &Apiserver) -> Running {
+    let (client, served) = api.serve();
+    let registry = Registry::new();
+    let metrics = RouteMetrics::register(&registry).unwrap();
+    let counters = ControllerMetrics::register(&registry)
+        .unwrap()
+        .controller(CONTROLLER, &RouteError::REASONS);
+    let event_metrics = EventMetrics::register(&registry).unwrap();
+    let (sink, queue) = EventSink::channel(64, event_metrics.clone());
+    let term = CancellationToken::new();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "canary-injector".into(),
+            instance: Some("canary-injector-0".into()),
+        },
+    );
+    tokio::spawn(events::publish(
+        queue,
+        recorder,
+        Pace::default(),
+        event_metrics,
+        term.clone(),
+    ));
+    let mut cfg = Config::default();
+    cfg.routes.removal_grace_seconds = GRACE.as_secs() as u32;
+    let writer = RoutesWriter {
+        settings: RoutesSettings::from_config(&cfg).unwrap(),
+        metrics: metrics.clone(),
+        counters: counters.clone(),
+        events: sink,
+    };
+    let task = tokio::spawn(run(client, writer, term.clone()));
+    Running {
+        api: api.clone(),
+        metrics,
+        counters,
+        term,
+        task,
+        _served: served,
+    }
+}
+
+impl Running {
+    /// Waits (virtual time) until `check` holds.
+    async fn until(&self, what: &str, check: impl Fn(&Apiserver) -> bool) {
+        for _ in 0..2000 {
+            if check(&self.api) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "timed out waiting for {what}; writes: {:#?}",
+            self.api.write_lines()
+        );
+    }
+
+    /// Lets (virtual) time pass.
+    async fn idle(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    async fn stop(self) {
+        self.term.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops when the term ends")
+            .unwrap();
+    }
+}
+
+fn desired_dr(tags: &[(&str, &str)]) -> Value {
+    let mut subsets = vec![json!({"name": "normal", "labels": {"stage": "normal"}})];
+    for (tag, name) in tags {
+        subsets.push(json!({"name": name, "labels": {"canarytag": tag, "stage": "gray"}}));
+    }
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "checkout", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "canary-injector"},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "checkout", "uid": SERVICE_UID}]},
+        "spec": {"host": "checkout", "subsets": subsets},
+    })
+}
+
+fn desired_vs(header: &str, tags: &[(&str, &str)]) -> Value {
+    let to = |s: &str| json!([{"destination": {"host": "checkout", "subset": s}}]);
+    let mut http = Vec::new();
+    for (tag, name) in tags {
+        http.push(json!({"name": name, "match": [{"headers": {header: {"exact": tag}}}], "route": to(name)}));
+    }
+    http.push(json!({"name": "normal", "route": to("normal")}));
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "checkout", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "canary-injector"},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "checkout", "uid": SERVICE_UID}]},
+        "spec": {"hosts": ["checkout"], "http": http},
+    })
+}
+
+fn without_version(mut v: Value) -> Value {
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    v
+}
+
+// === tests ===
+
+#[tokio::test(start_paused = true)]
+async fn a_new_canary_gets_its_subset_then_its_route_and_steady_state_writes_nothing() {
+    let api = cluster(false);
+    let r = start(&api);
+    // The gray pod is not ready: routes to normal only.
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let writes = api.writes();
+    assert_eq!(
+        api.write_lines(),
+        [
+            format!("POST {DR_COLLECTION}"),
+            format!("POST {VS_COLLECTION}")
+        ]
+    );
+    assert_eq!(
+        writes[0].query.get("fieldManager").map(String::as_str),
+        Some(FIELD_MANAGER)
+    );
+    assert_eq!(writes[0].body, desired_dr(&[]));
+    assert_eq!(writes[1].body, desired_vs("x-canary-tag", &[]));
+
+    // It turns ready: the subset first, then the route, each an apply over
+    // the version read.
+    let dr_version = api.get(DR).unwrap()["metadata"]["resourceVersion"].clone();
+    api.put(SLICE, slice(true));
+    r.until("the route", |a| a.writes().len() == 4).await;
+    let writes = api.writes();
+    assert_eq!(
+        api.write_lines()[2..],
+        [format!("PATCH {DR}"), format!("PATCH {VS}")]
+    );
+    let mut applied = desired_dr(&[("feature-login", "feature-login")]);
+    applied["metadata"]["resourceVersion"] = dr_version;
+    assert_eq!(writes[2].body, applied);
+    assert_eq!(
+        without_version(writes[3].body.clone()),
+        desired_vs("x-canary-tag", &[("feature-login", "feature-login")])
+    );
+
+    // Steady state, through a resync and a relisting: no writes.
+    r.idle(RESYNC * 2).await;
+    assert_eq!(api.writes().len(), 4, "{:#?}", api.write_lines());
+    assert_eq!(r.metrics.services("routed"), 1);
+    assert_eq!(r.metrics.changes("route-added"), 1);
+    assert_eq!(r.metrics.changes("subset-added"), 1);
+    assert_eq!(r.metrics.crds_present.get(), 1);
+    assert_eq!(r.counters.applies(), 4);
+    r.until("the event", |a| !a.events().is_empty()).await;
+    assert_eq!(
+        api.events(),
+        [(
+            "RouteAdded".to_owned(),
+            "Normal".to_owned(),
+            "checkout".to_owned()
+        )]
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    assert_eq!(
+        api.get(DR).unwrap()["spec"],
+        desired_dr(&[("feature-login", "feature-login")])["spec"]
+    );
+    // The gray pod stops being ready.
+    api.put(SLICE, slice(false));
+    r.until("the route removal", |a| a.writes().len() == 3)
+        .await;
+    let removed_at = api.writes()[2].at;
+    assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
+    assert_eq!(
+        api.get(VS).unwrap()["spec"],
+        desired_vs("x-canary-tag", &[])["spec"]
+    );
+    r.until("the subset removal", |a| a.writes().len() == 4)
+        .await;
+    let w = &api.writes()[3];
+    assert_eq!(w.line(), format!("PATCH {DR}"));
+    assert!(
+        w.at - removed_at >= GRACE,
+        "subset kept for the grace period"
+    );
+    assert!(w.at - removed_at < GRACE + Duration::from_secs(2));
+    assert_eq!(api.get(DR).unwrap()["spec"], desired_dr(&[])["spec"]);
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4);
+    assert_eq!(r.metrics.changes("route-removed"), 1);
+    assert_eq!(r.metrics.changes("subset-removed"), 1);
+    r.until("events", |a| a.events().len() == 2).await;
+    assert_eq!(api.events()[1].0, "RouteRemoved");
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_that_loses_its_canary_labels_loses_its_route() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    // Relabelled by hand: no longer selected by the pod watch (DELETED).
+    api.put(
+        GRAY_POD,
+        pod(
+            "checkout-gray-7d9f-x1",
+            json!({"app": "checkout", "stage": "normal"}),
+        ),
+    );
+    r.until("the route removal", |a| a.writes().len() == 3)
+        .await;
+    assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn objects_we_do_not_own_block_every_write_until_they_are_gone() {
+    let api = cluster(true);
+    let manual = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "checkout-manual", "namespace": "shop"},
+        "spec": {"hosts": ["checkout.shop.svc.cluster.local"],
+                 "http": [{"route": [{"destination": {"host": "checkout.shop.svc.cluster.local"}}]}]}});
+    let manual_path = format!("{VS_COLLECTION}/checkout-manual");
+    api.put(&manual_path, manual);
+    let r = start(&api);
+    r.until("the conflict event", |a| !a.events().is_empty())
+        .await;
+    assert_eq!(
+        api.events(),
+        [(
+            "RouteConflict".to_owned(),
+            "Warning".to_owned(),
+            "checkout".to_owned()
+        )]
+    );
+    let note = api
+        .seen()
+        .into_iter()
+        .find(|c| c.path == EVENTS)
+        .unwrap()
+        .body["note"]
+        .clone();
+    assert!(
+        note.as_str()
+            .unwrap()
+            .contains("VirtualService checkout-manual"),
+        "{note}"
+    );
+    r.idle(RESYNC * 2).await;
+    assert_eq!(
+        api.write_lines(),
+        Vec::<String>::new(),
+        "nothing written while in conflict"
+    );
+    assert_eq!(r.metrics.services("conflict"), 1);
+    assert_eq!(r.metrics.services("routed"), 0);
+    assert_eq!(api.events().len(), 1, "reported once, not at every resync");
+    // The manual object is deleted: routing starts.
+    api.delete(&manual_path);
+    r.until("routes", |a| a.writes().len() == 2).await;
+    assert_eq!(r.metrics.services("conflict"), 0);
+    assert_eq!(r.metrics.services("routed"), 1);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_object_of_the_same_name_we_do_not_own_is_never_touched() {
+    let api = cluster(true);
+    let theirs = json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "checkout", "namespace": "shop"},
+        "spec": {"host": "payments"}});
+    api.put(DR, theirs.clone());
+    let r = start(&api);
+    r.until("the conflict event", |a| !a.events().is_empty())
+        .await;
+    r.idle(RESYNC).await;
+    assert_eq!(api.write_lines(), Vec::<String>::new());
+    // Not even when the Service stops asking for routes.
+    api.put(SERVICE, service(json!({})));
+    r.idle(RESYNC).await;
+    assert_eq!(api.write_lines(), Vec::<String>::new());
+    assert_eq!(api.get(DR).unwrap()["spec"], theirs["spec"]);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn opting_out_deletes_our_virtual_service_then_our_destination_rule() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    let (dr, vs) = (api.get(DR).unwrap(), api.get(VS).unwrap());
+    api.put(
+        SERVICE,
+        service(json!({"canary-injector.io/routes": "false"})),
+    );
+    r.until("both deletes", |a| a.writes().len() == 4).await;
+    let writes = api.writes();
+    assert_eq!(
+        api.write_lines()[2..],
+        [format!("DELETE {VS}"), format!("DELETE {DR}")]
+    );
+    for (w, o) in [(&writes[2], &vs), (&writes[3], &dr)] {
+        assert_eq!(w.body["preconditions"]["uid"], o["metadata"]["uid"]);
+        assert_eq!(
+            w.body["preconditions"]["resourceVersion"],
+            o["metadata"]["resourceVersion"]
+        );
+    }
+    assert_eq!(api.get(DR), None);
+    assert_eq!(r.metrics.changes("objects-deleted"), 2);
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4);
+    // Opting in again, and then the namespace opting out, does the same.
+    api.put(SERVICE, routed());
+    r.until("routes again", |a| a.writes().len() == 6).await;
+    api.put(
+        SHOP,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    );
+    r.until("deleted again", |a| a.writes().len() == 8).await;
+    assert_eq!(
+        api.write_lines()[6..],
+        [format!("DELETE {VS}"), format!("DELETE {DR}")]
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn edits_and_deletes_of_our_objects_are_repaired() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    // A user deletes the DestinationRule: recreated, and the
+    // VirtualService is left alone (it is right).
+    api.delete(DR);
+    r.until("recreated", |a| a.writes().len() == 3).await;
+    assert_eq!(api.write_lines()[2], format!("POST {DR_COLLECTION}"));
+    // A user points the default route at the canary.
+    let mut vs = api.get(VS).unwrap();
+    vs["spec"]["http"][1]["route"][0]["destination"]["subset"] = json!("feature-login");
+    api.put(VS, vs);
+    r.until("repaired", |a| a.writes().len() == 4).await;
+    assert_eq!(api.write_lines()[3], format!("PATCH {VS}"));
+    assert_eq!(
+        api.get(VS).unwrap()["spec"],
+        desired_vs("x-canary-tag", &[("feature-login", "feature-login")])["spec"]
+    );
+    // Someone else's extra field (another field manager's) is no reason to write.
+    let mut dr = api.get(DR).unwrap();
+    dr["spec"]["trafficPolicy"] = json!({"tls": {"mode": "ISTIO_MUTUAL"}});
+    api.put(DR, dr);
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4, "{:#?}", api.write_lines());
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_finds_the_object_changed_reads_again() {
+    let api = cluster(false);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    // Someone else updates the DestinationRule just before our apply: 409.
+    api.touch_before_next_write(DR);
+    api.put(SLICE, slice(true));
+    r.until("the route", |a| {
+        a.get(VS).unwrap()["spec"]["http"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let lines = api.write_lines();
+    assert_eq!(
+        lines[2..],
+        [
+            format!("PATCH {DR}"),
+            format!("PATCH {DR}"),
+            format!("PATCH {VS}")
+        ]
+    );
+    assert_eq!(r.counters.errors("stale"), 1);
+    // The other writer's annotation is still there (apply merges).
+    assert_eq!(
+        api.get(DR).unwrap()["metadata"]["annotations"]["touched-by"],
+        "someone-else"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_is_retried_with_backoff() {
+    let api = cluster(true);
+    api.fail_once(Method::POST, DR_COLLECTION, 500);
+    let r = start(&api);
+    r.until("converged", |a| a.get(VS).is_some()).await;
+    let writes = api.writes();
+    assert_eq!(writes.len(), 3, "{:#?}", api.write_lines());
+    assert!(writes[1].at - writes[0].at >= FIRST_RETRY);
+    assert_eq!(r.counters.errors("write"), 1);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_header_annotation_is_reported_and_nothing_is_written() {
+    let api = cluster(true);
+    api.put(
+        SERVICE,
+        service(json!({"canary-injector.io/routes": "true", "canary-injector.io/route-header": "X-Version"})),
+    );
+    let r = start(&api);
+    r.until("the event", |a| !a.events().is_empty()).await;
+    assert_eq!(api.events()[0].0, "RouteHeaderInvalid");
+    assert_eq!(api.write_lines(), Vec::<String>::new());
+    assert_eq!(r.metrics.services("invalid-header"), 1);
+    // Fixed: routes with that header.
+    api.put(
+        SERVICE,
+        service(json!({"canary-injector.io/routes": "true", "canary-injector.io/route-header": "x-version"})),
+    );
+    r.until("routes", |a| a.writes().len() == 2).await;
+    assert_eq!(
+        without_version(api.get(VS).unwrap())["spec"],
+        desired_vs("x-version", &[("feature-login", "feature-login")])["spec"]
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_istio_it_idles_then_routes_once_the_crds_appear() {
+    let api = cluster(true);
+    api.with_istio(false);
+    let r = start(&api);
+    r.idle(RECHECK * 3 + Duration::from_secs(1)).await;
+    let discoveries = api
+        .seen()
+        .iter()
+        .filter(|c| c.path == "/apis/networking.istio.io")
+        .count();
+    assert_eq!(discoveries, 4, "checked at start and every 30 s");
+    assert!(
+        api.seen().iter().all(|c| !c.query.contains_key("watch")),
+        "no watch while idle"
+    );
+    assert_eq!(r.metrics.crds_present.get(), 0);
+    api.with_istio(true);
+    r.until("routes", |a| a.writes().len() == 2).await;
+    assert_eq!(r.metrics.crds_present.get(), 1);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_istio_goes_away_it_idles_again() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    api.with_istio(false);
+    // The next DestinationRule event makes the watch restart and fail.
+    api.delete(DR);
+    r.until("idle", |_| r.metrics.crds_present.get() == 0).await;
+    api.with_istio(true);
+    r.until("routing again", |a| a.get(DR).is_some()).await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_errors_are_retried_and_nothing_is_written_before_every_list_completed() {
+    let api = cluster(true);
+    api.fail_once(Method::GET, "/api/v1/pods", 500);
+    api.fail_once(
+        Method::GET,
+        "/apis/networking.istio.io/v1/virtualservices",
+        503,
+    );
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    let seen = api.seen();
+    let first_write = seen.iter().position(|c| c.method == Method::POST).unwrap();
+    let pod_lists = seen[..first_write]
+        .iter()
+        .filter(|c| c.path == "/api/v1/pods" && !c.query.contains_key("watch"))
+        .count();
+    assert_eq!(pod_lists, 2, "the failed list was retried before any write");
+    assert_eq!(r.metrics.watch_errors("pods"), 1);
+    assert_eq!(r.metrics.watch_errors("virtualservices"), 1);
+    // Later, a watch breaks off with an error: the watcher relists and
+    // nothing is written again.
+    api.fail_once(Method::GET, "/api/v1/services", 500);
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 2);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_makes_no_call_at_all() {
+    let api = cluster(true);
+    let (client, _served) = api.serve();
+    let registry = Registry::new();
+    let writer = RoutesWriter {
+        settings: RoutesSettings::from_config(&Config::default()).unwrap(),
+        metrics: RouteMetrics::register(&registry).unwrap(),
+        counters: ControllerMetrics::register(&registry)
+            .unwrap()
+            .controller(CONTROLLER, &RouteError::REASONS),
+        events: EventSink::disabled(),
+    };
+    let (leader, rx) = tokio::sync::watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let gate = tokio::spawn(crate::cluster::while_leading(
+        rx,
+        shutdown.clone(),
+        move |term| run(client.clone(), writer.clone(), term),
+    ));
+    tokio::time::sleep(RESYNC).await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    leader.send_replace(true);
+    for _ in 0..200 {
+        if api.get(VS).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(api.get(VS).is_some(), "the leader routes");
+    // Leadership lost: the term ends, no more calls.
+    leader.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = api.seen().len();
+    api.put(SLICE, slice(false));
+    tokio::time::sleep(RESYNC).await;
+    assert_eq!(api.seen().len(), calls);
+    shutdown.cancel();
+    gate.await.unwrap().unwrap();
+}

@@ -1,0 +1,601 @@
+//! What the routes controller knows of the cluster, fed by its watches and
+//! kept small: per object only the few fields a decision reads (a pod is
+//! its name and canary tag, an EndpointSlice its Service and its endpoints'
+//! pod and readiness), never the objects themselves. No I/O: the controller
+//! turns watch events into [`Change`]s and applies them; tests and the
+//! memory benchmark fill it the same way.
+//!
+//! Each `apply_*` method also says which Services a change concerns (their
+//! keys go into `dirty`), so the controller reconciles only those.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::DynamicObject;
+use kube::runtime::watcher;
+use serde::Deserialize;
+
+use super::objects::{DestinationRuleSpec, Observed, ObservedMeta, Spec, VirtualServiceSpec};
+use super::{EndpointView, RuleHead, host_service, live_tags, pod_tag, wants_routes};
+use crate::mutate::{LabelPolicy, NamespacePolicy};
+
+/// `(namespace, name)`; a namespace's own key is `(name, "")`.
+pub type Key = (String, String);
+
+/// The label EndpointSlices carry naming their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One change to a [`Table`], from a watch event: `None` values mean "not
+/// of interest" (a Service without the annotation), which removes the row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<V> {
+    /// A (re)list starts.
+    Init,
+    /// A listed object.
+    Listed(Key, Option<V>),
+    /// The list is complete: rows not listed are gone.
+    InitDone,
+    /// An object was added or changed.
+    Applied(Key, Option<V>),
+    /// An object was deleted.
+    Deleted(Key),
+}
+
+impl<V> Change<V> {
+    /// The change for a watch event, with `row` reading an object's key and
+    /// value.
+    pub fn from_event<K>(event: watcher::Event<K>, row: impl Fn(K) -> (Key, Option<V>)) -> Self {
+        match event {
+            watcher::Event::Init => Self::Init,
+            watcher::Event::InitDone => Self::InitDone,
+            watcher::Event::InitApply(o) => {
+                let (k, v) = row(o);
+                Self::Listed(k, v)
+            }
+            watcher::Event::Apply(o) => {
+                let (k, v) = row(o);
+                Self::Applied(k, v)
+            }
+            watcher::Event::Delete(o) => Self::Deleted(row(o).0),
+        }
+    }
+}
+
+/// Rows of one kind, replaced atomically when a relist completes (like
+/// kube-runtime's reflector store).
+#[derive(Debug)]
+pub struct Table<V> {
+    rows: BTreeMap<Key, V>,
+    relist: Option<BTreeMap<Key, V>>,
+    synced: bool,
+}
+
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Self {
+            rows: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+}
+
+impl<V: PartialEq> Table<V> {
+    /// Applies `change`; `changed(key, old, new)` is called for every row
+    /// whose value changed.
+    pub fn apply(
+        &mut self,
+        change: Change<V>,
+        mut changed: impl FnMut(&Key, Option<&V>, Option<&V>),
+    ) {
+        match change {
+            Change::Init => self.relist = Some(BTreeMap::new()),
+            Change::Listed(key, value) => match (&mut self.relist, value) {
+                (Some(relist), Some(v)) => {
+                    relist.insert(key, v);
+                }
+                (Some(_), None) => {}
+                (None, value) => self.set(key, value, &mut changed),
+            },
+            Change::InitDone => {
+                let new = self.relist.take().unwrap_or_default();
+                let old = std::mem::replace(&mut self.rows, new);
+                for (key, v) in &old {
+                    let now = self.rows.get(key);
+                    if now != Some(v) {
+                        changed(key, Some(v), now);
+                    }
+                }
+                for (key, v) in &self.rows {
+                    if !old.contains_key(key) {
+                        changed(key, None, Some(v));
+                    }
+                }
+                self.synced = true;
+            }
+            Change::Applied(key, value) => self.set(key, value, &mut changed),
+            Change::Deleted(key) => self.set(key, None, &mut changed),
+        }
+    }
+
+    fn set(
+        &mut self,
+        key: Key,
+        value: Option<V>,
+        changed: &mut impl FnMut(&Key, Option<&V>, Option<&V>),
+    ) {
+        match value {
+            Some(v) => {
+                if self.rows.get(&key) != Some(&v) {
+                    let old = self.rows.insert(key.clone(), v);
+                    changed(&key, old.as_ref(), self.rows.get(&key));
+                }
+            }
+            None => {
+                if let Some(old) = self.rows.remove(&key) {
+                    changed(&key, Some(&old), None);
+                }
+            }
+        }
+    }
+
+    /// The row of `key`.
+    pub fn get(&self, key: &Key) -> Option<&V> {
+        self.rows.get(key)
+    }
+
+    /// True once the first list has completed.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True without rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows of one namespace.
+    pub fn in_namespace<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = (&'a Key, &'a V)> {
+        self.rows
+            .range((namespace.to_owned(), String::new())..)
+            .take_while(move |(k, _)| k.0 == namespace)
+    }
+
+    /// Every row.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
+        self.rows.iter()
+    }
+}
+
+/// A Service that asks for routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Its uid.
+    pub uid: Option<String>,
+    /// Its annotations that matter here: the header override, if any.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An EndpointSlice: its Service and, per endpoint, the pod and readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEntry {
+    /// The Service it belongs to.
+    pub service: String,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// The pod (`targetRef` of kind Pod in the slice's namespace).
+    pub pod: Option<String>,
+    /// `conditions.ready`, unset meaning ready.
+    pub ready: bool,
+}
+
+/// The index (see the module docs).
+#[derive(Debug)]
+pub struct Index {
+    labels: LabelPolicy,
+    namespace_policy: NamespacePolicy,
+    namespaces: Table<()>,
+    services: Table<ServiceEntry>,
+    slices: Table<SliceEntry>,
+    slices_by_service: BTreeMap<Key, BTreeSet<String>>,
+    pods: Table<String>,
+    destination_rules: Table<Observed<DestinationRuleSpec>>,
+    virtual_services: Table<Observed<VirtualServiceSpec>>,
+}
+
+impl Index {
+    /// An empty index for this vocabulary and namespace policy.
+    pub fn new(labels: LabelPolicy, namespace_policy: NamespacePolicy) -> Self {
+        Self {
+            labels,
+            namespace_policy,
+            namespaces: Table::default(),
+            services: Table::default(),
+            slices: Table::default(),
+            slices_by_service: BTreeMap::new(),
+            pods: Table::default(),
+            destination_rules: Table::default(),
+            virtual_services: Table::default(),
+        }
+    }
+
+    /// The label vocabulary.
+    pub fn labels(&self) -> &LabelPolicy {
+        &self.labels
+    }
+
+    /// True once every watch has listed.
+    pub fn is_synced(&self) -> bool {
+        self.namespaces.is_synced()
+            && self.services.is_synced()
+            && self.slices.is_synced()
+            && self.pods.is_synced()
+            && self.destination_rules.is_synced()
+            && self.virtual_services.is_synced()
+    }
+
+    // === rows from objects ===
+
+    /// The row of a Namespace: present when it carries the opt-in labels and
+    /// is not excluded.
+    pub fn namespace_row(&self, meta: &ObjectMeta) -> (Key, Option<()>) {
+        let name = meta.name.clone().unwrap_or_default();
+        let labels = meta.labels.as_ref();
+        let opted_in = self
+            .namespace_policy
+            .opt_in
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        let keep = opted_in && !self.namespace_policy.is_excluded(&name);
+        ((name, String::new()), keep.then_some(()))
+    }
+
+    /// The row of a Service: present when it asks for routes.
+    pub fn service_row(meta: &ObjectMeta) -> (Key, Option<ServiceEntry>) {
+        let key = key_of(meta);
+        let annotations = meta.annotations.as_ref();
+        let entry = wants_routes(annotations).then(|| ServiceEntry {
+            uid: meta.uid.clone(),
+            annotations: annotations
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| *k == super::HEADER_ANNOTATION)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        });
+        (key, entry)
+    }
+
+    /// The row of a pod: its tag, when it is a canary.
+    pub fn pod_row(&self, meta: &ObjectMeta) -> (Key, Option<String>) {
+        let tag = meta
+            .labels
+            .as_ref()
+            .and_then(|l| pod_tag(&self.labels, l))
+            .map(str::to_owned);
+        (key_of(meta), tag)
+    }
+
+    /// The row of an EndpointSlice (`discovery.k8s.io` `v1` or `v1beta1`:
+    /// the fields read are the same).
+    pub fn slice_row(object: DynamicObject) -> (Key, Option<SliceEntry>) {
+        let key = key_of(&object.metadata);
+        let service = object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned();
+        let entry = service.map(|service| {
+            let data = SliceData::deserialize(&object.data).unwrap_or_default();
+            SliceEntry {
+                service,
+                endpoints: data
+                    .endpoints
+                    .into_iter()
+                    .map(|e| EndpointEntry {
+                        ready: e.conditions.ready.unwrap_or(true),
+                        pod: e
+                            .target_ref
+                            .filter(|t| {
+                                t.kind == "Pod"
+                                    && t.namespace.as_ref().is_none_or(|ns| *ns == key.0)
+                            })
+                            .map(|t| t.name),
+                    })
+                    .collect(),
+            }
+        });
+        (key, entry)
+    }
+
+    /// The row of a DestinationRule or VirtualService.
+    pub fn rule_row<S: Spec>(object: DynamicObject) -> (Key, Option<Observed<S>>) {
+        (key_of(&object.metadata), Some(Self::observe_rule(&object)))
+    }
+
+    /// A DestinationRule or VirtualService as observed.
+    pub fn observe_rule<S: Spec>(object: &DynamicObject) -> Observed<S> {
+        Observed::new(observed_meta(&object.metadata), object.data.get("spec"))
+    }
+
+    // === changes ===
+
+    /// Applies a Namespace change: every Service and rule of the namespace is
+    /// concerned.
+    pub fn apply_namespace(&mut self, change: Change<()>, dirty: &mut BTreeSet<Key>) {
+        let mut touched = Vec::new();
+        self.namespaces
+            .apply(change, |k, _, _| touched.push(k.0.clone()));
+        for ns in touched {
+            self.everything_in(&ns, dirty);
+        }
+    }
+
+    /// Applies a Service change.
+    pub fn apply_service(&mut self, change: Change<ServiceEntry>, dirty: &mut BTreeSet<Key>) {
+        self.services.apply(change, |k, _, _| {
+            dirty.insert(k.clone());
+        });
+    }
+
+    /// Applies an EndpointSlice change: its Service (before and after) is
+    /// concerned.
+    pub fn apply_slice(&mut self, change: Change<SliceEntry>, dirty: &mut BTreeSet<Key>) {
+        let by_service = &mut self.slices_by_service;
+        self.slices.apply(change, |k, old, new| {
+            if let Some(old) = old {
+                let service = (k.0.clone(), old.service.clone());
+                if let Some(set) = by_service.get_mut(&service) {
+                    set.remove(&k.1);
+                    if set.is_empty() {
+                        by_service.remove(&service);
+                    }
+                }
+                dirty.insert(service);
+            }
+            if let Some(new) = new {
+                let service = (k.0.clone(), new.service.clone());
+                by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(k.1.clone());
+                dirty.insert(service);
+            }
+        });
+    }
+
+    /// Applies a pod change: the routed Services of its namespace are
+    /// concerned (the few that select it among them).
+    pub fn apply_pod(&mut self, change: Change<String>, dirty: &mut BTreeSet<Key>) {
+        let mut touched = BTreeSet::new();
+        self.pods.apply(change, |k, _, _| {
+            touched.insert(k.0.clone());
+        });
+        for ns in touched {
+            dirty.extend(self.services.in_namespace(&ns).map(|(k, _)| k.clone()));
+        }
+    }
+
+    /// Applies a DestinationRule change: the Service of its name and every
+    /// Service it names as a host are concerned.
+    pub fn apply_destination_rule(
+        &mut self,
+        change: Change<Observed<DestinationRuleSpec>>,
+        dirty: &mut BTreeSet<Key>,
+    ) {
+        self.destination_rules
+            .apply(change, |k, old, new| concerned(k, old, new, dirty));
+    }
+
+    /// Applies a VirtualService change (as for a DestinationRule).
+    pub fn apply_virtual_service(
+        &mut self,
+        change: Change<Observed<VirtualServiceSpec>>,
+        dirty: &mut BTreeSet<Key>,
+    ) {
+        self.virtual_services
+            .apply(change, |k, old, new| concerned(k, old, new, dirty));
+    }
+
+    fn everything_in(&self, namespace: &str, dirty: &mut BTreeSet<Key>) {
+        dirty.extend(
+            self.services
+                .in_namespace(namespace)
+                .map(|(k, _)| k.clone()),
+        );
+        dirty.extend(
+            self.destination_rules
+                .in_namespace(namespace)
+                .map(|(k, _)| k.clone()),
+        );
+        dirty.extend(
+            self.virtual_services
+                .in_namespace(namespace)
+                .map(|(k, _)| k.clone()),
+        );
+    }
+
+    // === queries ===
+
+    /// The Service of `key` when it is routed: it asks for routes, in an
+    /// opted-in namespace that is not excluded.
+    pub fn routed(&self, key: &Key) -> Option<&ServiceEntry> {
+        self.namespaces.get(&(key.0.clone(), String::new()))?;
+        self.services.get(key)
+    }
+
+    /// The live tags of the Service `key` (see [`super::live_tags`]).
+    pub fn live_tags(&self, key: &Key) -> BTreeSet<String> {
+        let Some(slices) = self.slices_by_service.get(key) else {
+            return BTreeSet::new();
+        };
+        let endpoints = slices
+            .iter()
+            .filter_map(|s| self.slices.get(&(key.0.clone(), s.clone())))
+            .flat_map(|s| &s.endpoints)
+            .map(|e| EndpointView {
+                pod: e.pod.as_deref(),
+                ready: e.ready,
+            });
+        live_tags(endpoints, |pod| {
+            self.pods
+                .get(&(key.0.clone(), pod.to_owned()))
+                .map(String::as_str)
+        })
+    }
+
+    /// The DestinationRule named `key`.
+    pub fn destination_rule(&self, key: &Key) -> Option<&Observed<DestinationRuleSpec>> {
+        self.destination_rules.get(key)
+    }
+
+    /// The VirtualService named `key`.
+    pub fn virtual_service(&self, key: &Key) -> Option<&Observed<VirtualServiceSpec>> {
+        self.virtual_services.get(key)
+    }
+
+    /// Every DestinationRule and VirtualService of a namespace.
+    pub fn rules_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = RuleHead<'a>> {
+        self.destination_rules
+            .in_namespace(namespace)
+            .map(|(_, o)| o.head())
+            .chain(
+                self.virtual_services
+                    .in_namespace(namespace)
+                    .map(|(_, o)| o.head()),
+            )
+    }
+
+    /// Every key worth a reconcile: routed Services and our objects (whose
+    /// Service may have stopped asking for routes).
+    pub fn all_keys(&self) -> BTreeSet<Key> {
+        let ours = |k: &Key, managed: bool| managed.then(|| k.clone());
+        self.services
+            .iter()
+            .map(|(k, _)| k.clone())
+            .chain(
+                self.destination_rules
+                    .iter()
+                    .filter_map(|(k, o)| ours(k, o.managed)),
+            )
+            .chain(
+                self.virtual_services
+                    .iter()
+                    .filter_map(|(k, o)| ours(k, o.managed)),
+            )
+            .collect()
+    }
+
+    /// The Services that ask for routes, in opted-in namespaces or not.
+    pub fn services(&self) -> impl Iterator<Item = &Key> {
+        self.services.iter().map(|(k, _)| k)
+    }
+
+    /// Number of canary pods held.
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Number of EndpointSlices held.
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+}
+
+/// The Services a change of a rule concerns: the one of its name, and the
+/// ones its hosts name (before and after).
+fn concerned<S>(
+    key: &Key,
+    old: Option<&Observed<S>>,
+    new: Option<&Observed<S>>,
+    dirty: &mut BTreeSet<Key>,
+) {
+    dirty.insert(key.clone());
+    for rule in old.into_iter().chain(new) {
+        for host in &rule.hosts {
+            if let Some(service) = host_service(host, &key.0) {
+                dirty.insert((key.0.clone(), service.to_owned()));
+            }
+        }
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What an object's metadata says about ownership and versions.
+pub fn observed_meta(meta: &ObjectMeta) -> ObservedMeta {
+    ObservedMeta {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        labels: meta.labels.clone().unwrap_or_default(),
+        owner_uids: meta
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.kind == "Service")
+            .map(|o| o.uid.clone())
+            .collect(),
+    }
+}
+
+/// The fields of an EndpointSlice read here.
+#[derive(Debug, Default, Deserialize)]
+struct SliceData {
+    #[serde(default, deserialize_with = "nullable")]
+    endpoints: Vec<EndpointData>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointData {
+    #[serde(default, deserialize_with = "nullable")]
+    conditions: Conditions,
+    #[serde(default)]
+    target_ref: Option<TargetRef>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Conditions {
+    #[serde(default)]
+    ready: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TargetRef {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// `null` reads as the default.
+fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}

@@ -1,0 +1,334 @@
+//! The Istio objects, as far as canary-injector writes and reads them: small
+//! serde types for the fields it sets (rendered to JSON at the API version
+//! the cluster serves), and [`Observed`], what it reads back from the
+//! cluster (leniently: fields it does not set are ignored, so another
+//! manager's additions never make an object look out of date).
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, RuleKind};
+
+/// The API group of DestinationRule and VirtualService.
+pub const GROUP: &str = "networking.istio.io";
+
+/// The versions of [`GROUP`] canary-injector can write, best first: `v1`
+/// from Istio 1.22, `v1beta1` from 1.5, `v1alpha3` before. The fields it
+/// writes mean the same in each.
+pub const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// `metadata` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    /// The Service's name.
+    pub name: String,
+    /// The Service's namespace; absent offline when the manifest has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// [`MANAGED_BY_LABEL`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The Service, when its uid is known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// An ownerReference to the Service (no `controller`, no
+/// `blockOwnerDeletion`: that one needs rights on the Service's finalizers).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// `v1`.
+    pub api_version: String,
+    /// `Service`.
+    pub kind: String,
+    /// The Service's name.
+    pub name: String,
+    /// The Service's uid.
+    pub uid: String,
+}
+
+/// A DestinationRule as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DestinationRule {
+    /// Name, namespace, label, owner.
+    pub metadata: Meta,
+    /// Host and subsets.
+    pub spec: DestinationRuleSpec,
+}
+
+/// `DestinationRule.spec`: the fields canary-injector sets.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DestinationRuleSpec {
+    /// The Service's short name.
+    #[serde(default)]
+    pub host: String,
+    /// `normal` first, then one per tag.
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+/// One subset.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Subset {
+    /// A DNS-1123 label.
+    #[serde(default)]
+    pub name: String,
+    /// The pod labels it selects.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A VirtualService as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VirtualService {
+    /// Name, namespace, label, owner.
+    pub metadata: Meta,
+    /// Hosts and HTTP routes.
+    pub spec: VirtualServiceSpec,
+}
+
+/// `VirtualService.spec`: the fields canary-injector sets.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VirtualServiceSpec {
+    /// The Service's short name.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// One route per tag, then the default route.
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+/// One HTTP route.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HttpRoute {
+    /// The subset's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The header match (none on the default route).
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// Exactly one destination.
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// One match of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HttpMatch {
+    /// Header name -> how its value must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+}
+
+/// A string match: `exact` only.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StringMatch {
+    /// The tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+}
+
+/// A route's destination wrapper.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RouteDestination {
+    /// Where requests go.
+    #[serde(default)]
+    pub destination: Destination,
+}
+
+/// Host and subset of a destination (no `port`: see [`super`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Destination {
+    /// The Service's short name.
+    #[serde(default)]
+    pub host: String,
+    /// The subset's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+}
+
+/// The JSON of an object of `kind` at `api_version` (`networking.istio.io/v1`).
+fn render<T: Serialize>(kind: RuleKind, api_version: &str, object: &T) -> Value {
+    let mut out = Map::new();
+    out.insert("apiVersion".into(), Value::from(api_version));
+    out.insert("kind".into(), Value::from(kind.as_str()));
+    if let Ok(Value::Object(fields)) = serde_json::to_value(object) {
+        out.extend(fields);
+    }
+    Value::Object(out)
+}
+
+impl DestinationRule {
+    /// The object as JSON at `api_version`, e.g. `networking.istio.io/v1`.
+    pub fn to_json(&self, api_version: &str) -> Value {
+        render(RuleKind::DestinationRule, api_version, self)
+    }
+}
+
+impl VirtualService {
+    /// The object as JSON at `api_version`, e.g. `networking.istio.io/v1`.
+    pub fn to_json(&self, api_version: &str) -> Value {
+        render(RuleKind::VirtualService, api_version, self)
+    }
+}
+
+// === Observed ===
+
+/// A spec type that can be read back from the cluster.
+pub trait Spec: DeserializeOwned + PartialEq {
+    /// The kind.
+    const KIND: RuleKind;
+    /// The hosts a raw `spec` names (`host`, or `hosts`), read without
+    /// trusting the rest of it.
+    fn hosts(spec: &Value) -> Vec<String>;
+}
+
+impl Spec for DestinationRuleSpec {
+    const KIND: RuleKind = RuleKind::DestinationRule;
+    fn hosts(spec: &Value) -> Vec<String> {
+        spec.get("host")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Spec for VirtualServiceSpec {
+    const KIND: RuleKind = RuleKind::VirtualService;
+    fn hosts(spec: &Value) -> Vec<String> {
+        spec.get("hosts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The metadata of an object in the cluster, as far as it matters here.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedMeta {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// uid (a delete precondition).
+    pub uid: Option<String>,
+    /// resourceVersion (a write precondition).
+    pub resource_version: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// uids of its Service owners.
+    pub owner_uids: Vec<String>,
+}
+
+/// A DestinationRule or VirtualService as it is in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed<S> {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// uid.
+    pub uid: Option<String>,
+    /// resourceVersion.
+    pub resource_version: Option<String>,
+    /// Labelled `app.kubernetes.io/managed-by: canary-injector`: ours.
+    pub managed: bool,
+    /// uids of its Service owners.
+    pub owner_uids: Vec<String>,
+    /// The hosts it names (`spec.host` / `spec.hosts`).
+    pub hosts: Vec<String>,
+    /// The spec; `None` when it does not have the expected shape, and for
+    /// objects that are not ours.
+    pub spec: Option<S>,
+}
+
+impl<S: Spec> Observed<S> {
+    /// Reads an object from its metadata and raw `spec`. The spec of an
+    /// object that is not ours is not kept: only its hosts matter (for
+    /// conflicts), and a mesh may hold many such objects.
+    pub fn new(meta: ObservedMeta, spec: Option<&Value>) -> Self {
+        let managed =
+            meta.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE);
+        let (hosts, spec) = match spec {
+            Some(raw) => (
+                S::hosts(raw),
+                managed.then(|| S::deserialize(raw).ok()).flatten(),
+            ),
+            None => (Vec::new(), None),
+        };
+        Self {
+            managed,
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            owner_uids: meta.owner_uids,
+            hosts,
+            spec,
+        }
+    }
+
+    /// True when this object already is `metadata` + `spec` as far as our
+    /// fields go: ours, owned by the Service when an owner is wanted, and
+    /// the same spec. Other labels and fields are someone else's business.
+    pub fn holds(&self, metadata: &Meta, spec: &S) -> bool {
+        self.managed
+            && metadata
+                .owner_references
+                .iter()
+                .all(|o| self.owner_uids.contains(&o.uid))
+            && self.spec.as_ref() == Some(spec)
+    }
+}
+
+/// An object read from JSON (`metadata` and `spec`), e.g. a document of a
+/// manifest or an API response.
+pub fn observe_json<S: Spec>(object: &Value) -> Observed<S> {
+    let meta = &object["metadata"];
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let labels = meta["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect();
+    let owner_uids = meta["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| o["kind"] == "Service")
+        .filter_map(|o| text(&o["uid"]))
+        .collect();
+    Observed::new(
+        ObservedMeta {
+            name: text(&meta["name"]).unwrap_or_default(),
+            namespace: text(&meta["namespace"]).unwrap_or_default(),
+            uid: text(&meta["uid"]),
+            resource_version: text(&meta["resourceVersion"]),
+            labels,
+            owner_uids,
+        },
+        object.get("spec"),
+    )
+}
+
+impl<S: Spec> Observed<S> {
+    /// What [`super::conflicts`] reads of it.
+    pub fn head(&self) -> super::RuleHead<'_> {
+        super::RuleHead {
+            kind: S::KIND,
+            name: &self.name,
+            managed: self.managed,
+            hosts: &self.hosts,
+        }
+    }
+}

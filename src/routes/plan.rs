@@ -1,0 +1,270 @@
+//! Make before break: the next write that brings a Service's DestinationRule
+//! and VirtualService closer to its live tags, as a pure function of what
+//! the cluster holds now. The controller applies one [`Step`], reads the
+//! result back, and asks again until [`plan`] has nothing left to do.
+//!
+//! Two rules make every intermediate state safe, whatever order steps come in:
+//! - the VirtualService routes only to subsets the DestinationRule already
+//!   holds (a new tag's route comes after its subset was written; without a
+//!   `normal` subset there is no VirtualService write at all);
+//! - the DestinationRule keeps every subset the VirtualService still routes
+//!   to (a tag's subset goes after its route was removed).
+//!
+//! A tag that is no longer live loses its route at once and its subset
+//! when `grace` has passed since it went away (Envoy sidecars get the route
+//! change before the subset disappears). When both objects need a write, the
+//! VirtualService goes first: removing a route to pods that are gone matters
+//! most.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::objects::{DestinationRuleSpec, Observed, VirtualServiceSpec};
+use super::{
+    DestinationRule, NORMAL_SUBSET, ServiceRef, VirtualService, assign_names, destination_rule,
+    virtual_service,
+};
+use crate::mutate::LabelPolicy;
+
+/// Everything [`plan`] decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The Service.
+    pub service: &'a ServiceRef,
+    /// The request header that selects a tag.
+    pub header: &'a str,
+    /// The label vocabulary (subset selectors).
+    pub labels: &'a LabelPolicy,
+    /// Tags with at least one ready endpoint now.
+    pub live: &'a BTreeSet<String>,
+    /// Our DestinationRule as the cluster holds it (`None`: absent). The
+    /// caller has ruled out conflicts: an object here is ours.
+    pub destination_rule: Option<&'a Observed<DestinationRuleSpec>>,
+    /// Our VirtualService as the cluster holds it.
+    pub virtual_service: Option<&'a Observed<VirtualServiceSpec>>,
+    /// When each tag that is not live went away, as returned by the last
+    /// plan (empty at first: a tag found gone starts its grace now).
+    pub gone: &'a BTreeMap<String, Instant>,
+    /// Now.
+    pub now: Instant,
+    /// How long a subset outlives its tag (`routes.removalGraceSeconds`).
+    pub grace: Duration,
+}
+
+/// A write of one object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write<T> {
+    /// The object to write.
+    pub object: T,
+    /// The object is absent: create it. Else apply it over the observed one.
+    pub create: bool,
+    /// The observed `resourceVersion` (a precondition of the apply).
+    pub resource_version: Option<String>,
+    /// Tags that gain a subset (DestinationRule) or a route (VirtualService).
+    pub added: Vec<String>,
+    /// Tags that lose theirs.
+    pub removed: Vec<String>,
+}
+
+/// The next write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Write the DestinationRule.
+    DestinationRule(Write<DestinationRule>),
+    /// Write the VirtualService.
+    VirtualService(Write<VirtualService>),
+}
+
+/// What [`plan`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The next write; `None` when everything is in place (for now).
+    pub step: Option<Step>,
+    /// When each tag that is not live went away: pass it to the next plan.
+    pub gone: BTreeMap<String, Instant>,
+    /// When to plan again even if nothing changes (a grace period ends).
+    pub wake_at: Option<Instant>,
+}
+
+/// Tags of the gray subsets of a DestinationRule spec (tag -> subset name),
+/// and whether it has the `normal` subset as we write it. Subsets of
+/// another shape are not ours to interpret (and are dropped by our next
+/// write).
+pub fn subsets(
+    spec: &DestinationRuleSpec,
+    labels: &LabelPolicy,
+) -> (bool, BTreeMap<String, String>) {
+    let mut normal = false;
+    let mut tags = BTreeMap::new();
+    for subset in &spec.subsets {
+        let l = &subset.labels;
+        if subset.name == NORMAL_SUBSET {
+            normal |= l.len() == 1 && l.get(&labels.stage) == Some(&labels.normal_stage);
+        } else if l.len() == 2
+            && l.get(&labels.stage) == Some(&labels.gray_stage)
+            && let Some(tag) = l.get(&labels.canary_tag).filter(|t| !t.is_empty())
+        {
+            tags.entry(tag.clone())
+                .or_insert_with(|| subset.name.clone());
+        }
+    }
+    (normal, tags)
+}
+
+/// The tags a VirtualService spec routes by `header` (tag -> subset), and
+/// every subset any of its routes sends to.
+pub fn routes(
+    spec: &VirtualServiceSpec,
+    header: &str,
+) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let mut tags = BTreeMap::new();
+    let mut referenced = BTreeSet::new();
+    for route in &spec.http {
+        let subsets: Vec<&String> = route
+            .route
+            .iter()
+            .filter_map(|r| r.destination.subset.as_ref())
+            .collect();
+        referenced.extend(subsets.iter().map(|s| (*s).clone()));
+        let tag = route
+            .matches
+            .iter()
+            .find_map(|m| m.headers.get(header)?.exact.as_ref());
+        if let (Some(tag), Some(subset)) = (tag, subsets.first()) {
+            tags.entry(tag.clone()).or_insert_with(|| (*subset).clone());
+        }
+    }
+    (tags, referenced)
+}
+
+fn changes(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> (Vec<String>, Vec<String>) {
+    let added = after
+        .keys()
+        .filter(|t| !before.contains_key(*t))
+        .cloned()
+        .collect();
+    let removed = before
+        .keys()
+        .filter(|t| !after.contains_key(*t))
+        .cloned()
+        .collect();
+    (added, removed)
+}
+
+/// The next write for one Service (see the module docs).
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let dr_spec = input.destination_rule.and_then(|o| o.spec.as_ref());
+    let vs_spec = input.virtual_service.and_then(|o| o.spec.as_ref());
+    let (has_normal, written) = dr_spec
+        .map(|s| subsets(s, input.labels))
+        .unwrap_or_default();
+    let (routed, referenced) = vs_spec.map(|s| routes(s, input.header)).unwrap_or_default();
+
+    let gone: BTreeMap<String, Instant> = written
+        .keys()
+        .chain(routed.keys())
+        .filter(|t| !input.live.contains(*t))
+        .map(|t| (t.clone(), input.gone.get(t).copied().unwrap_or(input.now)))
+        .collect();
+    let in_grace = |tag: &str| {
+        gone.get(tag)
+            .is_some_and(|since| input.now < *since + input.grace)
+    };
+
+    // The DestinationRule: live tags, tags in their grace period, and every
+    // subset the VirtualService still routes to. Existing names are kept.
+    let keep = written
+        .iter()
+        .filter(|(tag, name)| in_grace(tag) || referenced.contains(*name))
+        .map(|(tag, _)| tag.as_str())
+        .chain(input.live.iter().map(String::as_str));
+    let names = assign_names(keep, &written);
+    let dr = destination_rule(input.service, &names, input.labels);
+    let dr_step = match input.destination_rule {
+        Some(o) if o.holds(&dr.metadata, &dr.spec) => None,
+        observed => {
+            let (added, removed) = changes(&written, &names);
+            Some(Step::DestinationRule(Write {
+                create: observed.is_none(),
+                resource_version: observed.and_then(|o| o.resource_version.clone()),
+                object: dr,
+                added,
+                removed,
+            }))
+        }
+    };
+
+    // The VirtualService: routes only to subsets the DestinationRule holds.
+    let vs_step = has_normal
+        .then(|| {
+            let targets: BTreeMap<String, String> = written
+                .iter()
+                .filter(|(tag, _)| input.live.contains(*tag))
+                .map(|(t, n)| (t.clone(), n.clone()))
+                .collect();
+            let vs = virtual_service(input.service, input.header, &targets);
+            match input.virtual_service {
+                Some(o) if o.holds(&vs.metadata, &vs.spec) => None,
+                observed => {
+                    let (added, removed) = changes(&routed, &targets);
+                    Some(Step::VirtualService(Write {
+                        create: observed.is_none(),
+                        resource_version: observed.and_then(|o| o.resource_version.clone()),
+                        object: vs,
+                        added,
+                        removed,
+                    }))
+                }
+            }
+        })
+        .flatten();
+
+    let wake_at = gone
+        .iter()
+        .filter(|(tag, _)| written.contains_key(*tag))
+        .map(|(_, since)| *since + input.grace)
+        .filter(|at| *at > input.now)
+        .min();
+    Plan {
+        step: vs_step.or(dr_step),
+        gone,
+        wake_at,
+    }
+}
+
+/// A delete of one of our objects, with the preconditions that make sure it
+/// is still the object we saw (never someone else's that took its name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Which object (named after the Service).
+    pub kind: super::RuleKind,
+    /// Its uid.
+    pub uid: Option<String>,
+    /// Its resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+/// The next delete when a Service no longer wants routes (annotation
+/// removed, namespace opted out): the VirtualService first (requests go to
+/// the whole Service again), then the DestinationRule. Objects not labelled
+/// as ours are never deleted.
+pub fn plan_removal(
+    destination_rule: Option<&Observed<DestinationRuleSpec>>,
+    virtual_service: Option<&Observed<VirtualServiceSpec>>,
+) -> Option<Removal> {
+    if let Some(vs) = virtual_service.filter(|o| o.managed) {
+        return Some(Removal {
+            kind: super::RuleKind::VirtualService,
+            uid: vs.uid.clone(),
+            resource_version: vs.resource_version.clone(),
+        });
+    }
+    destination_rule.filter(|o| o.managed).map(|dr| Removal {
+        kind: super::RuleKind::DestinationRule,
+        uid: dr.uid.clone(),
+        resource_version: dr.resource_version.clone(),
+    })
+}

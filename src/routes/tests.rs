@@ -1,0 +1,794 @@
+//! The pure part: desired objects, live tags, conflicts, the planner (as
+//! tables), and proptests over random tag sets and random histories.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::objects::{DestinationRuleSpec, VirtualServiceSpec, observe_json};
+use super::plan::{Plan, PlanInput, Step, plan, plan_removal, routes as vs_routes, subsets};
+use super::*;
+use crate::mutate::labels::is_dns_label;
+
+const API: &str = "networking.istio.io/v1";
+const UID: &str = "6b1f4c3e-0000-4000-8000-000000000001";
+const GRACE: Duration = Duration::from_secs(60);
+
+fn service() -> ServiceRef {
+    ServiceRef {
+        namespace: "shop".into(),
+        name: "checkout".into(),
+        uid: Some(UID.into()),
+    }
+}
+
+fn tags(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|t| (*t).to_owned()).collect()
+}
+
+fn labels() -> LabelPolicy {
+    LabelPolicy::default()
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+// === desired ===
+
+#[test]
+fn desired_objects_for_two_canaries() {
+    let d = desired(
+        &service(),
+        "x-canary-tag",
+        &tags(&["feature-login", "Feature_X"]),
+        &labels(),
+    );
+    let fx = subset_name("Feature_X");
+    assert!(fx.starts_with("feature-x--"), "{fx}");
+    let owner = json!([{"apiVersion": "v1", "kind": "Service", "name": "checkout", "uid": UID}]);
+    assert_eq!(
+        d.destination_rule.to_json(API),
+        json!({
+            "apiVersion": API,
+            "kind": "DestinationRule",
+            "metadata": {
+                "name": "checkout", "namespace": "shop",
+                "labels": {"app.kubernetes.io/managed-by": "canary-injector"},
+                "ownerReferences": owner,
+            },
+            "spec": {
+                "host": "checkout",
+                "subsets": [
+                    {"name": "normal", "labels": {"stage": "normal"}},
+                    {"name": fx, "labels": {"canarytag": "Feature_X", "stage": "gray"}},
+                    {"name": "feature-login", "labels": {"canarytag": "feature-login", "stage": "gray"}},
+                ],
+            },
+        })
+    );
+    assert_eq!(
+        d.virtual_service.to_json(API),
+        json!({
+            "apiVersion": API,
+            "kind": "VirtualService",
+            "metadata": {
+                "name": "checkout", "namespace": "shop",
+                "labels": {"app.kubernetes.io/managed-by": "canary-injector"},
+                "ownerReferences": owner,
+            },
+            "spec": {
+                "hosts": ["checkout"],
+                "http": [
+                    {"name": fx,
+                     "match": [{"headers": {"x-canary-tag": {"exact": "Feature_X"}}}],
+                     "route": [{"destination": {"host": "checkout", "subset": fx}}]},
+                    {"name": "feature-login",
+                     "match": [{"headers": {"x-canary-tag": {"exact": "feature-login"}}}],
+                     "route": [{"destination": {"host": "checkout", "subset": "feature-login"}}]},
+                    {"name": "normal",
+                     "route": [{"destination": {"host": "checkout", "subset": "normal"}}]},
+                ],
+            },
+        })
+    );
+}
+
+#[test]
+fn without_canaries_everything_goes_to_normal() {
+    let d = desired(&service(), "x-canary-tag", &BTreeSet::new(), &labels());
+    assert_eq!(d.destination_rule.spec.subsets.len(), 1);
+    let http = &d.virtual_service.spec.http;
+    assert_eq!(http.len(), 1);
+    assert!(http[0].matches.is_empty());
+    assert_eq!(
+        http[0].route[0].destination.subset.as_deref(),
+        Some(NORMAL_SUBSET)
+    );
+}
+
+#[test]
+fn configured_label_keys_and_values_make_the_selectors() {
+    let custom = LabelPolicy {
+        canary_tag: "example.com/canary".into(),
+        stage: "example.com/stage".into(),
+        gray_stage: "canary".into(),
+        normal_stage: "stable".into(),
+        ..LabelPolicy::default()
+    };
+    let d = desired(&service(), "x-version", &tags(&["v2"]), &custom);
+    let subsets = &d.destination_rule.spec.subsets;
+    assert_eq!(subsets[0].labels, map(&[("example.com/stage", "stable")]));
+    assert_eq!(
+        subsets[1].labels,
+        map(&[
+            ("example.com/stage", "canary"),
+            ("example.com/canary", "v2")
+        ])
+    );
+    assert!(
+        d.virtual_service.spec.http[0].matches[0]
+            .headers
+            .contains_key("x-version")
+    );
+}
+
+#[test]
+fn without_a_uid_there_is_no_owner_and_without_a_namespace_none_is_written() {
+    let offline = ServiceRef {
+        namespace: String::new(),
+        uid: None,
+        ..service()
+    };
+    let d = desired(&offline, "x-canary-tag", &tags(&["a"]), &labels());
+    let json = d.destination_rule.to_json(API);
+    assert!(json["metadata"].get("ownerReferences").is_none());
+    assert!(json["metadata"].get("namespace").is_none());
+}
+
+// === annotations, header, pods, endpoints ===
+
+#[test]
+fn only_true_opts_a_service_in() {
+    assert!(wants_routes(Some(&map(&[(ROUTES_ANNOTATION, "true")]))));
+    for v in ["false", "True", "yes", ""] {
+        assert!(!wants_routes(Some(&map(&[(ROUTES_ANNOTATION, v)]))), "{v}");
+    }
+    assert!(!wants_routes(None));
+}
+
+#[test]
+fn the_header_annotation_overrides_the_default_when_valid() {
+    assert_eq!(route_header(None, "x-canary-tag"), Ok("x-canary-tag"));
+    let a = map(&[(HEADER_ANNOTATION, "x-version")]);
+    assert_eq!(route_header(Some(&a), "x-canary-tag"), Ok("x-version"));
+    for bad in ["X-Version", "", "x version", ":path", "x\u{e9}"] {
+        let a = map(&[(HEADER_ANNOTATION, bad)]);
+        let err = route_header(Some(&a), "x-canary-tag").unwrap_err();
+        assert!(err.to_string().contains(HEADER_ANNOTATION), "{err}");
+    }
+}
+
+#[test]
+fn a_pod_is_a_canary_with_both_labels() {
+    let l = labels();
+    assert_eq!(
+        pod_tag(&l, &map(&[("canarytag", "v2"), ("stage", "gray")])),
+        Some("v2")
+    );
+    // What the subset would not select: no stage, another stage, no tag.
+    assert_eq!(pod_tag(&l, &map(&[("canarytag", "v2")])), None);
+    assert_eq!(
+        pod_tag(&l, &map(&[("canarytag", "v2"), ("stage", "normal")])),
+        None
+    );
+    assert_eq!(pod_tag(&l, &map(&[("stage", "gray")])), None);
+    assert_eq!(
+        pod_tag(&l, &map(&[("canarytag", ""), ("stage", "gray")])),
+        None
+    );
+}
+
+#[test]
+fn only_ready_endpoints_of_canary_pods_make_tags_live() {
+    let pods = map(&[("a-1", "a"), ("a-2", "a"), ("b-1", "b"), ("c-1", "c")]);
+    let tag_of = |pod: &str| pods.get(pod).map(String::as_str);
+    let e = |pod: Option<&'static str>, ready| EndpointView { pod, ready };
+    let endpoints = vec![
+        e(Some("a-1"), false),
+        e(Some("a-2"), true),
+        e(Some("b-1"), false),
+        e(Some("normal-1"), true),
+        e(None, true),
+        e(Some("c-1"), true),
+        e(Some("c-1"), true),
+    ];
+    assert_eq!(live_tags(endpoints.clone(), tag_of), tags(&["a", "c"]));
+    let mut reversed = endpoints;
+    reversed.reverse();
+    assert_eq!(live_tags(reversed, tag_of), tags(&["a", "c"]));
+}
+
+// === conflicts ===
+
+#[test]
+fn hosts_name_a_service_in_every_spelling() {
+    for host in [
+        "checkout",
+        "checkout.shop",
+        "checkout.shop.svc",
+        "checkout.shop.svc.cluster.local",
+        "checkout.shop.svc.corp.example",
+    ] {
+        assert!(host_names_service(host, "checkout", "shop"), "{host}");
+        assert_eq!(host_service(host, "shop"), Some("checkout"), "{host}");
+    }
+    for host in [
+        "checkout.other",
+        "checkout.other.svc.cluster.local",
+        "checkouts",
+        "checkout-v2",
+        "*.shop.svc.cluster.local",
+        "*",
+        "checkout.shop.svcx",
+    ] {
+        assert!(!host_names_service(host, "checkout", "shop"), "{host}");
+    }
+    assert_eq!(host_service("", "shop"), None);
+}
+
+fn rule<S: objects::Spec>(kind: &str, name: &str, managed: bool, spec: Value) -> Observed<S> {
+    let mut labels = json!({});
+    if managed {
+        labels[MANAGED_BY_LABEL] = json!(MANAGED_BY_VALUE);
+    }
+    observe_json(&json!({
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "shop", "labels": labels, "resourceVersion": "1"},
+        "spec": spec,
+    }))
+}
+
+#[test]
+fn objects_we_do_not_own_conflict_by_name_or_host() {
+    let ours_dr: Observed<DestinationRuleSpec> = rule(
+        "DestinationRule",
+        "checkout",
+        true,
+        json!({"host": "checkout"}),
+    );
+    let manual_dr: Observed<DestinationRuleSpec> = rule(
+        "DestinationRule",
+        "checkout-manual",
+        false,
+        json!({"host": "checkout.shop.svc.cluster.local"}),
+    );
+    let same_name_vs: Observed<VirtualServiceSpec> = rule(
+        "VirtualService",
+        "checkout",
+        false,
+        json!({"hosts": ["web"]}),
+    );
+    let other: Observed<VirtualServiceSpec> = rule(
+        "VirtualService",
+        "cart",
+        false,
+        json!({"hosts": ["cart", "*"]}),
+    );
+
+    assert_eq!(
+        conflicts(&service(), [ours_dr.head(), other.head()]),
+        [],
+        "ours and other hosts are fine"
+    );
+    let found = conflicts(
+        &service(),
+        [
+            ours_dr.head(),
+            manual_dr.head(),
+            same_name_vs.head(),
+            other.head(),
+        ],
+    );
+    assert_eq!(
+        found,
+        [
+            Conflict::SameName {
+                kind: RuleKind::VirtualService
+            },
+            Conflict::SameHost {
+                kind: RuleKind::DestinationRule,
+                name: "checkout-manual".into(),
+                host: "checkout.shop.svc.cluster.local".into()
+            },
+        ]
+    );
+    assert_eq!(
+        found[1].to_string(),
+        "DestinationRule checkout-manual (not managed by canary-injector) routes host \
+         checkout.shop.svc.cluster.local"
+    );
+}
+
+#[test]
+fn a_malformed_foreign_spec_still_names_its_hosts() {
+    let broken: Observed<VirtualServiceSpec> = rule(
+        "VirtualService",
+        "legacy",
+        false,
+        json!({"hosts": ["checkout"], "http": "not a list"}),
+    );
+    assert!(broken.spec.is_none());
+    assert_eq!(conflicts(&service(), [broken.head()]).len(), 1);
+}
+
+// === plan: tables ===
+
+/// The cluster as the planner sees it, for driving [`plan`] by hand: a
+/// write is applied at once with a new resourceVersion.
+#[derive(Default)]
+struct Cluster {
+    dr: Option<Observed<DestinationRuleSpec>>,
+    vs: Option<Observed<VirtualServiceSpec>>,
+    gone: BTreeMap<String, Instant>,
+    version: u64,
+    header: String,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Self {
+            header: "x-canary-tag".into(),
+            ..Self::default()
+        }
+    }
+
+    fn plan(&self, live: &BTreeSet<String>, now: Instant) -> Plan {
+        plan(&PlanInput {
+            service: &service(),
+            header: &self.header,
+            labels: &labels(),
+            live,
+            destination_rule: self.dr.as_ref(),
+            virtual_service: self.vs.as_ref(),
+            gone: &self.gone,
+            now,
+            grace: GRACE,
+        })
+    }
+
+    fn observe(&mut self, mut json: Value) -> Value {
+        self.version += 1;
+        json["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        json["metadata"]["uid"] = json!("rule-uid");
+        json
+    }
+
+    /// Plans once and applies the write; the step, if any.
+    fn step(&mut self, live: &BTreeSet<String>, now: Instant) -> Option<Step> {
+        let plan = self.plan(live, now);
+        self.gone = plan.gone;
+        let step = plan.step?;
+        match &step {
+            Step::DestinationRule(w) => {
+                assert_eq!(w.create, self.dr.is_none());
+                assert_eq!(
+                    w.resource_version,
+                    self.dr.as_ref().and_then(|o| o.resource_version.clone())
+                );
+                let json = self.observe(w.object.to_json(API));
+                self.dr = Some(observe_json(&json));
+            }
+            Step::VirtualService(w) => {
+                assert_eq!(w.create, self.vs.is_none());
+                let json = self.observe(w.object.to_json(API));
+                self.vs = Some(observe_json(&json));
+            }
+        }
+        self.check();
+        Some(step)
+    }
+
+    /// Steps until nothing is left; the steps as `(kind, added, removed)`.
+    fn converge(
+        &mut self,
+        live: &BTreeSet<String>,
+        now: Instant,
+    ) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            match self.step(live, now) {
+                None => return out,
+                Some(Step::DestinationRule(w)) => out.push(("dr", w.added, w.removed)),
+                Some(Step::VirtualService(w)) => out.push(("vs", w.added, w.removed)),
+            }
+        }
+        panic!("no convergence: {out:?}");
+    }
+
+    fn subsets(&self) -> BTreeMap<String, String> {
+        self.dr
+            .as_ref()
+            .and_then(|o| o.spec.as_ref())
+            .map(|s| subsets(s, &labels()).1)
+            .unwrap_or_default()
+    }
+
+    fn routes(&self) -> BTreeMap<String, String> {
+        self.vs
+            .as_ref()
+            .and_then(|o| o.spec.as_ref())
+            .map(|s| vs_routes(s, &self.header).0)
+            .unwrap_or_default()
+    }
+
+    /// The invariant: every subset any route names exists.
+    fn check(&self) {
+        let Some(vs) = self.vs.as_ref().and_then(|o| o.spec.as_ref()) else {
+            return;
+        };
+        let dr = self
+            .dr
+            .as_ref()
+            .and_then(|o| o.spec.as_ref())
+            .expect("a VirtualService only after its DestinationRule");
+        let names: BTreeSet<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
+        for route in &vs.http {
+            assert_eq!(route.route.len(), 1, "one destination per route");
+            let subset = route.route[0].destination.subset.as_deref().unwrap();
+            assert!(names.contains(subset), "route to missing subset {subset}");
+        }
+        let last = vs.http.last().unwrap();
+        assert!(last.matches.is_empty());
+        assert_eq!(
+            last.route[0].destination.subset.as_deref(),
+            Some(NORMAL_SUBSET)
+        );
+    }
+}
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn from_nothing_the_subsets_come_before_the_routes() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    let live = tags(&["a", "b"]);
+    assert_eq!(
+        c.converge(&live, t0),
+        [
+            ("dr", owned(&["a", "b"]), vec![]),
+            ("vs", owned(&["a", "b"]), vec![]),
+        ]
+    );
+    let d = desired(&service(), "x-canary-tag", &live, &labels());
+    assert!(
+        c.dr.as_ref()
+            .unwrap()
+            .holds(&d.destination_rule.metadata, &d.destination_rule.spec)
+    );
+    assert!(
+        c.vs.as_ref()
+            .unwrap()
+            .holds(&d.virtual_service.metadata, &d.virtual_service.spec)
+    );
+    assert_eq!(c.plan(&live, t0).step, None, "steady state writes nothing");
+}
+
+#[test]
+fn a_new_tag_gets_its_subset_then_its_route() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    let steps = c.converge(&tags(&["a", "b"]), t0);
+    assert_eq!(
+        steps,
+        [("dr", owned(&["b"]), vec![]), ("vs", owned(&["b"]), vec![])]
+    );
+}
+
+#[test]
+fn a_tag_that_goes_away_loses_its_route_at_once_and_its_subset_after_the_grace() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a", "b"]), t0);
+    let live = tags(&["a"]);
+    assert_eq!(c.converge(&live, t0), [("vs", vec![], owned(&["b"]))]);
+    assert!(
+        c.subsets().contains_key("b"),
+        "subset kept in the grace period"
+    );
+    let plan = c.plan(&live, t0 + Duration::from_secs(30));
+    assert_eq!(plan.step, None);
+    assert_eq!(plan.wake_at, Some(t0 + GRACE), "woken when the grace ends");
+    assert_eq!(plan.gone.get("b"), Some(&t0));
+    assert_eq!(
+        c.converge(&live, t0 + GRACE),
+        [("dr", vec![], owned(&["b"]))]
+    );
+    assert_eq!(c.plan(&live, t0 + GRACE).wake_at, None);
+    assert!(c.gone.is_empty());
+}
+
+#[test]
+fn with_no_grace_the_route_still_goes_first() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    let steps = plan_all(&mut c, &BTreeSet::new(), t0, Duration::ZERO);
+    assert_eq!(
+        steps,
+        [("vs", vec![], owned(&["a"])), ("dr", vec![], owned(&["a"]))]
+    );
+}
+
+fn plan_all(
+    c: &mut Cluster,
+    live: &BTreeSet<String>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        let p = plan(&PlanInput {
+            service: &service(),
+            header: &c.header,
+            labels: &labels(),
+            live,
+            destination_rule: c.dr.as_ref(),
+            virtual_service: c.vs.as_ref(),
+            gone: &c.gone,
+            now,
+            grace,
+        });
+        c.gone = p.gone;
+        let Some(step) = p.step else { return out };
+        match step {
+            Step::DestinationRule(w) => {
+                let json = c.observe(w.object.to_json(API));
+                c.dr = Some(observe_json(&json));
+                out.push(("dr", w.added, w.removed));
+            }
+            Step::VirtualService(w) => {
+                let json = c.observe(w.object.to_json(API));
+                c.vs = Some(observe_json(&json));
+                out.push(("vs", w.added, w.removed));
+            }
+        }
+        c.check();
+    }
+    panic!("no convergence");
+}
+
+#[test]
+fn a_tag_back_within_the_grace_gets_its_route_again_without_a_subset_write() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    c.converge(&BTreeSet::new(), t0);
+    let steps = c.converge(&tags(&["a"]), t0 + Duration::from_secs(10));
+    assert_eq!(steps, [("vs", owned(&["a"]), vec![])]);
+    assert!(c.gone.is_empty());
+    // Gone again later: a fresh grace period.
+    let t1 = t0 + Duration::from_secs(100);
+    c.converge(&BTreeSet::new(), t1);
+    assert_eq!(c.gone.get("a"), Some(&t1));
+}
+
+#[test]
+fn a_deleted_destination_rule_is_recreated_before_the_virtual_service_is_touched() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    c.dr = None;
+    // The VirtualService routes to subsets that are gone: the rule first.
+    let steps = c.converge(&tags(&["a", "b"]), t0);
+    assert_eq!(
+        steps,
+        [
+            ("dr", owned(&["a", "b"]), vec![]),
+            ("vs", owned(&["b"]), vec![])
+        ]
+    );
+}
+
+#[test]
+fn edited_objects_are_put_back() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    let live = tags(&["a"]);
+    c.converge(&live, t0);
+    // Someone changes the default route's subset and a selector.
+    let mut vs = c.vs.clone().unwrap();
+    vs.spec.as_mut().unwrap().http[1].route[0]
+        .destination
+        .subset = Some("a".into());
+    c.vs = Some(vs);
+    let mut dr = c.dr.clone().unwrap();
+    dr.spec.as_mut().unwrap().subsets[1]
+        .labels
+        .insert("version".into(), "x".into());
+    c.dr = Some(dr);
+    // The subset no longer reads as tag a's, so no route may go there.
+    let steps = c.converge(&live, t0);
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert_eq!(steps[0].0, "vs");
+    assert_eq!(c.plan(&live, t0).step, None);
+    assert_eq!(c.routes(), map(&[("a", "a")]));
+}
+
+#[test]
+fn a_lost_owner_reference_or_label_is_written_again() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    let live = tags(&["a"]);
+    c.converge(&live, t0);
+    c.dr.as_mut().unwrap().owner_uids.clear();
+    let Some(Step::DestinationRule(w)) = c.plan(&live, t0).step else {
+        panic!("expected a DestinationRule write");
+    };
+    assert!(!w.create);
+    assert!(w.added.is_empty() && w.removed.is_empty());
+}
+
+#[test]
+fn existing_subset_names_are_kept() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    // An older release named tag a's subset "legacy-a".
+    let mut dr = c.dr.clone().unwrap();
+    dr.spec.as_mut().unwrap().subsets[1].name = "legacy-a".into();
+    c.dr = Some(dr);
+    c.vs = None;
+    c.converge(&tags(&["a"]), t0);
+    assert_eq!(c.subsets(), map(&[("a", "legacy-a")]));
+    assert_eq!(c.routes(), map(&[("a", "legacy-a")]));
+}
+
+#[test]
+fn an_unreadable_spec_is_rewritten() {
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    c.converge(&tags(&["a"]), t0);
+    c.vs.as_mut().unwrap().spec = None;
+    assert_eq!(
+        c.converge(&tags(&["a"]), t0),
+        [("vs", owned(&["a"]), vec![])]
+    );
+}
+
+#[test]
+fn removal_deletes_the_virtual_service_first_and_never_foreign_objects() {
+    let mut c = Cluster::new();
+    c.converge(&tags(&["a"]), Instant::now());
+    let r = plan_removal(c.dr.as_ref(), c.vs.as_ref()).unwrap();
+    assert_eq!(r.kind, RuleKind::VirtualService);
+    assert_eq!(r.uid.as_deref(), Some("rule-uid"));
+    let r = plan_removal(c.dr.as_ref(), None).unwrap();
+    assert_eq!(r.kind, RuleKind::DestinationRule);
+    c.dr.as_mut().unwrap().managed = false;
+    c.vs.as_mut().unwrap().managed = false;
+    assert_eq!(plan_removal(c.dr.as_ref(), c.vs.as_ref()), None);
+}
+
+// === proptests ===
+
+/// Valid label values, biased towards ones that need mapping.
+fn tag() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z][a-z0-9-]{0,10}[a-z0-9]",
+        "[A-Za-z0-9][A-Za-z0-9._-]{0,20}[A-Za-z0-9]",
+        "[A-Za-z0-9]([A-Za-z0-9._-]{61}[A-Za-z0-9])?",
+        Just("normal".to_owned()),
+        Just("a--b".to_owned()),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn desired_objects_keep_every_promise(live in prop::collection::btree_set(tag(), 0..12)) {
+        let l = labels();
+        let d = desired(&service(), "x-canary-tag", &live, &l);
+        let subsets = &d.destination_rule.spec.subsets;
+        // Subset names: unique DNS-1123 labels, normal first and only once.
+        let names: BTreeSet<&str> = subsets.iter().map(|s| s.name.as_str()).collect();
+        prop_assert_eq!(names.len(), subsets.len());
+        prop_assert!(names.iter().all(|n| is_dns_label(n)));
+        prop_assert_eq!(subsets[0].name.as_str(), NORMAL_SUBSET);
+        // Every live tag: exactly one subset and one header route to it.
+        let (_, by_tag) = super::plan::subsets(&d.destination_rule.spec, &l);
+        prop_assert_eq!(by_tag.keys().cloned().collect::<BTreeSet<_>>(), live.clone());
+        prop_assert_eq!(subsets.len(), live.len() + 1);
+        let (routed, referenced) = vs_routes(&d.virtual_service.spec, "x-canary-tag");
+        prop_assert_eq!(&routed, &by_tag);
+        // No route names a missing subset; every route has one destination.
+        prop_assert!(referenced.iter().all(|s| names.contains(s.as_str())));
+        let http = &d.virtual_service.spec.http;
+        prop_assert!(http.iter().all(|r| r.route.len() == 1));
+        prop_assert_eq!(http.len(), live.len() + 1);
+        // The default route is last, matches everything, goes to normal.
+        let last = http.last().unwrap();
+        prop_assert!(last.matches.is_empty());
+        prop_assert_eq!(last.route[0].destination.subset.as_deref(), Some(NORMAL_SUBSET));
+        prop_assert!(http[..http.len() - 1].iter().all(|r| r.matches.len() == 1));
+    }
+
+    #[test]
+    fn names_do_not_depend_on_input_order(
+        live in prop::collection::vec(tag(), 0..12),
+        seed in any::<u64>(),
+    ) {
+        let mut shuffled = live.clone();
+        // A deterministic shuffle from the seed.
+        let mut s = seed;
+        for i in (1..shuffled.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let a = assign_names(live.iter().map(String::as_str), &BTreeMap::new());
+        let b = assign_names(shuffled.iter().map(String::as_str), &BTreeMap::new());
+        prop_assert_eq!(&a, &b);
+        let set: BTreeSet<String> = live.into_iter().collect();
+        let shuffled_set: BTreeSet<String> = shuffled.into_iter().collect();
+        prop_assert_eq!(
+            desired(&service(), "h", &set, &labels()),
+            desired(&service(), "h", &shuffled_set, &labels())
+        );
+    }
+
+    /// Random histories of live sets over time: after every single write
+    /// no route names a missing subset (checked in `step`); a subset goes
+    /// only after its tag has been gone for the grace period; after each
+    /// change the routes are exactly the live tags; and once the grace has
+    /// passed the objects are exactly the desired ones.
+    #[test]
+    fn make_before_break_holds_over_any_history(
+        history in prop::collection::vec(
+            (prop::collection::btree_set(prop::sample::select(vec!["a", "B_2", "c.3", "normal", "d"]), 0..5), 0u64..90),
+            1..12,
+        ),
+    ) {
+        let mut c = Cluster::new();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut went_away: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut live = BTreeSet::new();
+        for (set, wait) in history {
+            now += Duration::from_secs(wait);
+            let next: BTreeSet<String> = set.into_iter().map(str::to_owned).collect();
+            for t in live.difference(&next) {
+                went_away.insert(t.clone(), now);
+            }
+            for t in &next {
+                went_away.remove(t);
+            }
+            live = next;
+            let before = c.subsets();
+            c.converge(&live, now);
+            for tag in before.keys().filter(|t| !c.subsets().contains_key(*t)) {
+                let since = went_away.get(tag).expect("only gone tags lose their subset");
+                prop_assert!(now >= *since + GRACE, "{tag} removed early");
+            }
+            prop_assert_eq!(c.routes().keys().cloned().collect::<BTreeSet<_>>(), live.clone());
+            prop_assert!(live.iter().all(|t| c.subsets().contains_key(t)));
+        }
+        now += GRACE;
+        c.converge(&live, now);
+        let d = desired(&service(), "x-canary-tag", &live, &labels());
+        let dr = c.dr.as_ref().unwrap();
+        let vs = c.vs.as_ref().unwrap();
+        // Same tags, same shape (names may be older ones: compare by tag).
+        prop_assert_eq!(c.subsets().keys().cloned().collect::<BTreeSet<_>>(), live.clone());
+        prop_assert_eq!(dr.spec.as_ref().unwrap().subsets.len(), d.destination_rule.spec.subsets.len());
+        prop_assert_eq!(vs.spec.as_ref().unwrap().http.len(), d.virtual_service.spec.http.len());
+        prop_assert_eq!(c.plan(&live, now).step, None);
+    }
+}
