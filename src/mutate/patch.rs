@@ -3,8 +3,8 @@
 //!
 //! Label maps and annotation maps that do not exist are created whole
 //! (`add /metadata/labels {..}`), existing ones get one `add` per missing
-//! key; userVolume annotations the pod already has are `replace`d with the
-//! merged value. Keys are escaped per RFC 6901 (`example.com/stage` ->
+//! key; userVolume annotations the pod already has, and a workload
+//! template's different tag annotation, are `replace`d. Keys are escaped per RFC 6901 (`example.com/stage` ->
 //! `example.com~1stage`).
 
 use json_patch::jsonptr::PointerBuf;
@@ -15,7 +15,7 @@ use super::bootstrap::{
     Annotate, BootstrapDecision, Edit, Mount, USER_VOLUME, USER_VOLUME_MOUNT, mount_fields,
     volume_source,
 };
-use super::decision::{Decision, Intent, LabelTarget};
+use super::decision::{Decision, Intent, LabelTarget, TemplateTag};
 use super::kinds::Location;
 
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
@@ -36,6 +36,9 @@ impl Decision<'_> {
                 labels(target, intent, &mut ops);
             }
         }
+        if let Some(tag) = &self.template_tag {
+            template_tag(tag, &mut ops);
+        }
         match &self.bootstrap {
             Some(BootstrapDecision::Annotate(a)) => {
                 // When a label operation created this pod's `metadata`, the
@@ -52,6 +55,49 @@ impl Decision<'_> {
             Some(BootstrapDecision::AlreadyDone | BootstrapDecision::Skipped(_)) | None => {}
         }
         ops
+    }
+
+    /// Only the labels this decision adds to the object's own
+    /// `metadata.labels`: what the backfill controller writes to a running
+    /// object (never a template, never the bootstrap mount).
+    pub fn object_labels_patch(&self) -> Vec<PatchOperation> {
+        let mut ops = Vec::new();
+        if let Some(intent) = &self.intent {
+            for target in self
+                .targets
+                .iter()
+                .filter(|t| t.location == Location::Object)
+            {
+                labels(target, intent, &mut ops);
+            }
+        }
+        ops
+    }
+}
+
+fn template_tag(tag: &TemplateTag<'_>, ops: &mut Vec<PatchOperation>) {
+    let at = tag.location;
+    let value = Value::String(tag.value.to_owned());
+    if !tag.has_metadata {
+        let mut map = Map::new();
+        map.insert(tag.key.to_owned(), value);
+        ops.push(add(
+            pointer(at, ["metadata"]),
+            json!({ "annotations": map }),
+        ));
+    } else if !tag.has_annotations {
+        let mut map = Map::new();
+        map.insert(tag.key.to_owned(), value);
+        ops.push(add(
+            pointer(at, ["metadata", "annotations"]),
+            Value::Object(map),
+        ));
+    } else {
+        let path = pointer(at, ["metadata", "annotations", tag.key]);
+        ops.push(match tag.previous {
+            Some(_) => PatchOperation::Replace(ReplaceOperation { path, value }),
+            None => add(path, value),
+        });
     }
 }
 
