@@ -327,6 +327,26 @@ pub enum Deny {
     },
 }
 
+impl Deny {
+    /// Every reason code, for documentation and tests.
+    pub const REASONS: [&'static str; 4] = [
+        "unusable-tag",
+        "kind-mismatch",
+        "missing-object",
+        "malformed-object",
+    ];
+
+    /// Stable kebab-case code: an Event reason and a log field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnusableTag { .. } => Self::REASONS[0],
+            Self::KindMismatch { .. } => Self::REASONS[1],
+            Self::MissingObject => Self::REASONS[2],
+            Self::MalformedObject { .. } => Self::REASONS[3],
+        }
+    }
+}
+
 /// What the core knows about the cluster (filled by the adapter from its
 /// caches; the core never does I/O).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -79,6 +79,15 @@ pub struct EventQueue {
     rx: mpsc::Receiver<EventRequest>,
 }
 
+#[cfg(test)]
+impl EventQueue {
+    /// The next queued event, if any, without waiting (tests read what a
+    /// sink was given).
+    pub(crate) fn try_next(&mut self) -> Option<EventRequest> {
+        self.rx.try_recv().ok()
+    }
+}
+
 impl EventSink {
     /// A sink that discards everything (no cluster).
     pub fn disabled() -> Self {
