@@ -10,6 +10,7 @@
 //!                 |                                                    |    (pure core)   |
 //!                 | copier  (ConfigMap cache: every replica;           |                  |
 //!                 |          copies: leader only) ----------------------+                  |
+//!                 | backfill (leader: labels what predates the webhook) -+                 |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
@@ -21,6 +22,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod backfill;
 pub mod certs;
 pub mod cluster;
 pub mod config;

@@ -167,8 +167,11 @@ fn source_json() -> Value {
     })
 }
 
-/// An apiserver holding the bootstrap source and the opted-in namespace
-/// `shop`, and the Lease `lease` when given.
+const POD: &str = "/api/v1/namespaces/shop/pods/web-1";
+
+/// An apiserver holding the bootstrap source, the opted-in namespace
+/// `shop` with a pod created before the webhook, and the Lease `lease`
+/// when given.
 fn apiserver(lease: Option<Value>) -> FakeApiServer {
     let mut objects = vec![
         (
@@ -179,6 +182,12 @@ fn apiserver(lease: Option<Value>) -> FakeApiServer {
             "/api/v1/namespaces/shop",
             json!({"apiVersion": "v1", "kind": "Namespace",
                    "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}}),
+        ),
+        (
+            POD,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+                   "spec": {"containers": [{"name": "web", "image": "nginx"}]}}),
         ),
     ];
     if let Some(l) = lease {
@@ -222,7 +231,11 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     })
     .await;
     poll("the copy in shop", async || {
-        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/configmaps/").is_some()
+    })
+    .await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
     })
     .await;
     shutdown.request();
@@ -234,8 +247,18 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     let calls = calls(&api);
     let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
     let listed = position(&calls, "GET /api/v1/namespaces").expect("namespaces listed");
-    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
+    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/configmaps/").unwrap();
+    let labelled = position(&calls, &format!("PATCH {POD}")).unwrap();
     assert!(acquired < listed && listed < copied, "{calls:#?}");
+    assert!(listed < labelled, "{calls:#?}");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| *c == "GET /api/v1/namespaces")
+            .count(),
+        1,
+        "the copier and the backfill share one namespace watch: {calls:#?}"
+    );
     let released = calls
         .iter()
         .rposition(|c| c.starts_with("PUT /apis/coordination.k8s.io"));
@@ -288,6 +311,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "{calls:#?}"
     );
     for write in ["PATCH", "PUT", "POST", "GET /api/v1/namespaces"] {
+        // (The backfill's pod lists are under /api/v1/namespaces too.)
         assert_eq!(
             position(&calls, write),
             None,
@@ -312,6 +336,10 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
+    })
+    .await;
     shutdown.request();
     tokio::time::timeout(Duration::from_secs(20), running)
         .await
@@ -328,5 +356,39 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
         position(&calls, "POST /apis/coordination"),
         None,
         "{calls:#?}"
+    );
+}
+
+#[tokio::test]
+async fn with_backfill_off_running_pods_are_left_alone() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (client, _served) = api.client();
+    let mut cfg = cluster_config();
+    cfg.backfill.enabled = false;
+    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert_eq!(
+        position(&calls, "GET /api/v1/namespaces/shop/pods"),
+        None,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        api.get(POD).unwrap()["metadata"]["labels"],
+        json!({"app": "web"})
     );
 }
