@@ -688,6 +688,13 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
             &canary_injector::copier::CopyError::REASONS,
         )
         .applied();
+    controllers
+        .controller(
+            canary_injector::backfill::CONTROLLER,
+            &canary_injector::backfill::BackfillError::REASONS,
+        )
+        .applied();
+    canary_injector::backfill::BackfillMetrics::register(&registry).unwrap();
     canary_injector::cluster::events::EventMetrics::register(&registry).unwrap();
     let exported: BTreeSet<String> = registry
         .gather()
