@@ -54,10 +54,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::events::{EventRequest, EventSink};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
-use crate::mutate::{
-    BootstrapPolicy, IstioPolicy, Kind, LabelPolicy, MetaView, NamespacePolicy, ObjectView,
-    OwnerRef, Policy, TemplateView,
-};
+use crate::mutate::{Kind, MetaView, ObjectView, OwnerRef, Policy, TemplateView};
 use plan::{LabelPatch, Plan};
 
 /// Name of this controller in metrics and logs.
@@ -94,12 +91,9 @@ pub struct BackfillSettings {
     pub patches_per_second: u32,
     /// Report Istio pods that miss the bootstrap template (the fix is on).
     pub report_bootstrap: bool,
-    labels: LabelPolicy,
-    namespaces: NamespacePolicy,
-    /// The bootstrap section with the mount turned off: a running pod's
-    /// volumes cannot change.
-    bootstrap: BootstrapPolicy,
-    istio: IstioPolicy,
+    /// The configuration decided with, its bootstrap mount turned off: a
+    /// running pod's volumes cannot change.
+    rules: Config,
 }
 
 impl BackfillSettings {
@@ -108,32 +102,23 @@ impl BackfillSettings {
         if !cfg.backfill.enabled {
             return None;
         }
+        let mut rules = cfg.clone();
+        rules.bootstrap.enabled = false;
         Some(Self {
             patches_per_second: cfg.backfill.patches_per_second,
             report_bootstrap: cfg.bootstrap.enabled,
-            labels: cfg.labels.clone(),
-            namespaces: cfg.namespaces.clone(),
-            bootstrap: BootstrapPolicy {
-                enabled: false,
-                ..cfg.bootstrap.clone()
-            },
-            istio: cfg.istio.clone(),
+            rules,
         })
     }
 
     fn policy(&self) -> Policy<'_> {
-        Policy {
-            labels: &self.labels,
-            namespaces: &self.namespaces,
-            bootstrap: &self.bootstrap,
-            istio: &self.istio,
-        }
+        self.rules.policy()
     }
 
     /// The webhook's `objectSelector`, as a list selector: opted-out
     /// objects are not even listed.
     fn list_selector(&self) -> String {
-        format!("{}!=false", self.labels.opt_out_label)
+        format!("{}!=false", self.rules.labels.opt_out_label)
     }
 }
 
@@ -619,7 +604,7 @@ async fn backfill_namespace(
         .name
         .as_deref()
         .ok_or(BackfillError::MissingObjectKey(".metadata.name"))?;
-    if ctx.settings.namespaces.is_excluded(namespace) {
+    if ctx.settings.rules.namespaces.is_excluded(namespace) {
         debug!(namespace, "excluded namespace: no backfill");
         return Ok(Action::await_change());
     }

@@ -173,6 +173,15 @@ impl Call {
     }
 }
 
+/// True when a scrape of `registry` has exactly this sample line, e.g.
+/// `canary_injector_events_total{outcome="dropped"} 1`.
+pub fn scraped(registry: &prometheus::Registry, line: &str) -> bool {
+    String::from_utf8(crate::metrics::encode(registry))
+        .unwrap()
+        .lines()
+        .any(|l| l == line)
+}
+
 /// A `Status` failure body.
 pub fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({

@@ -127,35 +127,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::mutate::{BootstrapPolicy, IstioPolicy, LabelPolicy, NamespacePolicy};
+    use crate::config::Config;
 
-    struct Sections {
-        labels: LabelPolicy,
-        namespaces: NamespacePolicy,
-        bootstrap: BootstrapPolicy,
-        istio: IstioPolicy,
-    }
+    /// The default rules, the bootstrap mount off (as the backfill runs).
+    struct Sections(Config);
 
     impl Sections {
         fn new() -> Self {
-            Self {
-                labels: LabelPolicy::default(),
-                namespaces: NamespacePolicy::default(),
-                bootstrap: BootstrapPolicy {
-                    enabled: false,
-                    ..BootstrapPolicy::default()
-                },
-                istio: IstioPolicy::default(),
-            }
+            let mut cfg = Config::default();
+            cfg.bootstrap.enabled = false;
+            Self(cfg)
         }
 
         fn policy(&self) -> Policy<'_> {
-            Policy {
-                labels: &self.labels,
-                namespaces: &self.namespaces,
-                bootstrap: &self.bootstrap,
-                istio: &self.istio,
-            }
+            self.0.policy()
         }
     }
 

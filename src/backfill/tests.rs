@@ -11,8 +11,8 @@ use tokio::time::timeout;
 use super::*;
 use crate::cluster::events::{EventMetrics, EventQueue};
 use crate::cluster::watches::Shared;
-use crate::metrics::{ControllerMetrics, encode, new_registry};
-use crate::testing::{FakeApiServer, Hook, MockApi, WAIT, mock_client};
+use crate::metrics::{ControllerMetrics, new_registry};
+use crate::testing::{FakeApiServer, Hook, MockApi, WAIT, mock_client, scraped};
 use kube::runtime::watcher;
 
 const RS_UID: &str = "5c1b1e2a-7f3d-4e8a-9b6c-1d2e3f4a5b6c";
@@ -74,16 +74,23 @@ fn replicaset(name: &str, labels: Value) -> Value {
 
 /// What the apiserver answers a metadata-only list.
 fn metadata_list(items: &[Value], next: Option<&str>) -> Value {
-    let items: Vec<Value> = items
-        .iter()
-        .map(|o| {
-            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                        "metadata": o["metadata"]})
-        })
-        .collect();
+    let items: Vec<Value> = items.iter().map(|o| patched(&o["metadata"])).collect();
     json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
            "metadata": {"resourceVersion": "300", "continue": next.unwrap_or("")},
            "items": items})
+}
+
+/// What the apiserver answers a patch asking for metadata only.
+fn patched(metadata: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": metadata})
+}
+
+/// `n` pods `web-0`.. without the labels, as one metadata list.
+fn unlabelled_pods(n: usize) -> Value {
+    let pods: Vec<Value> = (0..n)
+        .map(|i| pod(&format!("web-{i}"), json!({"app": "web"}), json!({})))
+        .collect();
+    metadata_list(&pods, None)
 }
 
 fn list(kind: &str, items: &[Value]) -> Value {
@@ -121,17 +128,6 @@ fn harness(client: Client, cfg: &Config) -> Harness {
         counters,
         registry,
     }
-}
-
-fn events(queue: &mut EventQueue) -> Vec<EventRequest> {
-    std::iter::from_fn(|| queue.try_next()).collect()
-}
-
-fn metric(registry: &Registry, line: &str) -> bool {
-    String::from_utf8(encode(registry))
-        .unwrap()
-        .lines()
-        .any(|l| l == line)
 }
 
 /// Checks a list request of the backfill.
@@ -201,10 +197,7 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
             {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
         ])
     );
-    call.ok(
-        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                    "metadata": unlabelled["metadata"]}),
-    );
+    call.ok(&patched(&unlabelled["metadata"]));
 
     let call = api.next().await;
     assert_list(&call, REPLICASETS, "100", "");
@@ -228,28 +221,25 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
             {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
         ])
     );
-    call.ok(
-        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                    "metadata": {"name": "web-abc"}}),
-    );
+    call.ok(&patched(&json!({"name": "web-abc"})));
 
     assert_eq!(finish(api, pass, h.ctx).await, Action::requeue(RESYNC));
     assert_eq!(h.counters.applies(), 2);
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         r#"canary_injector_backfill_labelled_total{kind="Pod"} 1"#
     ));
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         r#"canary_injector_backfill_labelled_total{kind="ReplicaSet"} 1"#
     ));
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         "canary_injector_backfill_restart_for_bootstrap_total 1"
     ));
 
     // One Event per owner of what was labelled.
-    let events = events(&mut h.queue);
+    let events = h.queue.drain();
     assert_eq!(events.len(), 2, "{events:?}");
     let on = |kind: &str| {
         events
@@ -305,10 +295,7 @@ async fn a_conflict_is_read_again_and_never_clobbers_a_label_set_meanwhile() {
     let mut changed = tagged.clone();
     changed["metadata"]["resourceVersion"] = json!("105");
     changed["metadata"]["labels"] = json!({"app": "web", "stage": "normal"});
-    call.ok(
-        &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                    "metadata": changed["metadata"]}),
-    );
+    call.ok(&patched(&changed["metadata"]));
     // Their stage=normal stands: the tag annotation is now ignored (as
     // admission would), and nothing is left to add.
     api.expect(Method::GET, REPLICASETS)
@@ -335,10 +322,7 @@ async fn an_object_that_keeps_changing_is_left_for_the_next_pass() {
         let mut again = unlabelled.clone();
         again["metadata"]["resourceVersion"] =
             json!((version.parse::<u32>().unwrap() + 1).to_string());
-        call.ok(
-            &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                        "metadata": again["metadata"]}),
-        );
+        call.ok(&patched(&again["metadata"]));
     }
     api.expect(Method::GET, REPLICASETS)
         .await
@@ -530,20 +514,12 @@ async fn patches_keep_the_configured_pace() {
     let (client, mut api) = mock_client();
     let h = harness(client, &cfg);
     let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
-    let pods: Vec<Value> = (0..10)
-        .map(|i| pod(&format!("web-{i}"), json!({"app": "web"}), json!({})))
-        .collect();
-    api.expect(Method::GET, PODS)
-        .await
-        .ok(&metadata_list(&pods, None));
+    api.expect(Method::GET, PODS).await.ok(&unlabelled_pods(10));
     let mut at = Vec::new();
     for i in 0..10 {
         let call = api.expect(Method::PATCH, &format!("{PODS}/web-{i}")).await;
         at.push(Instant::now());
-        call.ok(
-            &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                        "metadata": {"name": format!("web-{i}")}}),
-        );
+        call.ok(&patched(&json!({"name": format!("web-{i}")})));
     }
     api.expect(Method::GET, REPLICASETS)
         .await
@@ -580,17 +556,9 @@ async fn leadership_lost_mid_pass_stops_it_at_the_next_patch() {
     let (client, mut api) = mock_client();
     let h = harness(client, &cfg);
     let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
-    let pods: Vec<Value> = (0..5)
-        .map(|i| pod(&format!("web-{i}"), json!({"app": "web"}), json!({})))
-        .collect();
-    api.expect(Method::GET, PODS)
-        .await
-        .ok(&metadata_list(&pods, None));
+    api.expect(Method::GET, PODS).await.ok(&unlabelled_pods(5));
     let call = api.expect(Method::PATCH, &format!("{PODS}/web-0")).await;
-    call.ok(
-        &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                    "metadata": {"name": "web-0"}}),
-    );
+    call.ok(&patched(&json!({"name": "web-0"})));
     h.ctx.shutdown.cancel();
     let action = timeout(Duration::from_millis(10), pass)
         .await

@@ -81,10 +81,10 @@ pub struct EventQueue {
 
 #[cfg(test)]
 impl EventQueue {
-    /// The next queued event, if any, without waiting (tests read what a
-    /// sink was given).
-    pub(crate) fn try_next(&mut self) -> Option<EventRequest> {
-        self.rx.try_recv().ok()
+    /// Every queued event, without waiting (tests read what a sink was
+    /// given).
+    pub(crate) fn drain(&mut self) -> Vec<EventRequest> {
+        std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
     }
 }
 

@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use super::*;
 use crate::cluster::events::{EventMetrics, EventQueue, EventSink};
 use crate::config::Config;
-use crate::metrics::{Metrics, encode, new_registry};
+use crate::metrics::{Metrics, new_registry};
 use crate::server::{Limits, handle};
+use crate::testing::scraped;
 
 const RS_UID: &str = "5c1b1e2a-7f3d-4e8a-9b6c-1d2e3f4a5b6c";
 
@@ -80,23 +81,12 @@ async fn answer_at_once(state: &State, review: &Value) -> Value {
     serde_json::from_slice(&body).unwrap()
 }
 
-fn drain(queue: &mut EventQueue) -> Vec<EventRequest> {
-    std::iter::from_fn(|| queue.try_next()).collect()
-}
-
-fn metric(registry: &Registry, line: &str) -> bool {
-    String::from_utf8(encode(registry))
-        .unwrap()
-        .lines()
-        .any(|l| l == line)
-}
-
 #[tokio::test]
 async fn a_rewritten_tag_on_an_owned_pod_is_an_event_on_its_replicaset() {
     let mut h = harness(8);
     let out = answer_at_once(&h.state, &owned_pod_review(rewritten_tag())).await;
     assert_eq!(out["response"]["allowed"], true);
-    let events = drain(&mut h.queue);
+    let events = h.queue.drain();
     assert_eq!(
         events,
         [EventRequest {
@@ -116,7 +106,7 @@ async fn a_rewritten_tag_on_an_owned_pod_is_an_event_on_its_replicaset() {
                 .into(),
         }]
     );
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         "canary_injector_tags_rewritten_total 1"
     ));
@@ -128,7 +118,7 @@ async fn a_deny_of_an_owned_pod_is_an_event_on_its_replicaset() {
     let review = owned_pod_review(json!({"canary-injector.io/tag": "///"}));
     let out = answer_at_once(&h.state, &review).await;
     assert_eq!(out["response"]["allowed"], false);
-    let events = drain(&mut h.queue);
+    let events = h.queue.drain();
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
     assert_eq!(e.type_, EventType::Warning);
@@ -150,8 +140,8 @@ async fn dry_runs_leave_nothing_behind() {
         Some(1),
         "the same answer"
     );
-    assert!(drain(&mut h.queue).is_empty());
-    assert!(metric(
+    assert!(h.queue.drain().is_empty());
+    assert!(scraped(
         &h.registry,
         "canary_injector_tags_rewritten_total 0"
     ));
@@ -167,8 +157,8 @@ async fn an_object_without_an_owner_gets_no_event() {
         .unwrap()
         .remove("ownerReferences");
     answer_at_once(&h.state, &review).await;
-    assert!(drain(&mut h.queue).is_empty());
-    assert!(metric(
+    assert!(h.queue.drain().is_empty());
+    assert!(scraped(
         &h.registry,
         "canary_injector_tags_rewritten_total 1"
     ));
@@ -176,7 +166,7 @@ async fn an_object_without_an_owner_gets_no_event() {
     let mut review = owned_pod_review(rewritten_tag());
     review["request"]["object"]["metadata"]["ownerReferences"][0]["controller"] = json!(false);
     answer_at_once(&h.state, &review).await;
-    assert!(drain(&mut h.queue).is_empty());
+    assert!(h.queue.drain().is_empty());
 }
 
 #[tokio::test]
@@ -189,11 +179,11 @@ async fn a_full_event_queue_never_holds_a_review_back() {
         let out = answer_at_once(&h.state, &owned_pod_review(rewritten_tag())).await;
         assert_eq!(out["response"]["patchType"], "JSONPatch", "review {i}");
     }
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         r#"canary_injector_events_total{outcome="dropped"} 49"#
     ));
-    assert!(metric(
+    assert!(scraped(
         &h.registry,
         "canary_injector_tags_rewritten_total 50"
     ));
@@ -253,7 +243,7 @@ async fn a_stuck_event_publisher_never_holds_a_review_back() {
         answer_at_once(&state, &owned_pod_review(rewritten_tag())).await;
     }
     // Four wait in the queue, six are dropped; no review waited.
-    assert!(metric(
+    assert!(scraped(
         &registry,
         r#"canary_injector_events_total{outcome="dropped"} 6"#
     ));
