@@ -15,17 +15,18 @@ use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::mutate::{
-    self, Availability, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView,
-    Operation, OwnerRef, SkipReason, Subject,
+    self, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView, Operation,
+    OwnerRef, SkipReason, Subject,
 };
 
-/// Tells whether the bootstrap ConfigMap exists in a namespace (from a
-/// cache; never does I/O).
-pub type ConfigMapLookup = dyn Fn(&str) -> Availability + Send + Sync;
+/// What the core may know about the cluster for an object in a namespace:
+/// whether the bootstrap ConfigMap exists there, and the Istio version the
+/// injector injects (from caches; never does I/O).
+pub type ConfigMapLookup = dyn Fn(&str) -> ClusterView + Send + Sync;
 
-/// A lookup for when no cluster is known: always [`Availability::Unknown`].
-pub fn no_cluster(_namespace: &str) -> Availability {
-    Availability::Unknown
+/// A lookup for when no cluster is known: [`ClusterView::UNKNOWN`].
+pub fn no_cluster(_namespace: &str) -> ClusterView {
+    ClusterView::UNKNOWN
 }
 
 /// `apiVersion` values the webhook answers.
@@ -323,9 +324,7 @@ pub fn review(
     };
     let decided: Result<Decision<'_>, Deny> = match &input {
         Input::Object(object) => {
-            let cluster = ClusterView {
-                bootstrap_configmap: configmaps(namespace),
-            };
+            let cluster = configmaps(namespace);
             mutate::decide(&subject, object, policy, &cluster)
         }
         Input::Skip(reason) => Ok(Decision::skip(*reason)),

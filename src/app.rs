@@ -6,8 +6,8 @@
 //! 1. [`App::bind`] binds both listeners and loads the serving certificate
 //!    (errors here are the caller's to report: a port in use, a bad pair);
 //! 2. [`App::run`] starts every task, waits (at most 10 s) for the
-//!    bootstrap ConfigMap cache, then turns ready: ready means "can serve
-//!    admission";
+//!    bootstrap ConfigMap cache and the Istio injector version, then turns
+//!    ready: ready means "can serve admission";
 //! 3. when [`Shutdown::request`] is called (the binary does on SIGTERM):
 //!    unready, keep serving for the shutdown delay (endpoints take a moment
 //!    to drop the pod), then stop the writers (the Lease is released) and the
@@ -44,7 +44,9 @@ use crate::cluster::watches::Shared;
 use crate::cluster::{self, Cluster};
 use crate::config::{Config, LeaderElectionConfig};
 use crate::copier::{self, BootstrapCache, CopierSettings, CopyError};
+use crate::istio::{self, DetectSettings, InjectorVersion};
 use crate::metrics::{ControllerCounters, ControllerMetrics, Metrics};
+use crate::mutate::ClusterView;
 use crate::server::tls::{self, CertPaths, Loaded, Reloader, Resolver};
 use crate::server::{self, Limits, State};
 
@@ -99,6 +101,9 @@ pub enum AppError {
     /// The serving certificate could not be loaded or used.
     #[error("cannot load the serving certificate: {0}")]
     Tls(#[source] tls::TlsError),
+    /// The listener limits do not work together.
+    #[error("invalid server limits: {0}")]
+    Limits(#[source] crate::server::LimitsError),
     /// Metrics could not be registered (a bug: duplicate names).
     #[error("cannot register metrics: {0}")]
     Metrics(#[source] prometheus::Error),
@@ -142,7 +147,10 @@ pub struct App {
 
 impl App {
     /// Binds the listeners and loads the certificate.
+    /// `opts.limits` are used as given (the CLI lays the `server:` section
+    /// and the flags over the defaults) and checked here.
     pub async fn bind(cfg: Config, opts: ServeOptions) -> Result<Self, AppError> {
+        opts.limits.validate().map_err(AppError::Limits)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let loaded = tls::load(&opts.tls, &provider).map_err(AppError::Tls)?;
         let resolver = Arc::new(Resolver::new(&loaded));
@@ -267,6 +275,15 @@ impl App {
                  namespace is unknown (set POD_NAMESPACE or namespaces.own)"
             ),
         }
+        let mut versions = InjectorVersion::disabled();
+        if let (Some(cluster), Some(settings)) = (&cluster, DetectSettings::from_config(&cfg)) {
+            let (version, watch) = istio::watch(cluster.client.clone(), settings);
+            versions = version;
+            tasks.spawn(
+                "istio-version",
+                watch.run(stop_rest.clone()).instrument(info_span!("istio")),
+            );
+        }
         if cluster.is_some()
             && let Some(settings) = BackfillSettings::from_config(&cfg)
         {
@@ -291,9 +308,12 @@ impl App {
             );
         }
 
-        let lookup = bootstrap.clone();
+        let (lookup, version) = (bootstrap.clone(), versions.clone());
         let mut state = State::new(Arc::new(cfg), metrics.clone(), opts.limits)
-            .with_configmaps(Arc::new(move |ns: &str| lookup.availability(ns)))
+            .with_configmaps(Arc::new(move |ns: &str| ClusterView {
+                bootstrap_configmap: lookup.availability(ns),
+                injector_version: version.get(),
+            }))
             .with_events(events);
         state.floor_response = opts.floor_response;
         let state = Arc::new(state);
@@ -318,8 +338,9 @@ impl App {
             Ok(())
         });
         let stop = stop_rest.clone();
+        let metrics_limits = state.limits.clone();
         tasks.spawn("metrics-server", async move {
-            server::serve_metrics(metrics_listener, registry, stop).await;
+            server::serve_metrics_with(metrics_listener, registry, metrics_limits, stop).await;
             Ok(())
         });
         let tls_config = tls::server_config(provider, resolver).map_err(AppError::Tls)?;
@@ -336,7 +357,7 @@ impl App {
             biased;
             ended = tasks.next_ended() => failed = Some(ended),
             () = shutdown.cancelled() => {},
-            () = wait_for_cache(&bootstrap) => state.set_ready(true),
+            () = wait_for_caches(&bootstrap, &versions) => state.set_ready(true),
         }
         if failed.is_none() && !shutdown.is_cancelled() {
             tokio::select! {
@@ -392,18 +413,23 @@ impl App {
     }
 }
 
-/// Resolves once the bootstrap cache has synced, or after
-/// [`CACHE_SYNC_LIMIT`] (with a warning); at once when there is no cache.
-async fn wait_for_cache(cache: &BootstrapCache) {
-    if !cache.is_enabled() {
-        return;
-    }
+/// Resolves once the bootstrap ConfigMap cache and the injector version
+/// have synced (those that run), or after [`CACHE_SYNC_LIMIT`] (with a
+/// warning): until then pods would miss the keepalive fix.
+async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion) {
+    let synced = || {
+        (!cache.is_enabled() || cache.is_synced())
+            && (!versions.is_enabled() || versions.is_synced())
+    };
     let deadline = tokio::time::Instant::now() + CACHE_SYNC_LIMIT;
-    while !cache.is_synced() && tokio::time::Instant::now() < deadline {
+    while !synced() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if !cache.is_synced() {
+    if cache.is_enabled() && !cache.is_synced() {
         warn!("bootstrap ConfigMap cache not synced after 10 s; serving anyway");
+    }
+    if versions.is_enabled() && !versions.is_synced() {
+        warn!("Istio injector version not known after 10 s; serving anyway");
     }
 }
 

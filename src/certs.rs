@@ -459,44 +459,14 @@ pub struct DurationError {
     why: &'static str,
 }
 
-/// Parses a Go-style duration made of whole numbers with the units `h`, `m`
-/// and `s`, e.g. `8760h`, `1h30m`, `720h0m0s`; a bare `0` is zero.
+/// Parses a Go-style duration such as `8760h`, `1h30m`, `720h0m0s` or
+/// `1.5h`; a bare `0` is zero. One checked parser for the whole crate:
+/// [`crate::duration::parse`].
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
-    let err = |why| DurationError {
+    crate::duration::parse(input).map_err(|e| DurationError {
         input: input.to_owned(),
-        why,
-    };
-    if input == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if input.is_empty() {
-        return Err(err("empty"));
-    }
-    let mut total: u64 = 0;
-    let mut rest = input;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(err("expected a whole number"));
-        }
-        let (number, tail) = rest.split_at(digits);
-        let number: u64 = number.parse().map_err(|_| err("number too large"))?;
-        let unit_len = tail.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-        let (unit, tail) = tail.split_at(unit_len);
-        let seconds = match unit {
-            "h" => 3600,
-            "m" => 60,
-            "s" => 1,
-            "" => return Err(err("missing unit")),
-            _ => return Err(err("unknown unit")),
-        };
-        total = number
-            .checked_mul(seconds)
-            .and_then(|s| total.checked_add(s))
-            .ok_or_else(|| err("too large"))?;
-        rest = tail;
-    }
-    Ok(Duration::from_secs(total))
+        why: e.as_str(),
+    })
 }
 
 #[cfg(test)]
@@ -671,6 +641,7 @@ mod tests {
         assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         for bad in [
             "",
             "10",
@@ -678,7 +649,6 @@ mod tests {
             "1y",
             "1d",
             "-1h",
-            "1.5h",
             "1h 30m",
             "99999999999999999999h",
             "5124095576030432h",

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -18,10 +19,11 @@ use crate::mutate::labels::is_dns_subdomain;
 use crate::mutate::{
     BootstrapPolicy, IstioPolicy, LabelPolicy, NamespacePolicy, Policy, PolicyError,
 };
+use crate::server::Limits;
 
-/// Default upper bound for a request body. The apiserver caps an object at
-/// 3 MiB and a review can hold `object` and `oldObject`.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
+/// Default upper bound for a request body: see
+/// [`crate::server::DEFAULT_MAX_BODY_BYTES`] for why 4 MiB.
+pub use crate::server::DEFAULT_MAX_BODY_BYTES;
 
 /// Hard ceiling for `server.maxBodyBytes`, so a typo cannot let one request
 /// pin gigabytes of memory.
@@ -92,18 +94,39 @@ where
 pub struct ServerConfig {
     /// Largest accepted request body in bytes; larger ones get HTTP 413.
     pub max_body_bytes: usize,
+    /// Body bytes held in memory at once, over all requests; beyond it a
+    /// request gets a fast 503 with `Retry-After` (the apiserver retries).
+    pub body_budget_bytes: usize,
+    /// Open HTTPS connections at most (the `--max-connections` flag wins).
+    pub max_connections: usize,
+    /// Extra connections accepted at the cap, for one probe each.
+    pub probe_connections: usize,
+    /// Seconds a new connection has to send its first request.
+    pub first_request_timeout_seconds: u32,
+    /// Seconds a connection may stay idle after its last request.
+    pub idle_timeout_seconds: u32,
+    /// Open connections on the metrics port at most.
+    pub metrics_max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let l = Limits::default();
         Self {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_body_bytes: l.max_body_bytes,
+            body_budget_bytes: l.body_budget_bytes,
+            max_connections: l.max_connections,
+            probe_connections: l.probe_connections,
+            first_request_timeout_seconds: l.first_request_timeout.as_secs() as u32,
+            idle_timeout_seconds: l.idle_timeout.as_secs() as u32,
+            metrics_max_connections: l.metrics_max_connections,
         }
     }
 }
 
 impl ServerConfig {
-    /// `maxBodyBytes` must be within 1 KiB ..= [`MAX_BODY_BYTES_CEILING`].
+    /// Each value within its range, and the combination usable by the
+    /// server ([`Limits::validate`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1024..=MAX_BODY_BYTES_CEILING).contains(&self.max_body_bytes) {
             return Err(invalid(
@@ -114,7 +137,49 @@ impl ServerConfig {
                 ),
             ));
         }
-        Ok(())
+        if self.body_budget_bytes > 16 * MAX_BODY_BYTES_CEILING {
+            return Err(invalid(
+                "server.bodyBudgetBytes",
+                format!("{} is more than 1 GiB", self.body_budget_bytes),
+            ));
+        }
+        check_range(
+            "server.firstRequestTimeoutSeconds",
+            self.first_request_timeout_seconds,
+            1,
+            300,
+        )?;
+        check_range(
+            "server.idleTimeoutSeconds",
+            self.idle_timeout_seconds,
+            1,
+            3600,
+        )?;
+        self.limits(Limits::default()).validate().map_err(|e| {
+            invalid(
+                match e.field {
+                    "body_budget_bytes" => "server.bodyBudgetBytes",
+                    "max_connections" => "server.maxConnections",
+                    "metrics_max_connections" => "server.metricsMaxConnections",
+                    _ => "server",
+                },
+                e.reason.to_string(),
+            )
+        })
+    }
+
+    /// `base` with this section's values.
+    pub fn limits(&self, base: Limits) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            body_budget_bytes: self.body_budget_bytes,
+            max_connections: self.max_connections,
+            probe_connections: self.probe_connections,
+            first_request_timeout: Duration::from_secs(self.first_request_timeout_seconds.into()),
+            idle_timeout: Duration::from_secs(self.idle_timeout_seconds.into()),
+            metrics_max_connections: self.metrics_max_connections,
+            ..base
+        }
     }
 }
 
@@ -466,6 +531,54 @@ mod tests {
     }
 
     #[test]
+    fn the_server_section_becomes_the_listener_limits() {
+        let cfg = Config::from_yaml(
+            "server: {maxBodyBytes: 2097152, bodyBudgetBytes: 8388608, maxConnections: 50, \
+             probeConnections: 2, firstRequestTimeoutSeconds: 3, idleTimeoutSeconds: 30, \
+             metricsMaxConnections: 5}\n",
+        )
+        .unwrap();
+        let l = cfg.server.limits(Limits::default());
+        assert_eq!((l.max_body_bytes, l.body_budget_bytes), (2097152, 8388608));
+        assert_eq!(
+            (
+                l.max_connections,
+                l.probe_connections,
+                l.metrics_max_connections
+            ),
+            (50, 2, 5)
+        );
+        assert_eq!(l.first_request_timeout, Duration::from_secs(3));
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        assert_eq!(
+            l.header_timeout,
+            Limits::default().header_timeout,
+            "the rest stays"
+        );
+        assert_eq!(
+            Config::default()
+                .server
+                .limits(Limits::default())
+                .max_body_bytes,
+            Limits::default().max_body_bytes
+        );
+        for (yaml, field) in [
+            (
+                "server: {maxBodyBytes: 8388608, bodyBudgetBytes: 4194304}\n",
+                "server.bodyBudgetBytes",
+            ),
+            ("server: {maxConnections: 0}\n", "server.maxConnections"),
+            (
+                "server: {idleTimeoutSeconds: 0}\n",
+                "server.idleTimeoutSeconds",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_it() {
         for (yaml, key) in [
             ("stageLable: stage\n", "stageLable"),
@@ -543,6 +656,14 @@ mod tests {
                 "bootstrap.keepalive.probes",
             ),
             ("istio: {proxyVersion: latest}\n", "istio.proxyVersion"),
+            (
+                "istio: {injectorNamespace: Istio_System}\n",
+                "istio.injectorNamespace",
+            ),
+            (
+                "istio: {injectorConfigMaps: [ok, Not-OK]}\n",
+                "istio.injectorConfigMaps",
+            ),
             ("bootstrap: {enable: true}\n", "enable"),
             ("routes: {header: X-Canary-Tag}\n", "routes.header"),
             ("routes: {header: ''}\n", "routes.header"),
@@ -621,16 +742,20 @@ mod tests {
     }
 
     /// deploy/base/config.yaml embeds the configuration users start from:
-    /// every value in it is the built-in default, except the one it says is not.
+    /// every value in it is the built-in default, as it says; no Istio
+    /// version is pinned (it is detected).
     #[test]
-    fn shipped_configmap_is_the_defaults_but_proxy_version() {
+    fn shipped_configmap_is_the_defaults() {
         let manifest = include_str!("../deploy/base/config.yaml");
+        assert!(manifest.contains("Every value below is the built-in default"));
         let cm: Value = serde_saphyr::from_str(manifest).unwrap();
         let text = cm["data"]["config.yaml"].as_str().unwrap();
-        let mut cfg = Config::from_yaml(text).unwrap();
-        assert_eq!(cfg.istio.proxy_version.as_deref(), Some("1.5"));
-        cfg.istio.proxy_version = None;
+        let cfg = Config::from_yaml(text).unwrap();
         assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.istio.proxy_version, None);
+        for key in ["proxyVersion", "injectorNamespace", "injectorConfigMaps"] {
+            assert!(text.contains(key), "{key} documented");
+        }
     }
 
     /// README "Configuration" shows every section with its defaults.

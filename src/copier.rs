@@ -187,7 +187,8 @@ fn is_up_to_date(copy: &ConfigMap, source: &ConfigMap, settings: &CopierSettings
 // === BootstrapCache ===
 
 /// The core's answer type: Present, Missing (the watch has synced and the
-/// ConfigMap is not there), Unknown (no cluster, or not synced yet).
+/// ConfigMap is not there, though the source is), NotConfigured (neither is
+/// there), Unknown (no cluster, or not synced yet).
 pub use crate::mutate::Availability;
 
 /// Which namespaces hold the bootstrap ConfigMap, answered from memory.
@@ -205,6 +206,9 @@ struct CacheInner {
     /// Store keeps its last state while a broken watch re-lists).
     synced: AtomicBool,
     config_map_name: String,
+    /// Where the source lives: without it, a missing copy means the
+    /// template fix is not set up ([`Availability::NotConfigured`]).
+    source_namespace: String,
 }
 
 impl BootstrapCache {
@@ -222,9 +226,11 @@ impl BootstrapCache {
         if !inner.synced.load(Ordering::Acquire) {
             return Availability::Unknown;
         }
-        let key = ObjectRef::new(&inner.config_map_name).within(namespace);
-        if inner.store.get(&key).is_some() {
+        let key = |ns: &str| ObjectRef::new(&inner.config_map_name).within(ns);
+        if inner.store.get(&key(namespace)).is_some() {
             Availability::Present
+        } else if inner.store.get(&key(&inner.source_namespace)).is_none() {
+            Availability::NotConfigured
         } else {
             Availability::Missing
         }
@@ -287,6 +293,7 @@ pub fn cache(client: Client, settings: CopierSettings) -> (BootstrapCache, Cache
         store: store.clone(),
         synced: AtomicBool::new(false),
         config_map_name: settings.config_map_name.clone(),
+        source_namespace: settings.source_namespace.clone(),
     });
     let passes = Arc::new(Notify::new());
     let watch = CacheWatch {

@@ -42,11 +42,17 @@ pub enum TemplateError {
         count: usize,
     },
     /// The `xds-grpc` cluster has a `pipe` (Unix socket) address, as in
-    /// Istio >= 1.8 where the agent proxies xDS; TCP keepalive does not apply.
+    /// Istio >= 1.8 where the agent proxies xDS; TCP keepalive does not
+    /// apply. The message says what canary-injector does for those versions
+    /// instead.
     #[error(
-        "the xds-grpc cluster has a pipe address: Istio >= 1.8 proxies xDS through \
-         the agent over a Unix socket, so TCP keepalive does not apply; \
-         do not patch this template"
+        "the xds-grpc cluster has a pipe address: this is an Istio >= 1.8 template, where \
+         Envoy reaches istiod through the agent over a Unix socket, so TCP keepalive does \
+         not apply and no template is needed. Instead: Istio 1.8-1.17 needs nothing (the \
+         agent pings istiod every 30 s with a 10 s timeout); for Istio 1.18 and newer the \
+         webhook sets GRPC_KEEPALIVE_INTERVAL/GRPC_KEEPALIVE_TIMEOUT (from \
+         bootstrap.keepalive, 30s/15s) on each sidecar at pod creation, automatically \
+         (README \"Istio versions\")"
     )]
     PipeAddress,
     /// The `upstream_connection_options` of `xds-grpc` is not a JSON object
@@ -1162,6 +1168,10 @@ mod tests {
         assert!(msg.contains("Istio >= 1.8"), "{msg}");
         assert!(msg.contains("agent over a Unix socket"), "{msg}");
         assert!(msg.contains("TCP keepalive does not apply"), "{msg}");
+        // What to do instead, per version.
+        assert!(msg.contains("Istio 1.8-1.17 needs nothing"), "{msg}");
+        assert!(msg.contains("GRPC_KEEPALIVE_INTERVAL"), "{msg}");
+        assert!(msg.contains("automatically"), "{msg}");
     }
 
     #[test]

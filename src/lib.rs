@@ -1,7 +1,9 @@
 //! canary-injector: a Kubernetes mutating admission webhook that gives Pods
 //! and ReplicaSets the `canarytag` / `stage` labels Istio canary routing
-//! selects on, and mounts a patched Envoy bootstrap template (xds-grpc TCP
-//! keepalive) into Istio sidecars.
+//! selects on, and gives Istio sidecars a keepalive that notices a dead
+//! istiod within ~45 s, in the form their version understands (a patched
+//! Envoy bootstrap template below 1.8, the agent's gRPC keepalive env from
+//! 1.18).
 //!
 //! ```text
 //!                 +------------------------------ adapters ------------------------------+
@@ -10,7 +12,8 @@
 //!                 |                                                    |    (pure core)   |
 //!                 | copier  (ConfigMap cache: every replica;           |                  |
 //!                 |          copies: leader only) ----------------------+                  |
-//!                 | backfill (leader: labels what predates the webhook) -+                 |
+//!                 | istio   (injector version: every replica) ---------+                  |
+//!                 | backfill (leader: labels what predates it) --------+                  |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
@@ -27,7 +30,9 @@ pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod copier;
+pub mod duration;
 pub mod envoy_template;
+pub mod istio;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;

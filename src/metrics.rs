@@ -24,6 +24,22 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0,
 ];
 
+/// Every `reason` of `errors_total` the server reports: exported at 0 from
+/// the start (so `rate()` sees the first one) and listed in the README.
+pub const ERROR_REASONS: [&str; 11] = [
+    "not-found",
+    "method",
+    "content-type",
+    "body-too-large",
+    "body-timeout",
+    "body-read",
+    "body-budget",
+    "connection-limit",
+    "bad-request",
+    "tls-handshake",
+    "internal",
+];
+
 /// Handles to every metric. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -65,7 +81,8 @@ impl Metrics {
         let bootstrap_skips = IntCounterVec::new(
             Opts::new(
                 "bootstrap_skips_total",
-                "Pods whose sidecar bootstrap template was not mounted, by reason.",
+                "Pods whose sidecar keepalive was left alone (no template mount, no agent \
+                 keepalive env), by reason.",
             ),
             &["reason"],
         )?;
@@ -73,7 +90,8 @@ impl Metrics {
             Opts::new(
                 "mutations_total",
                 "Mutations applied, by type (labels, template-labels, \
-                 bootstrap-annotations, bootstrap-volume).",
+                 bootstrap-annotations, bootstrap-volume, keepalive-proxy-config, \
+                 keepalive-env).",
             ),
             &["type"],
         )?;
@@ -84,6 +102,9 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        for reason in ERROR_REASONS {
+            errors.with_label_values(&[reason]);
+        }
         let tags_rewritten = IntCounter::new(
             "tags_rewritten_total",
             "Canary tag annotations that were not valid label values and were rewritten \
@@ -135,7 +156,7 @@ impl Metrics {
         self.skips.with_label_values(&[reason]).inc();
     }
 
-    /// Counts a pod whose bootstrap template was not mounted.
+    /// Counts a pod whose sidecar keepalive was left alone.
     pub fn bootstrap_skip(&self, reason: &str) {
         self.bootstrap_skips.with_label_values(&[reason]).inc();
     }
@@ -150,14 +171,15 @@ impl Metrics {
         self.tags_rewritten.inc_by(n);
     }
 
-    /// Rewritten canary tags so far.
-    pub fn tags_rewritten_count(&self) -> u64 {
-        self.tags_rewritten.get()
-    }
-
     /// Counts a request refused before a review answer (`reason` is one of a
-    /// fixed set chosen by the server), also as an `invalid`/`error` review.
+    /// fixed set chosen by the server, [`ERROR_REASONS`]), also as an
+    /// `invalid`/`error` review: a webhook configured with a wrong path
+    /// (every call a 404) shows up as failing reviews.
     pub fn error(&self, reason: &'static str, server_fault: bool, seconds: f64) {
+        debug_assert!(
+            ERROR_REASONS.contains(&reason),
+            "{reason} is missing from ERROR_REASONS (exported at 0 and documented)"
+        );
         self.errors.with_label_values(&[reason]).inc();
         let outcome = if server_fault { "error" } else { "invalid" };
         self.review("", "", outcome, seconds);

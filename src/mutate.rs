@@ -37,7 +37,9 @@ mod patch;
 pub mod policy;
 
 use bootstrap::PodTarget;
-pub use bootstrap::{Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip};
+pub use bootstrap::{
+    Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip, KeepaliveForm, Version,
+};
 pub use decision::{Decision, Intent, Label, LabelTarget, TemplateTag, Warning};
 pub use kinds::{KINDS, Kind, KindInfo, Location, Scope};
 pub use policy::{
@@ -275,6 +277,17 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every skip, for documentation and tests.
+    pub const ALL: [Self; 7] = [
+        Self::Operation,
+        Self::SubResource,
+        Self::Kind,
+        Self::Namespace,
+        Self::MirrorPod,
+        Self::OptedOut,
+        Self::Deleting,
+    ];
+
     /// Stable name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -353,12 +366,26 @@ impl Deny {
 pub struct ClusterView {
     /// Whether the bootstrap ConfigMap exists in the object's namespace.
     pub bootstrap_configmap: Availability,
+    /// The Istio version the cluster's sidecar injector(s) inject, when
+    /// known (detected by `crate::istio`); used for pods that are not
+    /// injected yet, after the pod's own proxy image and config
+    /// `istio.proxyVersion`.
+    pub injector_version: Option<Version>,
 }
 
 impl ClusterView {
-    /// Offline: assume the ConfigMap exists (the user applies it with the manifests).
+    /// Offline: assume the ConfigMap exists (the user applies it with the
+    /// manifests); no injector known (config `istio.proxyVersion` or the
+    /// proxy image tell the version).
     pub const OFFLINE: Self = Self {
         bootstrap_configmap: Availability::Present,
+        injector_version: None,
+    };
+
+    /// No cluster: nothing known.
+    pub const UNKNOWN: Self = Self {
+        bootstrap_configmap: Availability::Unknown,
+        injector_version: None,
     };
 }
 
@@ -545,7 +572,7 @@ pub fn decide<'a>(
         decision.bootstrap = Some(bootstrap::decide(
             &pod,
             policy,
-            cluster.bootstrap_configmap,
+            cluster,
             &mut decision.warnings,
         ));
     }

@@ -9,12 +9,21 @@
 //! Requests that are not a well-formed review get a 4xx with a plain-text
 //! reason: 404 unknown path, 405 wrong method, 415 not JSON, 413 too large
 //! (refused from `Content-Length` before reading, or as soon as the limit is
-//! crossed), 408 body too slow, 400 malformed review.
+//! crossed), 408 body too slow, 400 malformed review. Overload gets a 503
+//! with `Retry-After: 1`: the bodies in memory would pass
+//! [`Limits::body_budget_bytes`], or the request came on a connection from
+//! the probe reserve (see [`Limits::probe_connections`]).
+//!
+//! Connections are bounded in number and in time: see [`Limits`] and the
+//! `conn` module for the lifecycle, `body` for the memory budget.
 
+mod body;
+mod conn;
 mod report;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,12 +31,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Body;
+use http_body_util::Full;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -39,38 +47,156 @@ use crate::cluster::events::EventSink;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mutate::BootstrapOutcome;
+use body::{BodyError, Budget, Reservation};
+use conn::{Activity, Closed, Slot, Slots, Timeouts};
 
 /// Bodies larger than this are decided on a blocking thread so one huge
 /// review cannot stall the async workers serving the others.
 const BLOCKING_THRESHOLD: usize = 256 * 1024;
 
-/// Timeouts and limits of the HTTPS listener.
+/// HTTP/1.1 read buffer per connection at most (headers must fit in it).
+const HTTP1_MAX_BUF_SIZE: usize = 64 * 1024;
+
+/// Default for [`Limits::max_body_bytes`]: 4 MiB.
+///
+/// Sized for the largest CREATE review: the apiserver refuses request bodies
+/// over 3 MiB, and a CREATE review carries the object alone (no
+/// `oldObject`), so 3 MiB of object plus 1 MiB for the envelope, for JSON
+/// being larger than the protobuf a controller may have sent, and for what
+/// earlier webhooks added. An UPDATE review carries `object` and `oldObject`;
+/// objects that etcd stores (1.5 MiB per request by default) make that at
+/// most about 3 MiB too, and the Pods, ReplicaSets and workloads this
+/// webhook reviews are far smaller. Memory is bounded by
+/// [`Limits::body_budget_bytes`], not by this limit.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Timeouts and limits of the HTTPS and the metrics listener.
+///
+/// [`Limits::default`] holds the documented defaults (README "HTTP API");
+/// [`Limits::validate`] checks a combination taken from configuration.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Time allowed for the TLS handshake.
+    /// Time allowed for the TLS handshake. Default 10 s.
     pub handshake_timeout: Duration,
-    /// Time allowed for the request headers (HTTP/1.1).
+    /// Time from the end of the handshake (metrics: from the accept) to the
+    /// first request; a connection that sends nothing is closed after it, so
+    /// it cannot hold a slot. Default 10 s.
+    pub first_request_timeout: Duration,
+    /// Time allowed for the request headers (HTTP/1.1), and how long an
+    /// HTTP/1.1 connection may wait between requests. Default 5 s.
     pub header_timeout: Duration,
+    /// How long a connection with no request in flight stays open after its
+    /// last request (HTTP/2; HTTP/1.1 waits at most `header_timeout`).
+    /// Default 90 s, as long as Go's clients keep idle connections: the
+    /// apiserver's connection stays up while it sends reviews.
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 PING frames. Default 30 s.
+    pub http2_keep_alive_interval: Duration,
+    /// A PING not answered within this closes the connection. Default 10 s.
+    pub http2_keep_alive_timeout: Duration,
     /// Time allowed for the body when the request names no `timeout`.
+    /// Default 10 s.
     pub body_timeout: Duration,
-    /// Upper bound for a deadline taken from `?timeout=`.
+    /// Upper bound for a deadline taken from `?timeout=`. Default 30 s.
     pub max_body_timeout: Duration,
     /// How long in-flight requests may take to finish at shutdown.
+    /// Default 10 s.
     pub drain_timeout: Duration,
-    /// Open connections at most; beyond it new ones wait in the listen
-    /// backlog until one closes, so a flood cannot exhaust memory or fds.
+    /// Open connections at most on the webhook port. Default 1024.
     pub max_connections: usize,
+    /// Connections accepted beyond `max_connections`, each for one request:
+    /// `/healthz` and `/readyz` are answered, anything else gets 503 with
+    /// `Retry-After: 1`; then the connection is closed. Keeps the kubelet's
+    /// probes (which share the port) answered while the cap is reached.
+    /// Beyond both, new connections wait in the listen backlog. Default 8.
+    pub probe_connections: usize,
+    /// Largest accepted request body; larger ones get 413. Default
+    /// [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: usize,
+    /// Request body bytes held in memory at once, across all requests;
+    /// a request that would pass it gets 503 with `Retry-After: 1` at once.
+    /// Default 32 MiB: eight of the largest reviews, thousands of usual ones
+    /// (8 KB), and well inside the Deployment's 128 MiB memory limit.
+    pub body_budget_bytes: usize,
+    /// Open connections at most on the metrics port (the same timeouts
+    /// apply there). Default 64.
+    pub metrics_max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            http2_keep_alive_interval: Duration::from_secs(30),
+            http2_keep_alive_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             max_body_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            probe_connections: 8,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_budget_bytes: 32 * 1024 * 1024,
+            metrics_max_connections: 64,
+        }
+    }
+}
+
+/// A combination of [`Limits`] the server cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct LimitsError {
+    /// The [`Limits`] field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl Limits {
+    /// Checks that every timeout is positive, every cap at least one, and
+    /// that the body budget holds at least one request of the largest size.
+    pub fn validate(&self) -> Result<(), LimitsError> {
+        let err = |field, reason| Err(LimitsError { field, reason });
+        let timeouts = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("first_request_timeout", self.first_request_timeout),
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("http2_keep_alive_interval", self.http2_keep_alive_interval),
+            ("http2_keep_alive_timeout", self.http2_keep_alive_timeout),
+            ("body_timeout", self.body_timeout),
+            ("max_body_timeout", self.max_body_timeout),
+        ];
+        if let Some((field, _)) = timeouts.iter().find(|(_, d)| d.is_zero()) {
+            return err(field, "must be more than zero");
+        }
+        if self.max_body_timeout < self.body_timeout {
+            return err("max_body_timeout", "must be at least body_timeout");
+        }
+        if self.max_connections == 0 {
+            return err("max_connections", "must be at least 1");
+        }
+        if self.metrics_max_connections == 0 {
+            return err("metrics_max_connections", "must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            return err("max_body_bytes", "must be at least 1024");
+        }
+        if self.body_budget_bytes < self.max_body_bytes {
+            return err(
+                "body_budget_bytes",
+                "must be at least max_body_bytes, or the largest review is never accepted",
+            );
+        }
+        Ok(())
+    }
+
+    fn conn_timeouts(&self) -> Timeouts {
+        Timeouts {
+            first_request: self.first_request_timeout,
+            idle: self.idle_timeout,
         }
     }
 }
@@ -88,9 +214,12 @@ pub struct State {
     /// Where events about reviewed objects go (never awaited on the review
     /// path; dry-run reviews emit none).
     pub events: EventSink,
-    /// Benchmark floor: answer every `POST /mutate` with these bytes after
-    /// reading the body, without parsing (same listener, TLS and limits).
+    /// Benchmark floor (`bench/run.sh`): when set, connections are served by
+    /// a separate handler that reads the body like `/mutate` (same listener,
+    /// TLS, limits and budget) and answers these bytes without parsing. The
+    /// review path never looks at it.
     pub floor_response: Option<Bytes>,
+    budget: Budget,
     ready: AtomicBool,
 }
 
@@ -100,6 +229,7 @@ impl State {
         Self {
             config,
             metrics,
+            budget: Budget::new(limits.body_budget_bytes),
             limits,
             configmaps: Arc::new(admission::no_cluster),
             events: EventSink::disabled(),
@@ -129,6 +259,11 @@ impl State {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
+
+    /// Request body bytes reserved from [`Limits::body_budget_bytes`] now.
+    pub fn body_bytes_in_flight(&self) -> usize {
+        self.budget.in_use()
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -145,8 +280,8 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Resp {
     resp
 }
 
-fn json(body: Vec<u8>) -> Resp {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+fn json(body: Bytes) -> Resp {
+    let mut resp = Response::new(Full::new(body));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
@@ -164,6 +299,30 @@ fn method_not_allowed(allow: &'static str) -> Resp {
     resp
 }
 
+/// Counts and logs a refused request and builds its answer; a 503 says
+/// `Retry-After: 1`, which client-go (and so the apiserver) honours by
+/// retrying within the webhook's timeout.
+fn refuse(
+    state: &State,
+    start: Instant,
+    reason: &'static str,
+    status: StatusCode,
+    msg: impl Into<String>,
+) -> Resp {
+    state.metrics.error(
+        reason,
+        status.is_server_error(),
+        start.elapsed().as_secs_f64(),
+    );
+    debug!(reason, status = status.as_u16(), "request refused");
+    let mut resp = text(status, msg);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
 /// Routes one request. Generic over the body so tests can call it directly.
 pub async fn handle<B>(req: Request<B>, state: &State) -> Resp
 where
@@ -176,6 +335,13 @@ where
             state.metrics.error("method", false, 0.0);
             method_not_allowed("POST")
         }
+        _ => other(req.uri().path(), req.method(), state),
+    }
+}
+
+/// Everything but `/mutate`.
+fn other(path: &str, method: &Method, state: &State) -> Resp {
+    match (path, method) {
         ("/healthz", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "ok"),
         ("/readyz", &Method::GET | &Method::HEAD) => {
             if state.is_ready() {
@@ -185,9 +351,123 @@ where
             }
         }
         ("/healthz" | "/readyz", _) => method_not_allowed("GET"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; the webhook path is /mutate",
+        _ => {
+            state.metrics.error("not-found", false, 0.0);
+            text(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook path is /mutate",
+            )
+        }
+    }
+}
+
+/// Routes a request on a connection from the probe reserve: probes are
+/// answered, anything else is asked to come back.
+fn handle_reserve(req: &Request<Incoming>, state: &State) -> Resp {
+    match req.uri().path() {
+        "/healthz" | "/readyz" => other(req.uri().path(), req.method(), state),
+        _ => refuse(
+            state,
+            Instant::now(),
+            "connection-limit",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached; retry",
+        ),
+    }
+}
+
+/// Routes a request in benchmark floor mode: `/mutate` reads the body under
+/// the same limits and answers `floor` as is.
+async fn handle_floor(req: Request<Incoming>, state: &State, floor: Bytes) -> Resp {
+    match (req.uri().path(), req.method()) {
+        ("/mutate", &Method::POST) => {
+            let start = Instant::now();
+            match read_body(req, state).await {
+                Ok(_) => json(floor),
+                Err(refusal) => refusal.answer(state, start),
+            }
+        }
+        _ => handle(req, state).await,
+    }
+}
+
+/// Why a `/mutate` request was refused before its review: turned into an
+/// answer (and counted) by [`Refusal::answer`].
+struct Refusal {
+    reason: &'static str,
+    status: StatusCode,
+    msg: String,
+}
+
+impl Refusal {
+    fn answer(self, state: &State, start: Instant) -> Resp {
+        refuse(state, start, self.reason, self.status, self.msg)
+    }
+}
+
+/// Checks the headers and reads the body of a `/mutate` request under the
+/// size limit, the memory budget and the deadline. The reservation holds
+/// the body's share of the budget until the answer is built.
+async fn read_body<B>(req: Request<B>, state: &State) -> Result<(Bytes, Reservation<'_>), Refusal>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limit = state.limits.max_body_bytes;
+    let refuse = |reason, status, msg: String| {
+        Err(Refusal {
+            reason,
+            status,
+            msg,
+        })
+    };
+    if !is_json(req.headers().get(header::CONTENT_TYPE)) {
+        return refuse(
+            "content-type",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json".into(),
+        );
+    }
+    let too_large = || format!("request body exceeds {limit} bytes");
+    let over_budget = || "too many request bodies in memory; retry".to_string();
+    let declared = match req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        Some(n) if n > limit as u64 => {
+            return refuse("body-too-large", StatusCode::PAYLOAD_TOO_LARGE, too_large());
+        }
+        declared => declared.map(|n| n as usize),
+    };
+    let Some(mut held) = state.budget.reserve(declared.unwrap_or(0)) else {
+        return refuse(
+            "body-budget",
+            StatusCode::SERVICE_UNAVAILABLE,
+            over_budget(),
+        );
+    };
+    let time = deadline(req.uri().query(), &state.limits);
+    let read = body::collect(req.into_body(), declared, limit, &mut held);
+    match tokio::time::timeout(time, read).await {
+        Ok(Ok(bytes)) => Ok((bytes, held)),
+        Err(_) => refuse(
+            "body-timeout",
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {time:?}"),
+        ),
+        Ok(Err(BodyError::TooLarge)) => {
+            refuse("body-too-large", StatusCode::PAYLOAD_TOO_LARGE, too_large())
+        }
+        Ok(Err(BodyError::OverBudget)) => refuse(
+            "body-budget",
+            StatusCode::SERVICE_UNAVAILABLE,
+            over_budget(),
+        ),
+        Ok(Err(BodyError::Read(e))) => refuse(
+            "body-read",
+            StatusCode::BAD_REQUEST,
+            format!("cannot read request body: {e}"),
         ),
     }
 }
@@ -198,66 +478,11 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let start = Instant::now();
-    let limit = state.config.server.max_body_bytes;
-    let refuse = |reason: &'static str, status: StatusCode, msg: String| {
-        state.metrics.error(
-            reason,
-            status.is_server_error(),
-            start.elapsed().as_secs_f64(),
-        );
-        debug!(reason, status = status.as_u16(), "request refused");
-        text(status, msg)
+    // `_held` keeps the body's share of the budget until the answer is built.
+    let (bytes, _held) = match read_body(req, state).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal.answer(state, start),
     };
-
-    if !is_json(req.headers().get(header::CONTENT_TYPE)) {
-        return refuse(
-            "content-type",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/json".into(),
-        );
-    }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return refuse(
-            "body-too-large",
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds {limit} bytes"),
-        );
-    }
-    let budget = deadline(req.uri().query(), &state.limits);
-    let collected =
-        tokio::time::timeout(budget, Limited::new(req.into_body(), limit).collect()).await;
-    let bytes = match collected {
-        Err(_) => {
-            return refuse(
-                "body-timeout",
-                StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {budget:?}"),
-            );
-        }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return refuse(
-                "body-too-large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {limit} bytes"),
-            );
-        }
-        Ok(Err(e)) => {
-            return refuse(
-                "body-read",
-                StatusCode::BAD_REQUEST,
-                format!("cannot read request body: {e}"),
-            );
-        }
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
-    if let Some(floor) = &state.floor_response {
-        return json(floor.to_vec());
-    }
-
     let result = if bytes.len() > BLOCKING_THRESHOLD {
         let config = state.config.clone();
         let configmaps = state.configmaps.clone();
@@ -268,9 +493,11 @@ where
             Err(e) => {
                 warn!(error = %e, "review task failed");
                 return refuse(
+                    state,
+                    start,
                     "internal",
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error".into(),
+                    "internal error",
                 );
             }
         }
@@ -325,17 +552,25 @@ where
                 latency_us = start.elapsed().as_micros() as u64,
                 "review"
             );
-            json(reviewed.body)
+            json(Bytes::from(reviewed.body))
         }
         Err(e @ admission::ReviewError::Serialize(_)) => {
             warn!(error = %e, "cannot serialise a review response");
             refuse(
+                state,
+                start,
                 "internal",
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error".into(),
+                "internal error",
             )
         }
-        Err(e) => refuse("bad-request", StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => refuse(
+            state,
+            start,
+            "bad-request",
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+        ),
     }
 }
 
@@ -348,45 +583,80 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
 }
 
 /// The time allowed for the body: the apiserver's `?timeout=` (a Go
-/// duration such as `5s` or `1m30s`), capped, else the default.
+/// duration such as `5s` or `1m30s`), capped at
+/// [`Limits::max_body_timeout`]; the default when absent or unreadable.
 fn deadline(query: Option<&str>, limits: &Limits) -> Duration {
     query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("timeout="))
-        .and_then(parse_go_duration)
+        .and_then(|v| crate::duration::parse(v).ok())
         .map_or(limits.body_timeout, |d| d.min(limits.max_body_timeout))
 }
 
-/// Parses the Go durations the apiserver sends (`5s`, `500ms`, `1m30s`).
-fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
+/// The hyper connection builder for both listeners: timeouts from `limits`;
+/// `keep_alive: false` makes HTTP/1.1 close after one request.
+fn http_builder(limits: &Limits, keep_alive: bool) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(keep_alive)
+        // Bounds what a connection's headers can hold in memory (hyper's
+        // default is ~400 KB; a review's headers are a few hundred bytes).
+        .max_buf_size(HTTP1_MAX_BUF_SIZE);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(limits.http2_keep_alive_timeout);
+    builder
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves HTTP on `io` with `handler` until the connection ends or
+/// [`conn::drive`] closes it, counting each request as activity.
+async fn serve_http<I, F, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    activity: &Arc<Activity>,
+    timeouts: Timeouts,
+    shutdown: &CancellationToken,
+    handler: F,
+) -> (Closed, Result<(), BoxError>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let tracked = activity.clone();
+    let service = service_fn(move |req| {
+        let in_flight = tracked.begin();
+        let answer = handler(req);
+        async move {
+            let resp = answer.await;
+            drop(in_flight);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    conn::drive(
+        builder.serve_connection(io, service),
+        activity,
+        timeouts,
+        shutdown,
+    )
+    .await
+}
+
+fn log_closed(peer: SocketAddr, listener: &'static str, closed: (Closed, Result<(), BoxError>)) {
+    match closed {
+        (Closed::Idle, _) => debug!(%peer, listener, "idle connection closed"),
+        (_, Err(error)) => debug!(%peer, listener, %error, "connection ended with an error"),
+        _ => {}
     }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .filter(|&i| i > 0)?;
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(value * scale).ok()?;
-    }
-    Some(total)
 }
 
 /// Serves HTTPS on `listener` until `shutdown` is cancelled, then stops
@@ -399,123 +669,148 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.limits.header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        state.limits.max_connections.max(1),
-    ));
-
-    loop {
-        let slot = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
-        let (tcp, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = accept(&listener, "webhook") => accepted,
-        };
-        // Small frames (HTTP/2 WINDOW_UPDATE, short responses) must not wait
-        // for a delayed ACK.
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let state = state.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let handshake =
-                tokio::time::timeout(state.limits.handshake_timeout, acceptor.accept(tcp));
-            let stream = match handshake.await {
-                Ok(Ok(s)) => s,
-                Ok(Err(error)) => {
-                    debug!(%peer, %error, "tls handshake failed");
-                    state.metrics.error("tls-handshake", false, 0.0);
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "tls handshake timed out");
-                    state.metrics.error("tls-handshake", false, 0.0);
-                    return;
-                }
-            };
-            let svc_state = state.clone();
-            let service = service_fn(move |req| {
-                let state = svc_state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(conn).await {
-                debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
+    let builders = Arc::new([
+        http_builder(&state.limits, true),
+        http_builder(&state.limits, false),
+    ]);
+    let slots = Slots::new(state.limits.max_connections, state.limits.probe_connections);
+    conn::accept_loop(
+        &slots,
+        &shutdown,
+        || accept(&listener, "webhook"),
+        |(tcp, peer): (TcpStream, SocketAddr), slot| {
+            // Small frames (HTTP/2 WINDOW_UPDATE, short responses) must not
+            // wait for a delayed ACK.
+            let _ = tcp.set_nodelay(true);
+            serve_tls(
+                tcp,
+                peer,
+                slot,
+                acceptor.clone(),
+                state.clone(),
+                builders.clone(),
+                shutdown.clone(),
+            )
+        },
+    )
+    .await;
     drop(listener);
     info!("stopped accepting; draining in-flight requests");
-    if tokio::time::timeout(state.limits.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if !slots.drained(state.limits.drain_timeout).await {
         warn!("drain timeout reached; closing remaining connections");
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on plain HTTP until
-/// `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: CancellationToken) {
-    let registry = Arc::new(registry);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5));
-    let builder = Arc::new(builder);
-    loop {
-        let (tcp, _) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            accepted = accept(&listener, "metrics") => accepted,
+/// One webhook connection: handshake, then HTTP with the handler its slot
+/// and the state call for.
+async fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    builders: Arc<[auto::Builder<TokioExecutor>; 2]>,
+    shutdown: CancellationToken,
+) {
+    let handshake = tokio::time::timeout(state.limits.handshake_timeout, acceptor.accept(tcp));
+    let stream = match handshake.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
+            debug!(%peer, %error, "tls handshake failed");
+            state.metrics.error("tls-handshake", false, 0.0);
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "tls handshake timed out");
+            state.metrics.error("tls-handshake", false, 0.0);
+            return;
+        }
+    };
+    let io = TokioIo::new(stream);
+    let timeouts = state.limits.conn_timeouts();
+    let activity = Arc::new(Activity::new(slot.is_reserve()));
+    let [regular, one_shot] = &*builders;
+    let s = state.clone();
+    let closed = if slot.is_reserve() {
+        let handler = move |req: Request<Incoming>| {
+            let resp = handle_reserve(&req, &s);
+            async move { resp }
         };
-        let registry = registry.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                async move {
-                    let resp = match (req.uri().path(), req.method()) {
-                        ("/metrics", &Method::GET) => {
-                            let mut r = Response::new(Full::new(Bytes::from(
-                                crate::metrics::encode(&registry),
-                            )));
-                            r.headers_mut().insert(
-                                header::CONTENT_TYPE,
-                                header::HeaderValue::from_static(
-                                    "text/plain; version=0.0.4; charset=utf-8",
-                                ),
-                            );
-                            r
-                        }
-                        ("/metrics", _) => method_not_allowed("GET"),
-                        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics"),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
-        });
+        serve_http(one_shot, io, &activity, timeouts, &shutdown, handler).await
+    } else if let Some(floor) = state.floor_response.clone() {
+        let handler = move |req| {
+            let (s, floor) = (s.clone(), floor.clone());
+            async move { handle_floor(req, &s, floor).await }
+        };
+        serve_http(regular, io, &activity, timeouts, &shutdown, handler).await
+    } else {
+        let handler = move |req| {
+            let s = s.clone();
+            async move { handle(req, &s).await }
+        };
+        serve_http(regular, io, &activity, timeouts, &shutdown, handler).await
+    };
+    log_closed(peer, "webhook", closed);
+    drop(slot);
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on plain HTTP until
+/// `shutdown`, with the default [`Limits`].
+pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: CancellationToken) {
+    serve_metrics_with(listener, registry, Limits::default(), shutdown).await;
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on plain HTTP until
+/// `shutdown`: at most [`Limits::metrics_max_connections`] connections,
+/// with the webhook port's first-request, header and idle timeouts.
+pub async fn serve_metrics_with(
+    listener: TcpListener,
+    registry: Registry,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let registry = Arc::new(registry);
+    let builder = Arc::new(http_builder(&limits, true));
+    let timeouts = limits.conn_timeouts();
+    let slots = Slots::new(limits.metrics_max_connections, 0);
+    conn::accept_loop(
+        &slots,
+        &shutdown,
+        || accept(&listener, "metrics"),
+        |(tcp, peer): (TcpStream, SocketAddr), slot| {
+            let (registry, builder, shutdown) =
+                (registry.clone(), builder.clone(), shutdown.clone());
+            async move {
+                let activity = Arc::new(Activity::new(false));
+                let handler = move |req: Request<Incoming>| {
+                    let resp = metrics_response(&req, &registry);
+                    async move { resp }
+                };
+                let io = TokioIo::new(tcp);
+                let closed =
+                    serve_http(&builder, io, &activity, timeouts, &shutdown, handler).await;
+                log_closed(peer, "metrics", closed);
+                drop(slot);
+            }
+        },
+    )
+    .await;
+    drop(listener);
+    slots.drained(limits.drain_timeout).await;
+}
+
+fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
+    match (req.uri().path(), req.method()) {
+        ("/metrics", &Method::GET) => {
+            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::encode(registry))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        ("/metrics", _) => method_not_allowed("GET"),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics"),
     }
 }
 
@@ -545,17 +840,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
-        for bad in ["", "5", "s", "5x", "-5s", "5s5", "1e999s"] {
-            assert_eq!(parse_go_duration(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn deadline_is_taken_from_query_and_capped() {
         let l = Limits::default();
         assert_eq!(deadline(Some("timeout=5s"), &l), Duration::from_secs(5));
@@ -563,6 +847,47 @@ mod tests {
         assert_eq!(deadline(Some("timeout=1h"), &l), l.max_body_timeout);
         assert_eq!(deadline(Some("timeout=junk"), &l), l.body_timeout);
         assert_eq!(deadline(None, &l), l.body_timeout);
+        // Crafted values (issue #12) are clamped or ignored, never a panic.
+        let crafted = "timeout=10000000000000000000s10000000000000000000s";
+        assert_eq!(deadline(Some(crafted), &l), l.body_timeout);
+        let huge = "timeout=18446744073709551615s";
+        assert_eq!(deadline(Some(huge), &l), l.max_body_timeout);
+        assert_eq!(deadline(Some("timeout=-5s"), &l), l.body_timeout);
+    }
+
+    #[test]
+    fn default_limits_are_valid_and_bad_ones_are_named() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let field = |l: Limits| l.validate().unwrap_err().field;
+        let d = Limits::default;
+        assert_eq!(
+            field(Limits {
+                idle_timeout: Duration::ZERO,
+                ..d()
+            }),
+            "idle_timeout"
+        );
+        assert_eq!(
+            field(Limits {
+                body_budget_bytes: d().max_body_bytes - 1,
+                ..d()
+            }),
+            "body_budget_bytes"
+        );
+        assert_eq!(
+            field(Limits {
+                max_connections: 0,
+                ..d()
+            }),
+            "max_connections"
+        );
+        assert_eq!(
+            field(Limits {
+                max_body_timeout: Duration::from_secs(1),
+                ..d()
+            }),
+            "max_body_timeout"
+        );
     }
 
     #[test]

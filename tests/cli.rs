@@ -293,6 +293,10 @@ fn bootstrap_template_patches_and_refuses_with_exit_2() {
 
     for (fixture, message) in [
         ("bootstrap/istio-1.12.tmpl.json", "Istio >= 1.8"),
+        (
+            "bootstrap/istio-1.12.tmpl.json",
+            "for Istio 1.18 and newer the webhook sets GRPC_KEEPALIVE_INTERVAL",
+        ),
         ("bootstrap/two-xds.tmpl.json", "found 2 clusters"),
         (
             "bootstrap/not-a-template.json",
@@ -410,4 +414,261 @@ fn mutate_mounts_the_bootstrap_template_unless_told_not_to() {
             .get("annotations")
             .is_none()
     );
+}
+
+#[test]
+fn mutate_errors_name_the_file_and_empty_input_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("app.yaml");
+    std::fs::write(&bad, "kind: Pod\nmetadata: [unclosed\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    let out = run(&["mutate", "-f", bad], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "error: {bad}: invalid YAML/JSON: line 2 column 11"
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!(" --> {bad}:2:11")), "{err}");
+    assert!(!err.contains("<input>"), "{err}");
+    assert!(stdout(&out).is_empty());
+
+    let out = run(&["mutate", "-f", "-"], Some("metadata: {name: [\n"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("error: <stdin>: invalid YAML/JSON"));
+
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "# nothing here yet\n---\n").unwrap();
+    let empty = empty.to_str().unwrap();
+    for (file, stdin, name) in [("-", Some(""), "<stdin>"), (empty, None, empty)] {
+        let out = run(&["mutate", "-f", file], stdin);
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        assert_eq!(stderr(&out), format!("error: no documents in {name}\n"));
+        assert!(stdout(&out).is_empty());
+    }
+}
+
+/// A refused document does not cost the others: every document is
+/// printed (the refused one unchanged), each refusal named on stderr, exit 1.
+#[test]
+fn mutate_prints_every_document_when_one_is_refused() {
+    let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\n  annotations: {canary-injector.io/tag: '///'}\n---\n\
+                 apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: c}\n\
+                 spec: {template: {metadata: {labels: {app: c}}, spec: {containers: []}}}\n";
+    let out = run(&["mutate", "-f", "-"], Some(input));
+    assert_eq!(out.status.code(), Some(1));
+    let printed = docs(&stdout(&out));
+    let original = docs(input);
+    assert_eq!(printed.len(), 3);
+    assert_eq!(printed[0]["metadata"]["labels"]["stage"], "normal");
+    assert_eq!(printed[1], original[1], "the refused document, unchanged");
+    assert_eq!(
+        printed[2]["spec"]["template"]["metadata"]["labels"]["stage"],
+        "normal"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("error: document 2 (Pod bad): annotation canary-injector.io/tag"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("error: 1 of 3 documents refused by the rules; printed unchanged\n"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mutate_answers_json_with_json() {
+    let pod =
+        r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "labels": {"app": "a"}}}"#;
+    let out = run(&["mutate", "-f", "-"], Some(pod));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back: Value = serde_json::from_str(&stdout(&out)).expect("JSON out");
+    assert_eq!(
+        back["metadata"]["labels"],
+        serde_json::json!({"app": "a", "stage": "normal"})
+    );
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n";
+    let out = run(&["mutate", "-f", "-"], Some(yaml));
+    assert!(serde_json::from_str::<Value>(&stdout(&out)).is_err());
+    assert_eq!(
+        docs(&stdout(&out))[0]["metadata"]["labels"]["stage"],
+        "normal"
+    );
+}
+
+/// The object of a golden review fixture, as a manifest.
+fn fixture_pod(case: &str) -> String {
+    let review: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path(&format!("bootstrap-pods/{case}.review.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    review["request"]["object"].to_string()
+}
+
+fn proxy(pod: &Value) -> &Value {
+    ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| pod["spec"][list].as_array().into_iter().flatten())
+        .find(|c| c["name"] == "istio-proxy")
+        .unwrap()
+}
+
+fn env_names(pod: &Value) -> Vec<String> {
+    proxy(pod)["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Offline, every Istio generation gets its keepalive fix, before and
+/// after injection: 1.5 and 1.7 the template, 1.12 nothing, 1.18+ the
+/// agent env (in proxyMetadata before injection), a user's own keepalive
+/// kept; the output is a fixed point.
+#[test]
+fn mutate_gives_each_istio_version_its_keepalive_fix() {
+    let mounted = |pod: &Value| {
+        proxy(pod)["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json")
+    };
+    let annotation = |pod: &Value, key: &str| pod["metadata"]["annotations"][key].clone();
+    for (case, version, check) in [
+        (
+            "before-injection",
+            Some("1.5"),
+            &(|p: &Value| {
+                assert!(annotation(p, "sidecar.istio.io/userVolumeMount").is_string());
+                assert!(annotation(p, "proxy.istio.io/config").is_null());
+            }) as &dyn Fn(&Value),
+        ),
+        ("before-injection", Some("1.7.8"), &|p: &Value| {
+            assert!(annotation(p, "sidecar.istio.io/userVolume").is_string())
+        }),
+        ("injected-1.5", None, &|p: &Value| assert!(mounted(p))),
+        ("injected-1.7", None, &|p: &Value| assert!(mounted(p))),
+        ("before-injection", Some("1.12"), &|p: &Value| {
+            assert!(p["metadata"].get("annotations").is_none())
+        }),
+        ("injected-1.12", None, &|p: &Value| {
+            assert!(!mounted(p));
+            assert!(!env_names(p).iter().any(|n| n.starts_with("GRPC_")));
+        }),
+        ("before-injection", Some("1.20"), &|p: &Value| {
+            assert_eq!(
+                annotation(p, "proxy.istio.io/config"),
+                r#"{"proxyMetadata":{"GRPC_KEEPALIVE_INTERVAL":"30s","GRPC_KEEPALIVE_TIMEOUT":"15s"}}"#
+            )
+        }),
+        (
+            "before-injection-1.20-proxy-config",
+            Some("1.20"),
+            &|p: &Value| {
+                let text = annotation(p, "proxy.istio.io/config");
+                let config: Value = serde_saphyr::from_str(text.as_str().unwrap()).unwrap();
+                assert_eq!(config["holdApplicationUntilProxyStarts"], true);
+                assert_eq!(config["proxyMetadata"]["GRPC_KEEPALIVE_TIMEOUT"], "20s");
+                assert_eq!(config["proxyMetadata"]["GRPC_KEEPALIVE_INTERVAL"], "30s");
+            },
+        ),
+        ("injected-1.22", Some("1.5"), &|p: &Value| {
+            let names = env_names(p);
+            assert_eq!(
+                &names[names.len() - 2..],
+                ["GRPC_KEEPALIVE_INTERVAL", "GRPC_KEEPALIVE_TIMEOUT"],
+                "the image tag beats --proxy-version"
+            );
+        }),
+        ("injected-1.22-user-keepalive", None, &|p: &Value| {
+            let env = proxy(p)["env"].as_array().unwrap();
+            let value = |n: &str| env.iter().find(|e| e["name"] == n).unwrap()["value"].clone();
+            assert_eq!(value("GRPC_KEEPALIVE_INTERVAL"), "20s");
+            assert_eq!(value("GRPC_KEEPALIVE_TIMEOUT"), "10s");
+            assert_eq!(env_names(p).len(), 19, "nothing added");
+        }),
+        ("native-sidecar-1.27", None, &|p: &Value| {
+            assert_eq!(p["spec"]["initContainers"][1]["name"], "istio-proxy");
+            assert!(env_names(p).contains(&"GRPC_KEEPALIVE_TIMEOUT".to_owned()));
+        }),
+    ] {
+        let mut args = vec!["mutate", "-f", "-"];
+        if let Some(v) = version {
+            args.extend(["--proxy-version", v]);
+        }
+        let out = run(&args, Some(&fixture_pod(case)));
+        assert!(out.status.success(), "{case}: {}", stderr(&out));
+        assert!(stderr(&out).is_empty(), "{case}: {}", stderr(&out));
+        let pod: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        check(&pod);
+        assert_eq!(pod["metadata"]["labels"]["stage"], "normal", "{case}");
+        args.push("--patch");
+        let again = run(&args, Some(&stdout(&out)));
+        assert_eq!(stdout(&again), "[]\n", "{case}: fixed point");
+    }
+}
+
+/// Opting out: the pod annotation, or --no-bootstrap for the whole run.
+#[test]
+fn mutate_keepalive_opt_outs() {
+    let mut pod: Value = serde_json::from_str(&fixture_pod("injected-1.22")).unwrap();
+    pod["metadata"]["annotations"]["canary-injector.io/bootstrap"] = "false".into();
+    let out = run(&["mutate", "-f", "-", "--patch"], Some(&pod.to_string()));
+    assert_eq!(
+        stdout(&out),
+        "[{\"op\":\"add\",\"path\":\"/metadata/labels/stage\",\"value\":\"normal\"}]\n"
+    );
+    let out = run(
+        &["mutate", "-f", "-", "--patch", "--no-bootstrap"],
+        Some(&fixture_pod("injected-1.22")),
+    );
+    assert_eq!(
+        stdout(&out),
+        "[{\"op\":\"add\",\"path\":\"/metadata/labels/stage\",\"value\":\"normal\"}]\n"
+    );
+    let out = run(
+        &["mutate", "-f", "-", "--proxy-version", "latest"],
+        Some("kind: Pod\n"),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--proxy-version"), "{}", stderr(&out));
+}
+
+#[test]
+fn bootstrap_template_refuses_names_kubectl_would_reject() {
+    let template = fixture_path("bootstrap/istio-1.5.tmpl.json");
+    for (flags, message) in [
+        (vec!["--configmap", "Bad_Name"], "--configmap \"Bad_Name\""),
+        (vec!["--configmap=-x"], "--configmap \"-x\""),
+        (vec!["--configmap", "a..b"], "--configmap \"a..b\""),
+        (
+            vec!["--configmap", "ok", "--namespace", "Mesh.Tools"],
+            "--namespace \"Mesh.Tools\"",
+        ),
+    ] {
+        let mut args = vec!["bootstrap-template", "-f", &template];
+        args.extend(flags);
+        let out = run(&args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(message), "{}", stderr(&out));
+        assert!(stdout(&out).is_empty());
+    }
+    let out = run(
+        &[
+            "bootstrap-template",
+            "-f",
+            &template,
+            "--configmap",
+            "istio.keepalive-v2",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -22,17 +22,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-/// A well-behaved client still gets a correct answer.
+/// A well-behaved client still gets a correct answer (over HTTP/2).
 async fn still_serves(server: &TestServer) {
-    let mut c = Client::connect(server.addr, &server.certs.ca_pem, true).await;
-    let review = fixture_json("pod.review.json");
-    let r = c.post_json("/mutate", review.to_string()).await;
-    assert_eq!(r.status(), 200);
-    let out: Value = serde_json::from_slice(r.body()).unwrap();
-    assert_eq!(
-        apply_response(&review, &out)["metadata"]["labels"]["stage"],
-        "normal"
-    );
+    common::still_serves(server, true).await;
 }
 
 #[tokio::test]
@@ -101,6 +93,7 @@ async fn unfinished_body_gets_408_without_blocking_others() {
 async fn connection_cap_makes_extra_connections_wait() {
     let limits = Limits {
         max_connections: 2,
+        probe_connections: 0,
         ..Limits::default()
     };
     let server = start_with(Config::default(), limits).await;
@@ -300,9 +293,11 @@ async fn concurrent_mixed_traffic_never_mixes_answers() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let mut cfg = Config::default();
-    cfg.server.max_body_bytes = 64 * 1024;
-    let server = start_with(cfg, Limits::default()).await;
+    let limits = Limits {
+        max_body_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let server = start_with(Config::default(), limits).await;
     let v1 = fixture_json("pod.review.json");
     let v1beta1 = fixture_json("canary-pod.v1beta1.review.json");
     let oversized = Bytes::from(format!(

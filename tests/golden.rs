@@ -13,8 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use canary_injector::config::Config;
-use canary_injector::mutate::Availability;
-use canary_injector::mutate::IstioPolicy;
+use canary_injector::mutate::{Availability, ClusterView, Version};
 use canary_injector::server::Limits;
 use common::{Client, TestServer, apply_response, fixture_json, start, start_full, with_object};
 use serde_json::{Value, json};
@@ -36,17 +35,31 @@ const LABEL_CASES: &[&str] = &[
     "workloads/owned-replicaset-tag-on-metadata",
 ];
 
+/// One pod per Istio generation, before and after injection (the
+/// namespace says which injector version the cluster view reports; an
+/// injected proxy's own image tag wins).
 const BOOTSTRAP_CASES: &[&str] = &[
+    // 1.5-1.7: the template mount.
     "bootstrap-pods/before-injection",
     "bootstrap-pods/injected-1.5",
-    "bootstrap-pods/native-sidecar-1.27",
+    "bootstrap-pods/before-injection-1.7",
+    "bootstrap-pods/injected-1.7",
     "bootstrap-pods/user-volume-annotations",
-    "bootstrap-pods/injected-1.12",
     "bootstrap-pods/configmap-missing",
     "bootstrap-pods/opted-out",
     "bootstrap-pods/host-network",
     "bootstrap-pods/injection-disabled",
     "bootstrap-pods/malformed-user-volume",
+    // 1.8-1.17: nothing to do.
+    "bootstrap-pods/before-injection-1.12",
+    "bootstrap-pods/injected-1.12",
+    // 1.18+: the agent keepalive.
+    "bootstrap-pods/before-injection-1.20",
+    "bootstrap-pods/before-injection-1.20-proxy-config",
+    "bootstrap-pods/injected-1.22",
+    "bootstrap-pods/injected-1.22-user-keepalive",
+    "bootstrap-pods/opted-out-1.22",
+    "bootstrap-pods/native-sidecar-1.27",
 ];
 
 async fn check_cases(server: &TestServer, cases: &[&str]) {
@@ -99,28 +112,30 @@ async fn label_fixtures_match_golden_outputs_and_are_idempotent() {
     check_cases(&server, LABEL_CASES).await;
 }
 
-/// The bootstrap mount with the cluster view a reconciler gives: the
-/// ConfigMap exists in `shop` only; pods not injected yet are assumed 1.5.
+/// The keepalive fix with the cluster view the caches give, and the
+/// shipped configuration (no Istio version pinned): per namespace, whether
+/// the bootstrap ConfigMap exists and which injector version was detected.
 #[tokio::test]
 async fn bootstrap_fixtures_match_golden_outputs_and_are_idempotent() {
-    let cfg = Config {
-        istio: IstioPolicy {
-            proxy_version: Some("1.5".into()),
-        },
-        ..Config::default()
-    };
-    let lookup = Arc::new(|ns: &str| {
-        if ns == "shop" {
-            Availability::Present
-        } else {
-            Availability::Missing
+    let v = |minor| Some(Version { major: 1, minor });
+    let lookup = Arc::new(move |ns: &str| {
+        let (bootstrap_configmap, injector_version) = match ns {
+            "shop" => (Availability::Present, v(5)),
+            "legacy" => (Availability::Present, v(7)),
+            "mesh-1-12" => (Availability::NotConfigured, v(12)),
+            "mesh-1-20" => (Availability::NotConfigured, v(20)),
+            _ => (Availability::Missing, v(5)),
+        };
+        ClusterView {
+            bootstrap_configmap,
+            injector_version,
         }
     });
-    let server = start_full(cfg, Limits::default(), lookup).await;
+    let server = start_full(Config::default(), Limits::default(), lookup).await;
     check_cases(&server, BOOTSTRAP_CASES).await;
     let text = String::from_utf8(canary_injector::metrics::encode(&server.registry)).unwrap();
     for reason in [
-        "istio-version",
+        "agent-keepalive",
         "configmap-missing",
         "opted-out",
         "host-network",
@@ -134,8 +149,19 @@ async fn bootstrap_fixtures_match_golden_outputs_and_are_idempotent() {
             "{reason} not counted\n{text}"
         );
     }
-    assert!(text.contains(r#"canary_injector_mutations_total{type="bootstrap-volume"} 1"#));
-    assert!(text.contains(r#"canary_injector_mutations_total{type="bootstrap-annotations"} 2"#));
+    for (kind, count) in [
+        ("bootstrap-volume", 2),
+        ("bootstrap-annotations", 3),
+        ("keepalive-proxy-config", 2),
+        ("keepalive-env", 2),
+    ] {
+        assert!(
+            text.contains(&format!(
+                "canary_injector_mutations_total{{type=\"{kind}\"}} {count}\n"
+            )),
+            "{kind} {count}\n{text}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -178,12 +178,12 @@ fn check(kind: Kind) {
 
     // Offline: every kind of the table, in its own group only.
     let cfg = Config::default();
-    let out = mutate_documents(&input.to_string(), &cfg, false).unwrap();
+    let out = mutate_documents(&input.to_string(), "in.json", &cfg, false).unwrap();
     let out: Value = serde_saphyr::from_str(&out.text).unwrap();
     assert_labelled(row, &out, &input);
     let mut crd = input.clone();
     crd["apiVersion"] = json!("example.com/v1");
-    let out = mutate_documents(&crd.to_string(), &cfg, true).unwrap();
+    let out = mutate_documents(&crd.to_string(), "in.json", &cfg, true).unwrap();
     assert_eq!(out.text.trim(), "[]", "{} of example.com/v1", row.name);
 
     // Metrics: the kind's own label when admission acts on it, else `other`.

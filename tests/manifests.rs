@@ -407,20 +407,34 @@ fn rbac_names_match_what_the_code_uses() {
 
     let cm: ConfigMap = round_trip(find(&objects, "ConfigMap", "canary-injector-config"));
     let cfg = Config::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap();
+    let mut expected = BTreeSet::from([cfg.bootstrap.config_map_name.clone()]);
+    expected.extend(cfg.istio.injector_config_maps.iter().cloned());
     assert_eq!(
         names("ClusterRole", "canary-injector", "configmaps"),
-        BTreeSet::from([cfg.bootstrap.config_map_name.clone()])
+        expected
     );
+    // Writes only to the bootstrap ConfigMap; Istio's injector ConfigMaps
+    // are watched, never written.
     let webhook_rules = find(&objects, "ClusterRole", "canary-injector")["rules"].clone();
     for rule in webhook_rules.as_array().unwrap() {
         if rule["resources"] == serde_json::json!(["configmaps"]) {
-            let verbs: BTreeSet<&str> = rule["verbs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            assert_eq!(verbs, BTreeSet::from(["list", "watch", "create", "patch"]));
+            let set = |key: &str| -> BTreeSet<&str> {
+                rule[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect()
+            };
+            let verbs = set("verbs");
+            if set("resourceNames") == BTreeSet::from([cfg.bootstrap.config_map_name.as_str()]) {
+                assert_eq!(verbs, BTreeSet::from(["list", "watch", "create", "patch"]));
+            } else {
+                assert_eq!(verbs, BTreeSet::from(["list", "watch"]), "{rule}");
+                for name in set("resourceNames") {
+                    assert!(cfg.istio.injector_config_maps.iter().any(|n| n == name));
+                }
+            }
         }
     }
 
@@ -591,7 +605,8 @@ fn cert_manager_overlay_builds_and_injects_the_ca() {
 fn examples_route_to_what_the_webhook_labels() {
     let yaml = kustomize("deploy/examples");
     let objects = check_all(&yaml);
-    let mutated = offline::mutate_documents(&yaml, &Config::default(), false).unwrap();
+    let mutated =
+        offline::mutate_documents(&yaml, "deploy/examples", &Config::default(), false).unwrap();
     let mutated = docs(&mutated.text);
 
     let dr = objects

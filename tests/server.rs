@@ -158,23 +158,7 @@ async fn raw_exchange(
     tls.write_all(head).await.unwrap();
     tls.write_all(body).await.unwrap();
     tls.flush().await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(wait, async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match tls.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"\n") {
-                        break;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&buf).into_owned()
+    common::read_response(&mut tls, wait).await
 }
 
 #[tokio::test]
@@ -185,14 +169,16 @@ async fn oversized_declared_body_is_refused_before_it_is_sent() {
     let head = b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n";
     let resp = raw_exchange(&server, head, b"{\"a\": 1234", Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
-    assert!(resp.contains("exceeds 6291456 bytes"), "{resp}");
+    assert!(resp.contains("exceeds 4194304 bytes"), "{resp}");
 }
 
 #[tokio::test]
 async fn oversized_chunked_body_is_cut_off_at_the_limit() {
-    let mut cfg = Config::default();
-    cfg.server.max_body_bytes = 4096;
-    let server = start(cfg).await;
+    let limits = Limits {
+        max_body_bytes: 4096,
+        ..Limits::default()
+    };
+    let server = start_with(Config::default(), limits).await;
     let head = b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
     // 8 chunks of 1000 bytes, never terminated: the server must answer as
     // soon as the limit is crossed.
@@ -306,4 +292,89 @@ async fn idle_connection_without_headers_is_closed() {
         read.is_ok(),
         "server must close a connection that never finishes its headers"
     );
+}
+
+/// `?timeout=` values an apiserver never sends (issue #12: overflowing sums
+/// used to panic the connection task) are clamped or ignored: the review is
+/// answered as usual.
+#[tokio::test]
+async fn crafted_timeouts_are_clamped_or_ignored() {
+    let server = start(Config::default()).await;
+    let review = fixture_json("pod.review.json");
+    for http2 in [false, true] {
+        let mut c = Client::connect(server.addr, &server.certs.ca_pem, http2).await;
+        for timeout in [
+            "10000000000000000000s10000000000000000000s",
+            "18446744073709551615s999999999ns1ns",
+            "99999999999999999999999999999999999999999h",
+            "9223372036854775807h",
+            "1e308s",
+            "-1s",
+            "NaNs",
+            "0.0000000000000000000000000000000001s",
+            "",
+        ] {
+            let r = c
+                .post_json(&format!("/mutate?timeout={timeout}"), review.to_string())
+                .await;
+            assert_eq!(r.status(), 200, "timeout={timeout}");
+            let out: Value = serde_json::from_slice(r.body()).unwrap();
+            let patched = apply_response(&review, &out);
+            assert_eq!(patched["metadata"]["labels"]["stage"], "normal");
+        }
+    }
+}
+
+/// Headers are held in a bounded buffer: 100 KB of them get 431, not memory.
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let server = start(Config::default()).await;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: localhost\r\nx-pad: {}\r\ncontent-type: application/json\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let resp = raw_exchange(&server, head.as_bytes(), b"", Duration::from_secs(10)).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+}
+
+/// The benchmark floor (`--bench-floor-response`, bench/run.sh): `/mutate`
+/// answers the given bytes after reading the body under the same limits;
+/// the other routes are the usual ones.
+#[tokio::test]
+async fn floor_mode_answers_fixed_bytes_under_the_same_limits() {
+    use canary_injector::server::{self, State, tls};
+    use std::sync::Arc;
+    let certs = common::Certs::new();
+    let loaded = tls::load(&certs.paths, &common::provider()).unwrap();
+    let resolver = Arc::new(tls::Resolver::new(&loaded));
+    let tls_config = tls::server_config(common::provider(), resolver).unwrap();
+    let registry = canary_injector::metrics::new_registry();
+    let metrics = canary_injector::metrics::Metrics::register(&registry).unwrap();
+    let limits = Limits {
+        max_body_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let mut state = State::new(Arc::new(Config::default()), metrics, limits);
+    state.floor_response = Some(Bytes::from_static(b"{\"floor\":true}"));
+    state.set_ready(true);
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server::serve(
+        listener,
+        tls_config,
+        Arc::new(state),
+        shutdown.clone(),
+    ));
+    for http2 in [false, true] {
+        let mut c = Client::connect(addr, &certs.ca_pem, http2).await;
+        assert_eq!(c.get("/readyz").await.status(), 200);
+        let r = c.post_json("/mutate", fixture("pod.review.json")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(&r.body()[..], b"{\"floor\":true}");
+        // Last: HTTP/1.1 closes a connection whose body was not read.
+        let r = c.post_json("/mutate", vec![b' '; 70 * 1024]).await;
+        assert_eq!(r.status(), 413);
+    }
+    shutdown.cancel();
 }

@@ -46,6 +46,28 @@ fn options(f: &Fixture, cluster: ClusterAccess) -> ServeOptions {
 /// `GET path` over TLS (HTTP/1.1, verified against `ca_pem`); the status,
 /// or `None` when the connection is refused.
 async fn get(addr: SocketAddr, ca_pem: &str, path: &str) -> Option<u16> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    let response = exchange(addr, ca_pem, &request).await?;
+    response.get(9..12)?.parse().ok()
+}
+
+/// `POST path` with a JSON body; the response body of a 200.
+async fn post_json(addr: SocketAddr, ca_pem: &str, path: &str, body: &Value) -> Option<Value> {
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = exchange(addr, ca_pem, &request).await?;
+    if response.get(9..12)? != "200" {
+        return None;
+    }
+    serde_json::from_str(&response[response.find("\r\n\r\n")? + 4..]).ok()
+}
+
+/// Sends `request` over TLS and reads the whole response.
+async fn exchange(addr: SocketAddr, ca_pem: &str, request: &str) -> Option<String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -62,11 +84,10 @@ async fn get(addr: SocketAddr, ca_pem: &str, path: &str) -> Option<u16> {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     tls.read_to_string(&mut response).await.ok()?;
-    response.get(9..12)?.parse().ok()
+    Some(response)
 }
 
 async fn poll(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -215,12 +236,20 @@ fn position(calls: &[String], prefix: &str) -> Option<usize> {
     calls.iter().position(|c| c.starts_with(prefix))
 }
 
-#[tokio::test]
-async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
-    let f = fixture();
-    let api = apiserver(None);
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
+/// `serve` with the cluster config against `api`, once ready: its HTTPS
+/// address, the shutdown handle and the running task.
+async fn serve_ready(
+    f: &Fixture,
+    api: &FakeApiServer,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
+    let (client, served) = api.client();
+    // Serves until every client is dropped (the app's, at its end).
+    drop(served);
+    let app = App::bind(cluster_config(), options(f, ClusterAccess::Client(client)))
         .await
         .unwrap();
     let (https, _) = app.local_addrs();
@@ -230,6 +259,14 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         get(https, &f.ca_pem, "/readyz").await == Some(200)
     })
     .await;
+    (https, shutdown, running)
+}
+
+#[tokio::test]
+async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
+    let f = fixture();
+    let api = apiserver(None);
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/configmaps/").is_some()
     })
@@ -246,7 +283,10 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         .unwrap();
     let calls = calls(&api);
     let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
-    let listed = position(&calls, "GET /api/v1/namespaces").expect("namespaces listed");
+    let listed = calls
+        .iter()
+        .position(|c| c == "GET /api/v1/namespaces")
+        .expect("namespaces listed");
     let copied = position(&calls, "PATCH /api/v1/namespaces/shop/configmaps/").unwrap();
     let labelled = position(&calls, &format!("PATCH {POD}")).unwrap();
     assert!(acquired < listed && listed < copied, "{calls:#?}");
@@ -278,17 +318,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
     });
     let api = apiserver(Some(held));
-    let (client, _served) = api.client();
-    let app = App::bind(cluster_config(), options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let (https, _) = app.local_addrs();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-    poll("ready", async || {
-        get(https, &f.ca_pem, "/readyz").await == Some(200)
-    })
-    .await;
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     // Two election rounds at least.
     tokio::time::sleep(Duration::from_secs(3)).await;
     shutdown.request();
@@ -303,6 +333,10 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "every replica caches"
     );
     assert!(
+        position(&calls, ISTIO_CONFIGMAPS).is_some(),
+        "every replica learns the injector version"
+    );
+    assert!(
         calls
             .iter()
             .filter(|c| c.starts_with("GET /apis/coordination"))
@@ -310,14 +344,84 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
             >= 2,
         "{calls:#?}"
     );
-    for write in ["PATCH", "PUT", "POST", "GET /api/v1/namespaces"] {
-        // (The backfill's pod lists are under /api/v1/namespaces too.)
+    for write in ["PATCH", "PUT", "POST"] {
         assert_eq!(
             position(&calls, write),
             None,
             "a follower never {write}: {calls:#?}"
         );
     }
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("GET /api/v1/namespaces") && !c.starts_with(ISTIO_CONFIGMAPS)),
+        "a follower never watches namespaces nor lists their pods: {calls:#?}"
+    );
+}
+
+const ISTIO_CONFIGMAPS: &str = "GET /api/v1/namespaces/istio-system/configmaps";
+
+/// The injector version read from a recorded istio-system reaches the
+/// review path: a 1.20 pod not injected yet gets the agent keepalive in
+/// `proxy.istio.io/config`, though the config names no version. The
+/// webhook turns ready only once the version is known.
+#[tokio::test]
+async fn the_detected_injector_version_reaches_admission() {
+    let f = fixture();
+    let api = apiserver(None);
+    let recorded: Value = serde_json::from_str(include_str!(
+        "../../tests/fixtures/istio-system/istio-1.20-with-1-22-revision.json"
+    ))
+    .unwrap();
+    for item in recorded["items"].as_array().unwrap() {
+        if item["kind"] == "ConfigMap" {
+            let name = item["metadata"]["name"].as_str().unwrap();
+            api.put(
+                &format!("/api/v1/namespaces/istio-system/configmaps/{name}"),
+                item.clone(),
+            );
+        }
+    }
+    let (https, shutdown, running) = serve_ready(&f, &api).await;
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "shop", "operation": "CREATE",
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"generateName": "web-", "labels": {"app": "web"}},
+                       "spec": {"containers": [{"name": "web", "image": "nginx"}]}},
+        },
+    });
+    let answer = post_json(https, &f.ca_pem, "/mutate", &review)
+        .await
+        .expect("a review answer");
+    use base64::Engine as _;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: Value = serde_json::from_slice(&patch).unwrap();
+    assert_eq!(
+        patch,
+        json!([
+            {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+            {"op": "add", "path": "/metadata/annotations", "value": {
+                "proxy.istio.io/config":
+                    r#"{"proxyMetadata":{"GRPC_KEEPALIVE_INTERVAL":"30s","GRPC_KEEPALIVE_TIMEOUT":"15s"}}"#
+            }},
+        ])
+    );
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert!(
+        calls.iter().any(|c| c == ISTIO_CONFIGMAPS),
+        "listed by name: {calls:#?}"
+    );
 }
 
 #[tokio::test]

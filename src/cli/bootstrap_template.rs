@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use canary_injector::envoy_template;
+use canary_injector::mutate::labels::{is_dns_label, is_dns_subdomain};
 
 use super::{Failure, OrFail, load_config, read_input};
 
@@ -62,6 +63,20 @@ pub(super) fn run(args: TemplateArgs) -> Result<(), Failure> {
                 .namespace
                 .or_else(|| cfg.own_namespace().map(str::to_owned))
                 .unwrap_or_else(|| "canary-injector".into());
+            if !is_dns_subdomain(&name) {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "--configmap {name:?} is not a valid ConfigMap name (a lowercase DNS \
+                     subdomain: parts of [a-z0-9-] joined by '.', each starting and ending \
+                     with a letter or digit, at most 253 characters)"
+                )));
+            }
+            if !is_dns_label(&namespace) {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "--namespace {namespace:?} is not a valid namespace name (lowercase \
+                     letters, digits and '-', at most 63 characters, starting and ending with \
+                     a letter or digit)"
+                )));
+            }
             let yaml =
                 envoy_template::configmap_manifest(&name, &namespace, &patched.text).or_usage()?;
             print!("{yaml}");

@@ -17,7 +17,7 @@ use super::{Failure, OrFail};
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("destination").required(true).args(["out", "secret"])))]
 #[command(
-    after_help = "Durations are Go-style: whole numbers with h, m or s (8760h, 90m, 1h30m).\n\
+    after_help = "Durations are Go-style: numbers with units ns, us, ms, s, m or h (8760h, 90m, 1h30m, 1.5h).\n\
 Examples:\n  \
 canary-injector certs --service canary-injector --namespace canary-injector --out certs/prod --print-ca-bundle\n  \
 canary-injector certs --service canary-injector --namespace canary-injector \\\n    \

@@ -9,7 +9,8 @@ use super::{Failure, OrFail, load_config, read_input};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct MutateArgs {
-    /// Manifest file (YAML or JSON, several documents allowed), or - for stdin.
+    /// Manifest file (YAML, several documents allowed, or one JSON document),
+    /// or - for stdin.
     #[arg(short = 'f', long = "filename")]
     file: String,
     /// Print one JSON Patch per document instead of the mutated documents.
@@ -18,30 +19,58 @@ pub(super) struct MutateArgs {
     /// YAML configuration file (see README); embedded defaults otherwise.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Do not mount the patched Istio bootstrap template into sidecars.
+    /// Istio proxy version of pods not injected yet (e.g. 1.7, 1.20): which
+    /// keepalive fix they get [default: config istio.proxyVersion; none:
+    /// such pods are left alone]. Injected pods carry theirs in the image tag.
+    #[arg(long, value_name = "VERSION")]
+    proxy_version: Option<String>,
+    /// Leave Istio sidecars' keepalive alone (no bootstrap template mount,
+    /// no agent keepalive env).
     #[arg(long)]
     no_bootstrap: bool,
 }
 
-/// Prints the mutated documents (or patches); warnings go to stderr. A
-/// document the rules refuse is exit code 1, unreadable input 2.
+/// Prints the mutated documents (or patches) in the input's format;
+/// warnings go to stderr. A document the rules refuse is printed unchanged,
+/// the others mutated, and the exit code is 1; unusable input is 2 and
+/// prints nothing.
 pub(super) fn run(args: MutateArgs) -> Result<(), Failure> {
     let mut cfg = load_config(args.config.as_deref()).or_usage()?;
     if args.no_bootstrap {
         cfg.bootstrap.enabled = false;
     }
+    if let Some(version) = args.proxy_version {
+        cfg.istio.proxy_version = Some(version);
+        cfg.istio
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--proxy-version: {}", e.reason))
+            .or_usage()?;
+    }
     let input = read_input(&args.file).or_usage()?;
-    match offline::mutate_documents(&input, &cfg, args.patch) {
+    let source = if args.file == "-" {
+        "<stdin>"
+    } else {
+        &args.file
+    };
+    match offline::mutate_documents(&input, source, &cfg, args.patch) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("warning: {w}");
             }
             print!("{}", out.text);
-            Ok(())
+            if out.refused.is_empty() {
+                return Ok(());
+            }
+            for refused in &out.refused {
+                eprintln!("error: {refused}");
+            }
+            Err(Failure::Failed(anyhow::anyhow!(
+                "{} of {} documents refused by the rules; printed unchanged",
+                out.refused.len(),
+                out.documents
+            )))
         }
-        Err(e @ (OfflineError::Denied { .. } | OfflineError::Patch { .. })) => {
-            Err(Failure::Failed(e.into()))
-        }
+        Err(e @ OfflineError::Patch { .. }) => Err(Failure::Failed(e.into())),
         Err(e) => Err(Failure::Usage(e.into())),
     }
 }

@@ -46,9 +46,11 @@ pub(super) struct ServeArgs {
     /// the listener, so the apiserver stops sending reviews here first.
     #[arg(long, default_value_t = 5)]
     shutdown_delay_seconds: u64,
-    /// Open connections at most; more wait until one closes.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
+    /// Open connections at most; at the cap, a few more are accepted for one
+    /// probe each, the rest wait until one closes [default: config
+    /// server.maxConnections, else 1024].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
     /// Benchmarks only: answer every POST /mutate with this file's bytes,
     /// without parsing (the floor that bench/run.sh compares against).
     #[arg(long, hide = true)]
@@ -79,8 +81,10 @@ pub(super) fn run(args: ServeArgs) -> Result<(), Failure> {
         shutdown_delay: Duration::from_secs(args.shutdown_delay_seconds),
         limits: Limits {
             drain_timeout: Duration::from_secs(args.drain_seconds),
-            max_connections: args.max_connections as usize,
-            ..Limits::default()
+            max_connections: args
+                .max_connections
+                .map_or(cfg.server.max_connections, |n| n as usize),
+            ..cfg.server.limits(Limits::default())
         },
         floor_response,
         cluster: ClusterAccess::Discover,
@@ -92,7 +96,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), Failure> {
         .or_failed()?;
     runtime.block_on(async move {
         let app = App::bind(cfg, opts).await.map_err(|e| match e {
-            AppError::Tls(_) => Failure::Usage(e.into()),
+            AppError::Tls(_) | AppError::Limits(_) => Failure::Usage(e.into()),
             _ => Failure::Failed(e.into()),
         })?;
         let shutdown = Shutdown::new();

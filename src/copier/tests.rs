@@ -115,6 +115,7 @@ fn cache_with(name: &str, namespaces: &[&str]) -> BootstrapCache {
             store: store_with(copies),
             synced: AtomicBool::new(true),
             config_map_name: name.into(),
+            source_namespace: SOURCE_NS.into(),
         })),
     }
 }
@@ -379,12 +380,21 @@ fn full_pass_follows_the_source_and_damaged_copies_only() {
 
 #[test]
 fn cache_answers_present_and_missing_per_namespace() {
-    let cache = cache_with(NAME, &["shop", "payments"]);
+    let cache = cache_with(NAME, &[SOURCE_NS, "shop", "payments"]);
     assert!(cache.is_synced());
     assert_eq!(cache.availability("shop"), Availability::Present);
     assert_eq!(cache.availability("payments"), Availability::Present);
     assert_eq!(cache.availability("billing"), Availability::Missing);
     assert_eq!(cache.availability(""), Availability::Missing);
+}
+
+/// Without the source nobody set the template fix up: a missing copy is
+/// not worth a warning. A copy left behind still counts as present.
+#[test]
+fn cache_without_the_source_says_not_configured() {
+    let cache = cache_with(NAME, &["shop"]);
+    assert_eq!(cache.availability("billing"), Availability::NotConfigured);
+    assert_eq!(cache.availability("shop"), Availability::Present);
 }
 
 #[test]
@@ -403,6 +413,7 @@ fn cache_is_unknown_until_synced() {
             store,
             synced: AtomicBool::new(false),
             config_map_name: NAME.into(),
+            source_namespace: SOURCE_NS.into(),
         })),
     };
     writer.apply_watcher_event(&watcher::Event::Apply(desired_copy(
@@ -425,7 +436,7 @@ fn cache_ignores_configmaps_of_other_names() {
     let cache = cache_with("other-name", &["shop"]);
     let mine = cache_with(NAME, &[]);
     assert_eq!(cache.availability("shop"), Availability::Present);
-    assert_eq!(mine.availability("shop"), Availability::Missing);
+    assert_eq!(mine.availability("shop"), Availability::NotConfigured);
 }
 
 // === settings ===
@@ -632,7 +643,7 @@ async fn the_cache_alone_only_watches() {
         }
     });
     poll_until("the cache to sync", || cache.is_synced()).await;
-    assert_eq!(cache.availability("shop"), Availability::Missing);
+    assert_eq!(cache.availability("shop"), Availability::NotConfigured);
     shutdown.cancel();
     timeout(WAIT, task).await.unwrap().unwrap().unwrap();
     server.abort();

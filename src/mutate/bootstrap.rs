@@ -1,26 +1,41 @@
-//! The Istio sidecar bootstrap fix, pure part: mount the patched Envoy
-//! bootstrap template (from a ConfigMap) over the default template path of
-//! the `istio-proxy` container.
+//! The Istio sidecar keepalive fix, pure part: every Istio version gets the
+//! configured keepalive (`bootstrap.keepalive`, 30 s / 3 probes / 5 s) in
+//! the form it understands ([`KeepaliveForm`]):
 //!
-//! - Pod not injected yet (no `istio-proxy`): add Istio's
+//! - **1.5-1.7** ([`KeepaliveForm::BootstrapTemplate`]): Envoy dials istiod
+//!   over TCP from the bootstrap cluster `xds-grpc`; mount the patched
+//!   bootstrap template (from a ConfigMap) over the default template path of
+//!   the `istio-proxy` container. Not injected yet: Istio's
 //!   `sidecar.istio.io/userVolume` / `userVolumeMount` annotations, merged
-//!   into any the pod has, so Istio's injector mounts it.
-//! - Pod already injected (`istio-proxy` in `containers`, or in
-//!   `initContainers` with `restartPolicy: Always`): add the volume and the
-//!   read-only subPath mount to `istio-proxy` directly.
-//! - Only for proxies below Istio 1.8: from 1.8 `xds-grpc` is a Unix socket
-//!   to the agent and TCP keepalive does not apply.
+//!   into any the pod has; injected (`istio-proxy` in `containers`, or in
+//!   `initContainers` with `restartPolicy: Always`): the volume and the
+//!   read-only subPath mount on `istio-proxy` directly.
+//! - **1.8-1.17** ([`KeepaliveForm::AgentFixed`]): the sidecar reaches
+//!   istiod through its agent, whose gRPC keepalive is fixed at 30 s ping /
+//!   10 s timeout: nothing to do, a counted skip
+//!   ([`BootstrapSkip::AgentKeepalive`]).
+//! - **1.18 and newer** ([`KeepaliveForm::AgentEnv`]): the agent reads
+//!   [`GRPC_KEEPALIVE_INTERVAL`] and [`GRPC_KEEPALIVE_TIMEOUT`] from its
+//!   environment. Not injected yet: merge them into the `proxyMetadata` of
+//!   the pod's [`PROXY_CONFIG`] annotation (Istio's injector turns
+//!   `proxyMetadata` into env); injected: append them to `istio-proxy`'s
+//!   `env`. A value the pod already sets is never overridden.
+//!
+//! The version comes from, in order: the injected proxy's image tag, the
+//! pod's [`PROXY_IMAGE`] annotation, config `istio.proxyVersion`, the
+//! injector version the cluster runs (`ClusterView::injector_version`).
+//! None of them: a counted skip ([`BootstrapSkip::VersionUnknown`]).
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::decision::Warning;
 use super::kinds::Location;
-use super::policy::Policy;
-use super::{MetaView, SpecView};
+use super::policy::{Keepalive, Policy};
+use super::{ClusterView, MetaView, SpecView};
 
 /// Where Istio's proxy reads its bootstrap template.
 pub const TEMPLATE_PATH: &str = "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json";
@@ -38,8 +53,38 @@ pub const ISTIO_STATUS: &str = "sidecar.istio.io/status";
 pub const ISTIO_INJECT: &str = "sidecar.istio.io/inject";
 /// The sidecar container's name.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
+/// Istio's per-pod proxy configuration (a `ProxyConfig` as YAML or JSON);
+/// its `proxyMetadata` map becomes the proxy's environment at injection.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+/// Istio's per-pod proxy image override, read for its tag before injection.
+pub const PROXY_IMAGE: &str = "sidecar.istio.io/proxyImage";
+/// The agent's gRPC keepalive ping interval (a Go duration), Istio >= 1.18.
+pub const GRPC_KEEPALIVE_INTERVAL: &str = "GRPC_KEEPALIVE_INTERVAL";
+/// The agent's gRPC keepalive ping timeout (a Go duration), Istio >= 1.18.
+pub const GRPC_KEEPALIVE_TIMEOUT: &str = "GRPC_KEEPALIVE_TIMEOUT";
 /// First Istio minor where xds-grpc no longer uses TCP.
 pub const FIRST_PIPE_VERSION: Version = Version { major: 1, minor: 8 };
+/// First Istio minor whose agent reads [`GRPC_KEEPALIVE_INTERVAL`] and
+/// [`GRPC_KEEPALIVE_TIMEOUT`].
+pub const FIRST_AGENT_ENV_VERSION: Version = Version {
+    major: 1,
+    minor: 18,
+};
+
+/// How a proxy keeps its control-plane connection alive, which decides what
+/// canary-injector sets (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepaliveForm {
+    /// Below 1.8: Envoy dials istiod over TCP; TCP keepalive in the
+    /// bootstrap template.
+    BootstrapTemplate,
+    /// 1.8-1.17: the agent proxies xDS; its gRPC keepalive is fixed at 30 s
+    /// ping / 10 s timeout (a dead istiod is noticed in about 40 s).
+    AgentFixed,
+    /// 1.18 and newer: the agent's gRPC keepalive comes from
+    /// [`GRPC_KEEPALIVE_INTERVAL`] / [`GRPC_KEEPALIVE_TIMEOUT`].
+    AgentEnv,
+}
 
 /// An Istio `major.minor` version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,6 +93,25 @@ pub struct Version {
     pub major: u32,
     /// Minor version.
     pub minor: u32,
+}
+
+impl Version {
+    /// The keepalive form of a proxy of this version.
+    pub fn keepalive_form(self) -> KeepaliveForm {
+        if self < FIRST_PIPE_VERSION {
+            KeepaliveForm::BootstrapTemplate
+        } else if self < FIRST_AGENT_ENV_VERSION {
+            KeepaliveForm::AgentFixed
+        } else {
+            KeepaliveForm::AgentEnv
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
 }
 
 /// Parses `1.5`, `1.5.4`, `1.7.0-beta.1`, `1.5.4-distroless`, with an
@@ -81,8 +145,12 @@ pub fn image_tag(image: &str) -> Option<&str> {
 pub enum Availability {
     /// Known to exist.
     Present,
-    /// Known to be missing: mounting it would keep the pod from starting.
+    /// Known to be missing while the source exists (the copier has not made
+    /// this copy yet): mounting it would keep the pod from starting.
     Missing,
+    /// Missing here and the source is missing too: the template fix is not
+    /// set up in this cluster (nobody to warn).
+    NotConfigured,
     /// Not known (no cluster reachable, or the cache has not synced).
     Unknown,
 }
@@ -103,6 +171,9 @@ pub struct ContainerView {
     /// Mount paths, to detect an existing template mount.
     #[serde(default)]
     pub volume_mounts: Option<Vec<MountView>>,
+    /// Environment variable names, to keep values the user set.
+    #[serde(default)]
+    pub env: Option<Vec<NamedView>>,
 }
 
 /// A volume mount's path.
@@ -131,27 +202,55 @@ pub enum BootstrapSkip {
     HostNetwork,
     /// Injection is off for the pod, or it was injected without a proxy.
     NoSidecarExpected,
-    /// The proxy is Istio >= 1.8, or its version is unknown.
-    IstioVersion,
+    /// Istio 1.8-1.17: the agent's fixed gRPC keepalive (30 s / 10 s)
+    /// already notices a dead istiod; nothing to set.
+    AgentKeepalive,
+    /// No Istio version known for the pod (no version tag, no
+    /// `istio.proxyVersion`, no injector detected, or injectors of
+    /// different generations).
+    VersionUnknown,
     /// The ConfigMap is known to be missing in the namespace.
     ConfigMapMissing,
+    /// Neither the ConfigMap nor its source exists: the template fix is
+    /// not set up.
+    NotConfigured,
     /// No cluster view: cannot tell whether the ConfigMap exists.
     ClusterUnavailable,
     /// The pod's userVolume annotations are not JSON maps.
     MalformedAnnotation,
+    /// The pod's `proxy.istio.io/config` annotation is not a YAML/JSON
+    /// mapping (or its `proxyMetadata` is not one).
+    MalformedProxyConfig,
 }
 
 impl BootstrapSkip {
+    /// Every skip, for documentation and tests.
+    pub const ALL: [Self; 10] = [
+        Self::OptedOut,
+        Self::HostNetwork,
+        Self::NoSidecarExpected,
+        Self::AgentKeepalive,
+        Self::VersionUnknown,
+        Self::ConfigMapMissing,
+        Self::NotConfigured,
+        Self::ClusterUnavailable,
+        Self::MalformedAnnotation,
+        Self::MalformedProxyConfig,
+    ];
+
     /// Stable name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OptedOut => "opted-out",
             Self::HostNetwork => "host-network",
             Self::NoSidecarExpected => "no-sidecar-expected",
-            Self::IstioVersion => "istio-version",
+            Self::AgentKeepalive => "agent-keepalive",
+            Self::VersionUnknown => "istio-version-unknown",
             Self::ConfigMapMissing => "configmap-missing",
+            Self::NotConfigured => "not-configured",
             Self::ClusterUnavailable => "cluster-unavailable",
             Self::MalformedAnnotation => "malformed-annotation",
+            Self::MalformedProxyConfig => "malformed-proxy-config",
         }
     }
 }
@@ -163,7 +262,11 @@ pub enum BootstrapOutcome {
     Annotated,
     /// Added the volume and mount to `istio-proxy` (pod already injected).
     Mounted,
-    /// The mount (or our annotations) is already there.
+    /// Set the agent keepalive in `proxy.istio.io/config` (not injected yet).
+    ProxyConfig,
+    /// Added the agent keepalive env to `istio-proxy` (already injected).
+    Env,
+    /// The mount, our annotations or the keepalive values are already there.
     AlreadyDone,
     /// Left alone.
     Skipped(BootstrapSkip),
@@ -175,6 +278,8 @@ impl BootstrapOutcome {
         match self {
             Self::Annotated => Some("bootstrap-annotations"),
             Self::Mounted => Some("bootstrap-volume"),
+            Self::ProxyConfig => Some("keepalive-proxy-config"),
+            Self::Env => Some("keepalive-env"),
             _ => None,
         }
     }
@@ -183,11 +288,17 @@ impl BootstrapOutcome {
 /// What the bootstrap part decided for one pod or pod template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootstrapDecision<'a> {
-    /// Not injected yet: set Istio's userVolume annotations.
+    /// Below 1.8, not injected yet: set Istio's userVolume annotations.
     Annotate(Annotate),
-    /// Already injected: add the volume and the mount to `istio-proxy`.
+    /// Below 1.8, already injected: add the volume and the mount to
+    /// `istio-proxy`.
     Mount(Mount<'a>),
-    /// The mount (or our annotations) is already there.
+    /// 1.18+, not injected yet: set [`PROXY_CONFIG`] with the keepalive
+    /// merged into its `proxyMetadata`.
+    ProxyConfig(ProxyConfig),
+    /// 1.18+, already injected: add the keepalive env to `istio-proxy`.
+    Env(AgentEnv),
+    /// The mount, our annotations or the keepalive values are already there.
     AlreadyDone,
     /// Left alone, and why.
     Skipped(BootstrapSkip),
@@ -199,21 +310,58 @@ impl BootstrapDecision<'_> {
         match self {
             Self::Annotate(_) => BootstrapOutcome::Annotated,
             Self::Mount(_) => BootstrapOutcome::Mounted,
+            Self::ProxyConfig(_) => BootstrapOutcome::ProxyConfig,
+            Self::Env(_) => BootstrapOutcome::Env,
             Self::AlreadyDone => BootstrapOutcome::AlreadyDone,
             Self::Skipped(skip) => BootstrapOutcome::Skipped(*skip),
         }
     }
 }
 
-/// The userVolume annotations to set on a pod Istio has not injected yet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Annotate {
+/// Where annotations go: a pod or pod template, and what of its metadata
+/// exists (absent parts are created whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnotationTarget {
     /// The pod or pod template.
     pub location: Location,
     /// Whether it has `metadata` (absent: created).
     pub has_metadata: bool,
     /// Whether `metadata.annotations` exists and is not null (absent: created).
     pub has_annotations: bool,
+}
+
+/// The [`PROXY_CONFIG`] annotation to set on a pod Istio has not injected
+/// yet (Istio 1.18+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Where the annotation goes.
+    pub target: AnnotationTarget,
+    /// The new value: the pod's own proxy config (every field kept, in its
+    /// format: JSON stays JSON, YAML stays YAML) with the missing keepalive
+    /// keys added to `proxyMetadata`.
+    pub value: AnnotationEdit,
+}
+
+/// The agent keepalive env to add to an injected `istio-proxy` (Istio 1.18+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEnv {
+    /// The pod or pod template.
+    pub location: Location,
+    /// Where `istio-proxy` is.
+    pub container: ContainerList,
+    /// Its index in that list.
+    pub index: usize,
+    /// Whether the container has `env` (absent: created).
+    pub has_env: bool,
+    /// The variables it lacks, `(name, value)`, in order.
+    pub vars: Vec<(&'static str, String)>,
+}
+
+/// The userVolume annotations to set on a pod Istio has not injected yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotate {
+    /// Where the annotations go.
+    pub target: AnnotationTarget,
     /// The new [`USER_VOLUME`] value: the pod's own map with ours merged in.
     pub user_volume: AnnotationEdit,
     /// The new [`USER_VOLUME_MOUNT`] value, likewise.
@@ -289,12 +437,12 @@ pub struct PodTarget<'a> {
     pub spec: Option<&'a SpecView>,
 }
 
-/// Decides the bootstrap mount for one pod (or template). Never fails:
+/// Decides the keepalive fix for one pod (or template). Never fails:
 /// anything unexpected is a skip, plus a warning where the user can act.
 pub fn decide<'a>(
     target: &PodTarget<'_>,
     policy: Policy<'a>,
-    availability: Availability,
+    cluster: &ClusterView,
     warnings: &mut Vec<Warning>,
 ) -> BootstrapDecision<'a> {
     use BootstrapDecision::Skipped;
@@ -320,22 +468,181 @@ pub fn decide<'a>(
         return Skipped(BootstrapSkip::NoSidecarExpected);
     }
 
-    // The version of the proxy that will read the template.
-    let version = proxy
-        .and_then(|(_, _, c)| c.image.as_deref())
-        .and_then(image_tag)
-        .and_then(parse_version)
+    let Some(version) = pod_version(
+        proxy.and_then(|(_, _, c)| c.image.as_deref()),
+        annotation(PROXY_IMAGE),
+        policy,
+        cluster,
+    ) else {
+        return Skipped(BootstrapSkip::VersionUnknown);
+    };
+    let at = AnnotationTarget {
+        location: target.location,
+        has_metadata: target.metadata.is_some(),
+        has_annotations: annotations.is_some(),
+    };
+    match version.keepalive_form() {
+        KeepaliveForm::AgentFixed => Skipped(BootstrapSkip::AgentKeepalive),
+        KeepaliveForm::AgentEnv => agent_keepalive(
+            at,
+            proxy,
+            annotation(PROXY_CONFIG),
+            policy.bootstrap.keepalive,
+            warnings,
+        ),
+        KeepaliveForm::BootstrapTemplate => {
+            template_mount(at, spec, proxy, annotations, policy, cluster, warnings)
+        }
+    }
+}
+
+/// The Istio version of the pod's proxy: the injected proxy's image tag,
+/// else the pod's [`PROXY_IMAGE`] annotation's tag, else config
+/// `istio.proxyVersion`, else the injector version the cluster runs.
+fn pod_version(
+    proxy_image: Option<&str>,
+    annotated_image: Option<&str>,
+    policy: Policy<'_>,
+    cluster: &ClusterView,
+) -> Option<Version> {
+    let tag_version = |image: &str| image_tag(image).and_then(parse_version);
+    proxy_image
+        .and_then(tag_version)
+        .or_else(|| annotated_image.and_then(tag_version))
         .or_else(|| {
             policy
                 .istio
                 .proxy_version
                 .as_deref()
                 .and_then(parse_version)
-        });
-    if version.is_none_or(|v| v >= FIRST_PIPE_VERSION) {
-        return Skipped(BootstrapSkip::IstioVersion);
-    }
+        })
+        .or(cluster.injector_version)
+}
 
+/// Istio 1.18+: the agent keepalive as `istio-proxy` env (injected) or in
+/// the `proxyMetadata` of [`PROXY_CONFIG`] (not injected yet); what the pod
+/// already sets is kept.
+fn agent_keepalive<'a>(
+    at: AnnotationTarget,
+    proxy: Option<(ContainerList, usize, &ContainerView)>,
+    proxy_config: Option<&str>,
+    keepalive: Keepalive,
+    warnings: &mut Vec<Warning>,
+) -> BootstrapDecision<'a> {
+    let (interval, timeout) = keepalive.agent();
+    let wanted = [
+        (GRPC_KEEPALIVE_INTERVAL, format!("{interval}s")),
+        (GRPC_KEEPALIVE_TIMEOUT, format!("{timeout}s")),
+    ];
+    if let Some((container, index, proxy)) = proxy {
+        let set = |name: &str| proxy.env.iter().flatten().any(|e| e.name == name);
+        let vars: Vec<(&'static str, String)> =
+            wanted.into_iter().filter(|(name, _)| !set(name)).collect();
+        if vars.is_empty() {
+            return BootstrapDecision::AlreadyDone;
+        }
+        return BootstrapDecision::Env(AgentEnv {
+            location: at.location,
+            container,
+            index,
+            has_env: proxy.env.is_some(),
+            vars,
+        });
+    }
+    match merge_proxy_metadata(proxy_config, wanted) {
+        Err(()) => {
+            warnings.push(Warning::MalformedProxyConfig);
+            BootstrapDecision::Skipped(BootstrapSkip::MalformedProxyConfig)
+        }
+        Ok(None) => BootstrapDecision::AlreadyDone,
+        Ok(Some(value)) => BootstrapDecision::ProxyConfig(ProxyConfig {
+            target: at,
+            value: AnnotationEdit {
+                value,
+                edit: if proxy_config.is_some() {
+                    Edit::Replace
+                } else {
+                    Edit::Add
+                },
+            },
+        }),
+    }
+}
+
+/// The [`PROXY_CONFIG`] text with `vars` added to its `proxyMetadata` where
+/// missing; `Ok(None)` when none is. Every other field is kept; JSON stays
+/// JSON, YAML stays YAML (as data: comments and quoting are not kept), an
+/// absent or empty annotation becomes compact JSON. `Err` when the text is
+/// not a YAML/JSON mapping or its `proxyMetadata` is not one.
+fn merge_proxy_metadata(
+    text: Option<&str>,
+    vars: [(&'static str, String); 2],
+) -> Result<Option<String>, ()> {
+    let text = text.unwrap_or_default();
+    let (parsed, json) = if text.trim().is_empty() {
+        (Value::Null, true)
+    } else {
+        match serde_json::from_str::<Value>(text) {
+            Ok(value) => (value, true),
+            Err(_) => (
+                serde_saphyr::from_str::<Value>(text).map_err(|_| ())?,
+                false,
+            ),
+        }
+    };
+    let mut config = match parsed {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        _ => return Err(()),
+    };
+    // The ProxyConfig field, as the user spelled it (protobuf JSON accepts
+    // both; writing the other one too would be a duplicate field).
+    let key = if config.contains_key("proxy_metadata") {
+        "proxy_metadata"
+    } else {
+        "proxyMetadata"
+    };
+    let metadata = config
+        .entry(key)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if metadata.is_null() {
+        *metadata = Value::Object(Map::new());
+    }
+    let Value::Object(metadata) = metadata else {
+        return Err(());
+    };
+    let mut added = false;
+    for (name, value) in vars {
+        if !metadata.contains_key(name) {
+            metadata.insert(name.to_owned(), Value::String(value));
+            added = true;
+        }
+    }
+    if !added {
+        return Ok(None);
+    }
+    let config = Value::Object(config);
+    if json {
+        Ok(Some(config.to_string()))
+    } else {
+        serde_saphyr::to_string(&config).map(Some).map_err(|_| ())
+    }
+}
+
+/// Below 1.8: the patched bootstrap template, by userVolume annotations
+/// (not injected yet) or a volume and mount on `istio-proxy` (injected).
+fn template_mount<'a>(
+    at: AnnotationTarget,
+    spec: &SpecView,
+    proxy: Option<(ContainerList, usize, &ContainerView)>,
+    annotations: Option<&BTreeMap<String, String>>,
+    policy: Policy<'a>,
+    cluster: &ClusterView,
+    warnings: &mut Vec<Warning>,
+) -> BootstrapDecision<'a> {
+    use BootstrapDecision::Skipped;
+    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let availability = cluster.bootstrap_configmap;
     let config_map_name = policy.bootstrap.config_map_name.as_str();
     match proxy {
         Some((container, index, proxy)) => {
@@ -351,7 +658,7 @@ pub fn decide<'a>(
                 return Skipped(skip);
             }
             BootstrapDecision::Mount(Mount {
-                location: target.location,
+                location: at.location,
                 container,
                 index,
                 volume_name: free_volume_name(spec),
@@ -393,9 +700,7 @@ pub fn decide<'a>(
                 AnnotationEdit { value, edit }
             };
             BootstrapDecision::Annotate(Annotate {
-                location: target.location,
-                has_metadata: target.metadata.is_some(),
-                has_annotations: annotations.is_some(),
+                target: at,
                 user_volume: edit(USER_VOLUME, volumes, volume_source(config_map_name)),
                 user_volume_mount: edit(USER_VOLUME_MOUNT, mounts, mount_fields()),
             })
@@ -416,6 +721,7 @@ fn check_availability(
             });
             Some(BootstrapSkip::ConfigMapMissing)
         }
+        Availability::NotConfigured => Some(BootstrapSkip::NotConfigured),
         Availability::Unknown => Some(BootstrapSkip::ClusterUnavailable),
     }
 }

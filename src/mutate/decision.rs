@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::bootstrap::{BootstrapDecision, BootstrapOutcome, USER_VOLUME, USER_VOLUME_MOUNT};
+use super::bootstrap::{
+    BootstrapDecision, BootstrapOutcome, PROXY_CONFIG, USER_VOLUME, USER_VOLUME_MOUNT,
+};
 use super::kinds::Location;
 use super::labels::sanitize_tag;
 use super::policy::LabelPolicy;
@@ -227,6 +229,9 @@ pub enum Warning {
     /// The pod's userVolume annotations are not JSON objects, so the
     /// template was not mounted.
     MalformedAnnotation,
+    /// The pod's `proxy.istio.io/config` annotation is not a YAML/JSON
+    /// mapping, so the agent keepalive was not set.
+    MalformedProxyConfig,
     /// An `UPDATE` carries a tag annotation with nothing usable as a label
     /// value: allowed (never refused for what it already carried), but
     /// the tag is not copied into the pod template.
@@ -264,11 +269,12 @@ pub enum Warning {
 
 impl Warning {
     /// Every reason code, for documentation and tests.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "tag-ignored",
         "tag-rewritten",
         "configmap-missing",
         "malformed-annotation",
+        "malformed-proxy-config",
         "tag-unusable",
         "template-tag-copied",
         "template-tag-differs",
@@ -281,9 +287,10 @@ impl Warning {
             Self::TagRewritten { .. } => Self::REASONS[1],
             Self::ConfigMapMissing { .. } => Self::REASONS[2],
             Self::MalformedAnnotation => Self::REASONS[3],
-            Self::TagUnusable { .. } => Self::REASONS[4],
-            Self::TemplateTagCopied { .. } => Self::REASONS[5],
-            Self::TemplateTagDiffers { .. } => Self::REASONS[6],
+            Self::MalformedProxyConfig => Self::REASONS[4],
+            Self::TagUnusable { .. } => Self::REASONS[5],
+            Self::TemplateTagCopied { .. } => Self::REASONS[6],
+            Self::TemplateTagDiffers { .. } => Self::REASONS[7],
         }
     }
 }
@@ -316,6 +323,11 @@ impl fmt::Display for Warning {
                 f,
                 "annotation {USER_VOLUME} or {USER_VOLUME_MOUNT} is not a JSON object; \
                  bootstrap keepalive template not mounted"
+            ),
+            Self::MalformedProxyConfig => write!(
+                f,
+                "annotation {PROXY_CONFIG} is not a YAML or JSON mapping with a proxyMetadata \
+                 mapping; the Istio agent keeps its default keepalive"
             ),
             Self::TagUnusable {
                 annotation,
@@ -393,7 +405,7 @@ impl Decision<'_> {
     }
 
     /// True when nothing would change: every target complete, no tag to
-    /// copy and no bootstrap mount or annotation to add.
+    /// copy and no bootstrap mount, annotation or keepalive env to add.
     pub fn is_noop(&self) -> bool {
         self.targets.iter().all(LabelTarget::is_complete)
             && self.template_tag.is_none()
@@ -405,7 +417,7 @@ impl Decision<'_> {
 
     /// What would change, for the mutations metric (`labels`,
     /// `template-labels`, `template-tag`, `bootstrap-annotations`,
-    /// `bootstrap-volume`).
+    /// `bootstrap-volume`, `keepalive-proxy-config`, `keepalive-env`).
     pub fn mutations(&self) -> impl Iterator<Item = &'static str> + '_ {
         let labels = self
             .targets
@@ -505,6 +517,12 @@ mod tests {
                 "malformed-annotation",
                 "annotation sidecar.istio.io/userVolume or sidecar.istio.io/userVolumeMount is \
                  not a JSON object; bootstrap keepalive template not mounted",
+            ),
+            (
+                Warning::MalformedProxyConfig,
+                "malformed-proxy-config",
+                "annotation proxy.istio.io/config is not a YAML or JSON mapping with a \
+                 proxyMetadata mapping; the Istio agent keeps its default keepalive",
             ),
             (
                 Warning::TagUnusable {

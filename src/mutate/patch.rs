@@ -3,8 +3,10 @@
 //!
 //! Label maps and annotation maps that do not exist are created whole
 //! (`add /metadata/labels {..}`), existing ones get one `add` per missing
-//! key; userVolume annotations the pod already has, and a workload
-//! template's different tag annotation, are `replace`d. Keys are escaped per RFC 6901 (`example.com/stage` ->
+//! key; userVolume and `proxy.istio.io/config` annotations the pod already
+//! has are `replace`d with the merged value, and so is a workload
+//! template's different tag annotation; keepalive env entries are
+//! appended to `istio-proxy`'s `env`. Keys are escaped per RFC 6901 (`example.com/stage` ->
 //! `example.com~1stage`).
 
 use json_patch::jsonptr::PointerBuf;
@@ -12,8 +14,8 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
 use serde_json::{Map, Value, json};
 
 use super::bootstrap::{
-    Annotate, BootstrapDecision, Edit, Mount, USER_VOLUME, USER_VOLUME_MOUNT, mount_fields,
-    volume_source,
+    AgentEnv, AnnotationEdit, AnnotationTarget, BootstrapDecision, Edit, Mount, USER_VOLUME,
+    USER_VOLUME_MOUNT, mount_fields, volume_source,
 };
 use super::decision::{Decision, Intent, LabelTarget, TemplateTag};
 use super::kinds::Location;
@@ -39,19 +41,34 @@ impl Decision<'_> {
         if let Some(tag) = &self.template_tag {
             template_tag(tag, &mut ops);
         }
+        // When a label operation created a pod's `metadata`, annotations go
+        // into it: a second `add /metadata` would replace the labels just
+        // added.
+        let created = |location: Location| {
+            self.intent.is_some()
+                && self
+                    .targets
+                    .iter()
+                    .any(|t| t.location == location && !t.has_metadata && !t.is_complete())
+        };
         match &self.bootstrap {
-            Some(BootstrapDecision::Annotate(a)) => {
-                // When a label operation created this pod's `metadata`, the
-                // annotations go into it: a second `add /metadata` would
-                // replace the labels just added.
-                let created = self.intent.is_some()
-                    && self
-                        .targets
-                        .iter()
-                        .any(|t| t.location == a.location && !t.has_metadata && !t.is_complete());
-                annotate(a, created, &mut ops)
-            }
+            Some(BootstrapDecision::Annotate(a)) => annotations(
+                a.target,
+                &[
+                    (USER_VOLUME, &a.user_volume),
+                    (USER_VOLUME_MOUNT, &a.user_volume_mount),
+                ],
+                created(a.target.location),
+                &mut ops,
+            ),
+            Some(BootstrapDecision::ProxyConfig(p)) => annotations(
+                p.target,
+                &[(super::bootstrap::PROXY_CONFIG, &p.value)],
+                created(p.target.location),
+                &mut ops,
+            ),
             Some(BootstrapDecision::Mount(m)) => mount(m, &mut ops),
+            Some(BootstrapDecision::Env(e)) => env(e, &mut ops),
             Some(BootstrapDecision::AlreadyDone | BootstrapDecision::Skipped(_)) | None => {}
         }
         ops
@@ -133,34 +150,36 @@ fn labels(target: &LabelTarget, intent: &Intent<'_>, ops: &mut Vec<PatchOperatio
     }
 }
 
-/// `metadata_created`: an earlier operation created the pod's `metadata`.
-fn annotate(a: &Annotate, metadata_created: bool, ops: &mut Vec<PatchOperation>) {
-    let at = a.location;
-    let both = || {
-        let mut map = Map::new();
-        map.insert(USER_VOLUME.into(), a.user_volume.value.clone().into());
-        map.insert(
-            USER_VOLUME_MOUNT.into(),
-            a.user_volume_mount.value.clone().into(),
-        );
-        Value::Object(map)
+/// Sets `edits` on the annotations of `at`; `metadata_created`: an earlier
+/// operation created its `metadata`.
+fn annotations(
+    at: AnnotationTarget,
+    edits: &[(&str, &AnnotationEdit)],
+    metadata_created: bool,
+    ops: &mut Vec<PatchOperation>,
+) {
+    let location = at.location;
+    let all = || {
+        Value::Object(
+            edits
+                .iter()
+                .map(|(key, edit)| ((*key).to_owned(), Value::String(edit.value.clone())))
+                .collect(),
+        )
     };
-    if !a.has_metadata && !metadata_created {
+    if !at.has_metadata && !metadata_created {
         ops.push(add(
-            pointer(at, ["metadata"]),
-            json!({ "annotations": both() }),
+            pointer(location, ["metadata"]),
+            json!({ "annotations": all() }),
         ));
         return;
     }
-    if !a.has_annotations || metadata_created {
-        ops.push(add(pointer(at, ["metadata", "annotations"]), both()));
+    if !at.has_annotations || metadata_created {
+        ops.push(add(pointer(location, ["metadata", "annotations"]), all()));
         return;
     }
-    for (key, edit) in [
-        (USER_VOLUME, &a.user_volume),
-        (USER_VOLUME_MOUNT, &a.user_volume_mount),
-    ] {
-        let path = pointer(at, ["metadata", "annotations", key]);
+    for (key, edit) in edits {
+        let path = pointer(location, ["metadata", "annotations", key]);
         let value = Value::String(edit.value.clone());
         match edit.edit {
             Edit::Add => ops.push(add(path, value)),
@@ -199,6 +218,27 @@ fn mount(m: &Mount<'_>, ops: &mut Vec<PatchOperation>) {
         ops.push(add(
             pointer(at, ["spec", list, &index, "volumeMounts"]),
             json!([mount]),
+        ));
+    }
+}
+
+/// Appends the keepalive variables to `istio-proxy`'s `env` (created when
+/// absent); existing entries are never touched.
+fn env(e: &AgentEnv, ops: &mut Vec<PatchOperation>) {
+    let var = |(name, value): &(&str, String)| json!({"name": name, "value": value});
+    let index = e.index.to_string();
+    let list = e.container.field();
+    if e.has_env {
+        for v in &e.vars {
+            ops.push(add(
+                pointer(e.location, ["spec", list, &index, "env", "-"]),
+                var(v),
+            ));
+        }
+    } else {
+        ops.push(add(
+            pointer(e.location, ["spec", list, &index, "env"]),
+            Value::Array(e.vars.iter().map(var).collect()),
         ));
     }
 }

@@ -203,7 +203,8 @@ impl NamespacePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct BootstrapPolicy {
-    /// Mount the patched bootstrap template into Istio sidecars.
+    /// Give Istio sidecars the keepalive fix: the patched bootstrap template
+    /// below 1.8, the agent keepalive env from 1.18.
     pub enabled: bool,
     /// Name of the ConfigMap holding the patched template (key
     /// `envoy_bootstrap_tmpl.json`): the source in the webhook's namespace
@@ -213,7 +214,9 @@ pub struct BootstrapPolicy {
     pub opt_out_annotation: String,
     /// Copy the source ConfigMap into every opted-in namespace.
     pub reconcile: bool,
-    /// The keepalive written by `canary-injector bootstrap-template`.
+    /// The keepalive: written into the template by `canary-injector
+    /// bootstrap-template`, and the agent's env from Istio 1.18
+    /// ([`Keepalive::agent`]).
     pub keepalive: Keepalive,
 }
 
@@ -276,6 +279,14 @@ impl Default for Keepalive {
 }
 
 impl Keepalive {
+    /// The Istio agent's gRPC keepalive (1.18+) equivalent to this TCP
+    /// keepalive, `(interval, timeout)` in seconds: ping after `time` idle,
+    /// give up after `probes x interval` without an answer (30 s / 15 s by
+    /// default: a dead istiod is noticed within 45 s, as with the template).
+    pub fn agent(&self) -> (u32, u32) {
+        (self.time, self.probes.saturating_mul(self.interval))
+    }
+
     /// Each value is at least 1 and at most a sane ceiling.
     pub fn validate(&self) -> Result<(), PolicyError> {
         for (field, value, max) in [
@@ -296,26 +307,68 @@ impl Keepalive {
 
 // === IstioPolicy ===
 
-/// What the webhook assumes about the mesh (config section `istio:`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// What the webhook assumes about the mesh, and where it looks (config
+/// section `istio:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct IstioPolicy {
-    /// Istio proxy version (`"1.5"`, `"1.7.8"`) assumed for pods that are not
-    /// injected yet, or whose image tag is not a version. Unset: such pods
-    /// are skipped, because a template from another version can break the proxy.
+    /// Istio proxy version (`"1.7"`, `"1.20.3"`) for pods that are not
+    /// injected yet, or whose image tag is not a version: overrides the
+    /// version detected from the injector. Unset: the detected one; none
+    /// detected: such pods are skipped (a template from another version can
+    /// break the proxy).
     pub proxy_version: Option<String>,
+    /// Namespace of Istio's injector configuration (the adapter watches it;
+    /// the core does not read this).
+    pub injector_namespace: String,
+    /// Names of the injector ConfigMaps (one per revision) whose
+    /// `values.global.tag` tells which proxy version pods get; empty: no
+    /// detection. `deploy/base/rbac.yaml` must name each one.
+    pub injector_config_maps: Vec<String>,
+}
+
+impl Default for IstioPolicy {
+    fn default() -> Self {
+        Self {
+            proxy_version: None,
+            injector_namespace: "istio-system".into(),
+            injector_config_maps: vec!["istio-sidecar-injector".into()],
+        }
+    }
 }
 
 impl IstioPolicy {
-    /// `proxyVersion`, when set, must be a `major.minor[.patch]` version.
+    /// `proxyVersion`, when set, must be a `major.minor[.patch]` version;
+    /// the namespace a DNS label, the ConfigMap names DNS subdomains.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        match &self.proxy_version {
-            Some(v) if parse_version(v).is_none() => Err(invalid(
+        if let Some(v) = &self.proxy_version
+            && parse_version(v).is_none()
+        {
+            return Err(invalid(
                 "istio.proxyVersion",
                 format!("{v:?} is not a version like \"1.5\" or \"1.7.8\""),
-            )),
-            _ => Ok(()),
+            ));
         }
+        if !is_dns_label(&self.injector_namespace) {
+            return Err(invalid(
+                "istio.injectorNamespace",
+                format!(
+                    "{:?} is not a namespace name (lowercase DNS label)",
+                    self.injector_namespace
+                ),
+            ));
+        }
+        if let Some(bad) = self
+            .injector_config_maps
+            .iter()
+            .find(|n| !is_dns_subdomain(n))
+        {
+            return Err(invalid(
+                "istio.injectorConfigMaps",
+                format!("{bad:?} is not a ConfigMap name (lowercase DNS subdomain)"),
+            ));
+        }
+        Ok(())
     }
 }
 

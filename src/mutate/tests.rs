@@ -980,6 +980,7 @@ fn istio_cfg(version: Option<&str>) -> P {
     P {
         istio: IstioPolicy {
             proxy_version: version.map(str::to_owned),
+            ..IstioPolicy::default()
         },
         ..P::default()
     }
@@ -988,6 +989,14 @@ fn istio_cfg(version: Option<&str>) -> P {
 fn present() -> ClusterView {
     ClusterView {
         bootstrap_configmap: Availability::Present,
+        injector_version: None,
+    }
+}
+
+fn with_configmap(availability: Availability) -> ClusterView {
+    ClusterView {
+        bootstrap_configmap: availability,
+        injector_version: None,
     }
 }
 
@@ -1085,7 +1094,7 @@ fn proxy_tag_that_is_not_a_version_falls_back_to_config() {
         let (_, plan) = plan_with(&p, &istio_cfg(None), present());
         assert_eq!(
             plan.bootstrap,
-            Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion)),
+            Some(BootstrapOutcome::Skipped(BootstrapSkip::VersionUnknown)),
             "{image}"
         );
         let (_, plan) = plan_with(&p, &istio_cfg(Some("1.6")), present());
@@ -1093,7 +1102,7 @@ fn proxy_tag_that_is_not_a_version_falls_back_to_config() {
         let (_, plan) = plan_with(&p, &istio_cfg(Some("1.9")), present());
         assert_eq!(
             plan.bootstrap,
-            Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion)),
+            Some(BootstrapOutcome::Skipped(BootstrapSkip::AgentKeepalive)),
             "{image}"
         );
     }
@@ -1105,25 +1114,21 @@ fn image_version_wins_over_config() {
     let (_, plan) = plan_with(&p, &istio_cfg(Some("1.5")), present());
     assert_eq!(
         plan.bootstrap,
-        Some(BootstrapOutcome::Skipped(BootstrapSkip::IstioVersion))
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::AgentKeepalive))
     );
 }
 
 #[test]
 fn unknown_cluster_skips_quietly_and_missing_configmap_warns() {
     let p = injected_pod("istio/proxyv2:1.5.4", false);
-    let unknown = ClusterView {
-        bootstrap_configmap: Availability::Unknown,
-    };
+    let unknown = with_configmap(Availability::Unknown);
     let (_, plan) = plan_with(&p, &istio_cfg(None), unknown);
     assert_eq!(
         plan.bootstrap,
         Some(BootstrapOutcome::Skipped(BootstrapSkip::ClusterUnavailable))
     );
     assert!(plan.warnings.is_empty());
-    let missing = ClusterView {
-        bootstrap_configmap: Availability::Missing,
-    };
+    let missing = with_configmap(Availability::Missing);
     let (_, plan) = plan_with(&p, &istio_cfg(None), missing);
     assert_eq!(
         plan.bootstrap,
@@ -1170,17 +1175,20 @@ fn custom_configmap_name_is_used() {
     );
 }
 
-#[test]
-fn offline_deployment_template_gets_the_annotations() {
-    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+fn web_deployment() -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
         "spec": {"selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
-                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
+                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}})
+}
+
+#[test]
+fn offline_deployment_template_gets_the_annotations() {
     let (out, p) = run_in(
         Kind::Deployment,
         "",
         Mode::Offline,
-        deployment,
+        web_deployment(),
         &istio_cfg(Some("1.5")),
     );
     assert_eq!(p.bootstrap, Some(BootstrapOutcome::Annotated));
@@ -1192,6 +1200,392 @@ fn offline_deployment_template_gets_the_annotations() {
         "canary-injector-bootstrap"
     );
     assert!(out["metadata"].get("annotations").is_none());
+}
+
+// === the agent keepalive (Istio 1.8+) ===
+
+fn v(major: u32, minor: u32) -> Version {
+    Version { major, minor }
+}
+
+fn detected(version: Option<Version>) -> ClusterView {
+    ClusterView {
+        bootstrap_configmap: Availability::Missing,
+        injector_version: version,
+    }
+}
+
+fn proxy_config_of(object: &Value) -> Value {
+    let text = object["metadata"]["annotations"][bootstrap::PROXY_CONFIG]
+        .as_str()
+        .unwrap();
+    serde_saphyr::from_str(text).unwrap()
+}
+
+#[test]
+fn versions_have_keepalive_forms() {
+    for (version, form) in [
+        (v(1, 4), KeepaliveForm::BootstrapTemplate),
+        (v(1, 5), KeepaliveForm::BootstrapTemplate),
+        (v(1, 7), KeepaliveForm::BootstrapTemplate),
+        (v(1, 8), KeepaliveForm::AgentFixed),
+        (v(1, 12), KeepaliveForm::AgentFixed),
+        (v(1, 17), KeepaliveForm::AgentFixed),
+        (v(1, 18), KeepaliveForm::AgentEnv),
+        (v(1, 27), KeepaliveForm::AgentEnv),
+        (v(2, 0), KeepaliveForm::AgentEnv),
+    ] {
+        assert_eq!(version.keepalive_form(), form, "{version}");
+    }
+}
+
+/// 1.8-1.17: the agent's own 30 s / 10 s keepalive does the job: a quiet,
+/// counted skip, before and after injection, whatever the ConfigMap.
+#[test]
+fn istio_1_8_to_1_17_is_a_quiet_skip() {
+    let before = pod(json!({"stage": "normal"}), json!({}));
+    for (object, cfg, cluster) in [
+        (
+            injected_pod("docker.io/istio/proxyv2:1.12.9", false),
+            istio_cfg(None),
+            detected(None),
+        ),
+        (before.clone(), istio_cfg(Some("1.12")), detected(None)),
+        (before.clone(), istio_cfg(None), detected(Some(v(1, 17)))),
+        (before, istio_cfg(None), detected(Some(v(1, 8)))),
+    ] {
+        let (out, plan) = plan_with(&object, &cfg, cluster);
+        assert_eq!(
+            plan.bootstrap,
+            Some(BootstrapOutcome::Skipped(BootstrapSkip::AgentKeepalive))
+        );
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(out, object);
+    }
+}
+
+/// 1.18+, injected: the two variables appended to istio-proxy's env, the
+/// rest of the pod untouched; classic and native sidecars.
+#[test]
+fn istio_1_18_injected_gets_the_keepalive_env() {
+    for native in [false, true] {
+        let mut object = injected_pod("docker.io/istio/proxyv2:1.22.3", native);
+        let list = if native {
+            "initContainers"
+        } else {
+            "containers"
+        };
+        let index = 1;
+        object["spec"][list][index]["env"] =
+            json!([{"name": "PILOT_CERT_PROVIDER", "value": "istiod"}]);
+        let (out, plan) = plan_with(&object, &istio_cfg(None), detected(None));
+        assert_eq!(plan.bootstrap, Some(BootstrapOutcome::Env));
+        assert_eq!(plan.mutations, ["keepalive-env"]);
+        assert!(plan.warnings.is_empty());
+        assert_eq!(
+            out["spec"][list][index]["env"],
+            json!([
+                {"name": "PILOT_CERT_PROVIDER", "value": "istiod"},
+                {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "30s"},
+                {"name": "GRPC_KEEPALIVE_TIMEOUT", "value": "15s"},
+            ])
+        );
+        let mut rest = out.clone();
+        rest["spec"][list][index]
+            .as_object_mut()
+            .unwrap()
+            .remove("env");
+        let mut original = object.clone();
+        original["spec"][list][index]
+            .as_object_mut()
+            .unwrap()
+            .remove("env");
+        assert_eq!(rest, original, "only the env changes");
+    }
+    // No env list yet: created whole, in one operation.
+    let (out, plan) = plan_with(
+        &injected_pod("istio/proxyv2:1.18.0", false),
+        &istio_cfg(Some("1.5")),
+        detected(Some(v(1, 7))),
+    );
+    assert_eq!(plan.ops.len(), 1, "{:?}", plan.ops);
+    assert_eq!(
+        out["spec"]["containers"][1]["env"],
+        json!([
+            {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "30s"},
+            {"name": "GRPC_KEEPALIVE_TIMEOUT", "value": "15s"},
+        ]),
+        "the image tag beats config and the detected injector"
+    );
+}
+
+/// What the user set stays: one variable set means only the other is
+/// added; both set means nothing to do.
+#[test]
+fn user_set_keepalive_env_is_kept() {
+    let mut object = injected_pod("istio/proxyv2:1.20.1", false);
+    object["spec"]["containers"][1]["env"] = json!([
+        {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "1m"},
+    ]);
+    let (out, _) = plan_with(&object, &istio_cfg(None), detected(None));
+    assert_eq!(
+        out["spec"]["containers"][1]["env"],
+        json!([
+            {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "1m"},
+            {"name": "GRPC_KEEPALIVE_TIMEOUT", "value": "15s"},
+        ])
+    );
+    object["spec"]["containers"][1]["env"] = json!([
+        {"name": "GRPC_KEEPALIVE_TIMEOUT", "valueFrom": {"configMapKeyRef": {"name": "k", "key": "t"}}},
+        {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "1m"},
+    ]);
+    let (out, plan) = plan_with(&object, &istio_cfg(None), detected(None));
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::AlreadyDone));
+    assert_eq!(out, object);
+}
+
+/// The values follow `bootstrap.keepalive`: interval = time, timeout =
+/// probes x interval.
+#[test]
+fn keepalive_values_follow_the_config() {
+    let mut cfg = istio_cfg(None);
+    cfg.bootstrap.keepalive = Keepalive {
+        time: 60,
+        probes: 4,
+        interval: 2,
+    };
+    let (out, _) = plan_with(
+        &injected_pod("istio/proxyv2:1.19.0", false),
+        &cfg,
+        detected(None),
+    );
+    assert_eq!(
+        out["spec"]["containers"][1]["env"],
+        json!([
+            {"name": "GRPC_KEEPALIVE_INTERVAL", "value": "60s"},
+            {"name": "GRPC_KEEPALIVE_TIMEOUT", "value": "8s"},
+        ])
+    );
+}
+
+/// 1.18+, not injected yet: the keepalive goes into proxyMetadata of
+/// `proxy.istio.io/config`, which Istio's injector turns into env.
+#[test]
+fn istio_1_18_before_injection_gets_proxy_metadata() {
+    let (out, plan) = plan_with(
+        &pod(json!({}), json!({})),
+        &istio_cfg(None),
+        detected(Some(v(1, 20))),
+    );
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::ProxyConfig));
+    assert_eq!(plan.mutations, ["labels", "keepalive-proxy-config"]);
+    assert!(plan.warnings.is_empty(), "no ConfigMap needed");
+    assert_eq!(
+        out["metadata"]["annotations"][bootstrap::PROXY_CONFIG],
+        r#"{"proxyMetadata":{"GRPC_KEEPALIVE_INTERVAL":"30s","GRPC_KEEPALIVE_TIMEOUT":"15s"}}"#
+    );
+    assert!(
+        out["metadata"]["annotations"]
+            .get(bootstrap::USER_VOLUME)
+            .is_none()
+    );
+}
+
+/// An existing proxy config keeps every field and its format; keys the
+/// user set win.
+#[test]
+fn existing_proxy_config_is_merged_in_its_format() {
+    let cfg = istio_cfg(Some("1.21"));
+    let json_in = r#"{"holdApplicationUntilProxyStarts":true,"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true","GRPC_KEEPALIVE_TIMEOUT":"20s"}}"#;
+    let (out, plan) = plan_with(
+        &pod(json!({}), json!({bootstrap::PROXY_CONFIG: json_in})),
+        &cfg,
+        detected(None),
+    );
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::ProxyConfig));
+    assert!(
+        plan.ops
+            .iter()
+            .any(|op| matches!(op, json_patch::PatchOperation::Replace(_)))
+    );
+    assert_eq!(
+        out["metadata"]["annotations"][bootstrap::PROXY_CONFIG],
+        r#"{"holdApplicationUntilProxyStarts":true,"proxyMetadata":{"ISTIO_META_DNS_CAPTURE":"true","GRPC_KEEPALIVE_TIMEOUT":"20s","GRPC_KEEPALIVE_INTERVAL":"30s"}}"#
+    );
+
+    let yaml_in = "concurrency: 2\nterminationDrainDuration: 10s\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n";
+    let (out, _) = plan_with(
+        &pod(json!({}), json!({bootstrap::PROXY_CONFIG: yaml_in})),
+        &cfg,
+        detected(None),
+    );
+    let text = out["metadata"]["annotations"][bootstrap::PROXY_CONFIG]
+        .as_str()
+        .unwrap();
+    assert!(
+        !text.trim_start().starts_with('{'),
+        "YAML stays YAML: {text}"
+    );
+    assert_eq!(
+        proxy_config_of(&out),
+        json!({"concurrency": 2, "terminationDrainDuration": "10s", "proxyMetadata": {
+            "ISTIO_META_DNS_CAPTURE": "true",
+            "GRPC_KEEPALIVE_INTERVAL": "30s", "GRPC_KEEPALIVE_TIMEOUT": "15s"}})
+    );
+
+    // The snake_case spelling protobuf JSON also accepts is kept (a second
+    // spelling would be a duplicate field).
+    let snake = r#"{"proxy_metadata":{"GRPC_KEEPALIVE_INTERVAL":"1m"}}"#;
+    let (out, _) = plan_with(
+        &pod(json!({}), json!({bootstrap::PROXY_CONFIG: snake})),
+        &cfg,
+        detected(None),
+    );
+    assert_eq!(
+        proxy_config_of(&out),
+        json!({"proxy_metadata": {"GRPC_KEEPALIVE_INTERVAL": "1m", "GRPC_KEEPALIVE_TIMEOUT": "15s"}})
+    );
+
+    // Both set: nothing to do.
+    let both = "proxyMetadata: {GRPC_KEEPALIVE_INTERVAL: 10s, GRPC_KEEPALIVE_TIMEOUT: 5s}\n";
+    let object = pod(
+        json!({"stage": "normal"}),
+        json!({bootstrap::PROXY_CONFIG: both}),
+    );
+    let (out, plan) = plan_with(&object, &cfg, detected(None));
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::AlreadyDone));
+    assert_eq!(out, object);
+
+    // Empty: treated as no config.
+    let (out, _) = plan_with(
+        &pod(json!({}), json!({bootstrap::PROXY_CONFIG: "  "})),
+        &cfg,
+        detected(None),
+    );
+    assert_eq!(
+        proxy_config_of(&out)["proxyMetadata"]["GRPC_KEEPALIVE_TIMEOUT"],
+        "15s"
+    );
+}
+
+/// A proxy config that is not a mapping is left alone, with a warning
+/// (Istio's injector would refuse it too); the labels still come.
+#[test]
+fn malformed_proxy_config_is_skipped_with_a_warning() {
+    for bad in [
+        "{not: [json",
+        "- a\n- list\n",
+        "just a string",
+        r#"{"proxyMetadata": ["GRPC_KEEPALIVE_INTERVAL"]}"#,
+    ] {
+        let object = pod(json!({}), json!({bootstrap::PROXY_CONFIG: bad}));
+        let (out, plan) = plan_with(&object, &istio_cfg(Some("1.20")), detected(None));
+        assert_eq!(
+            plan.bootstrap,
+            Some(BootstrapOutcome::Skipped(
+                BootstrapSkip::MalformedProxyConfig
+            )),
+            "{bad}"
+        );
+        assert_eq!(plan.reasons, ["malformed-proxy-config"], "{bad}");
+        assert_eq!(out["metadata"]["annotations"][bootstrap::PROXY_CONFIG], bad);
+        assert_eq!(out["metadata"]["labels"]["stage"], "normal");
+    }
+}
+
+/// Where the version of a pod not injected yet comes from: its proxy image
+/// annotation, else config, else the detected injector, else unknown.
+#[test]
+fn version_precedence_before_injection() {
+    let plain = pod(json!({"stage": "normal"}), json!({}));
+    let annotated = pod(
+        json!({"stage": "normal"}),
+        json!({bootstrap::PROXY_IMAGE: "registry.example.com/istio/proxyv2:1.12.1"}),
+    );
+    let outcome = |object: &Value, cfg: Option<&str>, injector: Option<Version>| {
+        plan_with(object, &istio_cfg(cfg), detected(injector))
+            .1
+            .bootstrap
+    };
+    let env = Some(BootstrapOutcome::ProxyConfig);
+    let fixed = Some(BootstrapOutcome::Skipped(BootstrapSkip::AgentKeepalive));
+    let unknown = Some(BootstrapOutcome::Skipped(BootstrapSkip::VersionUnknown));
+    assert_eq!(outcome(&annotated, Some("1.20"), Some(v(1, 20))), fixed);
+    assert_eq!(outcome(&plain, Some("1.20"), Some(v(1, 12))), env);
+    assert_eq!(outcome(&plain, Some("1.12"), Some(v(1, 20))), fixed);
+    assert_eq!(outcome(&plain, None, Some(v(1, 20))), env);
+    assert_eq!(outcome(&plain, None, None), unknown);
+    // A detected 1.5-1.7 injector: the template, as with config.
+    let (_, plan) = plan_with(
+        &plain,
+        &istio_cfg(None),
+        ClusterView {
+            bootstrap_configmap: Availability::Present,
+            injector_version: Some(v(1, 7)),
+        },
+    );
+    assert_eq!(plan.bootstrap, Some(BootstrapOutcome::Annotated));
+}
+
+/// The opt-out annotation and `bootstrap.enabled: false` also cover the
+/// agent keepalive.
+#[test]
+fn agent_keepalive_opt_outs() {
+    let mut object = injected_pod("istio/proxyv2:1.24.0", false);
+    object["metadata"]["annotations"]["canary-injector.io/bootstrap"] = json!("false");
+    let (out, plan) = plan_with(&object, &istio_cfg(None), detected(None));
+    assert_eq!(
+        plan.bootstrap,
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::OptedOut))
+    );
+    assert_eq!(out, object);
+    let mut cfg = istio_cfg(Some("1.24"));
+    cfg.bootstrap.enabled = false;
+    let before = pod(json!({"stage": "normal"}), json!({}));
+    let (out, plan) = plan_with(&before, &cfg, detected(Some(v(1, 24))));
+    assert_eq!(plan.bootstrap, None);
+    assert_eq!(out, before);
+}
+
+/// 1.5-1.7 without the template set up anywhere: a quiet skip; with the
+/// source set up but this namespace's copy missing: a warning.
+#[test]
+fn template_not_configured_is_quiet() {
+    let object = injected_pod("istio/proxyv2:1.7.8", false);
+    let (_, plan) = plan_with(
+        &object,
+        &istio_cfg(None),
+        with_configmap(Availability::NotConfigured),
+    );
+    assert_eq!(
+        plan.bootstrap,
+        Some(BootstrapOutcome::Skipped(BootstrapSkip::NotConfigured))
+    );
+    assert!(plan.warnings.is_empty());
+    let (_, plan) = plan_with(
+        &object,
+        &istio_cfg(None),
+        with_configmap(Availability::Missing),
+    );
+    assert_eq!(plan.reasons, ["configmap-missing"]);
+}
+
+#[test]
+fn offline_deployment_template_gets_proxy_metadata() {
+    let (out, p) = run_in(
+        Kind::Deployment,
+        "",
+        Mode::Offline,
+        web_deployment(),
+        &istio_cfg(Some("1.20")),
+    );
+    assert_eq!(p.bootstrap, Some(BootstrapOutcome::ProxyConfig));
+    let template = &out["spec"]["template"];
+    assert_eq!(
+        proxy_config_of(template)["proxyMetadata"],
+        json!({"GRPC_KEEPALIVE_INTERVAL": "30s", "GRPC_KEEPALIVE_TIMEOUT": "15s"})
+    );
+    assert_eq!(template["metadata"]["labels"]["stage"], "normal");
 }
 
 // === the typed decision ===
@@ -1334,9 +1728,7 @@ fn warnings_carry_reason_codes() {
         ClusterView::OFFLINE,
     );
     assert_eq!(d.reasons, ["tag-rewritten"]);
-    let missing = ClusterView {
-        bootstrap_configmap: Availability::Missing,
-    };
+    let missing = with_configmap(Availability::Missing);
     let d = decided(
         Kind::Pod,
         Mode::Admission,
@@ -1403,8 +1795,8 @@ fn bootstrap_decision_says_what_to_annotate() {
     let Some(BootstrapDecision::Annotate(a)) = &d.bootstrap else {
         panic!("{:?}", d.bootstrap);
     };
-    assert_eq!(a.location, Location::Object);
-    assert!(a.has_metadata && a.has_annotations);
+    assert_eq!(a.target.location, Location::Object);
+    assert!(a.target.has_metadata && a.target.has_annotations);
     assert_eq!(a.user_volume.edit, bootstrap::Edit::Replace);
     assert_eq!(a.user_volume_mount.edit, bootstrap::Edit::Add);
     let merged: Value = serde_json::from_str(&a.user_volume.value).unwrap();
@@ -1466,6 +1858,22 @@ fn user_volume_annotation() -> impl Strategy<Value = Option<String>> {
     ]
 }
 
+/// A `proxy.istio.io/config` annotation: absent, JSON or YAML with other
+/// fields, one that sets a keepalive key already (both spellings of the
+/// field), or not a mapping.
+fn proxy_config_annotation() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        6 => Just(None),
+        1 => Just(Some(r#"{"holdApplicationUntilProxyStarts":true}"#.to_string())),
+        1 => Just(Some("concurrency: 2\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n".to_string())),
+        1 => Just(Some("proxyMetadata:\n  GRPC_KEEPALIVE_TIMEOUT: 20s\n".to_string())),
+        1 => Just(Some(r#"{"proxy_metadata":{"GRPC_KEEPALIVE_INTERVAL":"1m"}}"#.to_string())),
+        1 => Just(Some("".to_string())),
+        1 => Just(Some("- not\n- a mapping\n".to_string())),
+        1 => Just(Some(r#"{"proxyMetadata": "a string"}"#.to_string())),
+    ]
+}
+
 /// `metadata` of a pod or template: absent, without labels, labels null,
 /// or random labels (the opt-out label among them sometimes), with random
 /// tag and bootstrap annotations.
@@ -1488,9 +1896,21 @@ fn metadata() -> impl Strategy<Value = Option<Value>> {
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.1),
         0..3u8,
+        (proxy_config_annotation(), prop::bool::weighted(0.1)),
     )
         .prop_map(
-            |(shape, labels, tag, volume, mount, status, no_inject, opt_out, annotations_shape)| {
+            |(
+                shape,
+                labels,
+                tag,
+                volume,
+                mount,
+                status,
+                no_inject,
+                opt_out,
+                annotations_shape,
+                (proxy_config, proxy_image),
+            )| {
                 let mut annotations = serde_json::Map::new();
                 let mut put = |k: &str, v: Option<String>| {
                     if let Some(v) = v {
@@ -1505,6 +1925,11 @@ fn metadata() -> impl Strategy<Value = Option<Value>> {
                 put(
                     "canary-injector.io/bootstrap",
                     opt_out.then(|| "false".into()),
+                );
+                put(bootstrap::PROXY_CONFIG, proxy_config);
+                put(
+                    bootstrap::PROXY_IMAGE,
+                    proxy_image.then(|| "docker.io/istio/proxyv2:1.21.2".into()),
                 );
                 let mut meta = serde_json::Map::new();
                 match annotations_shape {
@@ -1541,6 +1966,8 @@ fn pod_spec() -> impl Strategy<Value = Value> {
             1 => Just(Some("istio/proxyv2:1.5.4")),
             1 => Just(Some("istio/proxyv2:1.7.8")),
             1 => Just(Some("istio/proxyv2:1.12.0")),
+            1 => Just(Some("istio/proxyv2:1.18.0")),
+            1 => Just(Some("docker.io/istio/proxyv2:1.27.1-distroless")),
             1 => Just(Some("istio/proxyv2:latest")),
         ],
         any::<bool>(),
@@ -1548,40 +1975,55 @@ fn pod_spec() -> impl Strategy<Value = Value> {
         0..4usize,
         any::<bool>(),
         prop::bool::weighted(0.1),
+        0..4u8,
     )
-        .prop_map(|(proxy, native, mounts, volumes, clash, host_network)| {
-            let mut spec = json!({"containers": [{"name": "app", "image": "nginx"}]});
-            if let Some(image) = proxy {
-                let mut proxy = json!({"name": "istio-proxy", "image": image});
-                match mounts {
-                    0 => {}
-                    1 => proxy["volumeMounts"] = json!([{"name": "x", "mountPath": "/x"}]),
-                    _ => {
-                        proxy["volumeMounts"] = json!([{"name": "t",
+        .prop_map(
+            |(proxy, native, mounts, volumes, clash, host_network, env)| {
+                let mut spec = json!({"containers": [{"name": "app", "image": "nginx"}]});
+                if let Some(image) = proxy {
+                    let mut proxy = json!({"name": "istio-proxy", "image": image});
+                    match env {
+                        0 => {}
+                        1 => {
+                            proxy["env"] =
+                                json!([{"name": "PILOT_CERT_PROVIDER", "value": "istiod"}])
+                        }
+                        2 => {
+                            proxy["env"] =
+                                json!([{"name": "GRPC_KEEPALIVE_INTERVAL", "value": "1m"}])
+                        }
+                        _ => proxy["env"] = Value::Null,
+                    }
+                    match mounts {
+                        0 => {}
+                        1 => proxy["volumeMounts"] = json!([{"name": "x", "mountPath": "/x"}]),
+                        _ => {
+                            proxy["volumeMounts"] = json!([{"name": "t",
                                 "mountPath": bootstrap::TEMPLATE_PATH}])
+                        }
+                    }
+                    if native {
+                        proxy["restartPolicy"] = json!("Always");
+                        spec["initContainers"] = json!([proxy]);
+                    } else {
+                        spec["containers"].as_array_mut().unwrap().push(proxy);
                     }
                 }
-                if native {
-                    proxy["restartPolicy"] = json!("Always");
-                    spec["initContainers"] = json!([proxy]);
-                } else {
-                    spec["containers"].as_array_mut().unwrap().push(proxy);
+                if volumes > 0 {
+                    let mut list: Vec<Value> = (1..volumes)
+                        .map(|i| json!({"name": format!("v{i}"), "emptyDir": {}}))
+                        .collect();
+                    if clash {
+                        list.push(json!({"name": bootstrap::VOLUME_NAME, "emptyDir": {}}));
+                    }
+                    spec["volumes"] = json!(list);
                 }
-            }
-            if volumes > 0 {
-                let mut list: Vec<Value> = (1..volumes)
-                    .map(|i| json!({"name": format!("v{i}"), "emptyDir": {}}))
-                    .collect();
-                if clash {
-                    list.push(json!({"name": bootstrap::VOLUME_NAME, "emptyDir": {}}));
+                if host_network {
+                    spec["hostNetwork"] = json!(true);
                 }
-                spec["volumes"] = json!(list);
-            }
-            if host_network {
-                spec["hostNetwork"] = json!(true);
-            }
-            spec
-        })
+                spec
+            },
+        )
 }
 
 /// A Pod, an owned or standalone ReplicaSet, or a workload (sometimes
@@ -1697,17 +2139,31 @@ proptest! {
     #[test]
     fn rendered_patch_applied_then_redecided_has_nothing_to_do(
         (kind, mode, operation, object) in subject_object(),
-        proxy_version in prop_oneof![1 => Just(None), 3 => Just(Some("1.5")), 1 => Just(Some("1.9"))],
+        proxy_version in prop_oneof![
+            2 => Just(None),
+            3 => Just(Some("1.5")),
+            1 => Just(Some("1.9")),
+            2 => Just(Some("1.20")),
+        ],
+        injector_version in prop_oneof![
+            2 => Just(None),
+            1 => Just(Some(Version { major: 1, minor: 7 })),
+            1 => Just(Some(Version { major: 1, minor: 12 })),
+            1 => Just(Some(Version { major: 1, minor: 24 })),
+        ],
         bootstrap_enabled in prop::bool::weighted(0.8),
         availability in prop_oneof![
             3 => Just(Availability::Present),
             1 => Just(Availability::Missing),
+            1 => Just(Availability::NotConfigured),
             1 => Just(Availability::Unknown),
         ],
+        keepalive in (1..100u32, 1..10u32, 1..20u32),
     ) {
         let mut p = istio_cfg(proxy_version);
         p.bootstrap.enabled = bootstrap_enabled;
-        let cluster = ClusterView { bootstrap_configmap: availability };
+        p.bootstrap.keepalive = Keepalive { time: keepalive.0, probes: keepalive.1, interval: keepalive.2 };
+        let cluster = ClusterView { bootstrap_configmap: availability, injector_version };
         let s = Subject { operation, ..subject(kind, "shop", mode) };
         let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
         let first = match decide(&s, &view, p.policy(), &cluster) {
@@ -1766,6 +2222,47 @@ proptest! {
                     }
                 }
             }
+        }
+
+        // The keepalive: what the pod set is kept, what it lacked is ours.
+        match &first.bootstrap {
+            Some(BootstrapDecision::Env(e)) => {
+                let at = |o: &Value| {
+                    let mut at = o;
+                    for token in e.location.tokens() {
+                        at = &at[*token];
+                    }
+                    at["spec"][e.container.field()][e.index]["env"].clone()
+                };
+                let (before, after) = (at(&object), at(&patched));
+                let before = before.as_array().cloned().unwrap_or_default();
+                let after = after.as_array().unwrap();
+                prop_assert_eq!(&after[..before.len()], &before[..], "existing env kept");
+                prop_assert_eq!(after.len(), before.len() + e.vars.len());
+                for (name, value) in &e.vars {
+                    prop_assert!(!before.iter().any(|v| v["name"] == *name));
+                    prop_assert!(after.iter().any(|v| v["name"] == *name && v["value"] == *value));
+                }
+            }
+            Some(BootstrapDecision::ProxyConfig(c)) => {
+                let mut at = &patched;
+                for token in c.target.location.tokens() {
+                    at = &at[*token];
+                }
+                let text = at["metadata"]["annotations"][bootstrap::PROXY_CONFIG].as_str().unwrap();
+                let config: Value = serde_saphyr::from_str(text).unwrap();
+                let metadata = config.get("proxyMetadata").or_else(|| config.get("proxy_metadata")).unwrap();
+                let (interval, timeout) = p.bootstrap.keepalive.agent();
+                for (name, ours) in [
+                    (bootstrap::GRPC_KEEPALIVE_INTERVAL, format!("{interval}s")),
+                    (bootstrap::GRPC_KEEPALIVE_TIMEOUT, format!("{timeout}s")),
+                ] {
+                    let theirs = ["1m", "20s"];
+                    let value = metadata[name].as_str().unwrap();
+                    prop_assert!(value == ours || theirs.contains(&value), "{name}: {value}");
+                }
+            }
+            _ => {}
         }
 
         let again: ObjectView = serde_json::from_value(patched.clone()).unwrap();

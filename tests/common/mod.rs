@@ -305,3 +305,43 @@ pub fn with_object(review: &Value, object: Value) -> Value {
     r["request"]["object"] = object;
     r
 }
+
+/// Reads an HTTP/1.1 answer (head and a body ending in a newline) until the
+/// peer closes or `limit` passes; whatever arrived, as text.
+pub async fn read_response(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: std::time::Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A well-behaved client gets a correct answer: a review over a new
+/// connection, its patch applied, the pod labelled.
+pub async fn still_serves(server: &TestServer, http2: bool) {
+    let mut c = Client::connect(server.addr, &server.certs.ca_pem, http2).await;
+    let review = fixture_json("pod.review.json");
+    let r = c.post_json("/mutate", review.to_string()).await;
+    assert_eq!(r.status(), 200);
+    let out: Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(
+        apply_response(&review, &out)["metadata"]["labels"]["stage"],
+        "normal"
+    );
+}
