@@ -65,6 +65,14 @@ pub fn plan(
     policy: Policy<'_>,
     report_bootstrap: bool,
 ) -> Plan {
+    // Being deleted: nothing to gain, and its patch would race the delete.
+    if object
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.deletion_timestamp.is_some())
+    {
+        return Plan::Nothing(None);
+    }
     let subject = Subject {
         kind: Some(kind),
         operation: Operation::Create,
@@ -253,6 +261,13 @@ mod tests {
                 Plan::Nothing(Some(reason))
             );
         }
+        let mut deleting = pod(json!({}), json!({}));
+        deleting.metadata.as_mut().unwrap().deletion_timestamp =
+            Some("2024-05-02T10:00:00Z".into());
+        assert_eq!(
+            plan(Kind::Pod, "shop", &deleting, "1", s.policy(), true),
+            Plan::Nothing(None)
+        );
         let refused = pod(json!({}), json!({"canary-injector.io/tag": "~~"}));
         assert!(matches!(
             plan(Kind::Pod, "shop", &refused, "1", s.policy(), true),
