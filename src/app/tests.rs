@@ -246,10 +246,23 @@ async fn serve_ready(
     Shutdown,
     tokio::task::JoinHandle<Result<(), AppError>>,
 ) {
+    serve_ready_with(f, api, cluster_config()).await
+}
+
+/// [`serve_ready`] with `cfg`.
+async fn serve_ready_with(
+    f: &Fixture,
+    api: &FakeApiServer,
+    cfg: Config,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
     let (client, served) = api.client();
     // Serves until every client is dropped (the app's, at its end).
     drop(served);
-    let app = App::bind(cluster_config(), options(f, ClusterAccess::Client(client)))
+    let app = App::bind(cfg, options(f, ClusterAccess::Client(client)))
         .await
         .unwrap();
     let (https, _) = app.local_addrs();
@@ -467,14 +480,9 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
 async fn with_backfill_off_running_pods_are_left_alone() {
     let f = fixture();
     let api = apiserver(None);
-    let (client, _served) = api.client();
     let mut cfg = cluster_config();
     cfg.backfill.enabled = false;
-    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
-        .await
-        .unwrap();
-    let shutdown = Shutdown::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
+    let (_, shutdown, running) = serve_ready_with(&f, &api, cfg).await;
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
