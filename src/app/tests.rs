@@ -188,8 +188,11 @@ fn source_json() -> Value {
     })
 }
 
-/// An apiserver holding the bootstrap source and the opted-in namespace
-/// `shop`, and the Lease `lease` when given.
+const POD: &str = "/api/v1/namespaces/shop/pods/web-1";
+
+/// An apiserver holding the bootstrap source, the opted-in namespace
+/// `shop` with a pod created before the webhook, and the Lease `lease`
+/// when given.
 fn apiserver(lease: Option<Value>) -> FakeApiServer {
     let mut objects = vec![
         (
@@ -200,6 +203,12 @@ fn apiserver(lease: Option<Value>) -> FakeApiServer {
             "/api/v1/namespaces/shop",
             json!({"apiVersion": "v1", "kind": "Namespace",
                    "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}}),
+        ),
+        (
+            POD,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+                   "spec": {"containers": [{"name": "web", "image": "nginx"}]}}),
         ),
     ];
     if let Some(l) = lease {
@@ -237,10 +246,23 @@ async fn serve_ready(
     Shutdown,
     tokio::task::JoinHandle<Result<(), AppError>>,
 ) {
+    serve_ready_with(f, api, cluster_config()).await
+}
+
+/// [`serve_ready`] with `cfg`.
+async fn serve_ready_with(
+    f: &Fixture,
+    api: &FakeApiServer,
+    cfg: Config,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
     let (client, served) = api.client();
     // Serves until every client is dropped (the app's, at its end).
     drop(served);
-    let app = App::bind(cluster_config(), options(f, ClusterAccess::Client(client)))
+    let app = App::bind(cfg, options(f, ClusterAccess::Client(client)))
         .await
         .unwrap();
     let (https, _) = app.local_addrs();
@@ -259,7 +281,11 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     let api = apiserver(None);
     let (_, shutdown, running) = serve_ready(&f, &api).await;
     poll("the copy in shop", async || {
-        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/configmaps/").is_some()
+    })
+    .await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
     })
     .await;
     shutdown.request();
@@ -274,11 +300,21 @@ async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
         .iter()
         .position(|c| c == "GET /api/v1/namespaces")
         .expect("namespaces listed");
-    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
+    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/configmaps/").unwrap();
+    let labelled = position(&calls, &format!("PATCH {POD}")).unwrap();
     assert!(acquired < listed && listed < copied, "{calls:#?}");
     // The routes controller runs on the leader too (and idles: no Istio here).
     let routes = position(&calls, "GET /apis/networking.istio.io").expect("routes discovery");
     assert!(acquired < routes, "{calls:#?}");
+    assert!(listed < labelled, "{calls:#?}");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| *c == "GET /api/v1/namespaces")
+            .count(),
+        1,
+        "the copier and the backfill share one namespace watch: {calls:#?}"
+    );
     let released = calls
         .iter()
         .rposition(|c| c.starts_with("PUT /apis/coordination.k8s.io"));
@@ -335,7 +371,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         !calls
             .iter()
             .any(|c| c.starts_with("GET /api/v1/namespaces") && !c.starts_with(ISTIO_CONFIGMAPS)),
-        "a follower never watches namespaces: {calls:#?}"
+        "a follower never watches namespaces nor lists their pods: {calls:#?}"
     );
 }
 
@@ -420,6 +456,10 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
+    })
+    .await;
     shutdown.request();
     tokio::time::timeout(Duration::from_secs(20), running)
         .await
@@ -436,5 +476,34 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
         position(&calls, "POST /apis/coordination"),
         None,
         "{calls:#?}"
+    );
+}
+
+#[tokio::test]
+async fn with_backfill_off_running_pods_are_left_alone() {
+    let f = fixture();
+    let api = apiserver(None);
+    let mut cfg = cluster_config();
+    cfg.backfill.enabled = false;
+    let (_, shutdown, running) = serve_ready_with(&f, &api, cfg).await;
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert_eq!(
+        position(&calls, "GET /api/v1/namespaces/shop/pods"),
+        None,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        api.get(POD).unwrap()["metadata"]["labels"],
+        json!({"app": "web"})
     );
 }
