@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::config::Config;
 use crate::mutate::{
     self, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView, Operation,
-    SkipReason, Subject,
+    OwnerRef, SkipReason, Subject,
 };
 
 /// What the core may know about the cluster for an object in a namespace:
@@ -246,8 +246,17 @@ pub struct Reviewed {
     pub patch_bytes: usize,
     /// The deny message, when denied.
     pub denied: Option<String>,
+    /// The deny's reason code ([`Deny::reason`]), when denied.
+    pub deny_reason: Option<&'static str>,
     /// Warnings returned to the user.
     pub warnings: Vec<String>,
+    /// The reason code of each warning ([`mutate::Warning::reason`]), in
+    /// the same order.
+    pub warning_reasons: Vec<&'static str>,
+    /// The object's managing controller (its ownerReference with
+    /// `controller: true`), when the object was read: where Events about
+    /// an object a controller created go, since nobody sees its warnings.
+    pub owner: Option<OwnerRef>,
     /// What was changed, for the mutations metric.
     pub mutations: Vec<&'static str>,
     /// What the bootstrap part did, when considered.
@@ -325,6 +334,10 @@ pub fn review(
         Input::Object(o) => o.metadata.as_ref().and_then(|m| m.generate_name.as_deref()),
         _ => None,
     };
+    let owner = match &input {
+        Input::Object(o) => o.controller().cloned(),
+        _ => None,
+    };
     let name = match (req.name.as_deref(), generate_name) {
         (Some(n), _) if !n.is_empty() => n.to_owned(),
         (_, Some(g)) => format!("{g}*"),
@@ -334,6 +347,11 @@ pub fn review(
     let (mutations, bootstrap) = match &decided {
         Ok(d) => (d.mutations().collect(), d.bootstrap_outcome()),
         Err(_) => (Vec::new(), None),
+    };
+    let deny_reason = decided.as_ref().err().map(Deny::reason);
+    let warning_reasons = match &decided {
+        Ok(d) => d.warnings.iter().map(mutate::Warning::reason).collect(),
+        Err(_) => Vec::new(),
     };
     let (outcome, patch, status, warnings, patch_ops, patch_bytes) = match decided {
         Ok(decision) => {
@@ -389,7 +407,10 @@ pub fn review(
         patch_ops,
         patch_bytes,
         denied,
+        deny_reason,
         warnings,
+        warning_reasons,
+        owner,
         mutations,
         bootstrap,
     })
@@ -514,6 +535,32 @@ mod tests {
         v["request"]["object"] = json!("garbage that is not a pod");
         let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
         assert_eq!(r.outcome, Outcome::Skipped(SkipReason::Operation));
+    }
+
+    #[test]
+    fn the_controller_owner_and_reason_codes_are_reported() {
+        let mut v = pod_review("admission.k8s.io/v1", json!({}));
+        let object = &mut v["request"]["object"]["metadata"];
+        object["annotations"] = json!({"canary-injector.io/tag": "feature/x"});
+        object["ownerReferences"] = json!([
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "1"},
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-abc", "uid": "2",
+             "controller": true}]);
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
+        let owner = r.owner.as_ref().unwrap();
+        assert_eq!(
+            (&*owner.api_version, &*owner.kind, &*owner.name, &*owner.uid),
+            ("apps/v1", "ReplicaSet", "web-abc", "2")
+        );
+        assert_eq!(r.warning_reasons, ["tag-rewritten"]);
+        assert_eq!(r.warnings.len(), 1);
+        assert_eq!(r.deny_reason, None);
+
+        v["request"]["object"]["metadata"]["annotations"] = json!({"canary-injector.io/tag": "-"});
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
+        assert_eq!(r.deny_reason, Some("unusable-tag"));
+        assert!(r.owner.is_some());
+        assert!(r.warning_reasons.is_empty());
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use supervisor::{Ended, Supervisor, TaskError, TaskExit};
 
+use crate::backfill::{self, BackfillError, BackfillMetrics, BackfillSettings};
 use crate::cluster::events::{self, EventMetrics, EventSink, Pace};
 use crate::cluster::lease::{self, Elector, LeaseSettings};
 use crate::cluster::watches::Shared;
@@ -250,7 +251,10 @@ impl App {
                 .instrument(info_span!("events")),
             );
         }
-        let mut writers = Writers::default();
+        let mut writers = Writers {
+            namespace_selector: cfg.namespaces.opt_in_selector(),
+            ..Writers::default()
+        };
         match (&cluster, copier_settings) {
             (Some(cluster), Some(settings)) => {
                 let (cache, watch, source) =
@@ -292,6 +296,17 @@ impl App {
                 "istio-version",
                 watch.run(stop_rest.clone()).instrument(info_span!("istio")),
             );
+        }
+        if cluster.is_some()
+            && let Some(settings) = BackfillSettings::from_config(&cfg)
+        {
+            writers.backfill = Some(Backfill {
+                settings,
+                counters: controller_metrics
+                    .controller(backfill::CONTROLLER, &BackfillError::REASONS),
+                metrics: BackfillMetrics::register(&registry).map_err(AppError::Metrics)?,
+                events: events.clone(),
+            });
         }
         if let Some(cluster) = &cluster
             && !writers.is_empty()
@@ -434,7 +449,7 @@ async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion) {
 /// The cluster to use, if the configuration needs one and one answers.
 async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
     let namespace = cfg.own_namespace()?.to_owned();
-    let wanted = cfg.bootstrap.enabled || cfg.routes.enabled;
+    let wanted = cfg.bootstrap.enabled || cfg.routes.enabled || cfg.backfill.enabled;
     let client = match access {
         ClusterAccess::Off => return None,
         ClusterAccess::Client(client) => client,
@@ -442,7 +457,7 @@ async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
         ClusterAccess::Discover => match cluster::connect(CONNECT_LIMIT).await {
             Ok(client) => client,
             Err(error) => {
-                warn!(%error, "no Kubernetes API reachable; bootstrap mounts and routes disabled");
+                warn!(%error, "no Kubernetes API reachable; bootstrap mounts, routes and backfill disabled");
                 return None;
             }
         },
@@ -459,15 +474,28 @@ async fn connect(cfg: &Config, access: ClusterAccess) -> Option<Cluster> {
 /// configuration turns it off.
 #[derive(Default)]
 struct Writers {
+    /// Label selector of the opted-in namespaces (`namespaces.optIn`): the
+    /// one Namespace watch every writer that needs it shares.
+    namespace_selector: String,
     /// The bootstrap ConfigMap copier.
     copier: Option<(CopierSettings, copier::CopySource, ControllerCounters)>,
     /// The canary routes controller.
     routes: Option<RoutesWriter>,
+    /// The backfill of objects created before the webhook.
+    backfill: Option<Backfill>,
+}
+
+/// What the backfill controller runs with.
+struct Backfill {
+    settings: BackfillSettings,
+    counters: ControllerCounters,
+    metrics: BackfillMetrics,
+    events: EventSink,
 }
 
 impl Writers {
     fn is_empty(&self) -> bool {
-        self.copier.is_none() && self.routes.is_none()
+        self.copier.is_none() && self.routes.is_none() && self.backfill.is_none()
     }
 
     /// Runs every configured controller for one leadership term, until
@@ -484,31 +512,46 @@ impl Writers {
                     .instrument(info_span!("routes")),
             ));
         }
-        if let Some((settings, source, counters)) = &self.copier {
-            let namespaces = Shared::<Namespace>::new();
-            let (subscription, store) = (namespaces.subscribe(), namespaces.store());
-            let selector = watcher::Config::default().labels(&settings.namespace_selector);
-            let watch = namespaces.run(
-                Api::all(client.clone()),
-                selector,
-                "namespaces",
-                term.clone(),
-            );
-            parts.push(Box::pin(async move {
-                let _ = watch.await;
-            }));
+        // One watch of the opted-in namespaces for the term, subscribed to
+        // by each writer that acts per namespace (before it starts).
+        let namespaces =
+            (self.copier.is_some() || self.backfill.is_some()).then(Shared::<Namespace>::new);
+        if let (Some(namespaces), Some((settings, source, counters))) = (&namespaces, &self.copier)
+        {
             parts.push(Box::pin(
                 copier::run_copier(
                     client.clone(),
                     settings.clone(),
                     source.clone(),
-                    subscription,
-                    store,
+                    namespaces.subscribe(),
+                    namespaces.store(),
                     counters.clone(),
-                    term,
+                    term.clone(),
                 )
                 .instrument(info_span!("bootstrap")),
             ));
+        }
+        if let (Some(namespaces), Some(b)) = (&namespaces, &self.backfill) {
+            parts.push(Box::pin(
+                backfill::run_backfill(
+                    client.clone(),
+                    b.settings.clone(),
+                    namespaces.subscribe(),
+                    namespaces.store(),
+                    b.counters.clone(),
+                    b.metrics.clone(),
+                    b.events.clone(),
+                    term.clone(),
+                )
+                .instrument(info_span!("backfill")),
+            ));
+        }
+        if let Some(namespaces) = namespaces {
+            let selector = watcher::Config::default().labels(&self.namespace_selector);
+            let watch = namespaces.run(Api::all(client.clone()), selector, "namespaces", term);
+            parts.push(Box::pin(async move {
+                let _ = watch.await;
+            }));
         }
         async move {
             futures::future::join_all(parts).await;

@@ -15,6 +15,7 @@
 //!                 | routes::controller (leader only; DestinationRules, |                  |
 //!                 |          VirtualServices) --------------------------+--> routes (pure) |
 //!                 | istio   (injector version: every replica) ---------+                  |
+//!                 | backfill (leader: labels what predates it) --------+                  |
 //!                 | cluster (kube client, lease, shared watches, events)                  |
 //!                 | app     (serve's supervised tasks)  metrics  config  certs            |
 //!                 +-----------------------------------------------------------------------+
@@ -27,6 +28,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod backfill;
 pub mod certs;
 pub mod check;
 pub mod cluster;

@@ -49,6 +49,7 @@ pub struct Metrics {
     bootstrap_skips: IntCounterVec,
     mutations: IntCounterVec,
     errors: IntCounterVec,
+    tags_rewritten: IntCounter,
     /// Not-after of the serving certificate, unix seconds.
     pub certificate_expiry: IntGauge,
 }
@@ -104,6 +105,11 @@ impl Metrics {
         for reason in ERROR_REASONS {
             errors.with_label_values(&[reason]);
         }
+        let tags_rewritten = IntCounter::new(
+            "tags_rewritten_total",
+            "Canary tag annotations that were not valid label values and were rewritten \
+             (admitted objects, dry runs not counted).",
+        )?;
         let certificate_expiry = IntGauge::new(
             "certificate_expiry_timestamp_seconds",
             "Not-after of the serving certificate in use, as a unix timestamp.",
@@ -121,6 +127,7 @@ impl Metrics {
         registry.register(Box::new(bootstrap_skips.clone()))?;
         registry.register(Box::new(mutations.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(tags_rewritten.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
@@ -130,6 +137,7 @@ impl Metrics {
             bootstrap_skips,
             mutations,
             errors,
+            tags_rewritten,
             certificate_expiry,
         })
     }
@@ -156,6 +164,11 @@ impl Metrics {
     /// Counts an applied mutation.
     pub fn mutation(&self, kind: &str) {
         self.mutations.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts `n` rewritten canary tags.
+    pub fn tags_rewritten(&self, n: u64) {
+        self.tags_rewritten.inc_by(n);
     }
 
     /// Counts a request refused before a review answer (`reason` is one of a

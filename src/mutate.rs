@@ -10,13 +10,21 @@
 //! ([`kinds::KINDS`]); the policy is [`policy`]'s sections.
 //!
 //! Rules (see README "Labels and annotations"):
-//! - only `CREATE` of the main resource is acted on;
-//! - excluded namespaces, mirror pods and objects labelled
-//!   `<optOutLabel>: "false"` are skipped;
+//! - `CREATE` of the main resource is acted on, and `UPDATE` of workloads
+//!   whose pod template may change ([`KindInfo::update`]);
+//! - excluded namespaces, mirror pods, objects labelled
+//!   `<optOutLabel>: "false"` and workloads being deleted are skipped;
 //! - a Pod gets labels on `metadata.labels`; a ReplicaSet owned by a
 //!   controller gets them on its own `metadata.labels` only (mutating its
 //!   template makes a Deployment create ReplicaSets forever); a standalone
 //!   ReplicaSet also on `spec.template.metadata.labels`;
+//! - what an object means follows its pods: a pod template a controller
+//!   owns speaks for the object (an owned ReplicaSet reads the tag from its
+//!   template, never from its own annotations, so it is never labelled gray
+//!   while its pods are normal);
+//! - at admission a workload (Deployment, StatefulSet, DaemonSet, Job,
+//!   CronJob) gets no labels: the tag annotation on its own metadata is
+//!   copied into its pod template ([`TemplateTag`]), so its pods carry it;
 //! - existing labels are never overwritten, and missing ones are chosen
 //!   consistently with those present;
 //! - `spec.selector` is never touched.
@@ -32,7 +40,7 @@ use bootstrap::PodTarget;
 pub use bootstrap::{
     Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip, KeepaliveForm, Version,
 };
-pub use decision::{Decision, Intent, Label, LabelTarget, Warning};
+pub use decision::{Decision, Intent, Label, LabelTarget, TemplateTag, Warning};
 pub use kinds::{KINDS, Kind, KindInfo, Location, Scope};
 pub use policy::{
     BootstrapPolicy, IstioPolicy, Keepalive, LabelPolicy, NamespacePolicy, Policy, PolicyError,
@@ -59,19 +67,21 @@ pub enum Mode {
 /// The admission operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
-    /// `CREATE`: the only one acted on.
+    /// `CREATE`: acted on for every kind.
     Create,
-    /// `UPDATE`, `DELETE`, `CONNECT` or anything else.
+    /// `UPDATE`: acted on for the kinds whose row says `update`.
+    Update,
+    /// `DELETE`, `CONNECT` or anything else.
     Other,
 }
 
 impl Operation {
     /// Parses the `request.operation` string.
     pub fn from_name(op: &str) -> Self {
-        if op == "CREATE" {
-            Self::Create
-        } else {
-            Self::Other
+        match op {
+            "CREATE" => Self::Create,
+            "UPDATE" => Self::Update,
+            _ => Self::Other,
         }
     }
 }
@@ -126,14 +136,38 @@ pub struct MetaView {
     /// `metadata.ownerReferences`.
     #[serde(default)]
     pub owner_references: Option<Vec<OwnerRef>>,
+    /// `metadata.deletionTimestamp`: set once the object is being deleted.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
 }
 
-/// One `ownerReferences` entry.
+impl MetaView {
+    /// The managing controller's ownerReference (`controller: true`).
+    pub fn controller(&self) -> Option<&OwnerRef> {
+        self.owner_references
+            .as_deref()?
+            .iter()
+            .find(|r| r.controller == Some(true))
+    }
+}
+
+/// One `ownerReferences` entry: enough to tell the managing controller and
+/// to point an Event at it.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OwnerRef {
+    /// API version of the owner, e.g. `apps/v1`.
+    #[serde(default)]
+    pub api_version: String,
     /// Kind of the owner, e.g. `Deployment`.
     #[serde(default)]
     pub kind: String,
+    /// Name of the owner.
+    #[serde(default)]
+    pub name: String,
+    /// UID of the owner.
+    #[serde(default)]
+    pub uid: String,
     /// True for the managing controller.
     #[serde(default)]
     pub controller: Option<bool>,
@@ -194,10 +228,18 @@ impl ObjectView {
 
     /// True when an ownerReference has `controller: true`.
     pub fn has_controller(&self) -> bool {
+        self.controller().is_some()
+    }
+
+    /// The managing controller's ownerReference, if any.
+    pub fn controller(&self) -> Option<&OwnerRef> {
+        self.metadata.as_ref()?.controller()
+    }
+
+    fn is_deleting(&self) -> bool {
         self.metadata
             .as_ref()
-            .and_then(|m| m.owner_references.as_ref())
-            .is_some_and(|refs| refs.iter().any(|r| r.controller == Some(true)))
+            .is_some_and(|m| m.deletion_timestamp.is_some())
     }
 
     /// The pod template at `location` (`None` for [`Location::Object`]).
@@ -216,7 +258,8 @@ impl ObjectView {
 /// Why an object was left alone. The label value of the skip metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
-    /// Not a `CREATE`.
+    /// An operation the kind is not acted on for (anything but `CREATE`,
+    /// or `UPDATE` of a workload).
     Operation,
     /// A subresource such as `pods/binding`.
     SubResource,
@@ -228,17 +271,21 @@ pub enum SkipReason {
     MirrorPod,
     /// Labelled `<optOutLabel>: "false"`.
     OptedOut,
+    /// An `UPDATE` of an object being deleted (garbage collection removes
+    /// finalizers that way; nothing to add to it).
+    Deleting,
 }
 
 impl SkipReason {
     /// Every skip, for documentation and tests.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Operation,
         Self::SubResource,
         Self::Kind,
         Self::Namespace,
         Self::MirrorPod,
         Self::OptedOut,
+        Self::Deleting,
     ];
 
     /// Stable name for logs and metrics.
@@ -250,6 +297,7 @@ impl SkipReason {
             Self::Namespace => "namespace",
             Self::MirrorPod => "mirror-pod",
             Self::OptedOut => "opted-out",
+            Self::Deleting => "deleting",
         }
     }
 }
@@ -292,6 +340,26 @@ pub enum Deny {
     },
 }
 
+impl Deny {
+    /// Every reason code, for documentation and tests.
+    pub const REASONS: [&'static str; 4] = [
+        "unusable-tag",
+        "kind-mismatch",
+        "missing-object",
+        "malformed-object",
+    ];
+
+    /// Stable kebab-case code: an Event reason and a log field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnusableTag { .. } => Self::REASONS[0],
+            Self::KindMismatch { .. } => Self::REASONS[1],
+            Self::MissingObject => Self::REASONS[2],
+            Self::MalformedObject { .. } => Self::REASONS[3],
+        }
+    }
+}
+
 /// What the core knows about the cluster (filled by the adapter from its
 /// caches; the core never does I/O).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +393,14 @@ impl ClusterView {
 /// namespace. Callers check this first so they need not parse an object
 /// they will not act on.
 pub fn pre_skip(subject: &Subject<'_>, policy: Policy<'_>) -> Option<SkipReason> {
-    if subject.operation != Operation::Create {
+    let acted_on = match subject.operation {
+        Operation::Create => true,
+        Operation::Update => {
+            subject.mode == Mode::Admission && subject.kind.is_some_and(|k| k.info().update)
+        }
+        Operation::Other => false,
+    };
+    if !acted_on {
         return Some(SkipReason::Operation);
     }
     if !subject.sub_resource.is_empty() {
@@ -373,44 +448,76 @@ pub fn decide<'a>(
     if policy.labels.opts_out(object.labels()) {
         return Ok(Decision::skip(SkipReason::OptedOut));
     }
+    if subject.operation == Operation::Update && object.is_deleting() {
+        return Ok(Decision::skip(SkipReason::Deleting));
+    }
 
-    // The pod template, unless the object's controller owns it.
-    let template = object
-        .template_at(info.pod)
-        .filter(|_| !(info.owned_template_untouched && object.has_controller()));
-    let holders = [
-        info.labels_on_object
-            .then_some((Location::Object, object.metadata.as_ref())),
-        template.map(|t| (info.pod, t.metadata.as_ref())),
-    ];
     let mut decision = Decision::default();
-    if holders.iter().any(Option::is_some) {
+    let template = object.template_at(info.pod);
+    // A pod template a controller owns is never changed, and it speaks
+    // for the object: the object's pods are created from it.
+    let owned = template.is_some() && info.owned_template_untouched && object.has_controller();
+    let own = object.metadata.as_ref();
+    let template_meta = template.and_then(|t| t.metadata.as_ref());
+    // Labels go on the object's own metadata (Pods, ReplicaSets) and on a
+    // template nobody else owns, except a workload's at admission: its
+    // pods get their labels at their own CREATE, and its tag annotation is
+    // copied into the template instead (below). Never both on one
+    // template, so the two never create the same `metadata`.
+    let label_template =
+        template.is_some() && !owned && (info.labels_on_object || subject.mode == Mode::Offline);
+    let holders = [
+        info.labels_on_object.then_some((Location::Object, own)),
+        label_template.then_some((info.pod, template_meta)),
+    ];
+    if holders.iter().any(Option::is_some) || template.is_some() {
         let labels_of = |m: Option<&'a MetaView>| m.and_then(|m| m.labels.as_ref());
-        // Existing labels win; the first target that has one speaks for all.
-        let existing = |key: &str| {
-            holders
-                .iter()
-                .flatten()
-                .find_map(|(_, m)| labels_of(*m)?.get(key))
+        let object_labels = labels_of(own).filter(|_| info.labels_on_object);
+        let template_labels = labels_of(template_meta);
+        // Existing labels win; the first map that has one speaks for all:
+        // the owned template first (what the pods get), else the object.
+        let sources = if owned {
+            [template_labels, object_labels]
+        } else {
+            [object_labels, template_labels]
         };
-        // The tag annotation, on the object or its pod template. Reading
-        // an owned ReplicaSet's template is harmless.
-        let tag_annotation = &policy.labels.tag_annotation;
-        let annotation = annotations.and_then(|a| a.get(tag_annotation)).or_else(|| {
-            object
-                .template_at(info.pod)?
-                .metadata
-                .as_ref()?
-                .annotations
-                .as_ref()?
-                .get(tag_annotation)
-        });
-        let intent = policy.labels.resolve(
+        let existing = |key: &str| sources.iter().flatten().find_map(|l| l.get(key));
+        let tag_key = &policy.labels.tag_annotation;
+        let tag_of = |m: Option<&'a MetaView>| m?.annotations.as_ref()?.get(tag_key);
+        let (own_tag, template_tag) = (tag_of(own), tag_of(template_meta));
+        // The tag annotation: from an owned template only (never from the
+        // object's own annotations alone, which a Deployment copies onto
+        // its ReplicaSets while their pods lack it); else on the object or
+        // its pod template.
+        let annotation = if owned {
+            template_tag
+        } else {
+            own_tag.or(template_tag)
+        };
+        let intent = match policy.labels.resolve(
             existing(&policy.labels.canary_tag),
             existing(&policy.labels.stage),
             annotation,
             &mut decision.warnings,
-        )?;
+        ) {
+            Ok(intent) => intent,
+            // An UPDATE is never refused for what the object carried
+            // already: controllers and the garbage collector update
+            // workloads too. The tag is just not copied.
+            Err(Deny::UnusableTag {
+                annotation,
+                value,
+                label,
+            }) if subject.operation == Operation::Update => {
+                decision.warnings.push(Warning::TagUnusable {
+                    annotation,
+                    value,
+                    label,
+                });
+                return Ok(decision);
+            }
+            Err(deny) => return Err(deny),
+        };
         decision.targets = holders
             .iter()
             .flatten()
@@ -427,6 +534,36 @@ pub fn decide<'a>(
             })
             .collect();
         decision.intent = Some(intent);
+
+        match own_tag.filter(|&value| template_tag != Some(value)) {
+            Some(value) if owned => decision.warnings.push(Warning::TemplateTagDiffers {
+                annotation: tag_key.clone(),
+                value: value.clone(),
+                template: template_tag.cloned(),
+            }),
+            // A workload at admission: its tag annotation reaches its pods
+            // through the template (the rule `mutate -f` applies with
+            // labels). The workload's own annotation wins, so a changed
+            // tag reaches the template, which rolls the workload.
+            Some(value) if subject.mode == Mode::Admission && !info.labels_on_object => {
+                decision.template_tag = Some(TemplateTag {
+                    location: info.pod,
+                    key: tag_key,
+                    value,
+                    previous: template_tag.map(String::as_str),
+                    has_metadata: template_meta.is_some(),
+                    has_annotations: template_meta.is_some_and(|m| m.annotations.is_some()),
+                });
+                if subject.operation == Operation::Update || template_tag.is_some() {
+                    decision.warnings.push(Warning::TemplateTagCopied {
+                        annotation: tag_key.clone(),
+                        value: value.clone(),
+                        previous: template_tag.cloned(),
+                    });
+                }
+            }
+            _ => {}
+        }
     }
 
     if policy.bootstrap.enabled

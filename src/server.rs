@@ -19,6 +19,7 @@
 
 mod body;
 mod conn;
+mod report;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -522,6 +523,9 @@ where
             if let Some(BootstrapOutcome::Skipped(reason)) = reviewed.bootstrap {
                 m.bootstrap_skip(reason.as_str());
             }
+            report::report(state, &reviewed);
+            // Empty (no allocation) without warnings.
+            let warning_text = reviewed.warnings.join("; ");
             // `&str` values, not `%` (Display): recorded as strings directly
             // instead of formatted through `fmt::Write` first.
             info!(
@@ -539,6 +543,11 @@ where
                 patch_ops = reviewed.patch_ops,
                 patch_bytes = reviewed.patch_bytes,
                 warnings = reviewed.warnings.len(),
+                warning_text = if warning_text.is_empty() {
+                    "-"
+                } else {
+                    &warning_text
+                },
                 denied = reviewed.denied.as_deref().unwrap_or("-"),
                 latency_us = start.elapsed().as_micros() as u64,
                 "review"

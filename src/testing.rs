@@ -39,6 +39,9 @@ pub struct Call {
     pub query: BTreeMap<String, String>,
     /// `Content-Type`, empty when absent.
     pub content_type: String,
+    /// `Accept`, empty when absent (metadata-only reads ask for
+    /// `application/json;as=PartialObjectMetadata...`).
+    pub accept: String,
     /// The JSON body; `Null` when empty.
     pub body: Value,
     reply: tower_test::mock::SendResponse<Response<Body>>,
@@ -90,12 +93,17 @@ async fn read_call(
     let query = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
         .into_owned()
         .collect();
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let (content_type, accept) = {
+        let header = |name: header::HeaderName| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        (header(header::CONTENT_TYPE), header(header::ACCEPT))
+    };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let bytes = request.into_body().collect_bytes().await.unwrap();
@@ -109,6 +117,7 @@ async fn read_call(
         path,
         query,
         content_type,
+        accept,
         body,
         reply,
     }
@@ -164,6 +173,15 @@ impl Call {
     }
 }
 
+/// True when a scrape of `registry` has exactly this sample line, e.g.
+/// `canary_injector_events_total{outcome="dropped"} 1`.
+pub fn scraped(registry: &prometheus::Registry, line: &str) -> bool {
+    String::from_utf8(crate::metrics::encode(registry))
+        .unwrap()
+        .lines()
+        .any(|l| l == line)
+}
+
 /// A `Status` failure body.
 pub fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({
@@ -194,6 +212,8 @@ pub struct Seen {
     pub query: BTreeMap<String, String>,
     /// `Content-Type`, empty when absent.
     pub content_type: String,
+    /// `Accept`, empty when absent.
+    pub accept: String,
     /// The JSON body; `Null` when empty.
     pub body: Value,
 }
@@ -231,7 +251,10 @@ struct FakeState {
 /// - `GET` of an object (200, or a 404 `Status`); of a collection (a list,
 ///   filtered by equality `labelSelector` and `metadata.name`/
 ///   `metadata.namespace` `fieldSelector`; `/api/v1/pods` lists every
-///   namespace); a `watch=true` request is held open with no events;
+///   namespace; paged by `limit`, with a `continue` token while more
+///   remain); a `watch=true` request is held open with no events;
+/// - an `Accept` of `as=PartialObjectMetadata(List)` (kube's
+///   `*_metadata` calls) gets metadata only;
 /// - `POST` to a collection: create (409 `AlreadyExists`);
 /// - `PUT`: replace (404 when absent, 409 when the `resourceVersion` is not
 ///   the stored one);
@@ -312,6 +335,7 @@ impl FakeApiServer {
                     path: call.path.clone(),
                     query: call.query.clone(),
                     content_type: call.content_type.clone(),
+                    accept: call.accept.clone(),
                     body: call.body.clone(),
                 };
                 if seen.method == Method::GET && call.is_watch() {
@@ -320,7 +344,13 @@ impl FakeApiServer {
                     server.0.lock().unwrap().parked.push(parked);
                     continue;
                 }
+                let metadata_only = seen.accept.contains("as=PartialObjectMetadata");
                 let (code, body) = server.handle(seen);
+                let body = if metadata_only && code.is_success() {
+                    partial_metadata(body)
+                } else {
+                    body
+                };
                 call.respond(code, &body);
             }
         });
@@ -361,17 +391,27 @@ impl FakeApiServer {
             Method::GET => match stored {
                 Some(o) => (StatusCode::OK, o),
                 None if is_collection(&call.path) => {
-                    let items: Vec<Value> = s
+                    let mut items: Vec<Value> = s
                         .objects
                         .iter()
                         .filter(|(p, o)| in_collection(p, &call.path) && selected(o, &call.query))
                         .map(|(_, o)| o.clone())
                         .collect();
-                    let rv = s.version.to_string();
+                    // Paging: the token is the offset of the next item.
+                    let param = |name: &str| call.query.get(name).map(|v| v.parse().unwrap());
+                    let from: usize = param("continue").unwrap_or(0);
+                    let limit: usize = param("limit").unwrap_or(usize::MAX);
+                    items.drain(..from.min(items.len()));
+                    let more = items.len() > limit;
+                    items.truncate(limit);
+                    let mut metadata = json!({"resourceVersion": s.version.to_string()});
+                    if more {
+                        metadata["continue"] = json!((from + limit).to_string());
+                    }
                     (
                         StatusCode::OK,
                         json!({"apiVersion": "v1", "kind": "List",
-                               "metadata": {"resourceVersion": rv}, "items": items}),
+                               "metadata": metadata, "items": items}),
                     )
                 }
                 None => failure(404, "NotFound", "not found"),
@@ -474,6 +514,21 @@ impl FakeApiServer {
                 call.path, call.content_type
             ),
         }
+    }
+}
+
+/// What the apiserver answers for `as=PartialObjectMetadata(List)`: the
+/// objects' `metadata` only.
+fn partial_metadata(body: Value) -> Value {
+    let one = |o: &Value| {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": o["metadata"]})
+    };
+    match body.get("items").and_then(Value::as_array) {
+        Some(items) => json!({"apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadataList", "metadata": body["metadata"],
+            "items": items.iter().map(one).collect::<Vec<_>>()}),
+        None => one(&body),
     }
 }
 
@@ -582,6 +637,64 @@ mod fake_tests {
             "/api/v1/namespaces/shop/secrets/a",
             "/api/v1/pods"
         ));
+    }
+
+    #[tokio::test]
+    async fn lists_page_and_metadata_reads_get_metadata_only() {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, ListParams};
+        let pod = |name: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": "shop"},
+                   "spec": {"containers": [{"name": "app", "image": "nginx"}]}})
+        };
+        let fake = FakeApiServer::with(&[
+            ("/api/v1/namespaces/shop/pods/a", pod("a")),
+            ("/api/v1/namespaces/shop/pods/b", pod("b")),
+            ("/api/v1/namespaces/shop/pods/c", pod("c")),
+        ]);
+        let (client, task) = fake.client();
+        let api: Api<Pod> = Api::namespaced(client, "shop");
+        let first = api
+            .list_metadata(&ListParams::default().limit(2))
+            .await
+            .unwrap();
+        let names: Vec<_> = first
+            .items
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let token = first.metadata.continue_.clone().unwrap();
+        let rest = api
+            .list_metadata(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert!(rest.metadata.continue_.is_none_or(|c| c.is_empty()));
+        let seen = fake.calls();
+        assert!(seen[0].accept.contains("as=PartialObjectMetadataList"));
+        // Full reads still get the whole object.
+        let full = api.get("a").await.unwrap();
+        assert_eq!(
+            full.spec.unwrap().containers[0].image.as_deref(),
+            Some("nginx")
+        );
+        drop(api);
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn partial_metadata_keeps_only_metadata() {
+        let list = json!({"kind": "List", "metadata": {"resourceVersion": "7"},
+            "items": [{"kind": "Pod", "metadata": {"name": "a"}, "spec": {}}]});
+        let out = partial_metadata(list);
+        assert_eq!(out["kind"], "PartialObjectMetadataList");
+        assert_eq!(
+            out["items"][0],
+            json!({"apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata", "metadata": {"name": "a"}})
+        );
     }
 
     #[test]

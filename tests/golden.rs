@@ -26,6 +26,13 @@ const LABEL_CASES: &[&str] = &[
     "owned-replicaset",
     "kube-system-pod",
     "labelled-pod",
+    "workloads/deployment-create",
+    "workloads/deployment-tag-changed",
+    "workloads/deployment-image-update",
+    "workloads/statefulset-create",
+    "workloads/cronjob-create",
+    "workloads/owned-job",
+    "workloads/owned-replicaset-tag-on-metadata",
 ];
 
 /// One pod per Istio generation, before and after injection (the

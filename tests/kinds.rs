@@ -1,7 +1,8 @@
 //! One test per row of the kinds table (`mutate::KINDS`): what admission
-//! does with the kind (through `admission::review`, patch applied as the
-//! apiserver would), what `mutate -f` does with it (also in another API
-//! group), and the `kind` label its reviews get in the metrics. Adding a
+//! does with the kind on `CREATE` and `UPDATE` (through
+//! `admission::review`, patch applied as the apiserver would), what
+//! `mutate -f` does with it (also in another API group), and the `kind`
+//! label its reviews get in the metrics. Adding a
 //! row without a test here does not compile (`test_of`).
 
 mod common;
@@ -61,6 +62,34 @@ fn labels_at(object: &Value, location: Location) -> &Value {
     &at["metadata"]["labels"]
 }
 
+/// At admission a workload gets its tag annotation copied into its pod
+/// template, and no labels (its pods get them at their own CREATE).
+fn assert_tag_in_template(row: &KindInfo, out: &Value, input: &Value) {
+    let mut template = out;
+    let mut before = input;
+    for token in row.pod.tokens() {
+        template = &template[*token];
+        before = &before[*token];
+    }
+    assert_eq!(
+        template["metadata"]["annotations"],
+        json!({"canary-injector.io/tag": "v2"}),
+        "{} template",
+        row.name
+    );
+    assert_eq!(
+        template["metadata"]["labels"], before["metadata"]["labels"],
+        "{} template labels",
+        row.name
+    );
+    assert_eq!(
+        out["metadata"], input["metadata"],
+        "{} own metadata",
+        row.name
+    );
+    assert_eq!(out["spec"]["selector"], input["spec"]["selector"]);
+}
+
 /// The object carries the canary labels exactly where the table says.
 fn assert_labelled(row: &KindInfo, out: &Value, input: &Value) {
     let canary = json!({"app": "web", "canarytag": "v2", "stage": "gray"});
@@ -77,13 +106,17 @@ fn assert_labelled(row: &KindInfo, out: &Value, input: &Value) {
     assert_eq!(selector(out), selector(input), "selector never touched");
 }
 
-fn review(row: &KindInfo, object: &Value) -> Value {
-    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+fn review(row: &KindInfo, operation: &str, object: &Value) -> Value {
+    let mut review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
            "request": {"uid": "7c1e6a50-0000-4000-8000-000000000001",
                        "kind": {"group": row.group, "version": row.version, "kind": row.name},
                        "resource": {"group": row.group, "version": row.version,
                                     "resource": row.resource},
-                       "namespace": "shop", "operation": "CREATE", "object": object}})
+                       "namespace": "shop", "operation": operation, "object": object}});
+    if operation == "UPDATE" {
+        review["request"]["oldObject"] = object.clone();
+    }
+    review
 }
 
 fn admit(review: &Value) -> (admission::Reviewed, Value) {
@@ -98,23 +131,41 @@ fn check(kind: Kind) {
     let row = kind.info();
     let input = object(row);
 
-    // Admission: acted on only when the table says so.
-    let review = review(row, &input);
-    let (reviewed, patched) = admit(&review);
-    if row.admission {
-        assert_eq!(reviewed.outcome, Outcome::Patched, "{}", row.name);
-        assert_labelled(row, &patched, &input);
-        let (again, _) = admit(&with_object(&review, patched));
-        assert_eq!(again.outcome, Outcome::Allowed, "{} re-admitted", row.name);
-    } else {
+    // Admission: acted on only when the table says so, on the operations
+    // its webhook rule names.
+    for operation in ["CREATE", "UPDATE", "DELETE"] {
+        let review = review(row, operation, &input);
+        let (reviewed, patched) = admit(&review);
+        if !row.operations().contains(&operation) {
+            let reason = if row.admission {
+                SkipReason::Operation
+            } else {
+                SkipReason::Kind
+            };
+            assert_eq!(
+                reviewed.outcome,
+                Outcome::Skipped(reason),
+                "{} {operation}",
+                row.name
+            );
+            assert_eq!(patched, input);
+            continue;
+        }
         assert_eq!(
             reviewed.outcome,
-            Outcome::Skipped(SkipReason::Kind),
-            "{}",
+            Outcome::Patched,
+            "{} {operation}",
             row.name
         );
-        assert_eq!(patched, input);
+        if row.labels_on_object {
+            assert_labelled(row, &patched, &input);
+        } else {
+            assert_tag_in_template(row, &patched, &input);
+        }
+        let (again, _) = admit(&with_object(&review, patched));
+        assert_eq!(again.outcome, Outcome::Allowed, "{} re-admitted", row.name);
     }
+    let review = review(row, "CREATE", &input);
     // The same name in another group is never ours.
     let mut foreign = review.clone();
     foreign["request"]["kind"]["group"] = json!("example.com");

@@ -190,28 +190,36 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
             Some(443)
         )
     );
-    let rules: BTreeSet<(String, String, String)> = w
+    // Exactly the kinds admission acts on, with their operations.
+    let rules: BTreeSet<(Vec<String>, String, String, String)> = w
         .rules
         .iter()
         .flatten()
         .flat_map(|r| {
-            assert_eq!(r.operations.as_deref(), Some(&["CREATE".to_string()][..]));
+            let operations = r.operations.clone().unwrap();
             let group = r.api_groups.clone().unwrap()[0].clone();
             let version = r.api_versions.clone().unwrap()[0].clone();
             r.resources
                 .clone()
                 .unwrap()
                 .into_iter()
-                .map(move |res| (group.clone(), version.clone(), res))
+                .map(move |res| (operations.clone(), group.clone(), version.clone(), res))
         })
         .collect();
-    assert_eq!(
-        rules,
-        BTreeSet::from([
-            ("".into(), "v1".into(), "pods".into()),
-            ("apps".into(), "v1".into(), "replicasets".into()),
-        ])
-    );
+    let expected: BTreeSet<(Vec<String>, String, String, String)> = canary_injector::mutate::KINDS
+        .iter()
+        .filter(|row| row.admission)
+        .map(|row| {
+            (
+                row.operations().iter().map(|o| o.to_string()).collect(),
+                row.group.to_owned(),
+                row.version.to_owned(),
+                row.resource.to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(rules, expected);
+    assert!(rules.contains(&(vec!["CREATE".into()], "".into(), "v1".into(), "pods".into())));
     let ns_selector = serde_json::to_value(&w.namespace_selector).unwrap();
     assert_eq!(ns_selector["matchLabels"]["canary-injection"], "enabled");
     let excluded = &ns_selector["matchExpressions"][0];
@@ -731,6 +739,13 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
             &canary_injector::copier::CopyError::REASONS,
         )
         .applied();
+    controllers
+        .controller(
+            canary_injector::backfill::CONTROLLER,
+            &canary_injector::backfill::BackfillError::REASONS,
+        )
+        .applied();
+    canary_injector::backfill::BackfillMetrics::register(&registry).unwrap();
     canary_injector::cluster::events::EventMetrics::register(&registry).unwrap();
     canary_injector::routes::controller::RouteMetrics::register(&registry).unwrap();
     let exported: BTreeSet<String> = registry

@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use canary_injector::backfill::BackfillError;
 use canary_injector::config::Config;
 use canary_injector::copier::CopyError;
 use canary_injector::metrics::ERROR_REASONS;
@@ -34,7 +35,7 @@ fn codes() -> Vec<(&'static str, Vec<&'static str>)> {
         ("canary_injector_errors_total", ERROR_REASONS.to_vec()),
         (
             "canary_injector_mutations_total",
-            ["labels", "template-labels"]
+            ["labels", "template-labels", "template-tag"]
                 .into_iter()
                 .chain(
                     [
@@ -53,6 +54,7 @@ fn codes() -> Vec<(&'static str, Vec<&'static str>)> {
             CopyError::REASONS
                 .into_iter()
                 .chain(RouteError::REASONS)
+                .chain(BackfillError::REASONS)
                 .collect(),
         ),
         (
@@ -121,7 +123,7 @@ fn docs_alerts_and_dashboards_use_the_codes_that_exist() {
     for file in files {
         let text = read(file);
         for label in ["reason", "type"] {
-            for op in ["=\"", "!=\"", "=~\"", "=\\\""] {
+            for op in ["=\"", "!=\"", "=~\"", "!~\"", "=\\\""] {
                 let pattern = format!("{label}{op}");
                 for (at, _) in text.match_indices(&pattern) {
                     let rest = &text[at + pattern.len()..];

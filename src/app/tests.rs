@@ -188,8 +188,11 @@ fn source_json() -> Value {
     })
 }
 
-/// An apiserver holding the bootstrap source and the opted-in namespace
-/// `shop`, and the Lease `lease` when given.
+const POD: &str = "/api/v1/namespaces/shop/pods/web-1";
+
+/// An apiserver holding the bootstrap source, the opted-in namespace
+/// `shop` with a pod created before the webhook, and the Lease `lease`
+/// when given.
 fn apiserver(lease: Option<Value>) -> FakeApiServer {
     let mut objects = vec![
         (
@@ -200,6 +203,12 @@ fn apiserver(lease: Option<Value>) -> FakeApiServer {
             "/api/v1/namespaces/shop",
             json!({"apiVersion": "v1", "kind": "Namespace",
                    "metadata": {"name": "shop", "labels": {"canary-injection": "enabled"}}}),
+        ),
+        (
+            POD,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+                   "spec": {"containers": [{"name": "web", "image": "nginx"}]}}),
         ),
     ];
     if let Some(l) = lease {
@@ -223,70 +232,89 @@ fn calls(api: &FakeApiServer) -> Vec<String> {
         .collect()
 }
 
-/// A running `serve` with a cluster: its HTTPS address and how to stop it.
-struct Running {
-    https: SocketAddr,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<Result<(), AppError>>,
+fn position(calls: &[String], prefix: &str) -> Option<usize> {
+    calls.iter().position(|c| c.starts_with(prefix))
 }
 
-/// Binds and runs `serve` with `cfg` against `api`, and waits until ready.
-async fn serve_with(f: &Fixture, cfg: Config, api: &FakeApiServer) -> Running {
-    let (client, _served) = api.client();
+/// `serve` with the cluster config against `api`, once ready: its HTTPS
+/// address, the shutdown handle and the running task.
+async fn serve_ready(
+    f: &Fixture,
+    api: &FakeApiServer,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
+    serve_ready_with(f, api, cluster_config()).await
+}
+
+/// [`serve_ready`] with `cfg`.
+async fn serve_ready_with(
+    f: &Fixture,
+    api: &FakeApiServer,
+    cfg: Config,
+) -> (
+    SocketAddr,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), AppError>>,
+) {
+    let (client, served) = api.client();
+    // Serves until every client is dropped (the app's, at its end).
+    drop(served);
     let app = App::bind(cfg, options(f, ClusterAccess::Client(client)))
         .await
         .unwrap();
     let (https, _) = app.local_addrs();
     let shutdown = Shutdown::new();
-    let task = tokio::spawn(app.run(shutdown.clone()));
+    let running = tokio::spawn(app.run(shutdown.clone()));
     poll("ready", async || {
         get(https, &f.ca_pem, "/readyz").await == Some(200)
     })
     .await;
-    Running {
-        https,
-        shutdown,
-        task,
-    }
-}
-
-impl Running {
-    /// Requests shutdown and waits for a clean exit.
-    async fn stop(self) {
-        self.shutdown.request();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn position(calls: &[String], prefix: &str) -> Option<usize> {
-    calls.iter().position(|c| c.starts_with(prefix))
+    (https, shutdown, running)
 }
 
 #[tokio::test]
 async fn the_leader_copies_and_releases_its_lease_at_shutdown() {
     let f = fixture();
     let api = apiserver(None);
-    let running = serve_with(&f, cluster_config(), &api).await;
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     poll("the copy in shop", async || {
-        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/configmaps/").is_some()
     })
     .await;
-    running.stop().await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let calls = calls(&api);
     let acquired = position(&calls, "POST /apis/coordination.k8s.io").expect("lease created");
     let listed = calls
         .iter()
         .position(|c| c == "GET /api/v1/namespaces")
         .expect("namespaces listed");
-    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/").unwrap();
+    let copied = position(&calls, "PATCH /api/v1/namespaces/shop/configmaps/").unwrap();
+    let labelled = position(&calls, &format!("PATCH {POD}")).unwrap();
     assert!(acquired < listed && listed < copied, "{calls:#?}");
     // The routes controller runs on the leader too (and idles: no Istio here).
     let routes = position(&calls, "GET /apis/networking.istio.io").expect("routes discovery");
     assert!(acquired < routes, "{calls:#?}");
+    assert!(listed < labelled, "{calls:#?}");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| *c == "GET /api/v1/namespaces")
+            .count(),
+        1,
+        "the copier and the backfill share one namespace watch: {calls:#?}"
+    );
     let released = calls
         .iter()
         .rposition(|c| c.starts_with("PUT /apis/coordination.k8s.io"));
@@ -306,10 +334,15 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         "spec": {"holderIdentity": "canary-injector-other", "leaseDurationSeconds": 3600},
     });
     let api = apiserver(Some(held));
-    let running = serve_with(&f, cluster_config(), &api).await;
+    let (_, shutdown, running) = serve_ready(&f, &api).await;
     // Two election rounds at least.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    running.stop().await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let calls = calls(&api);
     assert!(
         position(&calls, "GET /api/v1/configmaps").is_some(),
@@ -338,7 +371,7 @@ async fn a_follower_serves_from_its_cache_and_writes_nothing() {
         !calls
             .iter()
             .any(|c| c.starts_with("GET /api/v1/namespaces") && !c.starts_with(ISTIO_CONFIGMAPS)),
-        "a follower never watches namespaces: {calls:#?}"
+        "a follower never watches namespaces nor lists their pods: {calls:#?}"
     );
 }
 
@@ -365,7 +398,7 @@ async fn the_detected_injector_version_reaches_admission() {
             );
         }
     }
-    let running = serve_with(&f, cluster_config(), &api).await;
+    let (https, shutdown, running) = serve_ready(&f, &api).await;
     let review = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
@@ -376,7 +409,7 @@ async fn the_detected_injector_version_reaches_admission() {
                        "spec": {"containers": [{"name": "web", "image": "nginx"}]}},
         },
     });
-    let answer = post_json(running.https, &f.ca_pem, "/mutate", &review)
+    let answer = post_json(https, &f.ca_pem, "/mutate", &review)
         .await
         .expect("a review answer");
     use base64::Engine as _;
@@ -394,7 +427,12 @@ async fn the_detected_injector_version_reaches_admission() {
             }},
         ])
     );
-    running.stop().await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let calls = calls(&api);
     assert!(
         calls.iter().any(|c| c == ISTIO_CONFIGMAPS),
@@ -406,14 +444,28 @@ async fn the_detected_injector_version_reaches_admission() {
 async fn with_leader_election_off_the_replica_copies_without_a_lease() {
     let f = fixture();
     let api = apiserver(None);
+    let (client, _served) = api.client();
     let mut cfg = cluster_config();
     cfg.leader_election.enabled = false;
-    let running = serve_with(&f, cfg, &api).await;
+    let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
+        .await
+        .unwrap();
+    let shutdown = Shutdown::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
     poll("the copy in shop", async || {
         position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
     })
     .await;
-    running.stop().await;
+    poll("the pod labelled", async || {
+        api.get(POD).unwrap()["metadata"]["labels"]["stage"] == "normal"
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let calls = calls(&api);
     assert_eq!(
         position(&calls, "GET /apis/coordination"),
@@ -424,5 +476,34 @@ async fn with_leader_election_off_the_replica_copies_without_a_lease() {
         position(&calls, "POST /apis/coordination"),
         None,
         "{calls:#?}"
+    );
+}
+
+#[tokio::test]
+async fn with_backfill_off_running_pods_are_left_alone() {
+    let f = fixture();
+    let api = apiserver(None);
+    let mut cfg = cluster_config();
+    cfg.backfill.enabled = false;
+    let (_, shutdown, running) = serve_ready_with(&f, &api, cfg).await;
+    poll("the copy in shop", async || {
+        position(&calls(&api), "PATCH /api/v1/namespaces/shop/").is_some()
+    })
+    .await;
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let calls = calls(&api);
+    assert_eq!(
+        position(&calls, "GET /api/v1/namespaces/shop/pods"),
+        None,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        api.get(POD).unwrap()["metadata"]["labels"],
+        json!({"app": "web"})
     );
 }

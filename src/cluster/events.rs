@@ -79,6 +79,15 @@ pub struct EventQueue {
     rx: mpsc::Receiver<EventRequest>,
 }
 
+#[cfg(test)]
+impl EventQueue {
+    /// Every queued event, without waiting (tests read what a sink was
+    /// given).
+    pub(crate) fn drain(&mut self) -> Vec<EventRequest> {
+        std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
+    }
+}
+
 impl EventSink {
     /// A sink that discards everything (no cluster).
     pub fn disabled() -> Self {

@@ -1,7 +1,8 @@
 //! The typed decision: what an object means (its [`Intent`]), which label
-//! maps lack which labels ([`LabelTarget`]), what the bootstrap part does
-//! ([`BootstrapDecision`]), why it was skipped, and what to tell the user
-//! ([`Warning`]). JSON Patch is one rendering of it
+//! maps lack which labels ([`LabelTarget`]), which tag annotation a
+//! workload's pod template gets ([`TemplateTag`]), what the bootstrap part
+//! does ([`BootstrapDecision`]), why it was skipped, and what to tell the
+//! user ([`Warning`]). JSON Patch is one rendering of it
 //! ([`Decision::to_json_patch`]); controllers read the fields directly.
 
 use std::borrow::Cow;
@@ -176,6 +177,26 @@ impl LabelTarget {
     }
 }
 
+/// A workload's tag annotation copied into its pod template at admission,
+/// so the pods created from the template (and the ReplicaSets between)
+/// carry the tag the workload asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateTag<'a> {
+    /// Where the pod template is.
+    pub location: Location,
+    /// The tag annotation key.
+    pub key: &'a str,
+    /// The workload's own annotation value, copied as is (the pods'
+    /// admission makes it a valid label value, with its warning).
+    pub value: &'a str,
+    /// The template's different value it replaces, if any.
+    pub previous: Option<&'a str>,
+    /// Whether the template has `metadata` (absent: it is created).
+    pub has_metadata: bool,
+    /// Whether that `metadata` has `annotations` (absent: created).
+    pub has_annotations: bool,
+}
+
 /// Something the user should know about a decision. [`Warning::reason`]
 /// is a stable code (Event reasons, metric labels); `Display` is the text
 /// users see (admission `warnings`, stderr offline).
@@ -211,16 +232,52 @@ pub enum Warning {
     /// The pod's `proxy.istio.io/config` annotation is not a YAML/JSON
     /// mapping, so the agent keepalive was not set.
     MalformedProxyConfig,
+    /// An `UPDATE` carries a tag annotation with nothing usable as a label
+    /// value: allowed (never refused for what it already carried), but
+    /// the tag is not copied into the pod template.
+    TagUnusable {
+        /// The annotation key.
+        annotation: String,
+        /// The value given.
+        value: String,
+        /// The label it would have become.
+        label: String,
+    },
+    /// A workload's tag annotation was copied into its pod template over a
+    /// different value, or by an `UPDATE` (a changed template rolls out
+    /// new pods).
+    TemplateTagCopied {
+        /// The tag annotation key.
+        annotation: String,
+        /// The workload's value, now also the template's.
+        value: String,
+        /// The template's value before, if it had one.
+        previous: Option<String>,
+    },
+    /// The object's own tag annotation is not what its pod template says,
+    /// and a controller owns that template: the labels follow the
+    /// template (what the pods get), not the object's annotation.
+    TemplateTagDiffers {
+        /// The tag annotation key.
+        annotation: String,
+        /// The object's own value.
+        value: String,
+        /// The template's value, if it has one.
+        template: Option<String>,
+    },
 }
 
 impl Warning {
     /// Every reason code, for documentation and tests.
-    pub const REASONS: [&'static str; 5] = [
+    pub const REASONS: [&'static str; 8] = [
         "tag-ignored",
         "tag-rewritten",
         "configmap-missing",
         "malformed-annotation",
         "malformed-proxy-config",
+        "tag-unusable",
+        "template-tag-copied",
+        "template-tag-differs",
     ];
 
     /// Stable kebab-case code: an Event reason and a metric label value.
@@ -231,6 +288,9 @@ impl Warning {
             Self::ConfigMapMissing { .. } => Self::REASONS[2],
             Self::MalformedAnnotation => Self::REASONS[3],
             Self::MalformedProxyConfig => Self::REASONS[4],
+            Self::TagUnusable { .. } => Self::REASONS[5],
+            Self::TemplateTagCopied { .. } => Self::REASONS[6],
+            Self::TemplateTagDiffers { .. } => Self::REASONS[7],
         }
     }
 }
@@ -269,6 +329,49 @@ impl fmt::Display for Warning {
                 "annotation {PROXY_CONFIG} is not a YAML or JSON mapping with a proxyMetadata \
                  mapping; the Istio agent keeps its default keepalive"
             ),
+            Self::TagUnusable {
+                annotation,
+                value,
+                label,
+            } => write!(
+                f,
+                "annotation {annotation}: {value:?} has no letters or digits to use as a canary \
+                 tag, so it is not copied into the pod template; set it to a name made of \
+                 [A-Za-z0-9._-] (it becomes the {label} label, at most 63 characters)"
+            ),
+            Self::TemplateTagCopied {
+                annotation,
+                value,
+                previous,
+            } => {
+                write!(
+                    f,
+                    "annotation {annotation}: {value:?} copied into the pod template"
+                )?;
+                if let Some(previous) = previous {
+                    write!(f, " over {previous:?}")?;
+                }
+                write!(f, "; a changed pod template rolls out new pods")
+            }
+            Self::TemplateTagDiffers {
+                annotation,
+                value,
+                template,
+            } => {
+                write!(
+                    f,
+                    "annotation {annotation}: {value:?} is on this object but "
+                )?;
+                match template {
+                    Some(t) => write!(f, "its pod template has {t:?}")?,
+                    None => write!(f, "not on its pod template")?,
+                }
+                write!(
+                    f,
+                    ", which its controller owns: labels follow the pod template; set the tag \
+                     in the controller's pod template"
+                )
+            }
         }
     }
 }
@@ -284,6 +387,8 @@ pub struct Decision<'a> {
     /// The label maps, primary first (the object, then its pod template),
     /// complete ones included.
     pub targets: Vec<LabelTarget>,
+    /// The tag annotation a workload's pod template gets, at admission.
+    pub template_tag: Option<TemplateTag<'a>>,
     /// What the bootstrap part decided, when it was considered.
     pub bootstrap: Option<BootstrapDecision<'a>>,
     /// Messages for the user.
@@ -299,10 +404,11 @@ impl Decision<'_> {
         }
     }
 
-    /// True when nothing would change: every target complete and no
-    /// bootstrap mount, annotation or keepalive env to add.
+    /// True when nothing would change: every target complete, no tag to
+    /// copy and no bootstrap mount, annotation or keepalive env to add.
     pub fn is_noop(&self) -> bool {
         self.targets.iter().all(LabelTarget::is_complete)
+            && self.template_tag.is_none()
             && self
                 .bootstrap
                 .as_ref()
@@ -310,16 +416,17 @@ impl Decision<'_> {
     }
 
     /// What would change, for the mutations metric (`labels`,
-    /// `template-labels`, `bootstrap-annotations`, `bootstrap-volume`,
-    /// `keepalive-proxy-config`, `keepalive-env`).
+    /// `template-labels`, `template-tag`, `bootstrap-annotations`,
+    /// `bootstrap-volume`, `keepalive-proxy-config`, `keepalive-env`).
     pub fn mutations(&self) -> impl Iterator<Item = &'static str> + '_ {
         let labels = self
             .targets
             .iter()
             .filter(|t| !t.is_complete())
             .map(LabelTarget::mutation);
+        let tag = self.template_tag.map(|_| "template-tag");
         let bootstrap = self.bootstrap.as_ref().and_then(|b| b.outcome().mutation());
-        labels.chain(bootstrap)
+        labels.chain(tag).chain(bootstrap)
     }
 
     /// What the bootstrap part did, for its metric.
@@ -417,6 +524,38 @@ mod tests {
                 "annotation proxy.istio.io/config is not a YAML or JSON mapping with a \
                  proxyMetadata mapping; the Istio agent keeps its default keepalive",
             ),
+            (
+                Warning::TagUnusable {
+                    annotation: "canary-injector.io/tag".into(),
+                    value: "///".into(),
+                    label: "canarytag".into(),
+                },
+                "tag-unusable",
+                "annotation canary-injector.io/tag: \"///\" has no letters or digits to use as a \
+                 canary tag, so it is not copied into the pod template; set it to a name made of \
+                 [A-Za-z0-9._-] (it becomes the canarytag label, at most 63 characters)",
+            ),
+            (
+                Warning::TemplateTagCopied {
+                    annotation: "canary-injector.io/tag".into(),
+                    value: "v3".into(),
+                    previous: Some("v2".into()),
+                },
+                "template-tag-copied",
+                "annotation canary-injector.io/tag: \"v3\" copied into the pod template over \
+                 \"v2\"; a changed pod template rolls out new pods",
+            ),
+            (
+                Warning::TemplateTagDiffers {
+                    annotation: "canary-injector.io/tag".into(),
+                    value: "feature-x".into(),
+                    template: None,
+                },
+                "template-tag-differs",
+                "annotation canary-injector.io/tag: \"feature-x\" is on this object but not on \
+                 its pod template, which its controller owns: labels follow the pod template; \
+                 set the tag in the controller's pod template",
+            ),
         ];
         for (warning, reason, text) in &cases {
             assert_eq!(warning.reason(), *reason);
@@ -424,5 +563,25 @@ mod tests {
             assert!(reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
         }
         assert_eq!(cases.len(), Warning::REASONS.len());
+        let copied = Warning::TemplateTagCopied {
+            annotation: "canary-injector.io/tag".into(),
+            value: "v3".into(),
+            previous: None,
+        };
+        assert_eq!(
+            copied.to_string(),
+            "annotation canary-injector.io/tag: \"v3\" copied into the pod template; a changed \
+             pod template rolls out new pods"
+        );
+        let differs = Warning::TemplateTagDiffers {
+            annotation: "canary-injector.io/tag".into(),
+            value: "a".into(),
+            template: Some("b".into()),
+        };
+        assert!(
+            differs
+                .to_string()
+                .contains("\"a\" is on this object but its pod template has \"b\", which")
+        );
     }
 }

@@ -89,6 +89,10 @@ pub struct KindInfo {
     /// Whether admission acts on it (else only `mutate -f` does, and
     /// `deploy/base/webhook.yaml` has no rule for it).
     pub admission: bool,
+    /// Whether admission also acts on `UPDATE` (workloads whose pod
+    /// template may change: their tag annotation must keep reaching it).
+    /// Not Jobs: a Job's template is immutable once created.
+    pub update: bool,
     /// Where its pod lives: the object itself for a Pod, else its template.
     pub pod: Location,
     /// Whether the object's own `metadata.labels` get the labels (Pods and
@@ -96,7 +100,9 @@ pub struct KindInfo {
     pub labels_on_object: bool,
     /// Whether the pod template is left alone when a controller owns the
     /// object: a Deployment compares its ReplicaSets' templates and creates
-    /// new ones forever on a mismatch (kubernetes#57167).
+    /// new ones forever on a mismatch (kubernetes#57167), and an operator
+    /// that owns a Deployment would fight a changed template the same way.
+    /// True for every kind with a template.
     pub owned_template_untouched: bool,
 }
 
@@ -105,7 +111,7 @@ const fn row(
     group: &'static str,
     name: &'static str,
     resource: &'static str,
-    admission: bool,
+    update: bool,
     pod: Location,
 ) -> KindInfo {
     KindInfo {
@@ -115,22 +121,37 @@ const fn row(
         name,
         resource,
         scope: Scope::Namespaced,
-        admission,
+        admission: true,
+        update,
         pod,
         labels_on_object: matches!(kind, Kind::Pod | Kind::ReplicaSet),
-        owned_template_untouched: matches!(kind, Kind::ReplicaSet),
+        owned_template_untouched: !matches!(pod, Location::Object),
     }
 }
 
-/// Every kind the core knows, in [`Kind`] order.
+impl KindInfo {
+    /// The operations of this kind's webhook rule (empty when admission
+    /// does not act on it).
+    pub fn operations(&self) -> &'static [&'static str] {
+        match (self.admission, self.update) {
+            (false, _) => &[],
+            (true, false) => &["CREATE"],
+            (true, true) => &["CREATE", "UPDATE"],
+        }
+    }
+}
+
+/// Every kind the core knows, in [`Kind`] order. Admission acts on all of
+/// them: Pods and ReplicaSets get labels, workloads get their tag
+/// annotation copied into their pod template (`update`: also on `UPDATE`).
 pub const KINDS: [KindInfo; 7] = [
-    row(Kind::Pod, "", "Pod", "pods", true, Location::Object),
+    row(Kind::Pod, "", "Pod", "pods", false, Location::Object),
     row(
         Kind::ReplicaSet,
         "apps",
         "ReplicaSet",
         "replicasets",
-        true,
+        false,
         Location::PodTemplate,
     ),
     row(
@@ -138,7 +159,7 @@ pub const KINDS: [KindInfo; 7] = [
         "apps",
         "Deployment",
         "deployments",
-        false,
+        true,
         Location::PodTemplate,
     ),
     row(
@@ -146,7 +167,7 @@ pub const KINDS: [KindInfo; 7] = [
         "apps",
         "StatefulSet",
         "statefulsets",
-        false,
+        true,
         Location::PodTemplate,
     ),
     row(
@@ -154,9 +175,11 @@ pub const KINDS: [KindInfo; 7] = [
         "apps",
         "DaemonSet",
         "daemonsets",
-        false,
+        true,
         Location::PodTemplate,
     ),
+    // A Job's template is immutable: an UPDATE that changed it would be
+    // refused by the apiserver, so only its CREATE is admitted.
     row(
         Kind::Job,
         "batch",
@@ -170,7 +193,7 @@ pub const KINDS: [KindInfo; 7] = [
         "batch",
         "CronJob",
         "cronjobs",
-        false,
+        true,
         Location::CronJobPodTemplate,
     ),
 ];
@@ -283,18 +306,22 @@ mod tests {
     fn metric_labels_are_bounded() {
         assert_eq!(Kind::metric_label("Pod"), "Pod");
         assert_eq!(Kind::metric_label("ReplicaSet"), "ReplicaSet");
-        assert_eq!(Kind::metric_label("Deployment"), "other", "not admitted");
+        assert_eq!(Kind::metric_label("Deployment"), "Deployment");
+        assert_eq!(Kind::metric_label("CronJob"), "CronJob");
         assert_eq!(Kind::metric_label("EvilKind-1234"), "other");
         assert_eq!(Kind::metric_label(""), "unknown");
     }
 
-    /// The webhook configuration sends exactly the table's admission kinds.
+    /// The webhook configuration sends exactly the table's admission kinds,
+    /// each with its operations (`CREATE`, plus `UPDATE` for workloads whose
+    /// template may change).
     #[test]
     fn webhook_rules_match_the_admission_rows() {
         let manifest = include_str!("../../deploy/base/webhook.yaml");
         let hook: Value = serde_saphyr::from_str(manifest).unwrap();
         let webhooks = hook["webhooks"].as_array().unwrap();
-        let mut rules = Vec::new();
+        // One entry per (rule, group, version, resource).
+        let mut sent = Vec::new();
         for w in webhooks {
             for rule in w["rules"].as_array().unwrap() {
                 let strings = |key: &str| -> Vec<String> {
@@ -305,35 +332,60 @@ mod tests {
                         .map(|v| v.as_str().unwrap().to_owned())
                         .collect()
                 };
-                rules.push((
-                    strings("operations"),
-                    strings("apiGroups"),
-                    strings("apiVersions"),
-                    strings("resources"),
-                    rule["scope"].as_str().unwrap_or("*").to_owned(),
-                ));
+                let scope = rule["scope"].as_str().unwrap_or("*").to_owned();
+                for group in strings("apiGroups") {
+                    for version in strings("apiVersions") {
+                        for resource in strings("resources") {
+                            sent.push((
+                                strings("operations"),
+                                group.clone(),
+                                version.clone(),
+                                resource,
+                                scope.clone(),
+                            ));
+                        }
+                    }
+                }
             }
         }
         let admitted: Vec<&KindInfo> = KINDS.iter().filter(|r| r.admission).collect();
         for row in &admitted {
-            let one = |s: &str| vec![s.to_owned()];
             let expected = (
-                one("CREATE"),
-                one(row.group),
-                one(row.version),
-                one(row.resource),
+                row.operations().iter().map(|s| s.to_string()).collect(),
+                row.group.to_owned(),
+                row.version.to_owned(),
+                row.resource.to_owned(),
                 row.scope.as_str().to_owned(),
             );
             assert!(
-                rules.contains(&expected),
-                "no webhook rule for {}: want {expected:?} in {rules:?}",
+                sent.contains(&expected),
+                "no webhook rule for {}: want {expected:?} in {sent:?}",
                 row.name
             );
         }
         assert_eq!(
-            rules.len(),
+            sent.len(),
             admitted.len(),
-            "a webhook rule sends a kind admission does not act on: {rules:?}"
+            "a webhook rule sends a kind admission does not act on: {sent:?}"
+        );
+    }
+
+    #[test]
+    fn only_workloads_with_a_mutable_template_are_admitted_on_update() {
+        let updated: Vec<&str> = KINDS
+            .iter()
+            .filter(|r| r.operations().contains(&"UPDATE"))
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            updated,
+            ["Deployment", "StatefulSet", "DaemonSet", "CronJob"]
+        );
+        assert!(KINDS.iter().all(|r| r.operations().contains(&"CREATE")));
+        assert!(
+            KINDS
+                .iter()
+                .all(|r| r.owned_template_untouched == (r.pod != Location::Object))
         );
     }
 }

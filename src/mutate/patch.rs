@@ -4,7 +4,8 @@
 //! Label maps and annotation maps that do not exist are created whole
 //! (`add /metadata/labels {..}`), existing ones get one `add` per missing
 //! key; userVolume and `proxy.istio.io/config` annotations the pod already
-//! has are `replace`d with the merged value; keepalive env entries are
+//! has are `replace`d with the merged value, and so is a workload
+//! template's different tag annotation; keepalive env entries are
 //! appended to `istio-proxy`'s `env`. Keys are escaped per RFC 6901 (`example.com/stage` ->
 //! `example.com~1stage`).
 
@@ -16,7 +17,7 @@ use super::bootstrap::{
     AgentEnv, AnnotationEdit, AnnotationTarget, BootstrapDecision, Edit, Mount, USER_VOLUME,
     USER_VOLUME_MOUNT, mount_fields, volume_source,
 };
-use super::decision::{Decision, Intent, LabelTarget};
+use super::decision::{Decision, Intent, LabelTarget, TemplateTag};
 use super::kinds::Location;
 
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
@@ -36,6 +37,9 @@ impl Decision<'_> {
             for target in &self.targets {
                 labels(target, intent, &mut ops);
             }
+        }
+        if let Some(tag) = &self.template_tag {
+            template_tag(tag, &mut ops);
         }
         // When a label operation created a pod's `metadata`, annotations go
         // into it: a second `add /metadata` would replace the labels just
@@ -68,6 +72,49 @@ impl Decision<'_> {
             Some(BootstrapDecision::AlreadyDone | BootstrapDecision::Skipped(_)) | None => {}
         }
         ops
+    }
+
+    /// Only the labels this decision adds to the object's own
+    /// `metadata.labels`: what the backfill controller writes to a running
+    /// object (never a template, never the bootstrap mount).
+    pub fn object_labels_patch(&self) -> Vec<PatchOperation> {
+        let mut ops = Vec::new();
+        if let Some(intent) = &self.intent {
+            for target in self
+                .targets
+                .iter()
+                .filter(|t| t.location == Location::Object)
+            {
+                labels(target, intent, &mut ops);
+            }
+        }
+        ops
+    }
+}
+
+fn template_tag(tag: &TemplateTag<'_>, ops: &mut Vec<PatchOperation>) {
+    let at = tag.location;
+    let value = Value::String(tag.value.to_owned());
+    if !tag.has_metadata {
+        let mut map = Map::new();
+        map.insert(tag.key.to_owned(), value);
+        ops.push(add(
+            pointer(at, ["metadata"]),
+            json!({ "annotations": map }),
+        ));
+    } else if !tag.has_annotations {
+        let mut map = Map::new();
+        map.insert(tag.key.to_owned(), value);
+        ops.push(add(
+            pointer(at, ["metadata", "annotations"]),
+            Value::Object(map),
+        ));
+    } else {
+        let path = pointer(at, ["metadata", "annotations", tag.key]);
+        ops.push(match tag.previous {
+            Some(_) => PatchOperation::Replace(ReplaceOperation { path, value }),
+            None => add(path, value),
+        });
     }
 }
 

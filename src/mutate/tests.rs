@@ -99,6 +99,17 @@ fn pod(labels: Value, annotations: Value) -> Value {
            "spec": {"containers": [{"name": "app", "image": "nginx"}]}})
 }
 
+/// A Deployment with these annotations on its own metadata and on its pod
+/// template.
+fn deployment(annotations: Value, template_annotations: Value) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": "web", "labels": {"app": "web"}, "annotations": annotations},
+           "spec": {"selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web"},
+                                              "annotations": template_annotations},
+                                 "spec": {"containers": [{"name": "app", "image": "nginx"}]}}}})
+}
+
 fn labels_of(v: &Value) -> &Value {
     &v["metadata"]["labels"]
 }
@@ -266,6 +277,13 @@ fn skip_rules() {
     let mirror = pod(json!({}), json!({"kubernetes.io/config.mirror": "abc"}));
     let opted_out = pod(json!({"canary-injector.io/inject": "false"}), json!({}));
     let opted_in = pod(json!({"canary-injector.io/inject": "true"}), json!({}));
+    let tagged = deployment(json!({"canary-injector.io/tag": "v2"}), json!({}));
+    let mut deleting = tagged.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2024-05-01T10:00:00Z");
+    let mut opted_out_deployment = tagged.clone();
+    opted_out_deployment["metadata"]["labels"] = json!({"canary-injector.io/inject": "false"});
+    let mut job = tagged.clone();
+    job["kind"] = json!("Job");
     let base = subject(Kind::Pod, "shop", Mode::Admission);
     let cases: Vec<(Subject<'_>, &Value, Option<SkipReason>)> = vec![
         (
@@ -291,11 +309,74 @@ fn skip_rules() {
         ),
         (
             Subject {
-                kind: Some(Kind::Deployment),
+                operation: Operation::Update,
                 ..base
             },
             &plain,
-            Some(SkipReason::Kind),
+            Some(SkipReason::Operation),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Job),
+                operation: Operation::Update,
+                ..base
+            },
+            &job,
+            Some(SkipReason::Operation),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                operation: Operation::Other,
+                ..base
+            },
+            &tagged,
+            Some(SkipReason::Operation),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                operation: Operation::Update,
+                ..base
+            },
+            &deleting,
+            Some(SkipReason::Deleting),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                operation: Operation::Update,
+                ..base
+            },
+            &tagged,
+            None,
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                operation: Operation::Update,
+                mode: Mode::Offline,
+                ..base
+            },
+            &tagged,
+            Some(SkipReason::Operation),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                ..base
+            },
+            &opted_out_deployment,
+            Some(SkipReason::OptedOut),
+        ),
+        (
+            Subject {
+                kind: Some(Kind::Deployment),
+                namespace: "kube-system",
+                ..base
+            },
+            &tagged,
+            Some(SkipReason::Namespace),
         ),
         (
             Subject {
@@ -527,6 +608,271 @@ fn workload_without_template_is_left_alone() {
     );
     assert!(plan.ops.is_empty());
     assert!(out["metadata"].get("labels").is_none());
+}
+
+// === workloads at admission: the tag reaches the pod template ===
+
+/// Admits `object` as `kind` with `operation`, applies the patch, admits
+/// the result again (it must need nothing); returns both.
+fn admit_op(kind: Kind, operation: Operation, mut object: Value) -> (Value, Planned) {
+    let p = P::default();
+    let s = Subject {
+        operation,
+        ..subject(kind, "shop", Mode::Admission)
+    };
+    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let first = plan(&s, &view, &p, &ClusterView::OFFLINE).expect("not denied");
+    assert_eq!(first.noop, first.ops.is_empty(), "{first:?}");
+    json_patch::patch(&mut object, &first.ops).expect("patch applies");
+    let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let second = plan(&s, &again, &p, &ClusterView::OFFLINE).unwrap();
+    assert!(
+        second.ops.is_empty(),
+        "re-admission patched: {:?}",
+        second.ops
+    );
+    (object, first)
+}
+
+fn template_annotations(v: &Value) -> &Value {
+    &v["spec"]["template"]["metadata"]["annotations"]
+}
+
+#[test]
+fn workload_tag_is_copied_into_its_template_once() {
+    for operation in [Operation::Create, Operation::Update] {
+        let input = deployment(json!({"canary-injector.io/tag": "v2"}), json!({}));
+        let (out, p) = admit_op(Kind::Deployment, operation, input.clone());
+        assert_eq!(
+            template_annotations(&out),
+            &json!({"canary-injector.io/tag": "v2"})
+        );
+        // Only the template's annotation: no labels anywhere, selector kept.
+        assert_eq!(out["metadata"], input["metadata"]);
+        assert_eq!(
+            out["spec"]["template"]["metadata"]["labels"],
+            json!({"app": "web"})
+        );
+        assert_eq!(out["spec"]["selector"], input["spec"]["selector"]);
+        assert_eq!(p.ops.len(), 1);
+        assert_eq!(
+            p.ops[0].path().to_string(),
+            "/spec/template/metadata/annotations/canary-injector.io~1tag"
+        );
+        assert_eq!(p.mutations, ["template-tag"]);
+        assert_eq!(p.intent, Some((Some("v2".into()), "gray".into())));
+        assert!(
+            p.targets.is_empty(),
+            "a workload gets no labels at admission"
+        );
+        // An UPDATE changes the template, which rolls the workload: say so.
+        let rolls = operation == Operation::Update;
+        assert_eq!(p.reasons == ["template-tag-copied"], rolls, "{p:?}");
+    }
+}
+
+#[test]
+fn workload_tag_already_in_its_template_needs_no_patch() {
+    let tag = json!({"canary-injector.io/tag": "v2"});
+    for operation in [Operation::Create, Operation::Update] {
+        let (_, p) = admit_op(
+            Kind::Deployment,
+            operation,
+            deployment(tag.clone(), tag.clone()),
+        );
+        assert!(p.ops.is_empty());
+        assert!(p.warnings.is_empty());
+        // Tagged in the template only: the pods get it; nothing to copy.
+        let (_, p) = admit_op(
+            Kind::Deployment,
+            operation,
+            deployment(json!({}), tag.clone()),
+        );
+        assert!(p.ops.is_empty());
+        assert_eq!(p.intent, Some((Some("v2".into()), "gray".into())));
+        // No tag at all: a normal workload.
+        let (_, p) = admit_op(
+            Kind::Deployment,
+            operation,
+            deployment(json!({}), json!({})),
+        );
+        assert!(p.ops.is_empty());
+        assert_eq!(p.intent, Some((None, "normal".into())));
+    }
+}
+
+#[test]
+fn a_changed_workload_tag_replaces_the_templates() {
+    // `kubectl apply` of a new tag keeps the template's old copy (it was
+    // not in the applied manifest): the workload's own annotation wins.
+    let (out, p) = admit_op(
+        Kind::Deployment,
+        Operation::Update,
+        deployment(
+            json!({"canary-injector.io/tag": "v3"}),
+            json!({"canary-injector.io/tag": "v2", "other": "kept"}),
+        ),
+    );
+    assert_eq!(
+        template_annotations(&out),
+        &json!({"canary-injector.io/tag": "v3", "other": "kept"})
+    );
+    assert!(matches!(
+        p.ops[..],
+        [json_patch::PatchOperation::Replace(_)]
+    ));
+    assert_eq!(p.reasons, ["template-tag-copied"]);
+    assert!(p.warnings[0].contains(r#""v3" copied into the pod template over "v2""#));
+}
+
+#[test]
+fn workload_template_maps_are_created_when_absent() {
+    for template_meta in [json!(null), json!({}), json!({"annotations": null})] {
+        let mut d = deployment(json!({"canary-injector.io/tag": "v2"}), json!({}));
+        if template_meta.is_null() {
+            d["spec"]["template"]
+                .as_object_mut()
+                .unwrap()
+                .remove("metadata");
+        } else {
+            d["spec"]["template"]["metadata"] = template_meta.clone();
+        }
+        let (out, _) = admit_op(Kind::Deployment, Operation::Create, d);
+        assert_eq!(
+            template_annotations(&out),
+            &json!({"canary-injector.io/tag": "v2"}),
+            "{template_meta}"
+        );
+    }
+}
+
+#[test]
+fn every_workload_kind_gets_the_tag_in_its_template() {
+    for kind in [
+        Kind::Deployment,
+        Kind::StatefulSet,
+        Kind::DaemonSet,
+        Kind::Job,
+        Kind::CronJob,
+    ] {
+        let info = kind.info();
+        let template = json!({"metadata": {"labels": {"app": "web"}}, "spec": {}});
+        let spec = match info.pod {
+            Location::CronJobPodTemplate => {
+                json!({"jobTemplate": {"spec": {"template": template}}})
+            }
+            _ => json!({"template": template}),
+        };
+        let object = json!({"kind": info.name,
+            "metadata": {"name": "web", "annotations": {"canary-injector.io/tag": "feature/x"}},
+            "spec": spec});
+        let (out, p) = admit_op(kind, Operation::Create, object);
+        let mut at = &out;
+        for token in info.pod.tokens() {
+            at = &at[*token];
+        }
+        // Copied as written: the pods' own admission makes it a label value.
+        assert_eq!(
+            at["metadata"]["annotations"],
+            json!({"canary-injector.io/tag": "feature/x"}),
+            "{}",
+            info.name
+        );
+        assert_eq!(p.intent, Some((Some("feature-x".into()), "gray".into())));
+        assert_eq!(
+            p.reasons,
+            ["tag-rewritten"],
+            "{}: the user sees it at apply",
+            info.name
+        );
+    }
+}
+
+#[test]
+fn unusable_workload_tag_denies_a_create_but_never_an_update() {
+    let d = deployment(json!({"canary-injector.io/tag": "///"}), json!({}));
+    let view: ObjectView = serde_json::from_value(d.clone()).unwrap();
+    let p = P::default();
+    let create = subject(Kind::Deployment, "shop", Mode::Admission);
+    let err = decide(&create, &view, p.policy(), &ClusterView::OFFLINE).unwrap_err();
+    assert!(matches!(err, Deny::UnusableTag { .. }), "{err}");
+    let (out, planned) = admit_op(Kind::Deployment, Operation::Update, d.clone());
+    assert_eq!(out, d, "not copied");
+    assert_eq!(planned.reasons, ["tag-unusable"]);
+    assert_eq!(planned.intent, None);
+}
+
+#[test]
+fn owned_workloads_keep_their_template() {
+    // A Job its CronJob created, tagged on the Job's own metadata only.
+    let mut job = deployment(json!({"canary-injector.io/tag": "v2"}), json!({}));
+    job["kind"] = json!("Job");
+    job["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "CronJob",
+        "name": "nightly", "uid": "u", "controller": true}]);
+    for mode in [Mode::Admission, Mode::Offline] {
+        let view: ObjectView = serde_json::from_value(job.clone()).unwrap();
+        let p = plan(
+            &subject(Kind::Job, "shop", mode),
+            &view,
+            &P::default(),
+            &ClusterView::OFFLINE,
+        )
+        .unwrap();
+        assert!(p.ops.is_empty(), "{mode:?}: {:?}", p.ops);
+        assert_eq!(p.intent, Some((None, "normal".into())), "what its pods get");
+        assert_eq!(p.reasons, ["template-tag-differs"]);
+    }
+}
+
+#[test]
+fn owned_replicaset_labels_follow_its_template_not_its_own_tag() {
+    // What a Deployment tagged on its own metadata made before this rule:
+    // the annotation copied onto the ReplicaSet, its template without it.
+    let mut rs = replicaset(true);
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "feature-x",
+        "deployment.kubernetes.io/revision": "3"});
+    let original = rs.clone();
+    let (out, p) = run(Kind::ReplicaSet, rs, &P::default());
+    assert_eq!(
+        labels_of(&out),
+        &json!({"app": "web", "pod-template-hash": "abc", "stage": "normal"}),
+        "the pods are normal: so is their ReplicaSet"
+    );
+    assert_eq!(out["spec"], original["spec"]);
+    assert_eq!(p.reasons, ["template-tag-differs"]);
+
+    // The template's labels speak for it too.
+    let mut rs = replicaset(true);
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "feature-x"});
+    rs["spec"]["template"]["metadata"]["labels"]["canarytag"] = json!("v7");
+    let (out, _) = run(Kind::ReplicaSet, rs, &P::default());
+    assert_eq!(labels_of(&out)["canarytag"], "v7");
+    assert_eq!(labels_of(&out)["stage"], "gray");
+
+    // Tagged the same on both: no warning.
+    let mut rs = replicaset(true);
+    let tag = json!({"canary-injector.io/tag": "feature-x"});
+    rs["metadata"]["annotations"] = tag.clone();
+    rs["spec"]["template"]["metadata"]["annotations"] = tag;
+    let (out, p) = run(Kind::ReplicaSet, rs, &P::default());
+    assert_eq!(labels_of(&out)["canarytag"], "feature-x");
+    assert!(p.warnings.is_empty());
+}
+
+#[test]
+fn offline_leaves_an_owned_workloads_template_alone() {
+    let mut d = deployment(json!({"canary-injector.io/tag": "v2"}), json!({}));
+    d["metadata"]["ownerReferences"] = json!([{"apiVersion": "example.com/v1",
+        "kind": "App", "name": "web", "uid": "u", "controller": true}]);
+    let (out, p) = run_in(
+        Kind::Deployment,
+        "",
+        Mode::Offline,
+        d.clone(),
+        &P::default(),
+    );
+    assert_eq!(out, d);
+    assert_eq!(p.reasons, ["template-tag-differs"]);
 }
 
 #[test]
@@ -1680,53 +2026,67 @@ fn pod_spec() -> impl Strategy<Value = Value> {
         )
 }
 
-/// A Pod, an owned or standalone ReplicaSet, or a workload, with the mode
-/// that acts on it.
-fn subject_object() -> impl Strategy<Value = (Kind, Mode, Value)> {
-    (0..8u8, metadata(), metadata(), pod_spec(), any::<bool>()).prop_map(
-        |(which, meta, template_meta, spec, offline)| {
-            let (kind, owned) = match which {
-                0 => (Kind::Pod, false),
-                1 => (Kind::ReplicaSet, true),
-                2 => (Kind::ReplicaSet, false),
-                3 => (Kind::Deployment, false),
-                4 => (Kind::StatefulSet, false),
-                5 => (Kind::DaemonSet, false),
-                6 => (Kind::Job, false),
-                _ => (Kind::CronJob, false),
-            };
-            let info = kind.info();
-            let mode = if info.admission && !offline {
-                Mode::Admission
-            } else {
-                Mode::Offline
-            };
-            let mut object = json!({"apiVersion": "v1", "kind": info.name});
-            let mut meta = meta;
-            if owned {
-                let m = meta.get_or_insert_with(|| json!({}));
-                m["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment",
-                    "name": "web", "uid": "u", "controller": true}]);
-            }
-            if let Some(m) = meta {
-                object["metadata"] = m;
-            }
-            let mut template = json!({"spec": spec.clone()});
-            if let Some(m) = template_meta {
-                template["metadata"] = m;
-            }
-            object["spec"] = match info.pod {
-                Location::Object => spec,
-                Location::PodTemplate => {
-                    json!({"selector": {"matchLabels": {"app": "web"}}, "template": template})
-                }
-                Location::CronJobPodTemplate => {
-                    json!({"jobTemplate": {"spec": {"template": template}}})
-                }
-            };
-            (kind, mode, object)
-        },
+/// A Pod, an owned or standalone ReplicaSet, or a workload (sometimes
+/// owned), with the mode and operation that act on it.
+fn subject_object() -> impl Strategy<Value = (Kind, Mode, Operation, Value)> {
+    (
+        0..8u8,
+        metadata(),
+        metadata(),
+        pod_spec(),
+        any::<bool>(),
+        prop::bool::weighted(0.2),
+        any::<bool>(),
     )
+        .prop_map(
+            |(which, meta, template_meta, spec, offline, owned_workload, update)| {
+                let (kind, owned) = match which {
+                    0 => (Kind::Pod, false),
+                    1 => (Kind::ReplicaSet, true),
+                    2 => (Kind::ReplicaSet, false),
+                    3 => (Kind::Deployment, owned_workload),
+                    4 => (Kind::StatefulSet, owned_workload),
+                    5 => (Kind::DaemonSet, owned_workload),
+                    6 => (Kind::Job, owned_workload),
+                    _ => (Kind::CronJob, owned_workload),
+                };
+                let info = kind.info();
+                let mode = if info.admission && !offline {
+                    Mode::Admission
+                } else {
+                    Mode::Offline
+                };
+                let operation = if mode == Mode::Admission && info.update && update {
+                    Operation::Update
+                } else {
+                    Operation::Create
+                };
+                let mut object = json!({"apiVersion": "v1", "kind": info.name});
+                let mut meta = meta;
+                if owned {
+                    let m = meta.get_or_insert_with(|| json!({}));
+                    m["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "Deployment",
+                        "name": "web", "uid": "u", "controller": true}]);
+                }
+                if let Some(m) = meta {
+                    object["metadata"] = m;
+                }
+                let mut template = json!({"spec": spec.clone()});
+                if let Some(m) = template_meta {
+                    template["metadata"] = m;
+                }
+                object["spec"] = match info.pod {
+                    Location::Object => spec,
+                    Location::PodTemplate => {
+                        json!({"selector": {"matchLabels": {"app": "web"}}, "template": template})
+                    }
+                    Location::CronJobPodTemplate => {
+                        json!({"jobTemplate": {"spec": {"template": template}}})
+                    }
+                };
+                (kind, mode, operation, object)
+            },
+        )
 }
 
 fn labels_at(object: &Value, location: Location) -> Option<&serde_json::Map<String, Value>> {
@@ -1735,6 +2095,38 @@ fn labels_at(object: &Value, location: Location) -> Option<&serde_json::Map<Stri
         at = at.get(*token)?;
     }
     at.get("metadata")?.get("labels")?.as_object()
+}
+
+const TAG: &str = "canary-injector.io/tag";
+
+/// `object` without its pod template's tag annotation (nor the maps that
+/// held only it), and that annotation.
+fn split_template_tag(object: &Value, location: Location) -> (Value, Option<Value>) {
+    let mut object = object.clone();
+    let mut at = Some(&mut object);
+    for token in location.tokens() {
+        at = at.and_then(|v| v.get_mut(*token));
+    }
+    let Some(meta) = at
+        .and_then(|t| t.as_object_mut())
+        .filter(|t| t.contains_key("metadata"))
+    else {
+        return (object, None);
+    };
+    let tag = meta["metadata"]
+        .get_mut("annotations")
+        .and_then(Value::as_object_mut)
+        .and_then(|a| a.remove(TAG));
+    let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
+    if let Some(m) = meta["metadata"].as_object_mut()
+        && m.get("annotations").is_some_and(empty)
+    {
+        m.remove("annotations");
+    }
+    if meta.get("metadata").is_some_and(empty) {
+        meta.remove("metadata");
+    }
+    (object, tag)
 }
 
 proptest! {
@@ -1746,7 +2138,7 @@ proptest! {
     /// decision on the patched object has nothing to do.
     #[test]
     fn rendered_patch_applied_then_redecided_has_nothing_to_do(
-        (kind, mode, object) in subject_object(),
+        (kind, mode, operation, object) in subject_object(),
         proxy_version in prop_oneof![
             2 => Just(None),
             3 => Just(Some("1.5")),
@@ -1772,11 +2164,12 @@ proptest! {
         p.bootstrap.enabled = bootstrap_enabled;
         p.bootstrap.keepalive = Keepalive { time: keepalive.0, probes: keepalive.1, interval: keepalive.2 };
         let cluster = ClusterView { bootstrap_configmap: availability, injector_version };
-        let s = subject(kind, "shop", mode);
+        let s = Subject { operation, ..subject(kind, "shop", mode) };
         let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
         let first = match decide(&s, &view, p.policy(), &cluster) {
             Err(Deny::UnusableTag { value, .. }) => {
                 prop_assert!(!value.chars().any(|c| c.is_ascii_alphanumeric()), "{value:?}");
+                prop_assert_eq!(operation, Operation::Create, "an UPDATE is never refused");
                 return Ok(());
             }
             Err(other) => return Err(TestCaseError::fail(format!("unexpected deny {other}"))),
@@ -1791,10 +2184,22 @@ proptest! {
         let mut patched = object.clone();
         json_patch::patch(&mut patched, &ops).unwrap();
 
-        // Never the selector; never an owned ReplicaSet's spec.
+        // Never the selector; never the spec of an object whose template a
+        // controller owns.
         prop_assert_eq!(&patched["spec"]["selector"], &object["spec"]["selector"]);
-        if kind == Kind::ReplicaSet && view.has_controller() {
+        if kind != Kind::Pod && view.has_controller() {
             prop_assert_eq!(&patched["spec"], &object["spec"]);
+        }
+        // A workload at admission: at most its template's tag annotation
+        // changes, to the workload's own.
+        if mode == Mode::Admission && !kind.info().labels_on_object {
+            let (patched_rest, copied) = split_template_tag(&patched, kind.info().pod);
+            let (original_rest, _) = split_template_tag(&object, kind.info().pod);
+            if first.template_tag.is_some() {
+                prop_assert_eq!(copied.as_ref(), object["metadata"]["annotations"].get(TAG));
+            }
+            prop_assert_eq!(patched_rest, original_rest);
+            prop_assert!(first.targets.is_empty());
         }
         // Every label kept; every target filled with the intent's labels
         // where it lacked them.
@@ -1890,4 +2295,133 @@ fn labels_and_annotations_share_a_created_metadata() {
     assert_eq!(meta["labels"], json!({"stage": "normal"}));
     assert!(meta["annotations"][bootstrap::USER_VOLUME].is_string());
     assert!(meta["annotations"][bootstrap::USER_VOLUME_MOUNT].is_string());
+}
+
+// === proptest: a Deployment, its ReplicaSet and its pods agree ===
+
+/// The ReplicaSet the Deployment controller makes from `deployment`: its
+/// annotations copied, the template's labels plus `pod-template-hash` on
+/// both the ReplicaSet and its template, owned by the Deployment.
+fn replicaset_of(deployment: &Value) -> Value {
+    let hash = "5d8f7c9b6";
+    let mut template = deployment["spec"]["template"].clone();
+    let mut labels = template["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    labels.insert("pod-template-hash".into(), json!(hash));
+    if !template.get("metadata").is_some_and(Value::is_object) {
+        template["metadata"] = json!({});
+    }
+    template["metadata"]["labels"] = Value::Object(labels.clone());
+    let mut annotations = deployment["metadata"]["annotations"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    annotations.insert("deployment.kubernetes.io/revision".into(), json!("1"));
+    json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": format!("web-{hash}"), "labels": labels, "annotations": annotations,
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                          "name": "web", "uid": "d", "controller": true}]},
+        "spec": {"selector": {"matchLabels": {"app": "web", "pod-template-hash": hash}},
+                 "template": template}})
+}
+
+/// A pod the ReplicaSet controller makes from `rs`'s template.
+fn pod_of(rs: &Value) -> Value {
+    let mut meta = rs["spec"]["template"]["metadata"].clone();
+    meta["generateName"] = json!("web-5d8f7c9b6-");
+    meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": rs["metadata"]["name"], "uid": "r", "controller": true}]);
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+           "spec": rs["spec"]["template"]["spec"]})
+}
+
+/// Admits `object` as the apiserver would and returns what it stores:
+/// `None` when denied.
+fn admitted(kind: Kind, operation: Operation, mut object: Value, p: &P) -> Option<Value> {
+    let s = Subject {
+        operation,
+        ..subject(kind, "shop", Mode::Admission)
+    };
+    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let d = decide(&s, &view, p.policy(), &ClusterView::OFFLINE).ok()?;
+    json_patch::patch(&mut object, &d.to_json_patch()).unwrap();
+    Some(object)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// Whatever a Deployment carries (a tag on its own metadata or its
+    /// template, labels on its template, opt-outs, unusable tags): once
+    /// admitted, the ReplicaSet its controller makes and the pods that
+    /// ReplicaSet makes carry the same `stage` and `canarytag`, and a tag
+    /// on the Deployment's own metadata reaches the pods.
+    #[test]
+    fn a_deployment_its_replicaset_and_its_pods_agree(
+        meta in metadata(),
+        template_meta in metadata(),
+        operation in prop_oneof![Just(Operation::Create), Just(Operation::Update)],
+    ) {
+        let p = P::default();
+        let mut deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"spec": {"containers": [{"name": "app", "image": "nginx"}]}}}});
+        if let Some(m) = meta {
+            deployment["metadata"] = m;
+        }
+        if let Some(m) = template_meta {
+            deployment["spec"]["template"]["metadata"] = m;
+        }
+        // The webhook's objectSelector: an opted-out object is not sent.
+        let opted_out = |v: &Value| v["metadata"]["labels"]["canary-injector.io/inject"] == "false";
+        let deployment = if opted_out(&deployment) {
+            deployment
+        } else {
+            match admitted(Kind::Deployment, operation, deployment, &p) {
+                Some(d) => d,
+                None => return Ok(()),
+            }
+        };
+        let rs = replicaset_of(&deployment);
+        let rs = if opted_out(&rs) {
+            rs
+        } else {
+            match admitted(Kind::ReplicaSet, Operation::Create, rs, &p) {
+                Some(rs) => rs,
+                // Its template's tag is unusable: no ReplicaSet, no pods.
+                None => return Ok(()),
+            }
+        };
+        let pod = pod_of(&rs);
+        let pod = if opted_out(&pod) {
+            pod
+        } else {
+            admitted(Kind::Pod, Operation::Create, pod, &p)
+                .expect("a pod is denied only for what its ReplicaSet was")
+        };
+        for key in ["stage", "canarytag"] {
+            prop_assert_eq!(
+                &rs["metadata"]["labels"][key], &pod["metadata"]["labels"][key],
+                "{} of the ReplicaSet and its pod", key
+            );
+        }
+        // The Deployment's own usable tag reached the pods (unless a label
+        // the template already has says otherwise).
+        let own_tag = deployment["metadata"]["annotations"]["canary-injector.io/tag"].as_str();
+        let template_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        if let Some(tag) = own_tag
+            && let Some(expected) = labels::sanitize_tag(tag)
+            && !opted_out(&deployment)
+            && template_labels.get("canarytag").is_none()
+            && template_labels.get("stage").is_none()
+            && !opted_out(&pod)
+        {
+            prop_assert_eq!(
+                pod["metadata"]["labels"]["canarytag"].as_str(),
+                Some(expected.value.as_str())
+            );
+        }
+    }
 }

@@ -1,0 +1,702 @@
+//! The backfill controller (leader only): gives the Pods and ReplicaSets of
+//! opted-in namespaces the labels admission would have given them at
+//! `CREATE`, when they were created before the webhook could (the
+//! namespace opted in later, the webhook was installed later).
+//!
+//! Labels are mutable, so a label-only PATCH needs no restart and does not
+//! change which ReplicaSet owns a pod (selectors only need their own
+//! labels). What each object lacks is decided by the admission rules
+//! themselves ([`plan::plan`] calls [`crate::mutate::decide`]): the same
+//! opt-out label, excluded namespaces, mirror pods, owned-template rule and
+//! tag handling, and nothing an object already has is ever overwritten.
+//!
+//! ```text
+//!  shared watch of the opted-in Namespaces (namespaces.optIn)
+//!    --> Controller<Namespace>: a pass per namespace at the start of each
+//!        leadership term, when a namespace opts in (or changes), and every
+//!        30 minutes
+//!  a pass over one namespace:
+//!    list Pods, metadata only, pages of 500, opted-out ones filtered by the
+//!      apiserver (labelSelector <optOutLabel>!=false)
+//!    list ReplicaSets, pages of 100 (an owned one's intent is in its template)
+//!    per object: plan --> JSON Patch [test resourceVersion, add labels...]
+//!      paced (backfill.patchesPerSecond, shared by all namespaces);
+//!      422 (changed since read) --> read again, decide again (3 tries)
+//!    one Event per owner of what was labelled; one log line per namespace
+//! ```
+//!
+//! Resumable by construction: the cluster holds the progress. A pass cut
+//! short (leadership lost, an API error, shutdown) is simply run again, and
+//! what was labelled already costs no write. A running pod cannot get the
+//! bootstrap template mount; pods that miss it are counted and named in
+//! the Event (a restart mounts it).
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ReflectHandle, Store};
+use kube::{Client, ResourceExt};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cluster::events::{EventRequest, EventSink};
+use crate::config::Config;
+use crate::metrics::ControllerCounters;
+use crate::mutate::{Kind, MetaView, ObjectView, OwnerRef, Policy, TemplateView};
+use plan::{LabelPatch, Plan};
+
+/// Name of this controller in metrics and logs.
+pub const CONTROLLER: &str = "backfill";
+
+/// Pass over every opted-in namespace again this often: catches objects
+/// that escaped admission some other way. Cheap when nothing is missing:
+/// two list calls per namespace, no writes.
+const RESYNC: Duration = Duration::from_secs(30 * 60);
+
+/// Retry a namespace whose pass failed.
+const ERROR_REQUEUE: Duration = Duration::from_secs(30);
+
+/// Pods per list page (metadata only: about 1-2 kB each).
+const POD_PAGE: u32 = 500;
+
+/// ReplicaSets per list page (whole objects: their template is read).
+const REPLICASET_PAGE: u32 = 100;
+
+/// Patches of one object before it is left for the next pass, when it
+/// keeps changing between the read and the patch.
+const ATTEMPTS: usize = 3;
+
+/// Namespaces passed over at once (the pace is shared, so more would only
+/// overlap list calls).
+const CONCURRENCY: u16 = 2;
+
+// === BackfillSettings ===
+
+/// What the backfill needs from [`Config`].
+#[derive(Debug, Clone)]
+pub struct BackfillSettings {
+    /// At most this many patches per second, over all namespaces.
+    pub patches_per_second: u32,
+    /// Report Istio pods that miss the bootstrap template (the fix is on).
+    pub report_bootstrap: bool,
+    /// The configuration decided with, its bootstrap mount turned off: a
+    /// running pod's volumes cannot change.
+    rules: Config,
+}
+
+impl BackfillSettings {
+    /// The settings for `cfg`; `None` when `backfill.enabled` is false.
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        if !cfg.backfill.enabled {
+            return None;
+        }
+        let mut rules = cfg.clone();
+        rules.bootstrap.enabled = false;
+        Some(Self {
+            patches_per_second: cfg.backfill.patches_per_second,
+            report_bootstrap: cfg.bootstrap.enabled,
+            rules,
+        })
+    }
+
+    fn policy(&self) -> Policy<'_> {
+        self.rules.policy()
+    }
+
+    /// The webhook's `objectSelector`, as a list selector: opted-out
+    /// objects are not even listed.
+    fn list_selector(&self) -> String {
+        format!("{}!=false", self.rules.labels.opt_out_label)
+    }
+}
+
+// === BackfillMetrics ===
+
+/// What the backfill counts besides the controller counters.
+#[derive(Clone)]
+pub struct BackfillMetrics {
+    labelled: IntCounterVec,
+    restart_for_bootstrap: IntCounter,
+}
+
+impl BackfillMetrics {
+    /// Creates and registers `backfill_labelled_total{kind}` and
+    /// `backfill_restart_for_bootstrap_total`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let labelled = IntCounterVec::new(
+            Opts::new(
+                "backfill_labelled_total",
+                "Objects created before the webhook that the backfill gave their missing \
+                 labels, by kind (Pod, ReplicaSet).",
+            ),
+            &["kind"],
+        )?;
+        for kind in [Kind::Pod, Kind::ReplicaSet] {
+            labelled.with_label_values(&[kind.name()]);
+        }
+        let restart_for_bootstrap = IntCounter::new(
+            "backfill_restart_for_bootstrap_total",
+            "Pods the backfill labelled that run an Istio sidecar without the bootstrap \
+             keepalive template (mounted only at pod creation: a restart gives it one).",
+        )?;
+        registry.register(Box::new(labelled.clone()))?;
+        registry.register(Box::new(restart_for_bootstrap.clone()))?;
+        Ok(Self {
+            labelled,
+            restart_for_bootstrap,
+        })
+    }
+}
+
+// === Errors ===
+
+/// Why a pass over a namespace stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    /// Listing Pods or ReplicaSets failed.
+    #[error("cannot list the objects: {0}")]
+    List(#[source] kube::Error),
+    /// Reading an object again after a conflict failed.
+    #[error("cannot read the object again: {0}")]
+    Read(#[source] kube::Error),
+    /// A label patch was refused for another reason than a conflict.
+    #[error("cannot patch the labels: {0}")]
+    Patch(#[source] kube::Error),
+    /// The namespace has no name.
+    #[error("object has no {0}")]
+    MissingObjectKey(&'static str),
+}
+
+impl BackfillError {
+    /// Every `reason` label value, exported at 0 from the start:
+    /// `conflict` counts objects that kept changing and were left for the
+    /// next pass.
+    pub const REASONS: [&'static str; 5] =
+        ["list", "read", "patch", "missing-object-key", CONFLICT];
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::List(_) => Self::REASONS[0],
+            Self::Read(_) => Self::REASONS[1],
+            Self::Patch(_) => Self::REASONS[2],
+            Self::MissingObjectKey(_) => Self::REASONS[3],
+        }
+    }
+}
+
+const CONFLICT: &str = "conflict";
+
+// === Pacer ===
+
+/// Spaces patches `1 / patches_per_second` apart, over every namespace
+/// being passed: a steady pace, no bursts.
+struct Pacer {
+    period: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(per_second: u32) -> Self {
+        Self {
+            period: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for the next slot; false when `stop` came first.
+    async fn wait(&self, stop: &CancellationToken) -> bool {
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + self.period;
+            at
+        };
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep_until(at) => true,
+        }
+    }
+}
+
+// === Reading and writing one kind ===
+
+/// One object as read: what the decision needs and how to address it.
+struct Read {
+    name: String,
+    uid: Option<String>,
+    resource_version: String,
+    view: ObjectView,
+}
+
+/// The core's view of `metadata`.
+fn meta_view(m: &ObjectMeta) -> MetaView {
+    MetaView {
+        name: m.name.clone(),
+        generate_name: m.generate_name.clone(),
+        labels: m.labels.clone(),
+        annotations: m.annotations.clone(),
+        owner_references: m.owner_references.as_ref().map(|refs| {
+            refs.iter()
+                .map(|r| OwnerRef {
+                    api_version: r.api_version.clone(),
+                    kind: r.kind.clone(),
+                    name: r.name.clone(),
+                    uid: r.uid.clone(),
+                    controller: r.controller,
+                })
+                .collect()
+        }),
+        deletion_timestamp: m.deletion_timestamp.as_ref().map(|t| t.0.to_string()),
+    }
+}
+
+fn read_of(m: &ObjectMeta, template: Option<&ObjectMeta>) -> Option<Read> {
+    let template = template.map(|t| TemplateView {
+        metadata: Some(meta_view(t)),
+        spec: None,
+    });
+    Some(Read {
+        name: m.name.clone()?,
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone()?,
+        view: ObjectView {
+            kind: None,
+            metadata: Some(meta_view(m)),
+            spec: template.map(|t| crate::mutate::SpecView {
+                template: Some(t),
+                ..Default::default()
+            }),
+        },
+    })
+}
+
+/// A ReplicaSet's `spec.template.metadata`.
+fn template_meta(rs: &ReplicaSet) -> Option<&ObjectMeta> {
+    rs.spec.template.as_ref()?.metadata.as_ref()
+}
+
+/// The Pods or the ReplicaSets of one namespace.
+enum Objects {
+    Pods(Api<Pod>),
+    ReplicaSets(Api<ReplicaSet>),
+}
+
+impl Objects {
+    fn kind(&self) -> Kind {
+        match self {
+            Self::Pods(_) => Kind::Pod,
+            Self::ReplicaSets(_) => Kind::ReplicaSet,
+        }
+    }
+
+    fn api_version(&self) -> &'static str {
+        match self {
+            Self::Pods(_) => "v1",
+            Self::ReplicaSets(_) => "apps/v1",
+        }
+    }
+
+    fn page_size(&self) -> u32 {
+        match self {
+            Self::Pods(_) => POD_PAGE,
+            Self::ReplicaSets(_) => REPLICASET_PAGE,
+        }
+    }
+
+    /// One page, and the token of the next when there is one.
+    async fn page(&self, lp: &ListParams) -> Result<(Vec<Read>, Option<String>), kube::Error> {
+        let (items, token) = match self {
+            // Pods: metadata only (labels, annotations, owners are there).
+            Self::Pods(api) => {
+                let list = api.list_metadata(lp).await?;
+                let items = list
+                    .items
+                    .iter()
+                    .filter_map(|p| read_of(&p.metadata, None))
+                    .collect();
+                (items, list.metadata.continue_)
+            }
+            // ReplicaSets: whole, for their template's labels and tag.
+            Self::ReplicaSets(api) => {
+                let list = api.list(lp).await?;
+                let items = list
+                    .items
+                    .iter()
+                    .filter_map(|rs| read_of(&rs.metadata, template_meta(rs)))
+                    .collect();
+                (items, list.metadata.continue_)
+            }
+        };
+        Ok((items, token.filter(|t| !t.is_empty())))
+    }
+
+    /// The object again; `None` once it is gone.
+    async fn read(&self, name: &str) -> Result<Option<Read>, kube::Error> {
+        Ok(match self {
+            Self::Pods(api) => api
+                .get_metadata_opt(name)
+                .await?
+                .and_then(|p| read_of(&p.metadata, None)),
+            Self::ReplicaSets(api) => api
+                .get_opt(name)
+                .await?
+                .and_then(|rs| read_of(&rs.metadata, template_meta(&rs))),
+        })
+    }
+
+    /// Applies the JSON Patch (the response: metadata only).
+    async fn patch(
+        &self,
+        name: &str,
+        ops: Vec<json_patch::PatchOperation>,
+    ) -> Result<(), kube::Error> {
+        let patch = Patch::Json::<()>(json_patch::Patch(ops));
+        let params = PatchParams::default();
+        match self {
+            Self::Pods(api) => api.patch_metadata(name, &params, &patch).await.map(drop),
+            Self::ReplicaSets(api) => api.patch_metadata(name, &params, &patch).await.map(drop),
+        }
+    }
+}
+
+fn is_status(error: &kube::Error, codes: &[u16]) -> bool {
+    matches!(error, kube::Error::Api(s) if codes.contains(&s.code))
+}
+
+// === A pass over one namespace ===
+
+/// What the backfill shares between namespaces.
+struct Context {
+    client: Client,
+    settings: BackfillSettings,
+    counters: ControllerCounters,
+    metrics: BackfillMetrics,
+    events: EventSink,
+    pacer: Pacer,
+    shutdown: CancellationToken,
+}
+
+/// How one object ended.
+enum Done {
+    /// Labelled (and tallied), or nothing to add (complete, skipped,
+    /// refused, gone, or left for the next pass).
+    Next,
+    /// The term ended before its patch.
+    Stopped,
+}
+
+/// What one pass labelled, by owner (or by object, for objects without
+/// one): one Event each.
+#[derive(Default)]
+struct Tally {
+    owners: BTreeMap<String, OwnerTally>,
+    pods: usize,
+    replicasets: usize,
+    restart_for_bootstrap: usize,
+}
+
+struct OwnerTally {
+    regarding: ObjectReference,
+    kind: Kind,
+    count: usize,
+    added: BTreeSet<String>,
+    restart_for_bootstrap: usize,
+}
+
+impl Tally {
+    fn add(
+        &mut self,
+        namespace: &str,
+        kind: Kind,
+        api_version: &str,
+        read: &Read,
+        patch: &LabelPatch,
+    ) {
+        match kind {
+            Kind::Pod => self.pods += 1,
+            _ => self.replicasets += 1,
+        }
+        let restart = usize::from(patch.restart_for_bootstrap);
+        self.restart_for_bootstrap += restart;
+        let (key, regarding) = match read.view.controller() {
+            Some(owner) => (
+                format!("{}/{}/{}", owner.kind, owner.name, owner.uid),
+                ObjectReference {
+                    api_version: Some(owner.api_version.clone()),
+                    kind: Some(owner.kind.clone()),
+                    name: Some(owner.name.clone()),
+                    uid: Some(owner.uid.clone()).filter(|u| !u.is_empty()),
+                    namespace: Some(namespace.to_owned()),
+                    ..ObjectReference::default()
+                },
+            ),
+            None => (
+                format!("{}/{}", kind.name(), read.name),
+                ObjectReference {
+                    api_version: Some(api_version.to_owned()),
+                    kind: Some(kind.name().to_owned()),
+                    name: Some(read.name.clone()),
+                    uid: read.uid.clone(),
+                    namespace: Some(namespace.to_owned()),
+                    ..ObjectReference::default()
+                },
+            ),
+        };
+        let entry = self.owners.entry(key).or_insert_with(|| OwnerTally {
+            regarding,
+            kind,
+            count: 0,
+            added: BTreeSet::new(),
+            restart_for_bootstrap: 0,
+        });
+        entry.count += 1;
+        entry.added.extend(patch.added.iter().cloned());
+        entry.restart_for_bootstrap += restart;
+    }
+
+    fn events(&self) -> impl Iterator<Item = EventRequest> + '_ {
+        self.owners.values().map(|o| {
+            let what = match (o.kind, o.count) {
+                (Kind::Pod, 1) => "1 Pod".to_owned(),
+                (Kind::Pod, n) => format!("{n} Pods"),
+                (_, 1) => "1 ReplicaSet".to_owned(),
+                (_, n) => format!("{n} ReplicaSets"),
+            };
+            let labels: Vec<&str> = o.added.iter().map(String::as_str).collect();
+            let mut note = format!(
+                "added {} to {what} created before the webhook could label them (no restart \
+                 needed)",
+                labels.join(", ")
+            );
+            if o.restart_for_bootstrap > 0 {
+                note.push_str(&format!(
+                    "; {} of them run an Istio sidecar without the bootstrap keepalive template \
+                     until restarted (Istio before 1.8 only)",
+                    o.restart_for_bootstrap
+                ));
+            }
+            EventRequest {
+                regarding: o.regarding.clone(),
+                type_: EventType::Normal,
+                reason: "LabelsBackfilled".into(),
+                action: "Backfill".into(),
+                note,
+            }
+        })
+    }
+}
+
+/// Gives one object its missing labels: decide, patch under the
+/// `resourceVersion` read, and on a conflict read again and decide again.
+/// What it labelled goes into `tally`.
+async fn label_one(
+    objects: &Objects,
+    namespace: &str,
+    mut read: Read,
+    ctx: &Context,
+    tally: &mut Tally,
+) -> Result<Done, BackfillError> {
+    let kind = objects.kind();
+    for _ in 0..ATTEMPTS {
+        let patch = match plan::plan(
+            kind,
+            namespace,
+            &read.view,
+            &read.resource_version,
+            ctx.settings.policy(),
+            ctx.settings.report_bootstrap,
+        ) {
+            Plan::Nothing(_) => return Ok(Done::Next),
+            Plan::Refused(deny) => {
+                warn!(namespace, kind = kind.name(), name = %read.name, error = %deny,
+                      "not labelled: admission would refuse this object");
+                return Ok(Done::Next);
+            }
+            Plan::Label(patch) => patch,
+        };
+        if !ctx.pacer.wait(&ctx.shutdown).await {
+            return Ok(Done::Stopped);
+        }
+        match objects.patch(&read.name, patch.ops.clone()).await {
+            Ok(()) => {
+                ctx.counters.applied();
+                ctx.metrics.labelled.with_label_values(&[kind.name()]).inc();
+                if patch.restart_for_bootstrap {
+                    ctx.metrics.restart_for_bootstrap.inc();
+                }
+                debug!(namespace, kind = kind.name(), name = %read.name,
+                       labels = %patch.added.join(","), "labelled");
+                tally.add(namespace, kind, objects.api_version(), &read, &patch);
+                return Ok(Done::Next);
+            }
+            Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
+            // The test of the resourceVersion failed: it changed since it
+            // was read. Read it again and decide again; never overwrite.
+            Err(e) if is_status(&e, &[409, 422]) => {
+                debug!(namespace, kind = kind.name(), name = %read.name,
+                       "changed since it was read; reading it again");
+                match objects.read(&read.name).await {
+                    Ok(Some(fresh)) => read = fresh,
+                    Ok(None) => return Ok(Done::Next),
+                    Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
+                    Err(e) => return Err(BackfillError::Read(e)),
+                }
+            }
+            Err(e) => return Err(BackfillError::Patch(e)),
+        }
+    }
+    ctx.counters.error(CONFLICT);
+    warn!(namespace, kind = kind.name(), name = %read.name,
+          "object keeps changing; left for the next pass");
+    Ok(Done::Next)
+}
+
+/// Every object of one kind in `namespace`, page by page. False when the
+/// term ended.
+async fn pass(
+    objects: &Objects,
+    namespace: &str,
+    ctx: &Context,
+    tally: &mut Tally,
+) -> Result<bool, BackfillError> {
+    let selector = ctx.settings.list_selector();
+    let mut lp = ListParams::default()
+        .labels(&selector)
+        .limit(objects.page_size());
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        let (items, next) = objects.page(&lp).await.map_err(BackfillError::List)?;
+        for read in items {
+            if let Done::Stopped = label_one(objects, namespace, read, ctx, tally).await? {
+                return Ok(false);
+            }
+        }
+        match next {
+            Some(token) => lp = lp.continue_token(&token),
+            None => return Ok(true),
+        }
+    }
+}
+
+/// Passes over the Pods, then the ReplicaSets, of one opted-in namespace;
+/// reports what it labelled (also when the pass failed half way).
+async fn backfill_namespace(
+    ns: Arc<Namespace>,
+    ctx: Arc<Context>,
+) -> Result<Action, BackfillError> {
+    let namespace = ns
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(BackfillError::MissingObjectKey(".metadata.name"))?;
+    if ctx.settings.rules.namespaces.is_excluded(namespace) {
+        debug!(namespace, "excluded namespace: no backfill");
+        return Ok(Action::await_change());
+    }
+    if ns.metadata.deletion_timestamp.is_some() {
+        debug!(namespace, "namespace is terminating");
+        return Ok(Action::await_change());
+    }
+    let mut tally = Tally::default();
+    let result = async {
+        for objects in [
+            Objects::Pods(Api::namespaced(ctx.client.clone(), namespace)),
+            Objects::ReplicaSets(Api::namespaced(ctx.client.clone(), namespace)),
+        ] {
+            if !pass(&objects, namespace, &ctx, &mut tally).await? {
+                break;
+            }
+        }
+        Ok::<_, BackfillError>(())
+    }
+    .await;
+    for event in tally.events() {
+        ctx.events.emit(event);
+    }
+    if tally.pods + tally.replicasets > 0 {
+        info!(
+            namespace,
+            pods = tally.pods,
+            replicasets = tally.replicasets,
+            restart_for_bootstrap = tally.restart_for_bootstrap,
+            "labelled objects created before the webhook"
+        );
+    } else {
+        debug!(namespace, "nothing to backfill");
+    }
+    result?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Counts the error and retries the namespace later.
+fn on_error(ns: Arc<Namespace>, error: &BackfillError, ctx: Arc<Context>) -> Action {
+    ctx.counters.error(error.reason());
+    warn!(namespace = %ns.name_any(), %error, "backfill pass failed; retrying");
+    Action::requeue(ERROR_REQUEUE)
+}
+
+/// The backfill: a `Controller` over the opted-in Namespaces
+/// (`namespaces`: a subscription to the shared Namespace watch, whose
+/// store is `namespace_store`). Events about what it labelled go to
+/// `events`. Runs until `shutdown`; a pass in flight stops at its next
+/// patch.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_backfill(
+    client: Client,
+    settings: BackfillSettings,
+    namespaces: ReflectHandle<Namespace>,
+    namespace_store: Store<Namespace>,
+    counters: ControllerCounters,
+    metrics: BackfillMetrics,
+    events: EventSink,
+    shutdown: CancellationToken,
+) {
+    let ctx = Arc::new(Context {
+        client,
+        pacer: Pacer::new(settings.patches_per_second),
+        settings,
+        counters,
+        metrics,
+        events,
+        shutdown: shutdown.clone(),
+    });
+    info!(
+        patches_per_second = ctx.settings.patches_per_second,
+        "backfill started"
+    );
+    Controller::for_shared_stream(namespaces, namespace_store)
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(backfill_namespace, on_error, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(namespace = %obj.name, "backfill pass done"),
+                // Counted and logged by on_error.
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    debug!(namespace = %obj.name, "namespace gone before its pass");
+                }
+                Err(error) => warn!(%error, "backfill failed; retrying"),
+            }
+        })
+        .await;
+    info!("backfill stopped");
+}
+
+#[cfg(test)]
+mod tests;

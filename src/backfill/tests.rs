@@ -1,0 +1,665 @@
+//! The backfill against the mock apiserver ([`crate::testing`]): exact
+//! requests where their shape matters (`MockApi`), the stateful
+//! [`FakeApiServer`] where the outcome matters.
+
+use std::collections::BTreeMap;
+
+use http::Method;
+use serde_json::{Value, json};
+use tokio::time::timeout;
+
+use super::*;
+use crate::cluster::events::{EventMetrics, EventQueue};
+use crate::cluster::watches::Shared;
+use crate::metrics::{ControllerMetrics, new_registry};
+use crate::testing::{FakeApiServer, Hook, MockApi, WAIT, mock_client, scraped};
+use kube::runtime::watcher;
+
+const RS_UID: &str = "5c1b1e2a-7f3d-4e8a-9b6c-1d2e3f4a5b6c";
+const DEPLOYMENT_UID: &str = "9a8b7c6d-5e4f-4321-8fed-cba987654321";
+const PODS: &str = "/api/v1/namespaces/shop/pods";
+const REPLICASETS: &str = "/apis/apps/v1/namespaces/shop/replicasets";
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+const JSON_PATCH: &str = "application/json-patch+json";
+
+// === fixtures ===
+
+fn config() -> Config {
+    let mut cfg = Config::default();
+    cfg.namespaces.own = Some("canary-injector".into());
+    cfg
+}
+
+fn namespace(name: &str) -> Arc<Namespace> {
+    Arc::new(Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(
+                "canary-injection".into(),
+                "enabled".into(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    })
+}
+
+/// A pod of the ReplicaSet `web-abc` (created before the webhook).
+fn pod(name: &str, labels: Value, annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+            "resourceVersion": "100", "labels": labels, "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-abc",
+                "uid": RS_UID, "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+        "status": {"phase": "Running"}})
+}
+
+/// A ReplicaSet of the Deployment `web`, tagged on its own metadata (the
+/// Deployment's annotation, copied) but not in its template.
+fn replicaset(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+            "resourceVersion": "200", "labels": labels,
+            "annotations": {"canary-injector.io/tag": "feature-x",
+                            "deployment.kubernetes.io/revision": "1"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                "uid": DEPLOYMENT_UID, "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"replicas": 2,
+            "selector": {"matchLabels": {"app": "web", "pod-template-hash": "abc"}},
+            "template": {"metadata": {"labels": {"app": "web", "pod-template-hash": "abc"}},
+                         "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}})
+}
+
+/// What the apiserver answers a metadata-only list.
+fn metadata_list(items: &[Value], next: Option<&str>) -> Value {
+    let items: Vec<Value> = items.iter().map(|o| patched(&o["metadata"])).collect();
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+           "metadata": {"resourceVersion": "300", "continue": next.unwrap_or("")},
+           "items": items})
+}
+
+/// What the apiserver answers a patch asking for metadata only.
+fn patched(metadata: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": metadata})
+}
+
+/// `n` pods `web-0`.. without the labels, as one metadata list.
+fn unlabelled_pods(n: usize) -> Value {
+    let pods: Vec<Value> = (0..n)
+        .map(|i| pod(&format!("web-{i}"), json!({"app": "web"}), json!({})))
+        .collect();
+    metadata_list(&pods, None)
+}
+
+fn list(kind: &str, items: &[Value]) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": format!("{kind}List"),
+           "metadata": {"resourceVersion": "300"}, "items": items})
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    queue: EventQueue,
+    counters: ControllerCounters,
+    registry: Registry,
+}
+
+fn harness(client: Client, cfg: &Config) -> Harness {
+    let registry = new_registry();
+    let counters = ControllerMetrics::register(&registry)
+        .unwrap()
+        .controller(CONTROLLER, &BackfillError::REASONS);
+    let metrics = BackfillMetrics::register(&registry).unwrap();
+    let (events, queue) = EventSink::channel(64, EventMetrics::register(&registry).unwrap());
+    let settings = BackfillSettings::from_config(cfg).unwrap();
+    let ctx = Arc::new(Context {
+        client,
+        pacer: Pacer::new(settings.patches_per_second),
+        settings,
+        counters: counters.clone(),
+        metrics,
+        events,
+        shutdown: CancellationToken::new(),
+    });
+    Harness {
+        ctx,
+        queue,
+        counters,
+        registry,
+    }
+}
+
+/// Checks a list request of the backfill.
+fn assert_list(call: &crate::testing::Call, path: &str, limit: &str, accept: &str) {
+    assert_eq!((&call.method, call.path.as_str()), (&Method::GET, path));
+    assert_eq!(
+        call.param("labelSelector"),
+        Some("canary-injector.io/inject!=false"),
+        "opted-out objects are not listed"
+    );
+    assert_eq!(call.param("limit"), Some(limit));
+    assert_eq!(call.accept, accept);
+}
+
+/// The JSON Patches the fake apiserver received, by path.
+fn patches(fake: &FakeApiServer) -> Vec<(String, Value)> {
+    fake.seen()
+        .into_iter()
+        .filter(|c| c.method == Method::PATCH)
+        .map(|c| (c.path, c.body))
+        .collect()
+}
+
+fn labels(fake: &FakeApiServer, path: &str) -> Value {
+    fake.get(path).unwrap()["metadata"]["labels"].clone()
+}
+
+/// Waits for the pass, then requires that no other call comes once every
+/// client (the harness's included: `ctx` is dropped here) is gone.
+async fn finish(
+    api: MockApi,
+    pass: tokio::task::JoinHandle<Result<Action, BackfillError>>,
+    ctx: Arc<Context>,
+) -> Action {
+    let action = timeout(WAIT, pass).await.unwrap().unwrap().unwrap();
+    drop(ctx);
+    api.expect_no_more().await;
+    action
+}
+
+// === one pass, call by call ===
+
+#[tokio::test]
+async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
+    let (client, mut api) = mock_client();
+    let mut h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+
+    let call = api.next().await;
+    assert_list(&call, PODS, "500", METADATA_LIST);
+    let mut unlabelled = pod(
+        "web-1",
+        json!({"app": "web", "pod-template-hash": "abc"}),
+        json!({"sidecar.istio.io/status": "{}"}),
+    );
+    unlabelled["metadata"]["resourceVersion"] = json!("101");
+    let done = pod("web-2", json!({"app": "web", "stage": "normal"}), json!({}));
+    call.ok(&metadata_list(&[unlabelled.clone(), done], None));
+
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    assert_eq!(call.content_type, JSON_PATCH);
+    assert_eq!(call.accept, METADATA, "the answer: metadata only");
+    assert_eq!(
+        call.body,
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": "101"},
+            {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+        ])
+    );
+    call.ok(&patched(&unlabelled["metadata"]));
+
+    let call = api.next().await;
+    assert_list(&call, REPLICASETS, "100", "");
+    let owned = replicaset("web-abc", json!({"app": "web", "pod-template-hash": "abc"}));
+    let complete = replicaset(
+        "web-old",
+        json!({"app": "web", "pod-template-hash": "old", "stage": "normal"}),
+    );
+    call.ok(&list("ReplicaSet", &[owned, complete]));
+
+    // Owned, tagged on its own metadata only: labelled as its pods are
+    // (from its template), never gray; its template untouched.
+    let call = api
+        .expect(Method::PATCH, &format!("{REPLICASETS}/web-abc"))
+        .await;
+    assert_eq!(call.content_type, JSON_PATCH);
+    assert_eq!(
+        call.body,
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": "200"},
+            {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+        ])
+    );
+    call.ok(&patched(&json!({"name": "web-abc"})));
+
+    assert_eq!(finish(api, pass, h.ctx).await, Action::requeue(RESYNC));
+    assert_eq!(h.counters.applies(), 2);
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_backfill_labelled_total{kind="Pod"} 1"#
+    ));
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_backfill_labelled_total{kind="ReplicaSet"} 1"#
+    ));
+    assert!(scraped(
+        &h.registry,
+        "canary_injector_backfill_restart_for_bootstrap_total 1"
+    ));
+
+    // One Event per owner of what was labelled.
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let on = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e.regarding.kind.as_deref() == Some(kind))
+            .unwrap_or_else(|| panic!("no event on the {kind}: {events:?}"))
+    };
+    let rs = on("ReplicaSet");
+    assert_eq!(rs.regarding.name.as_deref(), Some("web-abc"));
+    assert_eq!(rs.regarding.uid.as_deref(), Some(RS_UID));
+    assert_eq!(rs.regarding.namespace.as_deref(), Some("shop"));
+    assert_eq!(rs.type_, EventType::Normal);
+    assert_eq!(rs.reason, "LabelsBackfilled");
+    assert_eq!(rs.action, "Backfill");
+    assert_eq!(
+        rs.note,
+        "added stage=normal to 1 Pod created before the webhook could label them (no restart \
+         needed); 1 of them run an Istio sidecar without the bootstrap keepalive template until \
+         restarted (Istio before 1.8 only)"
+    );
+    let deployment = on("Deployment");
+    assert_eq!(deployment.regarding.uid.as_deref(), Some(DEPLOYMENT_UID));
+    assert!(
+        deployment
+            .note
+            .starts_with("added stage=normal to 1 ReplicaSet")
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_is_read_again_and_never_clobbers_a_label_set_meanwhile() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let tagged = pod(
+        "web-1",
+        json!({"app": "web"}),
+        json!({"canary-injector.io/tag": "v2"}),
+    );
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(std::slice::from_ref(&tagged), None));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    assert_eq!(call.body[0]["value"], "100");
+    // Someone labelled it between the list and the patch: the test fails.
+    call.fail(
+        422,
+        "Invalid",
+        "the server rejected our request due to an error in our request",
+    );
+    let call = api.expect(Method::GET, &format!("{PODS}/web-1")).await;
+    assert_eq!(call.accept, METADATA);
+    let mut changed = tagged.clone();
+    changed["metadata"]["resourceVersion"] = json!("105");
+    changed["metadata"]["labels"] = json!({"app": "web", "stage": "normal"});
+    call.ok(&patched(&changed["metadata"]));
+    // Their stage=normal stands: the tag annotation is now ignored (as
+    // admission would), and nothing is left to add.
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    finish(api, pass, h.ctx).await;
+    assert_eq!(h.counters.applies(), 0);
+}
+
+#[tokio::test]
+async fn an_object_that_keeps_changing_is_left_for_the_next_pass() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let unlabelled = pod("web-1", json!({"app": "web"}), json!({}));
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(std::slice::from_ref(&unlabelled), None));
+    for version in ["100", "101", "102"] {
+        let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+        assert_eq!(call.body[0]["value"], version);
+        call.fail(422, "Invalid", "test failed");
+        let call = api.expect(Method::GET, &format!("{PODS}/web-1")).await;
+        let mut again = unlabelled.clone();
+        again["metadata"]["resourceVersion"] =
+            json!((version.parse::<u32>().unwrap() + 1).to_string());
+        call.ok(&patched(&again["metadata"]));
+    }
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    assert_eq!(finish(api, pass, h.ctx).await, Action::requeue(RESYNC));
+    assert_eq!(h.counters.errors(CONFLICT), 1);
+    assert_eq!(h.counters.applies(), 0);
+}
+
+// === outcomes, on a stateful apiserver ===
+
+#[tokio::test]
+async fn a_touch_between_read_and_patch_is_kept_and_the_labels_still_land() {
+    let path = format!("{PODS}/web-1");
+    let fake = FakeApiServer::with(&[(
+        path.as_str(),
+        pod("web-1", json!({"app": "web"}), json!({})),
+    )]);
+    fake.hook(Method::PATCH, &path, Hook::Touch);
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        labels(&fake, &path),
+        json!({"app": "web", "touched-by": "someone-else", "stage": "normal"})
+    );
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 2, "refused once, then patched: {sent:?}");
+    assert_ne!(
+        sent[0].1[0]["value"], sent[1].1[0]["value"],
+        "a new resourceVersion"
+    );
+    drop(h);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn opted_out_mirror_and_labelled_pods_are_left_alone() {
+    let objects = [
+        ("a", pod("a", json!({"app": "web"}), json!({}))),
+        (
+            "opted-out",
+            pod(
+                "opted-out",
+                json!({"canary-injector.io/inject": "false"}),
+                json!({}),
+            ),
+        ),
+        (
+            "mirror",
+            pod(
+                "mirror",
+                json!({}),
+                json!({"kubernetes.io/config.mirror": "abc"}),
+            ),
+        ),
+        (
+            "labelled",
+            pod(
+                "labelled",
+                json!({"stage": "gray", "canarytag": "v1"}),
+                json!({}),
+            ),
+        ),
+    ];
+    let paths: Vec<(String, Value)> = objects
+        .iter()
+        .map(|(n, o)| (format!("{PODS}/{n}"), o.clone()))
+        .collect();
+    let refs: Vec<(&str, Value)> = paths.iter().map(|(p, o)| (p.as_str(), o.clone())).collect();
+    let fake = FakeApiServer::with(&refs);
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, format!("{PODS}/a"));
+    for (name, before) in &objects[1..] {
+        assert_eq!(
+            fake.get(&format!("{PODS}/{name}")).unwrap()["metadata"]["labels"],
+            before["metadata"]["labels"],
+            "{name}"
+        );
+    }
+    drop(h);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn excluded_namespaces_are_not_even_listed() {
+    let (client, api) = mock_client();
+    let h = harness(client, &config());
+    for ns in [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "canary-injector",
+    ] {
+        // Labelled to opt in all the same.
+        let action = backfill_namespace(namespace(ns), h.ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(action, Action::await_change(), "{ns}");
+    }
+    drop(h);
+    api.expect_no_more().await;
+}
+
+#[tokio::test]
+async fn every_page_is_read_and_a_second_pass_writes_nothing() {
+    // 1,201 pods, pages of 500: the last two lack their labels.
+    let mut objects = Vec::new();
+    for i in 0..1201 {
+        let labels = if i < 1199 {
+            json!({"app": "web", "stage": "normal"})
+        } else {
+            json!({"app": "web"})
+        };
+        objects.push((
+            format!("{PODS}/web-{i:04}"),
+            pod(&format!("web-{i:04}"), labels, json!({})),
+        ));
+    }
+    let refs: Vec<(&str, Value)> = objects
+        .iter()
+        .map(|(p, o)| (p.as_str(), o.clone()))
+        .collect();
+    let fake = FakeApiServer::with(&refs);
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    let calls = fake.calls();
+    let pod_lists: Vec<Option<&str>> = calls
+        .iter()
+        .filter(|c| c.method == Method::GET && c.path == PODS)
+        .map(|c| c.query.get("continue").map(String::as_str))
+        .collect();
+    assert_eq!(pod_lists, [None, Some("500"), Some("1000")]);
+    let patched: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.method == Method::PATCH)
+        .map(|c| c.path.as_str())
+        .collect();
+    assert_eq!(
+        patched,
+        [format!("{PODS}/web-1199"), format!("{PODS}/web-1200")]
+    );
+    // Idempotent: the cluster holds the progress.
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert!(fake.calls().iter().all(|c| !c.is_write()));
+    drop(h);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_list_is_an_error_counted_by_reason() {
+    let fake = FakeApiServer::default();
+    fake.outage(Some(500));
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    let ns = namespace("shop");
+    let error = backfill_namespace(ns.clone(), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BackfillError::List(_)), "{error}");
+    assert_eq!(
+        on_error(ns, &error, h.ctx.clone()),
+        Action::requeue(ERROR_REQUEUE)
+    );
+    assert_eq!(h.counters.errors("list"), 1);
+    drop(h);
+    server.await.unwrap();
+}
+
+// === the pace ===
+
+#[tokio::test(start_paused = true)]
+async fn patches_keep_the_configured_pace() {
+    let mut cfg = config();
+    cfg.backfill.patches_per_second = 5;
+    let (client, mut api) = mock_client();
+    let h = harness(client, &cfg);
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    api.expect(Method::GET, PODS).await.ok(&unlabelled_pods(10));
+    let mut at = Vec::new();
+    for i in 0..10 {
+        let call = api.expect(Method::PATCH, &format!("{PODS}/web-{i}")).await;
+        at.push(Instant::now());
+        call.ok(&patched(&json!({"name": format!("web-{i}")})));
+    }
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    finish(api, pass, h.ctx).await;
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(200) && gap < Duration::from_millis(210),
+            "{gap:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pace_is_shared_by_namespaces_and_a_stop_ends_the_wait() {
+    let pacer = Pacer::new(2);
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    assert!(pacer.wait(&stop).await, "the first slot is now");
+    assert!(pacer.wait(&stop).await);
+    assert_eq!(start.elapsed(), Duration::from_millis(500));
+    // A third waiter (another namespace) is stopped while it waits.
+    let waiting = pacer.wait(&stop);
+    stop.cancel();
+    assert!(!waiting.await);
+    assert_eq!(start.elapsed(), Duration::from_millis(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_lost_mid_pass_stops_it_at_the_next_patch() {
+    let mut cfg = config();
+    cfg.backfill.patches_per_second = 1;
+    let (client, mut api) = mock_client();
+    let h = harness(client, &cfg);
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    api.expect(Method::GET, PODS).await.ok(&unlabelled_pods(5));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-0")).await;
+    call.ok(&patched(&json!({"name": "web-0"})));
+    h.ctx.shutdown.cancel();
+    let action = timeout(Duration::from_millis(10), pass)
+        .await
+        .expect("stopped without waiting for the pace")
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(h.counters.applies(), 1);
+    drop(h);
+    api.expect_no_more().await;
+}
+
+// === the controller: triggered when a namespace opts in ===
+
+#[tokio::test]
+async fn a_namespace_that_opts_in_gets_a_pass() {
+    let path = format!("{PODS}/web-1");
+    let fake = FakeApiServer::with(&[(
+        path.as_str(),
+        pod("web-1", json!({"app": "web"}), json!({})),
+    )]);
+    let (client, server) = fake.client();
+    let registry = new_registry();
+    let counters = ControllerMetrics::register(&registry)
+        .unwrap()
+        .controller(CONTROLLER, &BackfillError::REASONS);
+    let namespaces = Shared::<Namespace>::new();
+    let (subscription, store) = (namespaces.subscribe(), namespaces.store());
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let stop = CancellationToken::new();
+    let watch = tokio::spawn(namespaces.run_stream(rx, "namespaces", stop.clone()));
+    let backfill = tokio::spawn(run_backfill(
+        client,
+        BackfillSettings::from_config(&config()).unwrap(),
+        subscription,
+        store,
+        counters.clone(),
+        BackfillMetrics::register(&registry).unwrap(),
+        EventSink::disabled(),
+        stop.clone(),
+    ));
+    // No namespace has opted in yet.
+    for event in [watcher::Event::Init, watcher::Event::InitDone] {
+        tx.unbounded_send(Ok(event)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(fake.seen().is_empty());
+    // `kubectl label namespace shop canary-injection=enabled`.
+    tx.unbounded_send(Ok(watcher::Event::Apply((*namespace("shop")).clone())))
+        .unwrap();
+    timeout(WAIT, async {
+        while labels(&fake, &path).get("stage").is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the opted-in namespace was backfilled");
+    assert_eq!(
+        labels(&fake, &path),
+        json!({"app": "web", "stage": "normal"})
+    );
+    stop.cancel();
+    timeout(WAIT, backfill).await.unwrap().unwrap();
+    timeout(WAIT, watch).await.unwrap().unwrap().unwrap();
+    assert_eq!(counters.applies(), 1);
+    server.await.unwrap();
+}
+
+#[test]
+fn settings_follow_the_config() {
+    let mut cfg = config();
+    let s = BackfillSettings::from_config(&cfg).unwrap();
+    assert_eq!(s.patches_per_second, 20);
+    assert!(s.report_bootstrap);
+    assert!(
+        !s.policy().bootstrap.enabled,
+        "never a mount on a running pod"
+    );
+    assert_eq!(s.list_selector(), "canary-injector.io/inject!=false");
+    cfg.labels.opt_out_label = "example.com/skip".into();
+    cfg.bootstrap.enabled = false;
+    let s = BackfillSettings::from_config(&cfg).unwrap();
+    assert_eq!(s.list_selector(), "example.com/skip!=false");
+    assert!(!s.report_bootstrap);
+    cfg.backfill.enabled = false;
+    assert!(BackfillSettings::from_config(&cfg).is_none());
+}
+
+#[test]
+fn status_codes_tell_conflicts_from_failures() {
+    let api_error = |code| {
+        kube::Error::Api(
+            kube::core::Status::failure("x", "y")
+                .with_code(code)
+                .boxed(),
+        )
+    };
+    assert!(is_status(&api_error(422), &[409, 422]));
+    assert!(!is_status(&api_error(500), &[409, 422]));
+    assert!(!is_status(
+        &kube::Error::Discovery(kube::error::DiscoveryError::MissingResource("x".into())),
+        &[422]
+    ));
+}

@@ -1,0 +1,92 @@
+//! What a review leaves behind besides its answer, never awaited: a
+//! Kubernetes Event (type Warning) on the owner of an object a controller
+//! created, for each warning and for a deny (nobody reads the admission
+//! warnings of a pod a ReplicaSet created), and the count of rewritten
+//! tags. Events only queue ([`EventSink::emit`] never blocks: a full queue
+//! drops and counts), so a slow or failing event publisher never slows or
+//! fails a review. Dry-run reviews leave nothing (`sideEffects:
+//! NoneOnDryRun`).
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::EventType;
+
+use super::State;
+use crate::admission::Reviewed;
+use crate::cluster::events::EventRequest;
+
+/// The `reason` code of a rewritten tag ([`crate::mutate::Warning::reason`]).
+const TAG_REWRITTEN: &str = "tag-rewritten";
+
+/// Queues the Events and counts the rewritten tags of `reviewed`.
+pub(super) fn report(state: &State, reviewed: &Reviewed) {
+    if reviewed.dry_run {
+        return;
+    }
+    let rewritten = reviewed
+        .warning_reasons
+        .iter()
+        .filter(|r| **r == TAG_REWRITTEN)
+        .count();
+    if rewritten > 0 {
+        state.metrics.tags_rewritten(rewritten as u64);
+    }
+    for event in owner_events(reviewed) {
+        state.events.emit(event);
+    }
+}
+
+/// One Event per warning and one for a deny, on the object's managing
+/// controller; none for an object without one (its creator saw the
+/// warnings in the API response).
+pub(crate) fn owner_events(reviewed: &Reviewed) -> Vec<EventRequest> {
+    let Some(owner) = &reviewed.owner else {
+        return Vec::new();
+    };
+    let regarding = ObjectReference {
+        api_version: Some(owner.api_version.clone()),
+        kind: Some(owner.kind.clone()),
+        name: Some(owner.name.clone()),
+        namespace: Some(reviewed.namespace.clone()).filter(|ns| !ns.is_empty()),
+        uid: Some(owner.uid.clone()),
+        ..ObjectReference::default()
+    };
+    // The owner's Events name the object: a controller's pods share a
+    // generateName, so repeats of one warning aggregate into a series.
+    let about = |text: &str| format!("{} {}: {text}", reviewed.kind, reviewed.name);
+    let warnings = reviewed
+        .warning_reasons
+        .iter()
+        .zip(&reviewed.warnings)
+        .map(|(reason, text)| (pascal_case("", reason), "Admit", about(text)));
+    let deny = reviewed
+        .deny_reason
+        .zip(reviewed.denied.as_deref())
+        .map(|(reason, text)| (pascal_case("Denied", reason), "Deny", about(text)));
+    warnings
+        .chain(deny)
+        .map(|(reason, action, note)| EventRequest {
+            regarding: regarding.clone(),
+            type_: EventType::Warning,
+            reason,
+            action: action.into(),
+            note,
+        })
+        .collect()
+}
+
+/// `prefix` + a kebab-case code in PascalCase (`tag-rewritten` ->
+/// `TagRewritten`), the spelling of Event reasons.
+fn pascal_case(prefix: &str, code: &str) -> String {
+    let mut out = String::from(prefix);
+    for word in code.split('-') {
+        let mut chars = word.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.push_str(chars.as_str());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

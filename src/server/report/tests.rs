@@ -1,0 +1,266 @@
+//! Events and counters a review leaves behind: on the owner of what a
+//! controller created, never on the review's path.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use prometheus::Registry;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::cluster::events::{EventMetrics, EventQueue, EventSink};
+use crate::config::Config;
+use crate::metrics::{Metrics, new_registry};
+use crate::server::{Limits, handle};
+use crate::testing::scraped;
+
+const RS_UID: &str = "5c1b1e2a-7f3d-4e8a-9b6c-1d2e3f4a5b6c";
+
+/// A pod the ReplicaSet `checkout-7d9f8b6c5d` creates, with `annotations`.
+fn owned_pod_review(annotations: Value) -> Value {
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "e1a2b3c4-0000-4000-8000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "checkout-7d9f8b6c5d-", "namespace": "shop",
+                    "labels": {"app": "checkout", "pod-template-hash": "7d9f8b6c5d"},
+                    "annotations": annotations,
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "name": "checkout-7d9f8b6c5d", "uid": RS_UID,
+                        "controller": true, "blockOwnerDeletion": true}]},
+                "spec": {"containers": [{"name": "checkout", "image": "shop/checkout:2.4.1"}]}}}})
+}
+
+fn rewritten_tag() -> Value {
+    json!({"canary-injector.io/tag": "feature/Payment_v2"})
+}
+
+struct Harness {
+    state: State,
+    queue: EventQueue,
+    registry: Registry,
+}
+
+/// A server state whose events go to a queue of `capacity` the test holds.
+fn harness(capacity: usize) -> Harness {
+    let registry = new_registry();
+    let metrics = Metrics::register(&registry).unwrap();
+    let event_metrics = EventMetrics::register(&registry).unwrap();
+    let (sink, queue) = EventSink::channel(capacity, event_metrics);
+    let state =
+        State::new(Arc::new(Config::default()), metrics, Limits::default()).with_events(sink);
+    state.set_ready(true);
+    Harness {
+        state,
+        queue,
+        registry,
+    }
+}
+
+fn request(review: &Value) -> Request<Full<Bytes>> {
+    Request::post("/mutate?timeout=5s")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(review.to_string())))
+        .unwrap()
+}
+
+/// Answers `review` and requires that the answer never waited: the whole
+/// review completes in one poll (a full or stuck event queue included).
+async fn answer_at_once(state: &State, review: &Value) -> Value {
+    let resp = handle(request(review), state)
+        .now_or_never()
+        .expect("the review waited on something");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_rewritten_tag_on_an_owned_pod_is_an_event_on_its_replicaset() {
+    let mut h = harness(8);
+    let out = answer_at_once(&h.state, &owned_pod_review(rewritten_tag())).await;
+    assert_eq!(out["response"]["allowed"], true);
+    let events = h.queue.drain();
+    assert_eq!(
+        events,
+        [EventRequest {
+            regarding: ObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: Some("ReplicaSet".into()),
+                name: Some("checkout-7d9f8b6c5d".into()),
+                namespace: Some("shop".into()),
+                uid: Some(RS_UID.into()),
+                ..ObjectReference::default()
+            },
+            type_: EventType::Warning,
+            reason: "TagRewritten".into(),
+            action: "Admit".into(),
+            note: "Pod checkout-7d9f8b6c5d-*: annotation canary-injector.io/tag: \
+                   \"feature/Payment_v2\" is not a valid label value; using \"feature-Payment_v2\""
+                .into(),
+        }]
+    );
+    assert!(scraped(
+        &h.registry,
+        "canary_injector_tags_rewritten_total 1"
+    ));
+}
+
+#[tokio::test]
+async fn a_deny_of_an_owned_pod_is_an_event_on_its_replicaset() {
+    let mut h = harness(8);
+    let review = owned_pod_review(json!({"canary-injector.io/tag": "///"}));
+    let out = answer_at_once(&h.state, &review).await;
+    assert_eq!(out["response"]["allowed"], false);
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e.type_, EventType::Warning);
+    assert_eq!(e.reason, "DeniedUnusableTag");
+    assert_eq!(e.action, "Deny");
+    assert_eq!(e.regarding.uid.as_deref(), Some(RS_UID));
+    let message = out["response"]["status"]["message"].as_str().unwrap();
+    assert_eq!(e.note, format!("Pod checkout-7d9f8b6c5d-*: {message}"));
+}
+
+#[tokio::test]
+async fn dry_runs_leave_nothing_behind() {
+    let mut h = harness(8);
+    let mut review = owned_pod_review(rewritten_tag());
+    review["request"]["dryRun"] = json!(true);
+    let out = answer_at_once(&h.state, &review).await;
+    assert_eq!(
+        out["response"]["warnings"].as_array().map(Vec::len),
+        Some(1),
+        "the same answer"
+    );
+    assert!(h.queue.drain().is_empty());
+    assert!(scraped(
+        &h.registry,
+        "canary_injector_tags_rewritten_total 0"
+    ));
+}
+
+#[tokio::test]
+async fn an_object_without_an_owner_gets_no_event() {
+    // Its creator saw the warning in the API response.
+    let mut h = harness(8);
+    let mut review = owned_pod_review(rewritten_tag());
+    review["request"]["object"]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    answer_at_once(&h.state, &review).await;
+    assert!(h.queue.drain().is_empty());
+    assert!(scraped(
+        &h.registry,
+        "canary_injector_tags_rewritten_total 1"
+    ));
+    // A non-controller owner is not the one that created it.
+    let mut review = owned_pod_review(rewritten_tag());
+    review["request"]["object"]["metadata"]["ownerReferences"][0]["controller"] = json!(false);
+    answer_at_once(&h.state, &review).await;
+    assert!(h.queue.drain().is_empty());
+}
+
+#[tokio::test]
+async fn a_full_event_queue_never_holds_a_review_back() {
+    // Nobody drains the queue (a publisher stuck on a slow or failing API
+    // server): the first event fills it, every later one is dropped and
+    // counted, and every review still answers in one poll with its patch.
+    let h = harness(1);
+    for i in 0..50 {
+        let out = answer_at_once(&h.state, &owned_pod_review(rewritten_tag())).await;
+        assert_eq!(out["response"]["patchType"], "JSONPatch", "review {i}");
+    }
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_events_total{outcome="dropped"} 49"#
+    ));
+    assert!(scraped(
+        &h.registry,
+        "canary_injector_tags_rewritten_total 50"
+    ));
+    drop(h.queue);
+}
+
+#[test]
+fn reasons_are_pascal_case() {
+    assert_eq!(pascal_case("", "tag-rewritten"), "TagRewritten");
+    assert_eq!(pascal_case("", "configmap-missing"), "ConfigmapMissing");
+    assert_eq!(
+        pascal_case("Denied", "malformed-object"),
+        "DeniedMalformedObject"
+    );
+    for reason in crate::mutate::Warning::REASONS {
+        let p = pascal_case("", reason);
+        assert!(p.chars().all(|c| c.is_ascii_alphanumeric()), "{p}");
+        assert!(p.starts_with(|c: char| c.is_ascii_uppercase()), "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_stuck_event_publisher_never_holds_a_review_back() {
+    use crate::cluster::events::{Pace, publish};
+    use crate::testing::mock_client;
+    use kube::runtime::events::{Recorder, Reporter};
+    use tokio_util::sync::CancellationToken;
+
+    let registry = new_registry();
+    let metrics = Metrics::register(&registry).unwrap();
+    let event_metrics = EventMetrics::register(&registry).unwrap();
+    let (sink, queue) = EventSink::channel(4, event_metrics.clone());
+    let state =
+        State::new(Arc::new(Config::default()), metrics, Limits::default()).with_events(sink);
+    let (client, mut api) = mock_client();
+    let stop = CancellationToken::new();
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "canary-injector".into(),
+            instance: None,
+        },
+    );
+    let publisher = tokio::spawn(publish(
+        queue,
+        recorder,
+        Pace::default(),
+        event_metrics,
+        stop.clone(),
+    ));
+    answer_at_once(&state, &owned_pod_review(rewritten_tag())).await;
+    // The API server takes the first Event and never answers.
+    let call = api.next().await;
+    assert_eq!(call.path, "/apis/events.k8s.io/v1/namespaces/shop/events");
+    let stuck = call.park();
+    for _ in 0..10 {
+        answer_at_once(&state, &owned_pod_review(rewritten_tag())).await;
+    }
+    // Four wait in the queue, six are dropped; no review waited.
+    assert!(scraped(
+        &registry,
+        r#"canary_injector_events_total{outcome="dropped"} 6"#
+    ));
+    stop.cancel();
+    drop(stuck);
+    publisher.await.unwrap().unwrap();
+}
+
+/// README "Warnings, and where they go" lists every warning with the Event
+/// reason it becomes.
+#[test]
+fn every_warning_is_documented_with_its_event_reason() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("\n### Warnings, and where they go\n").unwrap();
+    let section = &readme[start..start + readme[start..].find("\n## ").unwrap()];
+    for reason in crate::mutate::Warning::REASONS {
+        let row = format!("| `{reason}` (`{}`) |", pascal_case("", reason));
+        assert!(section.contains(&row), "{row} missing from the README");
+    }
+}
