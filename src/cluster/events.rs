@@ -197,7 +197,14 @@ pub async fn publish(
             action: request.action.clone(),
             secondary: None,
         };
-        match recorder.publish(&event, &request.regarding).await {
+        // A publish stuck on an unanswering API server must not hold up the
+        // shutdown; one that has finished still counts.
+        let published = tokio::select! {
+            biased;
+            published = recorder.publish(&event, &request.regarding) => published,
+            () = shutdown.cancelled() => break,
+        };
+        match published {
             Ok(()) => {
                 metrics.count("published");
                 failing = false;
@@ -363,6 +370,20 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap().unwrap();
         assert_eq!(count(&m, "published"), 7);
+    }
+
+    #[tokio::test]
+    async fn a_publish_stuck_on_the_api_does_not_hold_up_shutdown() {
+        let (sink, mut api, _m, shutdown, task) = publisher(8, Pace::default());
+        sink.emit(request("stuck"));
+        // The API server takes the request and never answers.
+        let _held = api.next().await.park();
+        shutdown.cancel();
+        tokio::time::timeout(crate::testing::WAIT, task)
+            .await
+            .expect("the publisher stops at shutdown")
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
