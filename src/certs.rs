@@ -9,11 +9,11 @@
 //!   against a real Secret, plus the webhook configuration's `caBundle`.
 
 pub mod cluster;
-mod plan;
+pub mod plan;
 
 pub use plan::{
     BUNDLE_OVERLAP, BundleStep, CaStep, Observed, RenewReason, Rotation, SecretData, TlsStep,
-    Wanted, bundle_pem, check_ca, plan_rotation,
+    Wanted, bundle_pem, bundle_trusts, check_ca, not_after, plan_rotation,
 };
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@
 
 mod bootstrap_template;
 mod certs;
+mod check;
 mod mutate;
 mod routes;
 mod serve;
@@ -60,6 +61,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Set the xds-grpc TCP keepalive in an Istio Envoy bootstrap template.
     BootstrapTemplate(bootstrap_template::TemplateArgs),
+    /// Tell whether canary routing in the cluster is sound, and what to fix.
+    Check(check::CheckArgs),
     /// Print the Istio DestinationRule and VirtualService of every Service
     /// annotated canary-injector.io/routes: "true", from the workloads in the
     /// same manifests.
@@ -137,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Mutate(args) => mutate::run(args),
         Command::BootstrapTemplate(args) => bootstrap_template::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::Check(args) => check::run(args),
         Command::Routes(args) => routes::run(args),
     };
     match result {

@@ -515,10 +515,30 @@ pub async fn run_copier(
     metrics: ControllerCounters,
     shutdown: CancellationToken,
 ) {
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => return,
-        ready = source.store.wait_until_ready() => if ready.is_err() { return },
+    // Keep reading the shared namespace watch while the cache fills: a
+    // subscriber that stops reading stalls the watch for every writer that
+    // shares it. Nothing read here is lost: the namespaces are in
+    // `namespace_store`, and the cache's first sync wakes a full pass over
+    // all of them.
+    let mut namespaces = namespaces;
+    let cache = source.store.clone();
+    let ready = cache.wait_until_ready();
+    tokio::pin!(ready);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            ready = &mut ready => {
+                if ready.is_err() {
+                    return;
+                }
+                break;
+            }
+            // An ended watch (the term is ending) answers None at once:
+            // stop reading it rather than spin.
+            next = namespaces.next(), if watching => watching = next.is_some(),
+        }
     }
     let ctx = Arc::new(Context {
         client,

@@ -30,6 +30,7 @@ pub mod admission;
 pub mod app;
 pub mod backfill;
 pub mod certs;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod copier;

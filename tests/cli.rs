@@ -416,6 +416,42 @@ fn mutate_mounts_the_bootstrap_template_unless_told_not_to() {
     );
 }
 
+/// `check` without a reachable cluster: exit 2 and a reason, not a report.
+#[test]
+fn check_without_a_cluster_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    // A kubeconfig whose API server refuses connections.
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: dead\n\
+         clusters: [{name: dead, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         contexts: [{name: dead, context: {cluster: dead, user: u}}]\n\
+         users: [{name: u, user: {token: t}}]\n",
+    )
+    .unwrap();
+    for (config, reason) in [
+        (
+            dir.path().join("missing").display().to_string(),
+            "cannot configure the Kubernetes client",
+        ),
+        (kubeconfig.display().to_string(), "cannot read"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["check", "-o", "json"])
+            .env("KUBECONFIG", &config)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(reason), "{}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "no report without a cluster");
+    }
+    let out = run(&["check", "-o", "yaml"], None);
+    assert_eq!(out.status.code(), Some(2), "bad usage");
+}
+
 #[test]
 fn mutate_errors_name_the_file_and_empty_input_is_exit_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -671,4 +707,68 @@ fn bootstrap_template_refuses_names_kubectl_would_reject() {
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `check -f`: the routing rules on manifests, with exact findings and exit codes.
+#[test]
+fn check_manifests_finds_routes_that_miss_the_workloads() {
+    let out = run(&["check", "-f", &fixture_path("check/sound.yaml")], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "sound: 1 namespace(s), 2 workload(s) checked: 0 error(s), 0 warning(s), 0 info\n"
+    );
+
+    let out = run(
+        &["check", "-o", "json", "-f", "-"],
+        Some(&std::fs::read_to_string(fixture_path("check/broken.yaml")).unwrap()),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "error: 3 finding(s) need fixing\n");
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["sound"], false);
+    assert_eq!(
+        report["checked"],
+        serde_json::json!({"namespaces": 1, "workloads": 2})
+    );
+    let found: Vec<(String, String, String)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap().to_owned();
+            (s("severity"), s("code"), s("place"))
+        })
+        .collect();
+    let expect = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        found,
+        [
+            expect(
+                "error",
+                "subset-selects-no-pod",
+                "shop/DestinationRule/checkout"
+            ),
+            expect(
+                "error",
+                "route-to-missing-subset",
+                "shop/VirtualService/checkout"
+            ),
+            expect("warning", "live-tag-without-route", "shop/Service/checkout"),
+        ]
+    );
+    assert!(
+        report["findings"][2]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("canary feature-Login has a pod (from the workloads in the files) behind Service checkout"),
+        "{}",
+        report["findings"][2]
+    );
+
+    // Unreadable input is exit 2; -n makes no sense with -f.
+    let out = run(&["check", "-f", "-"], Some("kind: [\n"));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["check", "-f", "x.yaml", "-n", "shop"], None);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -16,9 +16,17 @@ const PURE: &[&str] = &[
     "src/routes/names.rs",
     "src/routes/objects.rs",
     "src/routes/plan.rs",
+    // What to keep, renew or replace of the webhook's certificates.
+    "src/certs/plan.rs",
+    // check's rules; its cluster reader and -f front end are adapters.
+    "src/check.rs",
+    "src/check/routing.rs",
     // The backfill decision; its controller (src/backfill.rs) is an adapter.
     "src/backfill/plan.rs",
 ];
+
+/// Pure modules that live inside adapter modules: naming them is fine.
+const PURE_PATHS: &[&str] = &["crate::certs::plan"];
 
 /// What pure code must not name: our adapters and I/O crates.
 const FORBIDDEN: &[&str] = &[
@@ -73,9 +81,13 @@ fn the_pure_core_imports_no_adapter_and_does_no_io() {
             if line.starts_with("//") {
                 continue;
             }
+            let mut line = line.to_owned();
+            for allowed in PURE_PATHS {
+                line = line.replace(allowed, "");
+            }
             for bad in FORBIDDEN {
                 if line.contains(bad) {
-                    found.push(format!("{}:{}: {line}", file.display(), n + 1));
+                    found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
                 }
             }
         }

@@ -352,6 +352,23 @@ fn served_long_enough(tls: &SecretData, ca: &[u8], now: OffsetDateTime) -> bool 
     issued + i128::from(BUNDLE_OVERLAP.as_secs()) <= i128::from(now.unix_timestamp())
 }
 
+/// Whether some certificate in `bundle` (PEM, a `caBundle`) signed the
+/// first certificate of `leaf` (PEM): what the apiserver checks when it
+/// calls the webhook.
+pub fn bundle_trusts(bundle: &[u8], leaf: &[u8]) -> bool {
+    let Some(leaf) = cert_der(Some(leaf)) else {
+        return false;
+    };
+    certs_of(bundle).iter().any(|ca| signs(ca, &leaf))
+}
+
+/// Not-after of the first certificate of a PEM buffer, unix seconds.
+pub fn not_after(pem: &[u8]) -> Option<i64> {
+    let der = cert_der(Some(pem))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 fn signs(ca: &[u8], leaf: &[u8]) -> bool {
     let (Ok((_, ca)), Ok((_, leaf))) = (
         x509_parser::parse_x509_certificate(ca),

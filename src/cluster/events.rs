@@ -197,7 +197,14 @@ pub async fn publish(
             action: request.action.clone(),
             secondary: None,
         };
-        match recorder.publish(&event, &request.regarding).await {
+        // A publish stuck on an unanswering API server must not hold up the
+        // shutdown; one that has finished still counts.
+        let published = tokio::select! {
+            biased;
+            published = recorder.publish(&event, &request.regarding) => published,
+            () = shutdown.cancelled() => break,
+        };
+        match published {
             Ok(()) => {
                 metrics.count("published");
                 failing = false;
@@ -256,19 +263,35 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_queued_event_is_created_on_the_object() {
-        let (client, mut api) = mock_client();
+    /// A publisher on a mock apiserver, its sink and what stops it.
+    #[allow(clippy::type_complexity)]
+    fn publisher(
+        capacity: usize,
+        pace: Pace,
+    ) -> (
+        EventSink,
+        crate::testing::MockApi,
+        EventMetrics,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), TaskError>>,
+    ) {
+        let (client, api) = mock_client();
         let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(8, m.clone());
+        let (sink, queue) = EventSink::channel(capacity, m.clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(publish(
             queue,
             Recorder::new(client, reporter()),
-            Pace::default(),
+            pace,
             m.clone(),
             shutdown.clone(),
         ));
+        (sink, api, m, shutdown, task)
+    }
+
+    #[tokio::test]
+    async fn a_queued_event_is_created_on_the_object() {
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
         assert!(sink.emit(request("checkout")));
         let call = api
             .expect(
@@ -305,17 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_event_is_counted_and_the_next_one_still_goes_out() {
-        let (client, mut api) = mock_client();
-        let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(8, m.clone());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(publish(
-            queue,
-            Recorder::new(client, reporter()),
-            Pace::default(),
-            m.clone(),
-            shutdown.clone(),
-        ));
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
         sink.emit(request("first"));
         sink.emit(request("second"));
         let path = "/apis/events.k8s.io/v1/namespaces/shop/events";
@@ -336,21 +349,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn publishing_is_paced_after_the_burst() {
-        let (client, mut api) = mock_client();
-        let (_, m) = metrics();
-        let (sink, queue) = EventSink::channel(64, m.clone());
-        let shutdown = CancellationToken::new();
         let pace = Pace {
             per_second: 2,
             burst: 3,
         };
-        let task = tokio::spawn(publish(
-            queue,
-            Recorder::new(client, reporter()),
-            pace,
-            m.clone(),
-            shutdown.clone(),
-        ));
+        let (sink, mut api, m, shutdown, task) = publisher(64, pace);
         for i in 0..7 {
             assert!(sink.emit(request(&format!("obj-{i}"))));
         }
@@ -367,6 +370,20 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap().unwrap();
         assert_eq!(count(&m, "published"), 7);
+    }
+
+    #[tokio::test]
+    async fn a_publish_stuck_on_the_api_does_not_hold_up_shutdown() {
+        let (sink, mut api, _m, shutdown, task) = publisher(8, Pace::default());
+        sink.emit(request("stuck"));
+        // The API server takes the request and never answers.
+        let _held = api.next().await.park();
+        shutdown.cancel();
+        tokio::time::timeout(crate::testing::WAIT, task)
+            .await
+            .expect("the publisher stops at shutdown")
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -653,3 +653,47 @@ async fn the_cache_alone_only_watches() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// The copier shares the namespace watch with other writers (the backfill):
+/// while it waits for its own cache it must keep reading, or the shared
+/// watch stalls for everyone once its buffer is full.
+#[tokio::test]
+async fn a_copier_waiting_for_its_cache_does_not_stall_the_shared_namespace_watch() {
+    let (client, _api) = mock_client();
+    let namespaces = Shared::<Namespace>::new();
+    let copier_subscription = namespaces.subscribe();
+    let mut other = namespaces.subscribe();
+    let store = namespaces.store();
+    // A cache that never syncs (its watch never lists).
+    let (never, _writer) = reflector::store::<ConfigMap>();
+    let source = CopySource {
+        store: never,
+        passes: Arc::new(Notify::new()),
+    };
+    let shutdown = CancellationToken::new();
+    let copier = tokio::spawn(run_copier(
+        client,
+        settings(),
+        source,
+        copier_subscription,
+        store,
+        counters(),
+        shutdown.clone(),
+    ));
+    const N: usize = 600; // more than the fan-out buffer holds
+    let events = futures::stream::iter(
+        (0..N).map(|i| Ok(watcher::Event::Apply(namespace(&format!("ns-{i}"))))),
+    );
+    let watch = tokio::spawn(namespaces.run_stream(events, "namespaces", shutdown.clone()));
+    let mut seen = 0;
+    while seen < N {
+        timeout(WAIT, other.next())
+            .await
+            .expect("the other writer keeps getting namespaces")
+            .expect("the stream goes on");
+        seen += 1;
+    }
+    shutdown.cancel();
+    timeout(WAIT, copier).await.unwrap().unwrap();
+    timeout(WAIT, watch).await.unwrap().unwrap().unwrap();
+}

@@ -31,16 +31,18 @@ struct Routed {
 }
 
 /// The pod labels of one workload of the input.
-struct Workload {
-    namespace: String,
-    labels: BTreeMap<String, String>,
+pub(crate) struct Workload {
+    /// Its namespace (empty when the document names none).
+    pub(crate) namespace: String,
+    /// The labels its pods get.
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 fn text<'a>(doc: &'a Value, pointer: &str) -> Option<&'a str> {
     doc.pointer(pointer).and_then(Value::as_str)
 }
 
-fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+pub(crate) fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
     v.and_then(Value::as_object)
         .into_iter()
         .flatten()
@@ -50,7 +52,10 @@ fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
 
 /// The documents of `yaml` (named `source_name` in errors), `kind: List`
 /// items in their place, with their 1-based document number.
-fn documents(yaml: &str, source_name: &str) -> Result<Vec<(usize, Value)>, OfflineError> {
+pub(crate) fn documents(
+    yaml: &str,
+    source_name: &str,
+) -> Result<Vec<(usize, Value)>, OfflineError> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| OfflineError::Parse {
         source_name: source_name.to_owned(),
         reason: e.to_string(),
@@ -69,7 +74,7 @@ fn documents(yaml: &str, source_name: &str) -> Result<Vec<(usize, Value)>, Offli
 
 /// The pod labels of a workload document, `None` for anything else or a
 /// workload scaled to 0.
-fn workload(doc: &Value) -> Option<Workload> {
+pub(crate) fn workload(doc: &Value) -> Option<Workload> {
     let kind_name = text(doc, "/kind")?;
     let kind = match text(doc, "/apiVersion") {
         Some(api_version) => Kind::from_api_version(api_version, kind_name),

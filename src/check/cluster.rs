@@ -1,0 +1,279 @@
+//! `check` against a cluster: reads what the rules need into a
+//! [`Snapshot`] (a handful of GETs and LISTs, nothing written) and runs
+//! [`check`](super::check).
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+
+use super::{NamespaceView, Report, Snapshot, WebhookEntry, WebhookView};
+use crate::config::Config;
+use crate::routes::controller::{Discovered, discover};
+
+/// Where the webhook is installed (the defaults of `deploy/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The webhook's namespace.
+    pub namespace: String,
+    /// The MutatingWebhookConfiguration.
+    pub webhook_configuration: String,
+    /// The webhook's Service.
+    pub service: String,
+    /// The Secret holding the serving certificate (`tls.crt`).
+    pub tls_secret: String,
+    /// The ConfigMap holding the webhook's `config.yaml`.
+    pub config_map: String,
+    /// Check only this namespace (else every opted-in one).
+    pub only_namespace: Option<String>,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Self {
+            namespace: "canary-injector".into(),
+            webhook_configuration: "canary-injector".into(),
+            service: "canary-injector".into(),
+            tls_secret: "canary-injector-tls".into(),
+            config_map: "canary-injector-config".into(),
+            only_namespace: None,
+        }
+    }
+}
+
+/// A read that failed for another reason than "not found".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {what}: {source}")]
+pub struct GatherError {
+    /// What was being read.
+    pub what: String,
+    /// The API error.
+    #[source]
+    pub source: kube::Error,
+}
+
+fn read<T>(what: impl Into<String>, r: Result<T, kube::Error>) -> Result<T, GatherError> {
+    r.map_err(|source| GatherError {
+        what: what.into(),
+        source,
+    })
+}
+
+fn json<T: serde::Serialize>(object: &T) -> serde_json::Value {
+    serde_json::to_value(object).unwrap_or_default()
+}
+
+/// The webhook's configuration as deployed (its ConfigMap), else the
+/// built-in defaults; an invalid one is reported, with defaults used.
+async fn deployed_config(
+    client: &Client,
+    target: &Target,
+) -> Result<(Config, Option<String>), GatherError> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &target.namespace);
+    let what = format!("ConfigMap {}/{}", target.namespace, target.config_map);
+    let text = read(&what, cms.get_opt(&target.config_map).await)?
+        .and_then(|cm| cm.data?.remove("config.yaml"));
+    let (mut cfg, error) = match text.as_deref().map(Config::from_yaml) {
+        None => (Config::default(), None),
+        Some(Ok(cfg)) => (cfg, None),
+        Some(Err(e)) => (Config::default(), Some(e.to_string())),
+    };
+    if cfg.namespaces.own.is_none() {
+        cfg.namespaces.own = Some(target.namespace.clone());
+    }
+    Ok((cfg, error))
+}
+
+async fn webhook(client: &Client, target: &Target) -> Result<WebhookView, GatherError> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let configuration = read(
+        format!(
+            "MutatingWebhookConfiguration {}",
+            target.webhook_configuration
+        ),
+        configs.get_opt(&target.webhook_configuration).await,
+    )?;
+    let webhooks = configuration.map(|c| {
+        c.webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| WebhookEntry {
+                name: w.name,
+                ca_bundle: w
+                    .client_config
+                    .ca_bundle
+                    .map(|b| b.0)
+                    .filter(|b| !b.is_empty()),
+                namespace_selector: w
+                    .namespace_selector
+                    .and_then(|s| s.match_labels)
+                    .unwrap_or_default(),
+            })
+            .collect()
+    });
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &target.namespace);
+    let (serving_certificate, serving_certificate_error) = match secrets
+        .get_opt(&target.tls_secret)
+        .await
+    {
+        Ok(Some(s)) => match s.data.and_then(|mut d| d.remove("tls.crt")) {
+            Some(crt) => (Some(crt.0), None),
+            None => (
+                None,
+                Some(format!("Secret {} has no tls.crt", target.tls_secret)),
+            ),
+        },
+        Ok(None) => (
+            None,
+            Some(format!(
+                "Secret {}/{} not found",
+                target.namespace, target.tls_secret
+            )),
+        ),
+        Err(kube::Error::Api(s)) if s.code == 403 => (None, Some(s.message.clone())),
+        Err(e) => {
+            return Err(read::<()>(format!("Secret {}", target.tls_secret), Err(e)).unwrap_err());
+        }
+    };
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &target.namespace);
+    let selector = format!("kubernetes.io/service-name={}", target.service);
+    let slices = read(
+        format!("EndpointSlices of Service {}", target.service),
+        slices.list(&ListParams::default().labels(&selector)).await,
+    )?;
+    let ready = slices
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        // A missing condition means "unknown", which consumers treat as ready.
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .count();
+    Ok(WebhookView {
+        configuration_name: target.webhook_configuration.clone(),
+        webhooks,
+        serving_certificate,
+        serving_certificate_error,
+        ready_endpoints: Some(ready),
+        service: format!("{}/{}", target.namespace, target.service),
+    })
+}
+
+/// Reads everything the rules need. Only reads.
+pub async fn gather(
+    client: Client,
+    target: &Target,
+    now: i64,
+) -> Result<(Snapshot, Config), GatherError> {
+    let (cfg, config_error) = deployed_config(&client, target).await?;
+    let webhook = webhook(&client, target).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let names: Vec<String> = match &target.only_namespace {
+        Some(ns) => vec![ns.clone()],
+        None => {
+            let selector = cfg.namespaces.opt_in_selector();
+            read(
+                format!("namespaces labelled {selector}"),
+                namespaces
+                    .list(&ListParams::default().labels(&selector))
+                    .await,
+            )?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect()
+        }
+    };
+    let cm_name = &cfg.bootstrap.config_map_name;
+    let cm_data = |cm: Option<ConfigMap>| cm.map(|c| c.data.unwrap_or_default());
+    let source = if cfg.bootstrap.enabled {
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &target.namespace);
+        cm_data(read(
+            format!("ConfigMap {cm_name}"),
+            cms.get_opt(cm_name).await,
+        )?)
+    } else {
+        None
+    };
+    // Istio's DestinationRules and VirtualServices at the version served.
+    let istio: Option<(ApiResource, ApiResource)> =
+        match read("the served APIs", discover(&client).await)? {
+            Discovered::Ready(apis) => Some((apis.destination_rules, apis.virtual_services)),
+            Discovered::NoIstio | Discovered::NoEndpointSlices => None,
+        };
+    let mut views = Vec::with_capacity(names.len());
+    for name in names {
+        let services: Api<Service> = Api::namespaced(client.clone(), &name);
+        let services = read(
+            format!("Services in {name}"),
+            services.list(&ListParams::default()).await,
+        )?;
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &name);
+        let slices = match slices.list(&ListParams::default()).await {
+            Ok(list) => list.items.iter().map(json).collect(),
+            // discovery.k8s.io/v1 arrives in 1.21: no readiness to judge by.
+            Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+            Err(e) => {
+                return Err(read::<()>(format!("EndpointSlices in {name}"), Err(e)).unwrap_err());
+            }
+        };
+        let mut rules = Vec::new();
+        if let Some((dr, vs)) = &istio {
+            for resource in [dr, vs] {
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &name, resource);
+                let list = read(
+                    format!("{} in {name}", resource.plural),
+                    api.list(&ListParams::default()).await,
+                )?;
+                rules.extend(list.items.iter().map(|o| {
+                    let mut v = json(o);
+                    v["kind"] = serde_json::Value::from(resource.kind.clone());
+                    v
+                }));
+            }
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
+        let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &name);
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
+        let pods = read(
+            format!("pods in {name}"),
+            pods.list(&ListParams::default()).await,
+        )?;
+        let rss = read(
+            format!("ReplicaSets in {name}"),
+            rss.list(&ListParams::default()).await,
+        )?;
+        let copy = if cfg.bootstrap.enabled {
+            cm_data(read(
+                format!("ConfigMap {name}/{cm_name}"),
+                cms.get_opt(cm_name).await,
+            )?)
+        } else {
+            None
+        };
+        views.push(NamespaceView {
+            name,
+            pods: pods.items.iter().map(json).collect(),
+            replicasets: rss.items.iter().map(json).collect(),
+            bootstrap_copy: copy,
+            services: services.items.iter().map(json).collect(),
+            endpoint_slices: slices,
+            rules,
+        });
+    }
+    let snapshot = Snapshot {
+        webhook: Some(webhook),
+        bootstrap_source: source,
+        namespaces: views,
+        now,
+        config_error,
+    };
+    Ok((snapshot, cfg))
+}
+
+/// Reads the cluster and checks it.
+pub async fn run(client: Client, target: &Target, now: i64) -> Result<Report, GatherError> {
+    let (snapshot, cfg) = gather(client, target, now).await?;
+    Ok(super::check(&snapshot, cfg.policy()))
+}

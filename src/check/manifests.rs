@@ -1,0 +1,107 @@
+//! `check -f FILE`: the routing rules on manifests, before they reach a
+//! cluster. A Service's pods are those the workloads in the files will
+//! create (a Pod, or the pod template of a ReplicaSet, Deployment,
+//! StatefulSet, DaemonSet, Job or CronJob not scaled to 0, whose labels
+//! match its selector), with the labels the webhook's rules give them; a
+//! Service annotated for routes counts with the rules `routes -f` generates
+//! for it. Nothing is read from a cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::Report;
+use super::routing::{RoutingInput, ServiceInfo, check_routing};
+use crate::config::Config;
+use crate::offline::{self, OfflineError};
+use crate::routes::offline::{documents, routes_documents, string_map, workload};
+use crate::routes::wants_routes;
+
+/// What `backend` means in this mode's messages.
+const BACKEND: &str = "pod (from the workloads in the files)";
+
+/// Checks the manifests in `input` (named `source_name` in errors).
+pub fn check_documents(
+    input: &str,
+    source_name: &str,
+    cfg: &Config,
+) -> Result<Report, OfflineError> {
+    let mut rules_cfg = cfg.clone();
+    rules_cfg.bootstrap.enabled = false;
+    let mutated = offline::mutate_documents(input, source_name, &rules_cfg, false)?;
+    let workloads: Vec<_> = documents(&mutated.text, source_name)?
+        .iter()
+        .filter_map(|(_, doc)| workload(doc))
+        .collect();
+
+    let mut services: BTreeMap<String, Vec<ServiceInfo>> = BTreeMap::new();
+    let mut rules: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut generate = false;
+    let namespace_of = |doc: &Value| {
+        doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    for (_, doc) in documents(input, source_name)? {
+        let api = doc["apiVersion"].as_str().unwrap_or_default();
+        match doc["kind"].as_str() {
+            Some("Service") if matches!(api, "" | "v1") => {
+                let ns = namespace_of(&doc);
+                if cfg.namespaces.is_excluded(&ns) {
+                    continue;
+                }
+                let selector = string_map(doc.pointer("/spec/selector"));
+                let annotations = string_map(doc.pointer("/metadata/annotations"));
+                generate |= wants_routes(Some(&annotations));
+                let backends = workloads
+                    .iter()
+                    .filter(|w| w.namespace == ns && !selector.is_empty())
+                    .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .map(|w| w.labels.clone())
+                    .collect();
+                services.entry(ns).or_default().push(ServiceInfo {
+                    name: doc["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    annotations,
+                    backends,
+                });
+            }
+            Some("DestinationRule" | "VirtualService")
+                if api.starts_with("networking.istio.io/") =>
+            {
+                rules.entry(namespace_of(&doc)).or_default().push(doc);
+            }
+            _ => {}
+        }
+    }
+    if generate {
+        let generated = routes_documents(input, source_name, cfg, "networking.istio.io/v1beta1")?;
+        for (_, doc) in documents(&generated.text, source_name)? {
+            rules.entry(namespace_of(&doc)).or_default().push(doc);
+        }
+    }
+
+    let namespaces: BTreeSet<&String> = services.keys().chain(rules.keys()).collect();
+    let mut findings = Vec::new();
+    for ns in &namespaces {
+        check_routing(
+            &RoutingInput {
+                namespace: ns,
+                services: services.get(*ns).map_or(&[], Vec::as_slice),
+                rules: rules.get(*ns).map_or(&[], Vec::as_slice),
+                backend: BACKEND,
+            },
+            &cfg.labels,
+            &mut findings,
+        );
+    }
+    Ok(Report::counting(
+        findings,
+        namespaces.len(),
+        workloads.len(),
+        "workload",
+    ))
+}

@@ -1,0 +1,281 @@
+//! `check`'s routing rules, pure: do the DestinationRules and VirtualServices
+//! of a namespace (ours or hand-written) route to pods that exist?
+//!
+//! The same rules serve the cluster (a Service's backends are the pods
+//! behind its ready endpoints) and manifests (`check -f`: the pods the
+//! workloads in the files will create, after the webhook's label rules).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::{Finding, Severity, finding};
+use crate::mutate::LabelPolicy;
+use crate::routes::{self, RuleHead, RuleKind, ServiceRef};
+
+/// A Service and the pods that back it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Its name.
+    pub name: String,
+    /// Its annotations (the routes opt-in).
+    pub annotations: BTreeMap<String, String>,
+    /// The labels of each pod that serves it.
+    pub backends: Vec<BTreeMap<String, String>>,
+}
+
+/// One namespace's Services and rules.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutingInput<'a> {
+    /// The namespace.
+    pub namespace: &'a str,
+    /// Its Services.
+    pub services: &'a [ServiceInfo],
+    /// Its DestinationRules and VirtualServices, as JSON (any version).
+    pub rules: &'a [Value],
+    /// What a backend is, for messages: `ready pod`, or `pod (from the
+    /// workloads in the files)`.
+    pub backend: &'a str,
+}
+
+/// A rule's kind, name and whether it is ours.
+fn head(rule: &Value) -> Option<(RuleKind, &str, bool)> {
+    let kind = match rule["kind"].as_str()? {
+        "DestinationRule" => RuleKind::DestinationRule,
+        "VirtualService" => RuleKind::VirtualService,
+        _ => return None,
+    };
+    let name = rule["metadata"]["name"].as_str()?;
+    let managed = rule["metadata"]["labels"][routes::MANAGED_BY_LABEL] == routes::MANAGED_BY_VALUE;
+    Some((kind, name, managed))
+}
+
+/// The hosts a rule names: `spec.host` (DestinationRule) or `spec.hosts`.
+fn hosts(rule: &Value) -> Vec<String> {
+    let spec = &rule["spec"];
+    let mut out: Vec<String> = spec["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str().map(str::to_owned))
+        .collect();
+    out.extend(spec["host"].as_str().map(str::to_owned));
+    out
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
+}
+
+fn selector_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Every `(host, subset)` an HTTP route of a VirtualService sends to, with
+/// the exact header values that select it.
+fn destinations(vs: &Value) -> Vec<(String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for route in vs["spec"]["http"].as_array().into_iter().flatten() {
+        let headers: Vec<String> = route["match"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["headers"].as_object().into_iter().flatten())
+            .filter_map(|(_, v)| v["exact"].as_str().map(str::to_owned))
+            .collect();
+        for dest in route["route"].as_array().into_iter().flatten() {
+            let d = &dest["destination"];
+            if let (Some(host), Some(subset)) = (d["host"].as_str(), d["subset"].as_str()) {
+                out.push((host.to_owned(), subset.to_owned(), headers.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Checks one namespace's routing and appends the findings.
+pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut Vec<Finding>) {
+    use Severity::{Error, Warning};
+    let ns = input.namespace;
+    let by_name: BTreeMap<&str, &ServiceInfo> = input
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
+    // Each Service's rules, by kind.
+    let mut rules_of: BTreeMap<(&str, RuleKind), Vec<&Value>> = BTreeMap::new();
+    for rule in input.rules {
+        let Some((kind, _, _)) = head(rule) else {
+            continue;
+        };
+        let named: BTreeSet<&str> = hosts(rule)
+            .iter()
+            .filter_map(|h| routes::host_service(h, ns))
+            .filter_map(|s| by_name.get_key_value(s).map(|(k, _)| *k))
+            .collect();
+        for service in named {
+            rules_of.entry((service, kind)).or_default().push(rule);
+        }
+    }
+    let place = |kind: RuleKind, rule: &Value| {
+        format!(
+            "{ns}/{kind}/{}",
+            rule["metadata"]["name"].as_str().unwrap_or("<unnamed>")
+        )
+    };
+
+    for service in input.services {
+        let drs = rules_of
+            .get(&(service.name.as_str(), RuleKind::DestinationRule))
+            .cloned()
+            .unwrap_or_default();
+        let vss = rules_of
+            .get(&(service.name.as_str(), RuleKind::VirtualService))
+            .cloned()
+            .unwrap_or_default();
+        let routed: Vec<(String, String, Vec<String>)> = vss
+            .iter()
+            .flat_map(|vs| destinations(vs))
+            .filter(|(host, _, _)| routes::host_names_service(host, &service.name, ns))
+            .collect();
+
+        for (kind, found) in [
+            (RuleKind::DestinationRule, &drs),
+            (RuleKind::VirtualService, &vss),
+        ] {
+            if found.len() > 1 {
+                let names: Vec<&str> = found
+                    .iter()
+                    .filter_map(|r| r["metadata"]["name"].as_str())
+                    .collect();
+                out.push(finding(
+                    Warning,
+                    "duplicate-rules",
+                    format!("{ns}/Service/{}", service.name),
+                    format!(
+                        "{} {kind}s name this Service ({}): Istio applies one of them, not both",
+                        found.len(),
+                        names.join(", ")
+                    ),
+                    format!("merge them into one {kind}"),
+                ));
+            }
+        }
+
+        // Subsets that select nothing.
+        let mut defined = BTreeSet::new();
+        for dr in &drs {
+            for subset in dr["spec"]["subsets"].as_array().into_iter().flatten() {
+                let Some(name) = subset["name"].as_str() else {
+                    continue;
+                };
+                defined.insert(name.to_owned());
+                let want = string_map(&subset["labels"]);
+                let selects = service
+                    .backends
+                    .iter()
+                    .any(|b| want.iter().all(|(k, v)| b.get(k) == Some(v)));
+                let is_routed = routed.iter().any(|(_, s, _)| s == name);
+                // Ours and unrouted: a canary that went away, kept for the
+                // removal grace period on purpose.
+                let in_grace = head(dr).is_some_and(|(_, _, managed)| managed) && !is_routed;
+                if !selects && !in_grace {
+                    out.push(finding(
+                        if is_routed { Error } else { Warning },
+                        "subset-selects-no-pod",
+                        place(RuleKind::DestinationRule, dr),
+                        format!(
+                            "Service {} has no {} that subset {name} ({}) selects{}",
+                            service.name,
+                            input.backend,
+                            selector_text(&want),
+                            if is_routed { ": requests routed to it get 503 no healthy upstream" } else { "" }
+                        ),
+                        "deploy pods with those labels, fix the subset's labels, or remove the subset and its routes",
+                    ));
+                }
+            }
+        }
+        // Routes to subsets no DestinationRule defines.
+        for vs in &vss {
+            for (host, subset, _) in destinations(vs) {
+                if routes::host_names_service(&host, &service.name, ns)
+                    && !defined.contains(&subset)
+                {
+                    out.push(finding(
+                        Error,
+                        "route-to-missing-subset",
+                        place(RuleKind::VirtualService, vs),
+                        format!("a route sends {host} to subset {subset}, which no DestinationRule of Service {} defines: 503s", service.name),
+                        format!("add subset {subset} to the Service's DestinationRule, or route elsewhere"),
+                    ));
+                }
+            }
+        }
+        // Live canaries nobody routes to.
+        let live: BTreeSet<&str> = service
+            .backends
+            .iter()
+            .filter_map(|b| routes::pod_tag(labels, b))
+            .collect();
+        let header_routed: BTreeSet<&str> = routed
+            .iter()
+            .flat_map(|(_, _, headers)| headers.iter().map(String::as_str))
+            .collect();
+        for tag in live.difference(&header_routed) {
+            out.push(finding(
+                Warning,
+                "live-tag-without-route",
+                format!("{ns}/Service/{}", service.name),
+                format!(
+                    "canary {tag} has a {} behind Service {} but no header route reaches it{}",
+                    input.backend,
+                    service.name,
+                    if vss.is_empty() { " (without a VirtualService it gets a share of all traffic)" } else { "" }
+                ),
+                format!(
+                    "annotate the Service {}: \"true\" to have the routes generated, or add a header route for {tag}",
+                    routes::ROUTES_ANNOTATION
+                ),
+            ));
+        }
+        // Services that ask for routes but have hand-written rules in the way.
+        if routes::wants_routes(Some(&service.annotations)) {
+            let heads: Vec<(RuleKind, &str, bool, Vec<String>)> = input
+                .rules
+                .iter()
+                .filter_map(|r| head(r).map(|(k, n, m)| (k, n, m, hosts(r))))
+                .collect();
+            let conflicts = routes::conflicts(
+                &ServiceRef {
+                    namespace: ns.to_owned(),
+                    name: service.name.clone(),
+                    uid: None,
+                },
+                heads.iter().map(|(kind, name, managed, hosts)| RuleHead {
+                    kind: *kind,
+                    name,
+                    managed: *managed,
+                    hosts,
+                }),
+            );
+            for conflict in conflicts {
+                out.push(finding(
+                    Error,
+                    "routes-conflict",
+                    format!("{ns}/Service/{}", service.name),
+                    format!("{conflict}: the routes controller writes nothing for this Service"),
+                    "delete or rename the hand-written object, or remove the canary-injector.io/routes annotation",
+                ));
+            }
+        }
+    }
+}

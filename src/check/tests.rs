@@ -1,0 +1,767 @@
+//! Every finding from a crafted snapshot; the exact outputs; the adapter
+//! against a recorded cluster state.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::certs::Ca;
+use crate::config::Config;
+
+const DAY: i64 = 86400;
+
+struct Tls {
+    ca_pem: String,
+    cert_pem: String,
+    not_after: i64,
+}
+
+fn tls(validity_days: u64) -> Tls {
+    let ca = Ca::generate("check CA", Duration::from_secs(3650 * 86400)).unwrap();
+    let b = ca
+        .issue(
+            &["canary-injector.canary-injector.svc".into()],
+            Duration::from_secs(validity_days * 86400),
+        )
+        .unwrap();
+    Tls {
+        not_after: not_after(b.cert_pem.as_bytes()).unwrap(),
+        ca_pem: b.ca_cert_pem,
+        cert_pem: b.cert_pem,
+    }
+}
+
+fn opt_in() -> BTreeMap<String, String> {
+    BTreeMap::from([("canary-injection".into(), "enabled".into())])
+}
+
+fn healthy_webhook(t: &Tls) -> WebhookView {
+    WebhookView {
+        configuration_name: "canary-injector".into(),
+        webhooks: Some(vec![WebhookEntry {
+            name: "labels.canary-injector.io".into(),
+            ca_bundle: Some(t.ca_pem.clone().into_bytes()),
+            namespace_selector: opt_in(),
+        }]),
+        serving_certificate: Some(t.cert_pem.clone().into_bytes()),
+        serving_certificate_error: None,
+        ready_endpoints: Some(2),
+        service: "canary-injector/canary-injector".into(),
+    }
+}
+
+fn pod(name: &str, labels: Value, annotations: Value, owner: Option<&str>) -> Value {
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "shop/checkout:2.1"}]},
+    });
+    if let Some(rs) = owner {
+        p["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs,
+            "uid": "6d1b9a2e-0000-4000-8000-000000000001", "controller": true,
+        }]);
+    }
+    p
+}
+
+fn replicaset(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+           "metadata": {"name": name, "namespace": "shop", "labels": labels}})
+}
+
+fn template() -> BTreeMap<String, String> {
+    BTreeMap::from([("envoy_bootstrap_tmpl.json".into(), "{}".into())])
+}
+
+/// A sound cluster: one namespace, a normal and a gray pod that agree
+/// with their ReplicaSets, the bootstrap copy current.
+fn sound(t: &Tls) -> Snapshot {
+    Snapshot {
+        webhook: Some(healthy_webhook(t)),
+        bootstrap_source: Some(template()),
+        namespaces: vec![NamespaceView {
+            name: "shop".into(),
+            pods: vec![
+                pod(
+                    "checkout-7d9f-a",
+                    json!({"app": "checkout", "stage": "normal"}),
+                    json!({}),
+                    Some("checkout-7d9f"),
+                ),
+                pod(
+                    "checkout-gray-5c4b-b",
+                    json!({"app": "checkout", "stage": "gray", "canarytag": "feature-login"}),
+                    json!({"canary-injector.io/tag": "feature-login"}),
+                    Some("checkout-gray-5c4b"),
+                ),
+            ],
+            replicasets: vec![
+                replicaset(
+                    "checkout-7d9f",
+                    json!({"app": "checkout", "stage": "normal"}),
+                ),
+                replicaset(
+                    "checkout-gray-5c4b",
+                    json!({"app": "checkout", "stage": "gray", "canarytag": "feature-login"}),
+                ),
+            ],
+            bootstrap_copy: Some(template()),
+            ..NamespaceView::default()
+        }],
+        now: t.not_after - 300 * DAY,
+        config_error: None,
+    }
+}
+
+fn report(s: &Snapshot) -> Report {
+    check(s, Config::default().policy())
+}
+
+fn codes(r: &Report) -> Vec<&'static str> {
+    r.findings.iter().map(|f| f.code).collect()
+}
+
+fn only(s: &Snapshot) -> Finding {
+    let r = report(s);
+    assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
+    r.findings[0].clone()
+}
+
+#[test]
+fn a_sound_cluster_has_no_findings() {
+    let t = tls(365);
+    let r = report(&sound(&t));
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    assert!(r.is_sound());
+    assert_eq!((r.namespaces, r.pods), (1, 2));
+}
+
+// === the webhook ===
+
+#[test]
+fn a_missing_configuration_is_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.webhook.as_mut().unwrap().webhooks = None;
+    let f = only(&s);
+    assert_eq!((f.severity, f.code), (Severity::Error, "webhook-missing"));
+}
+
+#[test]
+fn a_ca_bundle_that_does_not_verify_the_certificate_is_an_error() {
+    let t = tls(365);
+    let other = tls(365);
+    let mut s = sound(&t);
+    s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].ca_bundle =
+        Some(other.ca_pem.into_bytes());
+    assert_eq!(only(&s).code, "ca-bundle-mismatch");
+    s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].ca_bundle = None;
+    assert_eq!(only(&s).code, "ca-bundle-missing");
+    // Old and new CA published together (a CA switch in progress): fine.
+    let both = format!("{}{}", tls(365).ca_pem, t.ca_pem);
+    s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].ca_bundle = Some(both.into_bytes());
+    assert!(report(&s).findings.is_empty());
+}
+
+#[test]
+fn certificate_expiry_is_checked() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.now = t.not_after - 10 * DAY;
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "certificate-expiring")
+    );
+    assert!(f.message.contains("10 day"), "{}", f.message);
+    s.now = t.not_after + 1;
+    assert_eq!(only(&s).code, "certificate-expired");
+}
+
+#[test]
+fn an_unreadable_certificate_is_said_not_guessed() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    let w = s.webhook.as_mut().unwrap();
+    w.serving_certificate = None;
+    w.serving_certificate_error = Some("secrets \"canary-injector-tls\" is forbidden".into());
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "certificate-unreadable")
+    );
+    assert!(f.message.contains("forbidden"));
+}
+
+#[test]
+fn no_ready_endpoint_is_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.webhook.as_mut().unwrap().ready_endpoints = Some(0);
+    assert_eq!(only(&s).code, "no-ready-endpoints");
+}
+
+#[test]
+fn webhook_and_controllers_must_select_the_same_namespaces() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].namespace_selector =
+        BTreeMap::from([("mesh".into(), "on".into())]);
+    let f = only(&s);
+    assert_eq!(f.code, "selector-mismatch");
+    assert!(
+        f.message.contains("mesh=on") && f.message.contains("canary-injection=enabled"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn an_invalid_deployed_config_is_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.config_error = Some("invalid config: canaryTagLabel moved to labels.canaryTag".into());
+    assert_eq!(only(&s).code, "config-invalid");
+}
+
+// === namespaces and pods ===
+
+fn shop(s: &mut Snapshot) -> &mut NamespaceView {
+    &mut s.namespaces[0]
+}
+
+#[test]
+fn a_pod_without_stage_is_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    shop(&mut s)
+        .pods
+        .push(pod("legacy-1", json!({"app": "legacy"}), json!({}), None));
+    let f = only(&s);
+    assert_eq!(
+        (f.code, f.place.as_str()),
+        ("pod-without-stage", "shop/Pod/legacy-1")
+    );
+}
+
+#[test]
+fn opted_out_mirror_and_excluded_pods_are_not_findings() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    shop(&mut s).pods.push(pod(
+        "out",
+        json!({"canary-injector.io/inject": "false"}),
+        json!({}),
+        None,
+    ));
+    shop(&mut s).pods.push(pod(
+        "static",
+        json!({}),
+        json!({"kubernetes.io/config.mirror": "x"}),
+        None,
+    ));
+    assert!(report(&s).findings.is_empty());
+    let mut system = s.namespaces[0].clone();
+    system.name = "kube-system".into();
+    system.pods = vec![pod("coredns", json!({}), json!({}), None)];
+    s.namespaces.push(system);
+    assert!(report(&s).findings.is_empty());
+}
+
+#[test]
+fn a_gray_pod_without_tag_is_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    shop(&mut s)
+        .pods
+        .push(pod("gray-1", json!({"stage": "gray"}), json!({}), None));
+    assert_eq!(only(&s).code, "gray-without-tag");
+}
+
+#[test]
+fn a_rewritten_tag_is_information_only() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    shop(&mut s).pods.push(pod(
+        "pay-1",
+        json!({"stage": "gray", "canarytag": "feature-Payment_v2"}),
+        json!({"canary-injector.io/tag": "feature/Payment_v2"}),
+        None,
+    ));
+    let r = report(&s);
+    assert_eq!(codes(&r), ["tag-rewritten"]);
+    assert!(r.is_sound(), "info does not need fixing");
+}
+
+#[test]
+fn a_pod_and_its_replicaset_that_disagree_are_an_error() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    // The Deployment's own metadata was tagged: the ReplicaSet gray, its
+    // pods normal (issue #10's split release).
+    shop(&mut s).replicasets[0] = replicaset(
+        "checkout-7d9f",
+        json!({"stage": "gray", "canarytag": "feature-x"}),
+    );
+    let f = only(&s);
+    assert_eq!(f.code, "pod-replicaset-disagree");
+    assert!(
+        f.message.contains("normal") && f.message.contains("gray/feature-x"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn bootstrap_copies_missing_or_stale_are_warnings() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    shop(&mut s).bootstrap_copy = Some(BTreeMap::from([(
+        "envoy_bootstrap_tmpl.json".into(),
+        "old".into(),
+    )]));
+    assert_eq!(only(&s).code, "bootstrap-configmap-stale");
+    shop(&mut s).bootstrap_copy = None;
+    assert_eq!(only(&s).code, "bootstrap-configmap-missing");
+    // No source: nothing to copy, nothing to report.
+    s.bootstrap_source = None;
+    assert!(report(&s).findings.is_empty());
+}
+
+#[test]
+fn an_old_sidecar_without_the_patched_template_is_a_warning() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    let mut p = pod(
+        "old-1",
+        json!({"stage": "normal"}),
+        json!({"sidecar.istio.io/status": "{}"}),
+        None,
+    );
+    p["spec"]["containers"] = json!([
+        {"name": "app", "image": "shop/app:1"},
+        {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.5.4",
+         "volumeMounts": [{"name": "istio-envoy", "mountPath": "/etc/istio/proxy"}]},
+    ]);
+    shop(&mut s).pods.push(p.clone());
+    assert_eq!(only(&s).code, "sidecar-without-template");
+    // With the template mounted: nothing.
+    p["spec"]["containers"][1]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "canary-injector-bootstrap", "mountPath": "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json"}));
+    shop(&mut s).pods.pop();
+    shop(&mut s).pods.push(p);
+    assert!(report(&s).findings.is_empty());
+}
+
+// === output ===
+
+fn two_findings() -> Report {
+    let t = tls(365);
+    let mut s = sound(&t);
+    s.webhook.as_mut().unwrap().ready_endpoints = Some(0);
+    shop(&mut s).pods.push(pod(
+        "pay-1",
+        json!({"stage": "gray", "canarytag": "feature-x"}),
+        json!({"canary-injector.io/tag": "feature/x"}),
+        None,
+    ));
+    report(&s)
+}
+
+#[test]
+fn the_human_output_is_one_block_per_finding_and_a_summary() {
+    assert_eq!(
+        two_findings().render(false),
+        "\
+error   no-ready-endpoints           webhook
+        Service canary-injector/canary-injector has no ready endpoint: with failurePolicy Fail, pod creation in opted-in namespaces stops
+        fix: kubectl -n canary-injector get pods; kubectl -n canary-injector describe deployment canary-injector
+info    tag-rewritten                shop/Pod/pay-1
+        annotation canary-injector.io/tag=\"feature/x\" became label canarytag=feature-x
+        fix: send the header with \"feature-x\", or use a tag of [A-Za-z0-9._-] only
+needs fixing: 1 namespace(s), 3 pod(s) checked: 1 error(s), 0 warning(s), 1 info
+"
+    );
+    let coloured = two_findings().render(true);
+    assert!(coloured.contains("\x1b[31;1merror  \x1b[0m"));
+    let t = tls(365);
+    assert_eq!(
+        report(&sound(&t)).render(false),
+        "sound: 1 namespace(s), 2 pod(s) checked: 0 error(s), 0 warning(s), 0 info\n"
+    );
+}
+
+#[test]
+fn the_json_output_has_every_field() {
+    let out = two_findings().to_json();
+    assert_eq!(out["sound"], false);
+    assert_eq!(out["checked"], json!({"namespaces": 1, "pods": 3}));
+    assert_eq!(
+        out["findings"][1],
+        json!({
+            "severity": "info", "code": "tag-rewritten", "place": "shop/Pod/pay-1",
+            "message": "annotation canary-injector.io/tag=\"feature/x\" became label canarytag=feature-x",
+            "fix": "send the header with \"feature-x\", or use a tag of [A-Za-z0-9._-] only",
+        })
+    );
+    assert_eq!(out["findings"][0]["severity"], "error");
+}
+
+// === against a recorded cluster ===
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A cluster as the API returns it: the webhook installed and healthy,
+/// `shop` opted in with one pod missing its stage label.
+fn recorded(t: &Tls) -> crate::testing::FakeApiServer {
+    let config = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "canary-injector-config", "namespace": "canary-injector"},
+        "data": {"config.yaml": "labels: {canaryTag: canarytag}\n"},
+    });
+    let webhook = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "canary-injector"},
+        "webhooks": [{
+            "name": "labels.canary-injector.io", "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
+            "clientConfig": {"caBundle": b64(&t.ca_pem),
+                             "service": {"name": "canary-injector", "namespace": "canary-injector"}},
+            "namespaceSelector": {"matchLabels": {"canary-injection": "enabled"}},
+        }],
+    });
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "canary-injector-tls", "namespace": "canary-injector"},
+        "data": {"tls.crt": b64(&t.cert_pem), "tls.key": b64("unused")},
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "canary-injector-x1", "namespace": "canary-injector",
+                     "labels": {"kubernetes.io/service-name": "canary-injector"}},
+        "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": true}},
+                      {"addresses": ["10.0.0.8"], "conditions": {"ready": false}}],
+    });
+    let ns = |name: &str, labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels}})
+    };
+    crate::testing::FakeApiServer::with(&[
+        (
+            "/api/v1/namespaces/canary-injector/configmaps/canary-injector-config",
+            config,
+        ),
+        (
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/canary-injector",
+            webhook,
+        ),
+        (
+            "/api/v1/namespaces/canary-injector/secrets/canary-injector-tls",
+            secret,
+        ),
+        (
+            "/apis/discovery.k8s.io/v1/namespaces/canary-injector/endpointslices/canary-injector-x1",
+            slice,
+        ),
+        (
+            "/api/v1/namespaces/shop",
+            ns("shop", json!({"canary-injection": "enabled"})),
+        ),
+        ("/api/v1/namespaces/other", ns("other", json!({}))),
+        (
+            "/api/v1/namespaces/shop/pods/legacy-1",
+            pod("legacy-1", json!({"app": "legacy"}), json!({}), None),
+        ),
+        (
+            "/api/v1/namespaces/other/pods/x",
+            pod("x", json!({}), json!({}), None),
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn the_adapter_reads_the_cluster_and_writes_nothing() {
+    let t = tls(365);
+    let api = recorded(&t);
+    let (client, served) = api.client();
+    let report = cluster::run(client, &cluster::Target::default(), t.not_after - 100 * DAY)
+        .await
+        .unwrap();
+    served.await.unwrap();
+    assert_eq!(
+        codes(&report),
+        ["pod-without-stage"],
+        "{:#?}",
+        report.findings
+    );
+    assert_eq!(report.findings[0].place, "shop/Pod/legacy-1");
+    assert_eq!(
+        (report.namespaces, report.pods),
+        (1, 1),
+        "only opted-in namespaces"
+    );
+    let calls = api.calls();
+    assert!(
+        calls.iter().all(|c| !c.is_write()),
+        "check only reads: {calls:#?}"
+    );
+    let ns_list = calls
+        .iter()
+        .find(|c| c.path == "/api/v1/namespaces")
+        .unwrap();
+    assert_eq!(
+        ns_list.query.get("labelSelector").map(String::as_str),
+        Some("canary-injection=enabled")
+    );
+}
+
+#[tokio::test]
+async fn an_api_failure_names_what_could_not_be_read() {
+    let t = tls(365);
+    let api = recorded(&t);
+    api.hook(
+        http::Method::GET,
+        "/api/v1/namespaces/shop/pods",
+        crate::testing::Hook::Fail(403),
+    );
+    let (client, _served) = api.client();
+    let err = cluster::run(client, &cluster::Target::default(), 0)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot read pods in shop:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_code_is_documented_in_the_readme() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## Is canary routing sound here?")
+        .nth(1)
+        .expect("README has the check section");
+    for code in CODES {
+        assert!(
+            section.contains(&format!("| `{code}` |")),
+            "README lacks {code}"
+        );
+    }
+}
+
+// === routing ===
+
+fn svc(name: &str, annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+           "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}})
+}
+
+fn slice(service: &str, pods: &[(&str, bool)]) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abc"), "labels": {"kubernetes.io/service-name": service}},
+           "endpoints": pods.iter().map(|(pod, ready)| json!({
+               "addresses": ["10.0.0.1"], "conditions": {"ready": ready},
+               "targetRef": {"kind": "Pod", "name": pod}})).collect::<Vec<_>>()})
+}
+
+fn dr(name: &str, host: &str, subsets: Value, managed: bool) -> Value {
+    let labels = if managed {
+        json!({"app.kubernetes.io/managed-by": "canary-injector"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
+           "metadata": {"name": name, "namespace": "shop", "labels": labels},
+           "spec": {"host": host, "subsets": subsets}})
+}
+
+fn vs(name: &str, host: &str, routes: Value) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"hosts": [host], "http": routes}})
+}
+
+fn header_route(tag: &str, host: &str, subset: &str) -> Value {
+    json!({"match": [{"headers": {"x-canary-tag": {"exact": tag}}}],
+           "route": [{"destination": {"host": host, "subset": subset}}]})
+}
+
+fn default_route(host: &str, subset: &str) -> Value {
+    json!({"route": [{"destination": {"host": host, "subset": subset}}]})
+}
+
+/// `shop` with a checkout Service, a normal and a gray pod behind ready
+/// endpoints, and hand-written rules that route both correctly.
+fn routed(t: &Tls) -> Snapshot {
+    let mut s = sound(t);
+    let ns = shop(&mut s);
+    for p in &mut ns.pods {
+        p["metadata"]["labels"]["app"] = json!("checkout");
+    }
+    ns.services = vec![svc("checkout", json!({}))];
+    ns.endpoint_slices = vec![slice(
+        "checkout",
+        &[("checkout-7d9f-a", true), ("checkout-gray-5c4b-b", true)],
+    )];
+    ns.rules = vec![
+        dr(
+            "checkout",
+            "checkout",
+            json!([
+                {"name": "normal", "labels": {"stage": "normal"}},
+                {"name": "feature-login", "labels": {"stage": "gray", "canarytag": "feature-login"}},
+            ]),
+            false,
+        ),
+        vs(
+            "checkout",
+            "checkout.shop.svc.cluster.local",
+            json!([
+                header_route("feature-login", "checkout", "feature-login"),
+                default_route("checkout", "normal"),
+            ]),
+        ),
+    ];
+    s
+}
+
+#[test]
+fn hand_written_rules_that_route_every_ready_pod_are_sound() {
+    let t = tls(365);
+    let r = report(&routed(&t));
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+}
+
+#[test]
+fn a_routed_subset_without_ready_pods_is_an_error() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    // The gray pod is not ready: its subset selects nothing, yet is routed.
+    shop(&mut s).endpoint_slices = vec![slice(
+        "checkout",
+        &[("checkout-7d9f-a", true), ("checkout-gray-5c4b-b", false)],
+    )];
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Error, "subset-selects-no-pod")
+    );
+    assert_eq!(f.place, "shop/DestinationRule/checkout");
+    assert!(f.message.contains("Service checkout has no ready pod that subset feature-login (canarytag=feature-login,stage=gray) selects"), "{}", f.message);
+}
+
+#[test]
+fn an_unrouted_subset_without_pods_is_a_warning_unless_ours_in_its_grace_period() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules[0]["spec"]["subsets"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "old", "labels": {"canarytag": "old"}}));
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "subset-selects-no-pod")
+    );
+    shop(&mut s).rules[0]["metadata"]["labels"] =
+        json!({"app.kubernetes.io/managed-by": "canary-injector"});
+    assert!(
+        report(&s).findings.is_empty(),
+        "kept for the removal grace period"
+    );
+}
+
+#[test]
+fn a_route_to_a_subset_no_rule_defines_is_an_error() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules[1]["spec"]["http"][0]["route"][0]["destination"]["subset"] =
+        json!("feature-logn");
+    let r = report(&s);
+    assert!(
+        codes(&r).contains(&"route-to-missing-subset"),
+        "{:#?}",
+        r.findings
+    );
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.code == "route-to-missing-subset")
+        .unwrap();
+    assert_eq!(f.place, "shop/VirtualService/checkout");
+}
+
+#[test]
+fn a_live_canary_without_a_header_route_is_a_warning() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).rules.pop();
+    let r = report(&s);
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.code == "live-tag-without-route")
+        .expect("{r:#?}");
+    assert!(
+        f.message
+            .contains("canary feature-login has a ready pod behind Service checkout")
+            && f.message.contains("share of all traffic"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn two_rules_for_one_host_are_a_warning() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    let copy = {
+        let mut d = shop(&mut s).rules[0].clone();
+        d["metadata"]["name"] = json!("checkout-old");
+        d["spec"]["host"] = json!("checkout.shop");
+        d
+    };
+    shop(&mut s).rules.push(copy);
+    let f = only(&s);
+    assert_eq!(f.code, "duplicate-rules");
+    assert!(
+        f.message.contains("checkout, checkout-old"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn a_routed_service_with_a_hand_written_rule_is_a_conflict() {
+    let t = tls(365);
+    let mut s = routed(&t);
+    shop(&mut s).services = vec![svc(
+        "checkout",
+        json!({"canary-injector.io/routes": "true"}),
+    )];
+    let r = report(&s);
+    assert!(
+        codes(&r).iter().all(|c| *c == "routes-conflict"),
+        "{:#?}",
+        r.findings
+    );
+    let text: String = r.findings.iter().map(|f| f.message.clone()).collect();
+    for kind in ["DestinationRule", "VirtualService"] {
+        assert!(
+            text.contains(&format!("a {kind} of the same name")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{kind} checkout (not managed")),
+            "{text}"
+        );
+    }
+}
