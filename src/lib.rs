@@ -6,25 +6,24 @@
 //! 1.18).
 //!
 //! ```text
-//!                 +------------------------------ adapters ------------------------------+
-//!   apiserver --> | server (hyper+rustls) --> admission (review JSON) --+                 |
-//!   kubectl   --> | offline (`mutate -f` YAML) ------------------------+--> mutate        |
-//!                 |                                                    |    (pure core)   |
-//!                 | copier  (ConfigMap cache: every replica;           |                  |
-//!                 |          copies: leader only) ----------------------+                  |
-//!                 | routes::controller (leader only; DestinationRules, |                  |
-//!                 |          VirtualServices) --------------------------+--> routes (pure) |
-//!                 | istio   (injector version: every replica) ---------+                  |
-//!                 | backfill (leader: labels what predates it) --------+                  |
-//!                 | cluster (kube client, lease, shared watches, events)                  |
-//!                 | app     (serve's supervised tasks)  metrics  config  certs            |
-//!                 +-----------------------------------------------------------------------+
-//!   envoy_template (pure): the bootstrap template scanner and patcher
+//!  pure core (no I/O)                     adapters (I/O), which call it
+//!  ------------------                     ---------------------------------------------
+//!  mutate: labels, kinds, policy,   <---  admission (review JSON) <-- server (hyper+rustls)
+//!    bootstrap/keepalive decision   <---  offline (`mutate -f`)
+//!  routes: live tags, subsets,      <---  routes::controller (leader), routes::offline
+//!    routes, make-before-break plan
+//!  backfill::plan                   <---  backfill (leader: labels what predates the webhook)
+//!  check, check::routing            <---  check::cluster (reads a cluster), check::manifests (-f)
+//!  certs::plan                      <---  certs (files, Secrets, caBundle)
+//!  envoy_template                   <---  cli bootstrap-template
+//!                                         copier (ConfigMap cache: every replica; copies: leader)
+//!                                         istio (injector version: every replica)
+//!                                         cluster (client, Lease, shared watches, events)
+//!                                         app (serve's supervised tasks), metrics, config
 //! ```
-//! Adapters depend on the pure core ([`mutate`], [`envoy_template`], the
-//! computation in [`routes`]), never the reverse; the core does no I/O.
-//! [`app`] wires the adapters for `serve`; the binary's `cli/` only parses
-//! flags and calls it.
+//! Adapters depend on the pure core, never the reverse (`tests/layering.rs`
+//! checks the imports). [`app`] wires the adapters for `serve`; the binary's
+//! `cli/` only parses flags and calls the library.
 
 pub mod admission;
 pub mod app;
