@@ -254,8 +254,10 @@ pub struct Reviewed {
     /// the same order.
     pub warning_reasons: Vec<&'static str>,
     /// The object's managing controller (its ownerReference with
-    /// `controller: true`), when the object was read: where Events about
-    /// an object a controller created go, since nobody sees its warnings.
+    /// `controller: true`), when the object was read and the review has a
+    /// warning or a deny to report: where Events about an object a
+    /// controller created go, since nobody sees its warnings. `None`
+    /// otherwise, so a quiet review copies nothing.
     pub owner: Option<OwnerRef>,
     /// What was changed, for the mutations metric.
     pub mutations: Vec<&'static str>,
@@ -334,8 +336,13 @@ pub fn review(
         Input::Object(o) => o.metadata.as_ref().and_then(|m| m.generate_name.as_deref()),
         _ => None,
     };
+    // Only a warning or a deny is reported on the owner: copy it only then.
+    let reportable = match &decided {
+        Ok(d) => !d.warnings.is_empty(),
+        Err(_) => true,
+    };
     let owner = match &input {
-        Input::Object(o) => o.controller().cloned(),
+        Input::Object(o) if reportable => o.controller().cloned(),
         _ => None,
     };
     let name = match (req.name.as_deref(), generate_name) {
@@ -561,6 +568,13 @@ mod tests {
         assert_eq!(r.deny_reason, Some("unusable-tag"));
         assert!(r.owner.is_some());
         assert!(r.warning_reasons.is_empty());
+
+        // Nothing to report: the owner is not even copied.
+        v["request"]["object"]["metadata"]["annotations"] = json!({"canary-injector.io/tag": "x"});
+        let r = review(&body(&v), &Config::default(), &no_cluster).unwrap();
+        assert_eq!(r.outcome, Outcome::Patched);
+        assert!(r.warnings.is_empty() && r.deny_reason.is_none());
+        assert!(r.owner.is_none());
     }
 
     #[test]

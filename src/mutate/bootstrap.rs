@@ -171,9 +171,134 @@ pub struct ContainerView {
     /// Mount paths, to detect an existing template mount.
     #[serde(default)]
     pub volume_mounts: Option<Vec<MountView>>,
-    /// Environment variable names, to keep values the user set.
+    /// `env` as written, read only when a decision needs it
+    /// ([`ContainerView::env_names`]): a sidecar has dozens of variables and
+    /// this is on every review. `None` without an `env` list.
     #[serde(default)]
-    pub env: Option<Vec<NamedView>>,
+    pub env: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl ContainerView {
+    /// Which agent keepalive variables `env` sets. An `env` that is not a
+    /// list of variables counts as setting both, so nothing is added to it.
+    pub fn env_names(&self) -> EnvNames {
+        self.env.as_ref().map_or(EnvNames::default(), |raw| {
+            serde_json::from_str(raw.get()).unwrap_or(EnvNames {
+                interval: true,
+                timeout: true,
+            })
+        })
+    }
+}
+
+/// Which of [`GRPC_KEEPALIVE_INTERVAL`] and [`GRPC_KEEPALIVE_TIMEOUT`] a
+/// container's `env` list sets, read from it without allocating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnvNames {
+    interval: bool,
+    timeout: bool,
+}
+
+impl EnvNames {
+    /// Whether the list sets `name` (one of the two keepalive variables).
+    pub fn sets(&self, name: &str) -> bool {
+        match name {
+            GRPC_KEEPALIVE_INTERVAL => self.interval,
+            GRPC_KEEPALIVE_TIMEOUT => self.timeout,
+            _ => false,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EnvNames {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(EnvScan)
+    }
+}
+
+/// Scans an `env` list: each entry's keys and its `name` are read as raw
+/// bytes (no UTF-8 validation, no allocation) and every other value is
+/// skipped, as cheap as skipping the list whole.
+struct EnvScan;
+
+/// Which keepalive variable an entry names, if any.
+#[derive(Clone, Copy)]
+enum Var {
+    Interval,
+    Timeout,
+}
+
+/// Reads a string as raw bytes and hands them to `f`.
+struct RawStr<F>(F);
+
+impl<'de, T, F: FnOnce(&[u8]) -> T> serde::de::Visitor<'de> for RawStr<F> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<T, E> {
+        Ok((self.0)(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v.as_bytes()))
+    }
+}
+
+impl<'de, T, F: FnOnce(&[u8]) -> T> serde::de::DeserializeSeed<'de> for RawStr<F> {
+    type Value = T;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
+/// One entry of the list: the variable its `name` is, if one of ours.
+struct Entry;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Entry {
+    type Value = Option<Var>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Entry {
+    type Value = Option<Var>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an environment variable")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut var = None;
+        while let Some(is_name) = map.next_key_seed(RawStr(|k: &[u8]| k == b"name"))? {
+            if is_name {
+                var = map.next_value_seed(RawStr(|v: &[u8]| match v {
+                    v if v == GRPC_KEEPALIVE_INTERVAL.as_bytes() => Some(Var::Interval),
+                    v if v == GRPC_KEEPALIVE_TIMEOUT.as_bytes() => Some(Var::Timeout),
+                    _ => None,
+                }))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(var)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EnvScan {
+    type Value = EnvNames;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of environment variables")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<EnvNames, A::Error> {
+        let mut names = EnvNames::default();
+        while let Some(var) = seq.next_element_seed(Entry)? {
+            match var {
+                Some(Var::Interval) => names.interval = true,
+                Some(Var::Timeout) => names.timeout = true,
+                None => {}
+            }
+        }
+        Ok(names)
+    }
 }
 
 /// A volume mount's path.
@@ -535,7 +660,8 @@ fn agent_keepalive<'a>(
         (GRPC_KEEPALIVE_TIMEOUT, format!("{timeout}s")),
     ];
     if let Some((container, index, proxy)) = proxy {
-        let set = |name: &str| proxy.env.iter().flatten().any(|e| e.name == name);
+        let env = proxy.env_names();
+        let set = |name: &str| env.sets(name);
         let vars: Vec<(&'static str, String)> =
             wanted.into_iter().filter(|(name, _)| !set(name)).collect();
         if vars.is_empty() {
@@ -792,6 +918,53 @@ fn parse_map(value: Option<&str>) -> Result<Option<Map<String, Value>>, ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_names_see_the_keepalive_variables_only() {
+        let env = r#"[{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                      {"name": "GRPC_KEEPALIVE_TIMEOUT", "value": "20s"},
+                      {"value": "x", "name": "ISTIO_META_MESH_ID"}]"#;
+        let names: EnvNames = serde_json::from_str(env).unwrap();
+        assert!(names.sets(GRPC_KEEPALIVE_TIMEOUT));
+        assert!(!names.sets(GRPC_KEEPALIVE_INTERVAL));
+        assert!(
+            !names.sets("POD_NAME"),
+            "only the two variables are tracked"
+        );
+        // An escaped name is the same name.
+        let escaped = r#"[{"name": "GRPC_KEEPALIVE\u005fINTERVAL"}]"#;
+        let names: EnvNames = serde_json::from_str(escaped).unwrap();
+        assert!(names.sets(GRPC_KEEPALIVE_INTERVAL));
+        // From a parsed document (the offline path) too.
+        let value: serde_json::Value = serde_json::from_str(env).unwrap();
+        let names: EnvNames = serde_json::from_value(value).unwrap();
+        assert!(names.sets(GRPC_KEEPALIVE_TIMEOUT));
+        assert_eq!(
+            serde_json::from_str::<EnvNames>("[]").unwrap(),
+            EnvNames::default()
+        );
+        // Not a list of objects: an error, as for any malformed pod.
+        assert!(serde_json::from_str::<EnvNames>(r#"[{"name": 5}]"#).is_err());
+        assert!(serde_json::from_str::<EnvNames>(r#"{"name": "x"}"#).is_err());
+    }
+
+    #[test]
+    fn a_container_reads_its_env_only_when_asked_and_never_adds_to_a_broken_one() {
+        let c: ContainerView = serde_json::from_str(
+            r#"{"name": "istio-proxy", "env": [{"name": "GRPC_KEEPALIVE_INTERVAL", "value": "60s"}]}"#,
+        )
+        .unwrap();
+        assert!(c.env_names().sets(GRPC_KEEPALIVE_INTERVAL));
+        assert!(!c.env_names().sets(GRPC_KEEPALIVE_TIMEOUT));
+        let none: ContainerView = serde_json::from_str(r#"{"name": "istio-proxy"}"#).unwrap();
+        assert_eq!(none.env_names(), EnvNames::default());
+        let broken: ContainerView =
+            serde_json::from_str(r#"{"name": "istio-proxy", "env": {"not": "a list"}}"#).unwrap();
+        assert!(
+            broken.env_names().sets(GRPC_KEEPALIVE_INTERVAL)
+                && broken.env_names().sets(GRPC_KEEPALIVE_TIMEOUT)
+        );
+    }
 
     #[test]
     fn versions() {

@@ -42,6 +42,9 @@ pub(crate) fn owner_events(reviewed: &Reviewed) -> Vec<EventRequest> {
     let Some(owner) = &reviewed.owner else {
         return Vec::new();
     };
+    if reviewed.warnings.is_empty() && reviewed.deny_reason.is_none() {
+        return Vec::new();
+    }
     let regarding = ObjectReference {
         api_version: Some(owner.api_version.clone()),
         kind: Some(owner.kind.clone()),
