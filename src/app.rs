@@ -399,8 +399,8 @@ impl App {
                 }
             }
         }
-        // Writers first (the Lease is released), with the listener: the
-        // webhook drains its in-flight reviews while metrics still serve.
+        // Writers first (the Lease is released once they have stopped), with the
+        // listener: the webhook drains its in-flight reviews while metrics still serve.
         stop_writers.cancel();
         stop_server.cancel();
         let drain = state.limits.drain_timeout + REST_STOP_LIMIT;
@@ -571,6 +571,9 @@ fn start_writers(
     writers: Writers,
 ) {
     let (tx, rx) = watch::channel(!election.enabled);
+    // Cancelled when the gated writers have stopped (or their task is gone):
+    // the Lease is released only then.
+    let writers_done = CancellationToken::new();
     if election.enabled {
         let settings = LeaseSettings {
             retry_period: Duration::from_secs(election.renew_seconds().into()),
@@ -584,9 +587,13 @@ fn start_writers(
             Api::namespaced(cluster.client.clone(), &cluster.namespace),
             settings,
         );
+        let stopped = writers_done.clone();
         tasks.spawn(
             "leader-election",
-            lease::run(elector, tx, stop.clone()).instrument(info_span!("lease")),
+            lease::run(elector, tx, stop.clone(), async move {
+                stopped.cancelled().await;
+            })
+            .instrument(info_span!("lease")),
         );
     } else {
         info!("leader election off: this replica runs the controllers");
@@ -603,6 +610,7 @@ fn start_writers(
     let client = cluster.client.clone();
     let gated = cluster::while_leading(rx, stop.clone(), move |term| writers.run(&client, term));
     tasks.spawn("controllers", async move {
+        let _done = writers_done.drop_guard();
         let gauge_task = async {
             loop {
                 gauge.set(i64::from(*follow.borrow_and_update()));

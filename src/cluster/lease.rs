@@ -1,6 +1,6 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that only one
-//! replica writes (the ConfigMap copier today; routes and backfill next)
-//! while every replica keeps serving admission.
+//! replica writes (the ConfigMap copier, the routes controller and the
+//! backfill) while every replica keeps serving admission.
 //!
 //! The algorithm is client-go's `leaderelection`:
 //! - a candidate reads the Lease every `retry_period`; it takes the Lease
@@ -13,8 +13,9 @@
 //! - the leader renews every `retry_period` and steps down when it has not
 //!   renewed for `renew_deadline` (shorter than the lease duration, so it
 //!   stops writing before anyone else may take over) or sees another holder;
-//! - on shutdown the leader releases the Lease (holder cleared), so a
-//!   successor takes over at once instead of after the lease duration.
+//! - on shutdown the leader releases the Lease (holder cleared) once its
+//!   writers have stopped, so a successor takes over at once instead of
+//!   after the lease duration, and never while the old writers still write.
 //!
 //! Why not a crate: `kube-lease-manager` (the one that supports kube 5) keeps
 //! reporting leadership while renewals fail, and expires leases by comparing
@@ -277,13 +278,17 @@ impl Elector {
 }
 
 /// Runs the election until `shutdown`, publishing leadership on `leader`
-/// (true while this replica leads). On shutdown the Lease is released and
-/// `false` is published before returning. API errors are logged and retried;
-/// they never end the task.
+/// (true while this replica leads). On shutdown `false` is published, and
+/// once `writers_stopped` resolves (the writers of this term have finished
+/// their last call) the Lease is released: a successor never writes while
+/// this replica's writers still do. Writers that do not stop within the
+/// lease duration keep the Lease (it then expires on its own). API errors
+/// are logged and retried; they never end the task.
 pub async fn run(
     mut elector: Elector,
     leader: watch::Sender<bool>,
     shutdown: CancellationToken,
+    writers_stopped: impl std::future::Future<Output = ()>,
 ) -> Result<(), crate::app::TaskError> {
     let retry = elector.settings.retry_period;
     let deadline = elector.settings.renew_deadline;
@@ -343,6 +348,11 @@ pub async fn run(
     }
     let was_leader = leader.send_replace(false);
     if was_leader {
+        let limit = elector.settings.lease_duration;
+        if tokio::time::timeout(limit, writers_stopped).await.is_err() {
+            warn!(lease = %elector.settings.name, "writers still running; the lease is kept until it expires");
+            return Ok(());
+        }
         match elector.release().await {
             Ok(()) => info!(lease = %elector.settings.name, "lease released"),
             Err(error) => warn!(%error, "cannot release the lease; it expires on its own"),

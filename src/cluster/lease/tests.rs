@@ -137,7 +137,7 @@ fn start(identity: &str, world: &FakeApiServer) -> Candidate {
     let elector = Elector::new(Api::namespaced(client, NS), settings(identity));
     let (tx, leader) = watch::channel(false);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(elector, tx, shutdown.clone()));
+    let task = tokio::spawn(run(elector, tx, shutdown.clone(), std::future::ready(())));
     Candidate {
         leader,
         shutdown,
@@ -304,6 +304,46 @@ async fn releases_the_lease_on_shutdown_so_a_successor_takes_over_at_once() {
         handover.elapsed()
     );
     b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_released_only_after_the_writers_stopped() {
+    let world = FakeApiServer::default();
+    let (client, _served) = world.client();
+    let elector = Elector::new(Api::namespaced(client, NS), settings("pod-a"));
+    let (tx, mut leader) = watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(elector, tx, shutdown.clone(), async {
+        let _ = stopped_rx.await;
+    }));
+    leader.wait_for(|l| *l).await.unwrap();
+    shutdown.cancel();
+    leader.wait_for(|l| !*l).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stored(&world)["spec"]["holderIdentity"],
+        "pod-a",
+        "held while the writers still run"
+    );
+    assert!(!task.is_finished());
+    stopped_tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert!(stored(&world)["spec"]["holderIdentity"].is_null());
+}
+
+#[tokio::test(start_paused = true)]
+async fn writers_that_never_stop_keep_the_lease_until_it_expires() {
+    let world = FakeApiServer::default();
+    let (client, _served) = world.client();
+    let elector = Elector::new(Api::namespaced(client, NS), settings("pod-a"));
+    let (tx, mut leader) = watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(elector, tx, shutdown.clone(), std::future::pending()));
+    leader.wait_for(|l| *l).await.unwrap();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(stored(&world)["spec"]["holderIdentity"], "pod-a");
 }
 
 #[tokio::test(start_paused = true)]
