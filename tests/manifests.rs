@@ -164,48 +164,78 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
         "must sort before Istio's injector"
     );
     let webhooks = hook.webhooks.unwrap();
-    assert_eq!(webhooks.len(), 1);
-    let w = &webhooks[0];
-    assert_eq!(w.admission_review_versions, ["v1", "v1beta1"]);
+    let names: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(
-        w.side_effects, "NoneOnDryRun",
-        "events are a side effect, never on dry-run"
+        names,
+        ["labels.canary-injector.io", "workloads.canary-injector.io"]
     );
-    assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
-    assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
-    assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
-    assert!(w.timeout_seconds.unwrap() <= 5);
-    let svc = w.client_config.service.as_ref().unwrap();
-    assert_eq!(
-        (
-            svc.name.as_str(),
-            svc.namespace.as_str(),
-            svc.path.as_deref(),
-            svc.port
-        ),
-        (
-            "canary-injector",
-            "canary-injector",
-            Some("/mutate"),
-            Some(443)
-        )
-    );
-    // Exactly the kinds admission acts on, with their operations.
-    let rules: BTreeSet<(Vec<String>, String, String, String)> = w
-        .rules
-        .iter()
-        .flatten()
-        .flat_map(|r| {
+    // Every (operation set, group, version, resource) sent, and by which webhook.
+    let mut rules: BTreeSet<(Vec<String>, String, String, String)> = BTreeSet::new();
+    for w in &webhooks {
+        assert_eq!(w.admission_review_versions, ["v1", "v1beta1"]);
+        assert_eq!(
+            w.side_effects, "NoneOnDryRun",
+            "events are a side effect, never on dry-run"
+        );
+        assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
+        assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
+        assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
+        assert!(w.timeout_seconds.unwrap() <= 5);
+        let svc = w.client_config.service.as_ref().unwrap();
+        assert_eq!(
+            (
+                svc.name.as_str(),
+                svc.namespace.as_str(),
+                svc.path.as_deref(),
+                svc.port
+            ),
+            (
+                "canary-injector",
+                "canary-injector",
+                Some("/mutate"),
+                Some(443)
+            )
+        );
+        for r in w.rules.iter().flatten() {
             let operations = r.operations.clone().unwrap();
             let group = r.api_groups.clone().unwrap()[0].clone();
             let version = r.api_versions.clone().unwrap()[0].clone();
-            r.resources
-                .clone()
-                .unwrap()
-                .into_iter()
-                .map(move |res| (operations.clone(), group.clone(), version.clone(), res))
-        })
-        .collect();
+            for res in r.resources.clone().unwrap() {
+                // Pods and ReplicaSets go to the labels webhook, the rest
+                // (templates the tag is copied into) to the workloads one.
+                let labels = matches!(res.as_str(), "pods" | "replicasets");
+                assert_eq!(
+                    w.name == "labels.canary-injector.io",
+                    labels,
+                    "{res} sent by {}",
+                    w.name
+                );
+                rules.insert((operations.clone(), group.clone(), version.clone(), res));
+            }
+        }
+        let ns_selector = serde_json::to_value(&w.namespace_selector).unwrap();
+        assert_eq!(ns_selector["matchLabels"]["canary-injection"], "enabled");
+        let excluded = &ns_selector["matchExpressions"][0];
+        assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
+        assert_eq!(excluded["operator"], "NotIn");
+        for ns in [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            "canary-injector",
+        ] {
+            assert!(
+                excluded["values"].as_array().unwrap().contains(&ns.into()),
+                "{ns}"
+            );
+        }
+        let obj_selector = serde_json::to_value(&w.object_selector).unwrap();
+        assert_eq!(
+            obj_selector["matchExpressions"][0],
+            serde_json::json!({"key": "canary-injector.io/inject", "operator": "NotIn", "values": ["false"]})
+        );
+    }
+    // Exactly the kinds admission acts on, with their operations.
     let expected: BTreeSet<(Vec<String>, String, String, String)> = canary_injector::mutate::KINDS
         .iter()
         .filter(|row| row.admission)
@@ -220,27 +250,6 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
         .collect();
     assert_eq!(rules, expected);
     assert!(rules.contains(&(vec!["CREATE".into()], "".into(), "v1".into(), "pods".into())));
-    let ns_selector = serde_json::to_value(&w.namespace_selector).unwrap();
-    assert_eq!(ns_selector["matchLabels"]["canary-injection"], "enabled");
-    let excluded = &ns_selector["matchExpressions"][0];
-    assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
-    assert_eq!(excluded["operator"], "NotIn");
-    for ns in [
-        "kube-system",
-        "kube-public",
-        "kube-node-lease",
-        "canary-injector",
-    ] {
-        assert!(
-            excluded["values"].as_array().unwrap().contains(&ns.into()),
-            "{ns}"
-        );
-    }
-    let obj_selector = serde_json::to_value(&w.object_selector).unwrap();
-    assert_eq!(
-        obj_selector["matchExpressions"][0],
-        serde_json::json!({"key": "canary-injector.io/inject", "operator": "NotIn", "values": ["false"]})
-    );
 
     let deployment: Deployment = round_trip(find(&objects, "Deployment", "canary-injector"));
     let spec = deployment.spec;
