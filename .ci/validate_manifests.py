@@ -4,8 +4,11 @@
 Each entry point is built with `kubectl kustomize` (install.yaml is read as
 is) and every object is validated against the strict OpenAPI schema
 (unknown fields rejected) of each Kubernetes version that entry point
-supports. Custom resources have no schema there: they are listed below and
-reported as skipped, by name. Any other object without a schema fails.
+supports. Custom resources have no schema there: they are validated against
+the strict schemas of .ci/crd_schemas.py (the fields our manifests may use).
+Any other object without a schema fails. The expressions of the optional
+ValidatingAdmissionPolicy (deploy/label-guard) are evaluated with cel-python
+on sample updates.
 
 Usage: validate_manifests.py SCHEMA_ROOT
 """
@@ -21,6 +24,8 @@ import referencing
 import referencing.jsonschema
 import yaml
 
+import crd_schemas
+
 
 def minors(first, last):
     """["1.21", "1.22", ..., "1.37"] for minors(21, 37)."""
@@ -32,6 +37,8 @@ def minors(first, last):
 # on 1.16 to 1.20. Every minor version in a range is checked, not only its ends.
 SUPPORTED = minors(21, 37)
 LEGACY = minors(16, 20)
+# ValidatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) from 1.30.
+POLICIES = minors(30, 37)
 
 # Every kustomization under deploy/ must be listed here, with the versions
 # it is checked against.
@@ -45,18 +52,16 @@ ENTRY_POINTS = {
     "deploy/network-policy": LEGACY + SUPPORTED,
     "deploy/monitoring": LEGACY + SUPPORTED,
     "deploy/examples": LEGACY + SUPPORTED,
+    "deploy/label-guard": POLICIES,
+    # Files outside any kustomization (Istio objects: custom resources only).
+    "deploy/examples/generated/routes.yaml": LEGACY + SUPPORTED,
+    "deploy/examples/manual/destinationrule.yaml": LEGACY + SUPPORTED,
+    "deploy/examples/manual/virtualservice.yaml": LEGACY + SUPPORTED,
 }
 
 # Custom resources: their CRDs come with the products that own them, so the
-# Kubernetes schemas do not know them. Skipped explicitly (and reported).
-CUSTOM_KINDS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "Prometheus Operator CRD",
-    ("cert-manager.io/v1", "Issuer"): "cert-manager CRD",
-    ("cert-manager.io/v1", "Certificate"): "cert-manager CRD",
-    ("networking.istio.io/v1beta1", "DestinationRule"): "Istio CRD",
-    ("networking.istio.io/v1beta1", "VirtualService"): "Istio CRD",
-}
+# Kubernetes schemas do not know them; .ci/crd_schemas.py has strict ones.
+CUSTOM_KINDS = crd_schemas.SCHEMAS
 
 
 def schema_dirs(root):
@@ -135,6 +140,93 @@ def validate(doc, directory):
     return errors
 
 
+def validate_custom(doc):
+    """Errors of a custom resource against its strict schema (any version)."""
+    schema = CUSTOM_KINDS[(doc.get("apiVersion"), doc.get("kind"))]
+    errors = []
+    for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+                    key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in e.absolute_path) or "(top)"
+        errors.append("%s: %s" % (where, e.message))
+    return errors
+
+
+# Sample updates by canary-injector's ServiceAccount, and whether the label
+# guard lets each through (its validations must all hold for "allowed").
+POD = {
+    "metadata": {"name": "web-1", "labels": {"app": "web"}, "annotations": {"a": "1"},
+                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                      "name": "web", "uid": "u", "controller": True}]},
+    "spec": {"containers": [{"name": "web", "image": "web:1"}]},
+}
+
+
+def changed(**edits):
+    import copy
+    new = copy.deepcopy(POD)
+    for path, value in edits.items():
+        *parents, leaf = path.split("__")
+        node = new
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return new
+
+
+LABEL_GUARD_CASES = [
+    ("the backfill adds stage", changed(metadata__labels={"app": "web", "stage": "normal"}), True),
+    ("the backfill adds stage and canarytag",
+     changed(metadata__labels={"app": "web", "stage": "gray", "canarytag": "v2"}), True),
+    ("labels added to an object without any", None, True),
+    ("nothing changed", POD, True),
+    ("an image changed", changed(spec={"containers": [{"name": "web", "image": "evil:1"}]}), False),
+    ("an existing label changed", changed(metadata__labels={"app": "other"}), False),
+    ("an existing label removed", changed(metadata__labels={"stage": "normal"}), False),
+    ("another label added", changed(metadata__labels={"app": "web", "team": "x"}), False),
+    ("an annotation added", changed(metadata__annotations={"a": "1", "b": "2"}), False),
+    ("annotations removed", changed(metadata__annotations=None), False),
+    ("the owner removed", changed(metadata__ownerReferences=None), False),
+    ("a finalizer added", changed(metadata__finalizers=["x"]), False),
+]
+
+
+def check_label_guard():
+    """Evaluates the label guard's validations on LABEL_GUARD_CASES; returns
+    the number of cases that came out wrong."""
+    import celpy
+    policies = [d for d in objects("deploy/label-guard") if d["kind"] == "ValidatingAdmissionPolicy"]
+    if len(policies) != 1:
+        print("FAIL deploy/label-guard: expected one ValidatingAdmissionPolicy")
+        return 1
+    spec = policies[0]["spec"]
+    env = celpy.Environment()
+    programs = [(v["message"], env.program(env.compile(v["expression"]))) for v in spec["validations"]]
+    condition = env.program(env.compile(spec["matchConditions"][0]["expression"]))
+    ours = {"userInfo": {"username": "system:serviceaccount:canary-injector:canary-injector"}}
+    others = {"userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"}}
+    if not condition.evaluate({"request": celpy.json_to_cel(ours)}) or \
+            condition.evaluate({"request": celpy.json_to_cel(others)}):
+        print("FAIL deploy/label-guard: the match condition must select canary-injector only")
+        return 1
+    wrong = 0
+    for name, new, allowed in LABEL_GUARD_CASES:
+        old = POD
+        if new is None:  # no labels before
+            old = changed(metadata__labels=None)
+            new = changed(metadata__labels={"stage": "normal"})
+        activation = {"oldObject": celpy.json_to_cel(old), "object": celpy.json_to_cel(new)}
+        refused = [msg for msg, program in programs if not program.evaluate(activation)]
+        if (not refused) != allowed:
+            print("FAIL deploy/label-guard: %s: %s" % (name, "refused (%s)" % "; ".join(refused) if refused else "allowed"))
+            wrong += 1
+    print("%s deploy/label-guard: %d sample updates evaluated"
+          % ("FAIL" if wrong else "ok  ", len(LABEL_GUARD_CASES)))
+    return wrong
+
+
 def listed_kustomizations():
     missing = []
     for dirpath, _, files in os.walk("deploy"):
@@ -161,6 +253,11 @@ def main():
                              % (version, ", ".join(sorted(schemas))))
         if not validate(probe, schemas[version]):
             raise SystemExit("the Kubernetes %s schemas accept an unknown field: not strict" % version)
+    custom_probe = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                    "metadata": {"name": "probe"},
+                    "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expresion": "up"}]}]}}
+    if not validate_custom(custom_probe):
+        raise SystemExit("the custom resource schemas accept an unknown field: not strict")
     for entry, versions in ENTRY_POINTS.items():
         docs = objects(entry)
         if not docs:
@@ -170,11 +267,13 @@ def main():
         before = failures
         for doc in docs:
             name = "%s %s/%s" % (entry, doc.get("kind"), doc.get("metadata", {}).get("name"))
-            why = CUSTOM_KINDS.get((doc.get("apiVersion"), doc.get("kind")))
-            if why:
-                print("SKIP %s: %s, no Kubernetes schema" % (name, why))
-                continue
             checked.append(doc)
+            if (doc.get("apiVersion"), doc.get("kind")) in CUSTOM_KINDS:
+                errors = validate_custom(doc)
+                for e in errors:
+                    print("FAIL %s (custom resource schema): %s" % (name, e))
+                failures += 1 if errors else 0
+                continue
             for version in versions:
                 errors = validate(doc, schemas[version])
                 for e in errors:
@@ -182,6 +281,7 @@ def main():
                 failures += 1 if errors else 0
         print("%s %s: %d objects checked against Kubernetes %s to %s (strict)"
               % ("FAIL" if failures > before else "ok  ", entry, len(checked), versions[0], versions[-1]))
+    failures += check_label_guard()
     if failures:
         print("manifests: %d failed" % failures)
         sys.exit(1)

@@ -10,7 +10,9 @@ use std::process::Command;
 use canary_injector::config::Config;
 use canary_injector::metrics::{self, Metrics};
 use canary_injector::offline;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
@@ -85,6 +87,7 @@ const ENTRY_POINTS: &[&str] = &[
     "deploy/network-policy",
     "deploy/monitoring",
     "deploy/examples",
+    "deploy/label-guard",
 ];
 
 /// Checks every object of a build; returns them.
@@ -120,6 +123,10 @@ fn check_all(yaml: &str) -> Vec<Value> {
             "PodDisruptionBudget" => drop(round_trip::<PodDisruptionBudget>(doc)),
             "MutatingWebhookConfiguration" => drop(round_trip::<MutatingWebhookConfiguration>(doc)),
             "NetworkPolicy" => drop(round_trip::<NetworkPolicy>(doc)),
+            "ValidatingAdmissionPolicy" => drop(round_trip::<ValidatingAdmissionPolicy>(doc)),
+            "ValidatingAdmissionPolicyBinding" => {
+                drop(round_trip::<ValidatingAdmissionPolicyBinding>(doc))
+            }
             _ => assert!(
                 CUSTOM_KINDS.contains(&(api, kind)),
                 "unexpected object {api} {kind}"
@@ -789,5 +796,54 @@ fn monitoring_uses_only_metrics_the_webhook_exports() {
     assert!(
         unknown.is_empty(),
         "metrics not exported by the webhook: {unknown:?}"
+    );
+}
+
+/// The label guard names the identity the webhook runs as and the two label
+/// keys the backfill writes (the shipped defaults): a renamed ServiceAccount
+/// or label key would otherwise leave it guarding nothing, or refusing the
+/// backfill.
+#[test]
+fn label_guard_names_the_webhook_identity_and_its_labels() {
+    let base = docs(&kustomize("deploy"));
+    let deployment = find(&base, "Deployment", "canary-injector");
+    let identity = format!(
+        "system:serviceaccount:{}:{}",
+        deployment["metadata"]["namespace"].as_str().unwrap(),
+        deployment["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap()
+    );
+    let guard = docs(&kustomize("deploy/label-guard"));
+    let policy = find(
+        &guard,
+        "ValidatingAdmissionPolicy",
+        "canary-injector-labels-only",
+    );
+    let condition = policy["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        condition.trim(),
+        format!("request.userInfo.username == '{identity}'")
+    );
+    let labels = Config::default().labels;
+    let allowed = format!("k in ['{}', '{}']", labels.stage, labels.canary_tag);
+    let validations = policy["spec"]["validations"].as_array().unwrap();
+    assert!(
+        validations
+            .iter()
+            .any(|v| v["expression"].as_str().unwrap().contains(&allowed)),
+        "no validation allows exactly {allowed}"
+    );
+    let binding = find(
+        &guard,
+        "ValidatingAdmissionPolicyBinding",
+        "canary-injector-labels-only",
+    );
+    assert_eq!(binding["spec"]["policyName"], "canary-injector-labels-only");
+    assert_eq!(
+        binding["spec"]["validationActions"],
+        serde_json::json!(["Deny"])
     );
 }
