@@ -583,7 +583,7 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
 }
 
 /// The time allowed for the body: the apiserver's `?timeout=` (a Go
-/// duration such as `5s` or `1m30s`), capped at
+/// duration such as `5s` or `1m30s`), between [`MIN_BODY_TIMEOUT`] and
 /// [`Limits::max_body_timeout`]; the default when absent or unreadable.
 fn deadline(query: Option<&str>, limits: &Limits) -> Duration {
     query
@@ -591,8 +591,18 @@ fn deadline(query: Option<&str>, limits: &Limits) -> Duration {
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("timeout="))
         .and_then(|v| crate::duration::parse(v).ok())
-        .map_or(limits.body_timeout, |d| d.min(limits.max_body_timeout))
+        .map_or(limits.body_timeout, |d| {
+            d.clamp(
+                MIN_BODY_TIMEOUT,
+                limits.max_body_timeout.max(MIN_BODY_TIMEOUT),
+            )
+        })
 }
+
+/// The shortest body deadline a `?timeout=` can ask for: the apiserver
+/// never sends less than a second (`timeoutSeconds` is 1-30), so `0s` or
+/// `1ms` would only fail a review whose body is already on its way.
+const MIN_BODY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The hyper connection builder for both listeners: timeouts from `limits`;
 /// `keep_alive: false` makes HTTP/1.1 close after one request.
@@ -853,6 +863,9 @@ mod tests {
         let huge = "timeout=18446744073709551615s";
         assert_eq!(deadline(Some(huge), &l), l.max_body_timeout);
         assert_eq!(deadline(Some("timeout=-5s"), &l), l.body_timeout);
+        // Too short to read a body in: the apiserver's minimum instead.
+        assert_eq!(deadline(Some("timeout=0s"), &l), MIN_BODY_TIMEOUT);
+        assert_eq!(deadline(Some("timeout=1ms"), &l), MIN_BODY_TIMEOUT);
     }
 
     #[test]
