@@ -233,8 +233,10 @@ fn dev_cert_usable(paths: &DevCert) -> bool {
         .is_some_and(|t| t > OffsetDateTime::now_utc().unix_timestamp() + day)
 }
 
-/// Creates `dir` (and missing parents) with mode 0700 on Unix; an existing
-/// directory is left as it is.
+/// Creates `dir` (and missing parents) with mode 0700 on Unix. An existing
+/// directory is used as it is, unless on Unix other users could replace
+/// the files written into it (writable by everyone, or owned by another
+/// user): then it is refused, since a key written there could be swapped.
 pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -246,7 +248,31 @@ pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
     builder.create(dir).map_err(|source| CertError::Io {
         path: dir.to_owned(),
         source,
-    })
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir).map_err(|source| CertError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let why = if meta.mode() & 0o002 != 0 {
+            Some("directory writable by every user")
+        } else if meta.uid() != me && me != 0 {
+            Some("directory owned by another user")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(CertError::Unsafe {
+                path: dir.to_owned(),
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes `contents` to `path`: private files get mode 0600 on Unix, others

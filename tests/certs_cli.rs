@@ -366,6 +366,32 @@ fn out_dir_is_created_private() {
     assert_eq!(names, ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
 }
 
+/// An existing directory that every user may write to is refused before
+/// anything is written: another user could replace the key after it is
+/// written.
+#[test]
+fn out_dir_writable_by_everyone_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = out_dir(&dir);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("directory writable by every user"), "{err}");
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    // Made private, the same directory is used.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = out_dir(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// The shell commands of certs/README.md section 1b, run as written (with
 /// this build of the binary first on PATH) in a fresh directory: they must
 /// work when followed literally.
