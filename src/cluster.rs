@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  every replica:  caches the review path reads (bootstrap ConfigMaps)
-//!  leader only:    writers (the ConfigMap copier, the routes controller; backfill next),
+//!  leader only:    writers (the ConfigMap copier, the routes controller, the backfill),
 //!                  started by [`while_leading`] when [`lease`] says so,
 //!                  cancelled when leadership is lost, sharing the watches
 //!                  of one leadership term ([`watches::Shared`])

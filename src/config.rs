@@ -272,8 +272,9 @@ pub struct LeaderElectionConfig {
     pub lease_name: String,
     /// How long a lease holds without renewal, in seconds.
     pub lease_duration_seconds: u32,
-    /// How often the leader renews, in seconds; unset: a third of
-    /// `leaseDurationSeconds` ([`LeaderElectionConfig::renew_seconds`]).
+    /// How often the leader renews, in seconds; unset: 2/15 of
+    /// `leaseDurationSeconds` (client-go's 2 s for 15 s), at most a third
+    /// ([`LeaderElectionConfig::renew_seconds`]).
     pub renew_seconds: Option<u32>,
 }
 

@@ -20,6 +20,7 @@
 //!                                         istio (injector version: every replica)
 //!                                         cluster (client, Lease, shared watches, events)
 //!                                         app (serve's supervised tasks), metrics, config
+//!  duration: Go durations (checked)  <--- server (`?timeout=`), certs (`--validity`)
 //! ```
 //! Adapters depend on the pure core, never the reverse (`tests/layering.rs`
 //! checks the imports). [`app`] wires the adapters for `serve`; the binary's

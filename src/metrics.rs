@@ -187,8 +187,8 @@ impl Metrics {
 }
 
 /// What every controller (writer) reports, labelled by `controller`: a
-/// fixed set of names (`bootstrap-copier`, `routes`; `backfill` next),
-/// never an object's name. Cheap to clone.
+/// fixed set of names (`bootstrap-copier`, `routes`, `backfill`), never an
+/// object's name. Cheap to clone.
 #[derive(Clone)]
 pub struct ControllerMetrics {
     applies: IntCounterVec,

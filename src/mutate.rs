@@ -54,8 +54,9 @@ use serde::Deserialize;
 pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Where the decision is made: admission acts on the kinds the table marks
-/// `admission` (Pods and ReplicaSets); offline (a source edit) acts on every
-/// kind of [`KINDS`] and also mounts the bootstrap into pod templates.
+/// `admission` (Pods, ReplicaSets, and the workloads whose template gets
+/// their tag); offline (a source edit) acts on every kind of [`KINDS`] and
+/// also mounts the bootstrap into pod templates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Called by the apiserver through `/mutate`.
