@@ -14,7 +14,7 @@
 //!    routes, make-before-break plan
 //!  backfill::plan                   <---  backfill (leader: labels what predates the webhook)
 //!  check, check::routing            <---  check::cluster (reads a cluster), check::manifests (-f)
-//!  certs::plan                      <---  certs (files, Secrets, caBundle)
+//!  certs::plan, certs::ca           <---  certs (files, Secrets, caBundle)
 //!  envoy_template                   <---  cli bootstrap-template
 //!                                         copier (ConfigMap cache: every replica; copies: leader)
 //!                                         istio (injector version: every replica)

@@ -218,6 +218,12 @@ impl From<CertError> for Stop {
     }
 }
 
+impl From<rcgen::Error> for Stop {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::from(e).into()
+    }
+}
+
 /// Makes sure the CA Secret holds a usable CA, every webhook of the
 /// configuration trusts it, and the TLS Secret holds a valid serving
 /// certificate signed by it; see the module documentation for the order and

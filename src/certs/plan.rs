@@ -24,7 +24,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 
-use super::{BACKDATE, Ca};
+use super::ca::{BACKDATE, Ca};
 
 /// Secret key (and file name) of the serving certificate.
 pub const TLS_CRT: &str = "tls.crt";
