@@ -2,7 +2,8 @@
 //! and idle connections are closed, busy ones are not; HTTP/2 peers that
 //! stop answering pings are dropped; probes are answered while the
 //! connection cap is reached; stalled bodies past the memory budget get a
-//! fast 503; the metrics port has the same timeouts and a cap.
+//! fast 503 (HTTP/1.1 uploads, and HTTP/2 streams on one connection); the
+//! metrics port has the same timeouts and a cap.
 //!
 //! Limits are set short (hundreds of milliseconds) and every "closed within"
 //! check waits ten times longer, polling the socket rather than sleeping,
@@ -467,6 +468,94 @@ async fn stalled_bodies_past_the_budget_get_a_fast_503() {
         text.contains(r#"canary_injector_errors_total{reason="body-budget"} 2"#),
         "{text}"
     );
+}
+
+/// The same budget over HTTP/2, the way the apiserver calls: many streams
+/// on one connection. Two streams that declared 400 KiB and stalled hold
+/// the budget; a third stream on the same connection is refused at once,
+/// and the connection keeps serving small reviews.
+#[tokio::test]
+async fn stalled_http2_streams_past_the_budget_get_a_fast_503() {
+    const KIB: usize = 1024;
+    let limits = Limits {
+        max_body_bytes: 400 * KIB,
+        body_budget_bytes: 1024 * KIB,
+        ..long_limits()
+    };
+    let server = start_with(Config::default(), limits).await;
+    type Chunks = futures::channel::mpsc::UnboundedSender<Bytes>;
+    type StreamedBody = StreamBody<
+        futures::stream::Map<
+            futures::channel::mpsc::UnboundedReceiver<Bytes>,
+            fn(Bytes) -> Result<Frame<Bytes>, Infallible>,
+        >,
+    >;
+    let (sender, _conn) = connect::<StreamedBody>(&server, true).await;
+    let Sender::H2(h2) = sender else {
+        unreachable!()
+    };
+    // A stream that declares `declared` bytes and sends 1 KiB of them.
+    let open = |declared: usize| -> (Chunks, JoinHandle<http::Response<Bytes>>) {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+        let frame: fn(Bytes) -> Result<Frame<Bytes>, Infallible> = |b| Ok(Frame::data(b));
+        let req = Request::post("/mutate?timeout=30s")
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("content-length", declared)
+            .body(StreamBody::new(rx.map(frame)))
+            .unwrap();
+        tx.unbounded_send(Bytes::from(vec![b' '; KIB])).unwrap();
+        let mut h2 = h2.clone();
+        let answer = tokio::spawn(async move {
+            h2.ready().await.unwrap();
+            let resp = h2.send_request(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+        });
+        (tx, answer)
+    };
+    let stalled = [open(400 * KIB), open(400 * KIB)];
+    let reserved = async {
+        while server.state.body_bytes_in_flight() < 800 * KIB {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(BOUND, reserved)
+        .await
+        .expect("both streams reserved their declared length");
+
+    let (_third_tx, third) = open(400 * KIB);
+    let resp = tokio::time::timeout(BOUND, third)
+        .await
+        .expect("refused long before the 30 s deadline")
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+
+    // The same connection still answers a review that fits.
+    let review = fixture("pod.review.json").into_bytes();
+    let (tx, answer) = open(review.len() + KIB);
+    let mut rest = review.clone();
+    rest.resize(review.len(), b' ');
+    // The first KiB sent was blanks: a review with leading whitespace.
+    tx.unbounded_send(Bytes::from(rest)).unwrap();
+    drop(tx);
+    let resp = tokio::time::timeout(BOUND, answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.body());
+
+    // Ending the stalled streams returns their share.
+    drop(stalled);
+    let released = async {
+        while server.state.body_bytes_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(BOUND, released)
+        .await
+        .expect("budget released when the streams end");
 }
 
 /// The metrics listener on an ephemeral port with `limits`.
