@@ -506,12 +506,17 @@ fn gray_pod() -> Value {
 
 /// The Service's slice: a normal pod (ready) and the gray one.
 fn slice(gray_ready: bool) -> Value {
+    slice_of(true, gray_ready)
+}
+
+/// The Service's slice, the normal pod ready or not.
+fn slice_of(normal_ready: bool, gray_ready: bool) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
            "metadata": {"name": "checkout-abc12", "namespace": "shop",
                         "labels": {"kubernetes.io/service-name": "checkout"}},
            "addressType": "IPv4",
            "endpoints": [
-               {"addresses": ["10.0.0.5"], "conditions": {"ready": true},
+               {"addresses": ["10.0.0.5"], "conditions": {"ready": normal_ready},
                 "targetRef": {"kind": "Pod", "name": "checkout-7c6d-a1", "namespace": "shop"}},
                {"addresses": ["10.0.0.9"], "conditions": {"ready": gray_ready, "serving": gray_ready},
                 "targetRef": {"kind": "Pod", "name": "checkout-gray-7d9f-x1", "namespace": "shop"}},
@@ -633,12 +638,22 @@ fn desired_dr(tags: &[(&str, &str)]) -> Value {
 }
 
 fn desired_vs(header: &str, tags: &[(&str, &str)]) -> Value {
+    desired_vs_to(header, tags, true)
+}
+
+/// The VirtualService, its default route to `normal` or (`normal` false)
+/// to the Service host.
+fn desired_vs_to(header: &str, tags: &[(&str, &str)], normal: bool) -> Value {
     let to = |s: &str| json!([{"destination": {"host": "checkout", "subset": s}}]);
     let mut http = Vec::new();
     for (tag, name) in tags {
         http.push(json!({"name": name, "match": [{"headers": {header: {"exact": tag}}}], "route": to(name)}));
     }
-    http.push(json!({"name": "normal", "route": to("normal")}));
+    if normal {
+        http.push(json!({"name": "normal", "route": to("normal")}));
+    } else {
+        http.push(json!({"route": [{"destination": {"host": "checkout"}}]}));
+    }
     json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
         "metadata": {"name": "checkout", "namespace": "shop",
@@ -751,6 +766,110 @@ async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset
     assert_eq!(r.metrics.changes("subset-removed"), 1);
     r.until("events", |a| a.events().len() == 2).await;
     assert_eq!(api.events()[1].0, "RouteRemoved");
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
+    // The normal pod predates the opt-in: ready, but not labelled stage=normal.
+    let api = cluster(true);
+    let normal_pod = "/api/v1/namespaces/shop/pods/checkout-7c6d-a1";
+    api.put(
+        normal_pod,
+        pod("checkout-7c6d-a1", json!({"app": "checkout"})),
+    );
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let writes = api.writes();
+    assert_eq!(
+        api.write_lines(),
+        [
+            format!("POST {DR_COLLECTION}"),
+            format!("POST {VS_COLLECTION}")
+        ]
+    );
+    // The subset normal is there (nothing routes to it); header-less
+    // requests go to every ready endpoint, as before the VirtualService.
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(writes[0].body, desired_dr(&login));
+    assert_eq!(writes[1].body, desired_vs_to("x-canary-tag", &login, false));
+    r.until("the events", |a| a.events().len() == 2).await;
+    assert_eq!(
+        api.events()[1],
+        (
+            "RouteNoNormalPod".to_owned(),
+            "Warning".to_owned(),
+            "checkout".to_owned()
+        )
+    );
+    assert_eq!(r.metrics.services("without-normal"), 1);
+    assert_eq!(r.metrics.services("routed"), 0);
+
+    // The backfill labels it: the subset exists already, so one write, the
+    // default route to normal.
+    api.put(
+        normal_pod,
+        pod(
+            "checkout-7c6d-a1",
+            json!({"app": "checkout", "stage": "normal"}),
+        ),
+    );
+    r.until("the route to normal", |a| a.writes().len() == 3)
+        .await;
+    assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
+    assert_eq!(
+        without_version(api.writes()[2].body.clone()),
+        desired_vs("x-canary-tag", &login)
+    );
+    assert_eq!(r.metrics.services("without-normal"), 0);
+    assert_eq!(r.metrics.services("routed"), 1);
+
+    // The normal pods stop being ready: back to the whole Service at once.
+    api.put(SLICE, slice_of(false, true));
+    r.until("the route to the Service", |a| a.writes().len() == 4)
+        .await;
+    assert_eq!(api.write_lines()[3], format!("PATCH {VS}"));
+    assert_eq!(
+        without_version(api.writes()[3].body.clone()),
+        desired_vs_to("x-canary-tag", &login, false)
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4, "{:#?}", api.write_lines());
+    assert_eq!(
+        api.get(DR).unwrap()["spec"],
+        desired_dr(&login)["spec"],
+        "the normal subset stays"
+    );
+    assert_eq!(r.metrics.services("without-normal"), 1);
+    // The second RouteNoNormalPod is the first one counted again (the
+    // recorder patches a repeated Event).
+    r.until("the events", |a| {
+        a.seen()
+            .iter()
+            .any(|c| c.method == Method::PATCH && c.path.starts_with(EVENTS))
+    })
+    .await;
+    let reasons: Vec<String> = api.events().into_iter().map(|e| e.0).collect();
+    assert_eq!(reasons, ["RouteAdded", "RouteNoNormalPod", "RouteToNormal"]);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_with_gray_pods_only_sends_requests_without_the_header_to_them() {
+    let api = cluster(true);
+    api.delete("/api/v1/namespaces/shop/pods/checkout-7c6d-a1");
+    let mut gray_only = slice(true);
+    gray_only["endpoints"].as_array_mut().unwrap().remove(0);
+    api.put(SLICE, gray_only);
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(
+        without_version(api.get(VS).unwrap())["spec"],
+        desired_vs_to("x-canary-tag", &login, false)["spec"]
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 2, "steady: {:#?}", api.write_lines());
     r.stop().await;
 }
 
