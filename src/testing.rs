@@ -517,9 +517,16 @@ impl FakeApiServer {
     }
 }
 
+/// `Accept` of kube's metadata-only list (`PartialObjectMetadataList`).
+pub const METADATA_LIST_ACCEPT: &str =
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+
+/// `Accept` of kube's metadata-only get and watch (`PartialObjectMetadata`).
+pub const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+
 /// What the apiserver answers for `as=PartialObjectMetadata(List)`: the
-/// objects' `metadata` only.
-fn partial_metadata(body: Value) -> Value {
+/// objects' `metadata` only (a list's items, or one object).
+pub(crate) fn partial_metadata(body: Value) -> Value {
     let one = |o: &Value| {
         json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                "metadata": o["metadata"]})

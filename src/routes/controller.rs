@@ -6,9 +6,11 @@
 //! ```text
 //!  discover: networking.istio.io (v1 > v1beta1 > v1alpha3), discovery.k8s.io
 //!            absent -> idle, re-check every 30 s (routes_crds_present 0)
-//!  watches:  Namespaces (opt-in selector), Services (metadata), EndpointSlices
-//!            (kubernetes.io/service-name), normal and canary pods (metadata,
-//!            <stage> in (<normal>,<gray>)), DestinationRules, VirtualServices
+//!  watches:  metadata only (PartialObjectMetadata lists and watches):
+//!              Namespaces (opt-in selector), Services, normal and canary pods
+//!              (<stage> in (<normal>,<gray>));
+//!            whole objects: EndpointSlices (kubernetes.io/service-name: readiness
+//!              and pods are in the body), DestinationRules, VirtualServices
 //!              --> Index (small rows) --> dirty Services
 //!  reconcile: conflicts? -> report, write nothing
 //!             plan() -> one write -> read the answer back -> plan() again ...
@@ -538,6 +540,15 @@ impl Routes {
             settings.labels.stage, settings.labels.normal_stage, settings.labels.gray_stage
         );
         let all = watcher::Config::default;
+        // Namespaces, Services and pods: only metadata is read (labels,
+        // annotations, uid). An `Api<PartialObjectMeta<K>>` makes kube send
+        // metadata-only lists and watches (`Accept:
+        // application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`,
+        // `...as=PartialObjectMetadata...` for the watch), so the apiserver
+        // sends metadata only: whole pods and Services never cross the wire
+        // nor get decoded. (kube-runtime's `metadata_watcher` does the same
+        // and is deprecated since kube 3.1 for this.) The tests' apiserver
+        // model fails any other read of these kinds.
         futures::stream::select_all([
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),

@@ -1,7 +1,11 @@
 //! The controller against an apiserver model: discovery, lists, watches
 //! that deliver every change (with the label selector applied, as the real
 //! one does), creates, server-side applies and deletes with their
-//! preconditions, and Events. Time is tokio's paused clock, so grace
+//! preconditions, and Events. Lists and watches of Namespaces, Services and
+//! pods must ask for metadata only (the `Accept` header of
+//! `PartialObjectMetadataList` / `PartialObjectMetadata`) and get only
+//! metadata back, as from the real apiserver; a full read of them fails the
+//! test at [`Running::stop`]. Time is tokio's paused clock, so grace
 //! periods and resyncs pass instantly and the order of writes is exact.
 
 use std::collections::BTreeMap;
@@ -16,7 +20,9 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::cluster::events::{self, EventMetrics, Pace};
 use crate::metrics::ControllerMetrics;
-use crate::testing::{merge, mock_client, selected, status};
+use crate::testing::{
+    METADATA_ACCEPT, METADATA_LIST_ACCEPT, merge, mock_client, partial_metadata, selected, status,
+};
 
 const SHOP: &str = "/api/v1/namespaces/shop";
 const SERVICE: &str = "/api/v1/namespaces/shop/services/checkout";
@@ -30,6 +36,9 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 const SERVICE_UID: &str = "0b5c3e6a-1111-4222-8333-944445555666";
 const GRACE: Duration = Duration::from_secs(60);
 
+/// The collections the controller reads metadata of, and only metadata.
+const METADATA_ONLY: [&str; 3] = ["/api/v1/namespaces", "/api/v1/services", "/api/v1/pods"];
+
 // === the apiserver model ===
 
 /// One request as seen, with the (virtual) time it came.
@@ -40,6 +49,7 @@ struct Seen {
     path: String,
     query: BTreeMap<String, String>,
     content_type: String,
+    accept: String,
     body: Value,
 }
 
@@ -52,6 +62,8 @@ impl Seen {
 struct Parked {
     collection: String,
     query: BTreeMap<String, String>,
+    /// Asked for `PartialObjectMetadata`: events carry metadata only.
+    metadata_only: bool,
     since: u64,
     reply: tower_test::mock::SendResponse<Response<Body>>,
 }
@@ -70,6 +82,8 @@ struct State {
     /// One-shot: someone else changes the object at this path just before
     /// our next write to it.
     touch: Vec<String>,
+    /// Reads of [`METADATA_ONLY`] collections that asked for whole objects.
+    full_reads: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -186,6 +200,7 @@ impl Apiserver {
                     path: call.path.clone(),
                     query: call.query.clone(),
                     content_type: call.content_type.clone(),
+                    accept: call.accept.clone(),
                     body: call.body.clone(),
                 };
                 if call.method == Method::GET && call.is_watch() {
@@ -195,6 +210,7 @@ impl Apiserver {
                         .unwrap_or(0);
                     let mut s = api.0.lock().unwrap();
                     s.seen.push(seen.clone());
+                    let metadata_only = s.metadata_read(&seen, true);
                     if let Some(code) = s.take_failure(&seen) {
                         drop(s);
                         call.fail(code, "InternalError", "injected failure");
@@ -212,6 +228,7 @@ impl Apiserver {
                     let parked = Parked {
                         collection: seen.path.clone(),
                         query: seen.query.clone(),
+                        metadata_only,
                         since,
                         reply: call.park(),
                     };
@@ -228,6 +245,29 @@ impl Apiserver {
 }
 
 impl State {
+    /// Whether a list (or, `watch`, a watch) asks for metadata only, as
+    /// kube does for `Api<PartialObjectMeta<K>>`: the `Accept` header the
+    /// real apiserver needs for `PartialObjectMetadata(List)`. A read of a
+    /// [`METADATA_ONLY`] collection without it is recorded as a failure.
+    fn metadata_read(&mut self, seen: &Seen, watch: bool) -> bool {
+        let wanted = if watch {
+            METADATA_ACCEPT
+        } else {
+            METADATA_LIST_ACCEPT
+        };
+        let metadata_only = seen.accept == wanted;
+        if METADATA_ONLY.contains(&seen.path.as_str()) && !metadata_only {
+            self.full_reads.push(format!(
+                "{} {}{} with Accept {:?}",
+                seen.method,
+                seen.path,
+                if watch { "?watch" } else { "" },
+                seen.accept
+            ));
+        }
+        metadata_only
+    }
+
     fn take_failure(&mut self, seen: &Seen) -> Option<u16> {
         let i = self
             .failures
@@ -275,6 +315,13 @@ impl State {
                     continue;
                 }
                 let matches = |o: &Option<Value>| o.as_ref().is_some_and(|o| selected(o, &p.query));
+                let shape = |o: Value| {
+                    if p.metadata_only {
+                        partial_metadata(o)
+                    } else {
+                        o
+                    }
+                };
                 let event = match (matches(old), matches(new)) {
                     (_, true) if old.is_none() || !matches(old) => ("ADDED", new),
                     (_, true) => ("MODIFIED", new),
@@ -282,12 +329,13 @@ impl State {
                         // Deleted, or no longer selected: the last state seen.
                         let mut gone = old.clone().unwrap();
                         gone["metadata"]["resourceVersion"] = json!(rv.to_string());
-                        lines.push(json!({"type": "DELETED", "object": gone}));
+                        lines.push(json!({"type": "DELETED", "object": shape(gone)}));
                         continue;
                     }
                     (false, false) => continue,
                 };
-                lines.push(json!({"type": event.0, "object": event.1}));
+                let object = shape(event.1.clone().unwrap());
+                lines.push(json!({"type": event.0, "object": object}));
             }
             if lines.is_empty() {
                 self.parked.push(p);
@@ -394,17 +442,20 @@ impl State {
                 if let Some(o) = stored {
                     return (StatusCode::OK, o);
                 }
+                let metadata_only = self.metadata_read(&call, false);
                 let items: Vec<Value> = self
                     .objects
                     .iter()
                     .filter(|(p, o)| collection_of(p) == path && selected(o, &call.query))
                     .map(|(_, o)| o.clone())
                     .collect();
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "List",
-                           "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
-                )
+                let list = json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": self.version.to_string()}, "items": items});
+                if metadata_only {
+                    (StatusCode::OK, partial_metadata(list))
+                } else {
+                    (StatusCode::OK, list)
+                }
             }
             Method::POST => {
                 let mut o = call.body.clone();
@@ -614,12 +665,20 @@ impl Running {
         tokio::time::sleep(d).await;
     }
 
+    /// Ends the term; fails if any list or watch of Namespaces, Services or
+    /// pods asked for whole objects.
     async fn stop(self) {
         self.term.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("stops when the term ends")
             .unwrap();
+        let full = self.api.0.lock().unwrap().full_reads.clone();
+        assert_eq!(
+            full,
+            Vec::<String>::new(),
+            "metadata-only reads asked for whole objects"
+        );
     }
 }
 
@@ -728,6 +787,45 @@ async fn a_new_canary_gets_its_subset_then_its_route_and_steady_state_writes_not
             "checkout".to_owned()
         )]
     );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn namespaces_services_and_pods_are_read_as_metadata_only() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    // Routed from metadata alone: the model answered PartialObjectMetadata.
+    assert_eq!(
+        api.get(VS).unwrap()["spec"],
+        desired_vs("x-canary-tag", &[("feature-login", "feature-login")])["spec"]
+    );
+    let seen = api.seen();
+    for collection in METADATA_ONLY {
+        let reads: Vec<(bool, &str)> = seen
+            .iter()
+            .filter(|c| c.method == Method::GET && c.path == collection)
+            .map(|c| (c.query.contains_key("watch"), c.accept.as_str()))
+            .collect();
+        assert!(
+            reads.contains(&(false, METADATA_LIST_ACCEPT)),
+            "{collection}: {reads:?}"
+        );
+        assert!(
+            reads.contains(&(true, METADATA_ACCEPT)),
+            "{collection}: {reads:?}"
+        );
+    }
+    // EndpointSlices are read whole: readiness and pods are in the body.
+    assert!(
+        seen.iter()
+            .filter(|c| c.path == "/apis/discovery.k8s.io/v1/endpointslices")
+            .all(|c| !c.accept.contains("PartialObjectMetadata"))
+    );
+    // Later changes come through the metadata watch too.
+    api.put(SLICE, slice(false));
+    r.until("the route removal", |a| a.writes().len() == 3)
+        .await;
     r.stop().await;
 }
 
