@@ -76,6 +76,8 @@ struct State {
     log: Vec<(u64, String, Option<Value>, Option<Value>)>,
     parked: Vec<Parked>,
     istio: bool,
+    /// The `networking.istio.io` versions served, preferred first.
+    istio_versions: Vec<&'static str>,
     seen: Vec<Seen>,
     /// One-shot failures: (method, path, status).
     failures: Vec<(Method, String, u16)>,
@@ -118,6 +120,8 @@ impl Apiserver {
         {
             let mut s = api.0.lock().unwrap();
             s.istio = true;
+            // Istio 1.22+ serves all three.
+            s.istio_versions = vec!["v1", "v1beta1", "v1alpha3"];
         }
         for (path, object) in objects {
             api.put(path, object.clone());
@@ -127,6 +131,12 @@ impl Apiserver {
 
     fn with_istio(&self, served: bool) {
         self.0.lock().unwrap().istio = served;
+    }
+
+    /// Serves only these `networking.istio.io` versions, preferred first
+    /// (Istio 1.5-1.21: `v1beta1`, `v1alpha3`).
+    fn with_istio_versions(&self, versions: &[&'static str]) {
+        self.0.lock().unwrap().istio_versions = versions.to_vec();
     }
 
     /// Another actor writes `object` at `path` (kubelet, a user).
@@ -216,7 +226,7 @@ impl Apiserver {
                         call.fail(code, "InternalError", "injected failure");
                         continue;
                     }
-                    if seen.path.contains("networking.istio.io") && !s.istio {
+                    if !s.serves(&seen.path) {
                         drop(s);
                         call.fail(
                             404,
@@ -245,6 +255,16 @@ impl Apiserver {
 }
 
 impl State {
+    /// False for a `networking.istio.io` path while Istio is not installed,
+    /// or of a version not served.
+    fn serves(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix("/apis/networking.istio.io") else {
+            return true;
+        };
+        let version = rest.trim_start_matches('/').split('/').next().unwrap_or("");
+        self.istio && (version.is_empty() || self.istio_versions.contains(&version))
+    }
+
     /// Whether a list (or, `watch`, a watch) asks for metadata only, as
     /// kube does for `Api<PartialObjectMeta<K>>`: the `Accept` header the
     /// real apiserver needs for `PartialObjectMetadata(List)`. A read of a
@@ -350,12 +370,13 @@ impl State {
         }
     }
 
-    fn group(&self, group: &str, version: &str) -> (StatusCode, Value) {
+    fn group(&self, group: &str, versions: &[&str]) -> (StatusCode, Value) {
+        let version = |v: &str| json!({"groupVersion": format!("{group}/{v}"), "version": v});
         (
             StatusCode::OK,
             json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
-                   "versions": [{"groupVersion": format!("{group}/{version}"), "version": version}],
-                   "preferredVersion": {"groupVersion": format!("{group}/{version}"), "version": version}}),
+                   "versions": versions.iter().map(|v| version(v)).collect::<Vec<_>>(),
+                   "preferredVersion": version(versions[0])}),
         )
     }
 
@@ -384,30 +405,32 @@ impl State {
             return Self::fail(code, "InternalError", "injected failure");
         }
         let path = call.path.as_str();
+        if !self.serves(path) {
+            return Self::fail(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        if call.method == Method::GET
+            && let Some(version) = path.strip_prefix("/apis/networking.istio.io/")
+            && !version.contains('/')
+        {
+            return self.resources(
+                &format!("networking.istio.io/{version}"),
+                &[
+                    ("destinationrules", "DestinationRule"),
+                    ("virtualservices", "VirtualService"),
+                ],
+            );
+        }
         match (&call.method, path) {
-            (&Method::GET, "/apis/networking.istio.io") if self.istio => {
-                return self.group("networking.istio.io", "v1");
-            }
-            (&Method::GET, "/apis/networking.istio.io" | "/apis/networking.istio.io/v1")
-                if !self.istio =>
-            {
-                return Self::fail(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                );
-            }
-            (&Method::GET, "/apis/networking.istio.io/v1") => {
-                return self.resources(
-                    "networking.istio.io/v1",
-                    &[
-                        ("destinationrules", "DestinationRule"),
-                        ("virtualservices", "VirtualService"),
-                    ],
-                );
+            (&Method::GET, "/apis/networking.istio.io") => {
+                let versions = self.istio_versions.clone();
+                return self.group("networking.istio.io", &versions);
             }
             (&Method::GET, "/apis/discovery.k8s.io") => {
-                return self.group("discovery.k8s.io", "v1");
+                return self.group("discovery.k8s.io", &["v1"]);
             }
             (&Method::GET, "/apis/discovery.k8s.io/v1") => {
                 return self.resources(
@@ -416,13 +439,6 @@ impl State {
                 );
             }
             _ => {}
-        }
-        if path.contains("networking.istio.io") && !self.istio {
-            return Self::fail(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            );
         }
         if call.method != Method::GET
             && let Some(i) = self.touch.iter().position(|p| path.starts_with(p.as_str()))
@@ -1197,6 +1213,98 @@ async fn an_invalid_header_annotation_is_reported_and_nothing_is_written() {
         desired_vs("x-version", &[("feature-login", "feature-login")])["spec"]
     );
     r.stop().await;
+}
+
+/// `object` as written at `networking.istio.io/<version>`.
+fn at_version(mut object: Value, version: &str) -> Value {
+    object["apiVersion"] = json!(format!("networking.istio.io/{version}"));
+    object
+}
+
+/// Routes on a cluster that serves `versions` of `networking.istio.io`:
+/// every read and write of DestinationRules and VirtualServices goes to
+/// `expected`'s paths, and the objects carry its apiVersion.
+async fn routes_at_the_served_version(versions: &[&'static str], expected: &str) {
+    let api = cluster(false);
+    api.with_istio_versions(versions);
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let base = format!("/apis/networking.istio.io/{expected}/namespaces/shop");
+    assert_eq!(
+        api.write_lines(),
+        [
+            format!("POST {base}/destinationrules"),
+            format!("POST {base}/virtualservices")
+        ]
+    );
+    let writes = api.writes();
+    assert_eq!(writes[0].body, at_version(desired_dr(&[]), expected));
+    assert_eq!(
+        writes[1].body,
+        at_version(desired_vs("x-canary-tag", &[]), expected)
+    );
+    // Listed and watched at that version, and no other version asked for
+    // (discovery of the group aside).
+    let seen = api.seen();
+    for resource in ["destinationrules", "virtualservices"] {
+        let path = format!("/apis/networking.istio.io/{expected}/{resource}");
+        assert!(
+            seen.iter()
+                .any(|c| c.path == path && c.query.contains_key("watch")),
+            "no watch of {path}"
+        );
+    }
+    let prefix = format!("/apis/networking.istio.io/{expected}");
+    for c in &seen {
+        if let Some(rest) = c.path.strip_prefix("/apis/networking.istio.io/") {
+            assert!(
+                c.path.starts_with(&prefix),
+                "{} {} at a version not served ({rest})",
+                c.method,
+                c.path
+            );
+        }
+    }
+    // A change: the subset, then the route, applied at that version.
+    api.put(SLICE, slice(true));
+    r.until("the route", |a| a.writes().len() == 4).await;
+    assert_eq!(
+        api.write_lines()[2..],
+        [
+            format!("PATCH {base}/destinationrules/checkout"),
+            format!("PATCH {base}/virtualservices/checkout")
+        ]
+    );
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(
+        without_version(api.writes()[3].body.clone()),
+        at_version(desired_vs("x-canary-tag", &login), expected)
+    );
+    assert_eq!(
+        api.get(&format!("{base}/destinationrules/checkout"))
+            .unwrap()["apiVersion"],
+        format!("networking.istio.io/{expected}")
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4, "steady: {:#?}", api.write_lines());
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn istio_1_5_to_1_21_gets_v1beta1_objects() {
+    // Those releases serve v1beta1 and v1alpha3, not v1.
+    routes_at_the_served_version(&["v1beta1", "v1alpha3"], "v1beta1").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_serving_only_v1alpha3_gets_v1alpha3_objects() {
+    routes_at_the_served_version(&["v1alpha3"], "v1alpha3").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_best_version_served_is_used() {
+    // v1 is preferred even when the group lists it last.
+    routes_at_the_served_version(&["v1alpha3", "v1beta1", "v1"], "v1").await;
 }
 
 #[tokio::test(start_paused = true)]
