@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
                     name: key.1.clone(),
                     uid: entry.uid.clone(),
                 };
-                let live = index.live_tags(key);
+                let live = index.live(key);
                 assert!(conflicts(&service, index.rules_in(&key.0)).is_empty());
                 let p = plan(&PlanInput {
                     service: &service,
@@ -94,7 +94,7 @@ fn bench(c: &mut Criterion) {
                 black_box(desired(
                     &service,
                     &cfg.routes.header,
-                    &index.live_tags(key),
+                    &index.live(key),
                     &cfg.labels,
                 ));
             }

@@ -604,6 +604,9 @@ fn start_writers(
             drop(tx);
         });
     }
+    // Something here needs a leader: the no-leader alert may fire.
+    metrics.leader_candidate.set(1);
+    let candidate = metrics.leader_candidate.clone();
     let gauge = metrics.leader.clone();
     let mut follow = rx.clone();
     let stop_gauge = stop.clone();
@@ -620,6 +623,7 @@ fn start_writers(
                 }
             }
             gauge.set(0);
+            candidate.set(0);
         };
         let (result, ()) = tokio::join!(gated, gauge_task);
         result

@@ -193,7 +193,9 @@ pub struct RoutesConfig {
     /// The HTTP request header whose value selects a canary tag
     /// (`x-canary-tag`); a lowercase header name.
     pub header: String,
-    /// How long a canary's route outlives its last ready pod, in seconds.
+    /// How long a canary's DestinationRule subset outlives its last ready
+    /// pod, in seconds (its header route is removed at once; the subset
+    /// stays until every sidecar has the new routes).
     pub removal_grace_seconds: u32,
 }
 

@@ -195,11 +195,16 @@ pub struct ControllerMetrics {
     errors: IntCounterVec,
     /// 1 while this replica holds the Lease (runs the writers), else 0.
     pub leader: IntGauge,
+    /// 1 while this replica has writers to run and so takes part in the
+    /// leader election (with it off: runs them); 0 when no writing
+    /// controller is enabled, so no leader is needed.
+    pub leader_candidate: IntGauge,
 }
 
 impl ControllerMetrics {
     /// Creates and registers `reconcile_applies_total{controller}`,
-    /// `reconcile_errors_total{controller,reason}` and `leader`.
+    /// `reconcile_errors_total{controller,reason}`, `leader` and
+    /// `leader_candidate`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let applies = IntCounterVec::new(
             Opts::new(
@@ -221,11 +226,19 @@ impl ControllerMetrics {
         )?;
         registry.register(Box::new(applies.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let leader_candidate = IntGauge::new(
+            "leader_candidate",
+            "1 while this replica has controllers that write (routes, bootstrap copier, backfill) \
+             and so takes part in the leader election; 0 when none is enabled and no leader is \
+             needed.",
+        )?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(leader_candidate.clone()))?;
         Ok(Self {
             applies,
             errors,
             leader,
+            leader_candidate,
         })
     }
 
@@ -339,6 +352,12 @@ mod tests {
         let copier = m.controller("bootstrap-copier", &["apply", "source-missing"]);
         copier.applied();
         copier.error("apply");
+        let text = String::from_utf8(encode(&registry)).unwrap();
+        assert!(text.contains("canary_injector_leader 0"), "{text}");
+        assert!(
+            text.contains("canary_injector_leader_candidate 0"),
+            "{text}"
+        );
         m.leader.set(1);
         let text = String::from_utf8(encode(&registry)).unwrap();
         assert!(

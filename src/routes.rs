@@ -6,8 +6,9 @@
 //!
 //! ```text
 //!  Service (annotated canary-injector.io/routes: "true") -------------------+
-//!  EndpointSlices: ready endpoints -> pods -> pod_tag() -> live tags -------+--> desired()
-//!  config: header, label vocabulary ----------------------------------------+     (DR + VS)
+//!  EndpointSlices: ready endpoints -> pods -> pod_stage() -> Live ----------+--> desired()
+//!    (live tags, and whether a normal pod is ready)                         |     (DR + VS)
+//!  config: header, label vocabulary ----------------------------------------+
 //!
 //!  controller:  plan::plan(observed DR/VS, live tags, when tags went away, now)
 //!                 -> the next write (subset before route; route before subset)
@@ -19,10 +20,16 @@
 //!   `{<stage>: <grayStage>, <canaryTag>: <tag>}` (label keys and values from
 //!   the `labels:` configuration), named by [`names`];
 //! - a VirtualService named after the Service, `hosts: [<service>]`, one HTTP
-//!   route per tag matching `<header>: {exact: <tag>}`, and last a default
-//!   route to [`NORMAL_SUBSET`]. No `port`: Istio applies the routes to every
-//!   HTTP port of the Service and sends each request to the port it came in
-//!   on (a single-port Service needs none either).
+//!   route per live tag matching `<header>: {exact: <tag>}`, and last a
+//!   default route ([`DefaultRoute`]): to [`NORMAL_SUBSET`] while at least
+//!   one ready endpoint of the Service is a normal pod, else to the Service
+//!   host without a subset (every ready endpoint, as without a
+//!   VirtualService). So no route ever names a subset without a ready pod:
+//!   pods that predate the opt-in, pods opted out, or a Service with gray
+//!   pods only would otherwise make every request without the header fail
+//!   (503 `UH`). No `port`: Istio applies the routes to every HTTP port of
+//!   the Service and sends each request to the port it came in on (a
+//!   single-port Service needs none either).
 //!
 //! Both carry `app.kubernetes.io/managed-by: canary-injector` and, when the
 //! Service's uid is known, an ownerReference to it.
@@ -123,6 +130,28 @@ pub fn pod_tag<'a>(labels: &'a LabelPolicy, pod: &'a BTreeMap<String, String>) -
     (!tag.is_empty() && pod.get(&labels.stage) == Some(&labels.gray_stage)).then_some(tag)
 }
 
+/// What a pod serves, as far as routing goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodStage<'a> {
+    /// Labelled `<stage>: <normalStage>`: what [`NORMAL_SUBSET`] selects.
+    Normal,
+    /// A canary of this tag ([`pod_tag`]).
+    Canary(&'a str),
+}
+
+/// The stage of a pod: [`PodStage::Canary`] when [`pod_tag`] finds a tag,
+/// [`PodStage::Normal`] when it carries `<stage>: <normalStage>` (what the
+/// normal subset selects), else `None` (not labelled, or another stage).
+pub fn pod_stage<'a>(
+    labels: &'a LabelPolicy,
+    pod: &'a BTreeMap<String, String>,
+) -> Option<PodStage<'a>> {
+    if let Some(tag) = pod_tag(labels, pod) {
+        return Some(PodStage::Canary(tag));
+    }
+    (pod.get(&labels.stage) == Some(&labels.normal_stage)).then_some(PodStage::Normal)
+}
+
 /// One endpoint of a Service, as its EndpointSlices give it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointView<'a> {
@@ -133,23 +162,81 @@ pub struct EndpointView<'a> {
     pub ready: bool,
 }
 
-/// The tags that are live for a Service: those of the pods behind its
-/// **ready** endpoints. `tag_of` gives a pod's tag ([`pod_tag`] of its
-/// labels; `None` for a pod that is not a canary or not known). The result
-/// does not depend on the order of `endpoints`.
-pub fn live_tags<'a, F>(
-    endpoints: impl IntoIterator<Item = EndpointView<'a>>,
-    tag_of: F,
-) -> BTreeSet<String>
+/// What is live for a Service: the pods behind its **ready** endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Live {
+    /// At least one of them is a normal pod: the default route may go to
+    /// [`NORMAL_SUBSET`].
+    pub normal: bool,
+    /// The canary tags among them: each gets a subset and a header route.
+    pub tags: BTreeSet<String>,
+}
+
+impl Live {
+    /// Live tags `tags`, with a ready normal pod or without.
+    pub fn new<S: Into<String>>(normal: bool, tags: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            normal,
+            tags: tags.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Where the default route goes: [`DefaultRoute::Normal`] only with a
+    /// ready normal pod.
+    pub fn default_route(&self) -> DefaultRoute {
+        if self.normal {
+            DefaultRoute::Normal
+        } else {
+            DefaultRoute::Service
+        }
+    }
+}
+
+/// What is live for a Service ([`Live`]): the stages of the pods behind
+/// its **ready** endpoints. `stage_of` gives a pod's stage ([`pod_stage`]
+/// of its labels; `None` for a pod that is neither normal nor a canary, or
+/// not known). The result does not depend on the order of `endpoints`.
+pub fn live<'a, F>(endpoints: impl IntoIterator<Item = EndpointView<'a>>, stage_of: F) -> Live
 where
-    F: Fn(&str) -> Option<&'a str>,
+    F: Fn(&str) -> Option<PodStage<'a>>,
 {
-    endpoints
+    let mut live = Live::default();
+    for stage in endpoints
         .into_iter()
         .filter(|e| e.ready)
-        .filter_map(|e| tag_of(e.pod?))
-        .map(str::to_owned)
-        .collect()
+        .filter_map(|e| stage_of(e.pod?))
+    {
+        match stage {
+            PodStage::Normal => live.normal = true,
+            PodStage::Canary(tag) => {
+                if !live.tags.contains(tag) {
+                    live.tags.insert(tag.to_owned());
+                }
+            }
+        }
+    }
+    live
+}
+
+/// Where the VirtualService's default route (the last one, without a
+/// match) sends requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DefaultRoute {
+    /// To [`NORMAL_SUBSET`]: a ready normal pod exists.
+    Normal,
+    /// To the Service host without a subset (every ready endpoint, canaries
+    /// included): no ready endpoint is a normal pod.
+    Service,
+}
+
+impl DefaultRoute {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Service => "service",
+        }
+    }
 }
 
 /// The objects a Service's routes converge to.
@@ -161,20 +248,16 @@ pub struct Desired {
     pub virtual_service: VirtualService,
 }
 
-/// The DestinationRule and VirtualService for `service` when `live` are its
-/// live tags: one subset and one header route per tag (subset names from
-/// [`assign_names`] with nothing written before), the default route last.
-/// What the controller converges to, and what `routes -f` prints.
-pub fn desired(
-    service: &ServiceRef,
-    header: &str,
-    live: &BTreeSet<String>,
-    labels: &LabelPolicy,
-) -> Desired {
-    let names = assign_names(live.iter().map(String::as_str), &BTreeMap::new());
+/// The DestinationRule and VirtualService for `service` when `live` is
+/// what is live: [`NORMAL_SUBSET`] always, one subset and one header route
+/// per live tag (subset names from [`assign_names`] with nothing written
+/// before), the default route last ([`Live::default_route`]). What the
+/// controller converges to, and what `routes -f` prints.
+pub fn desired(service: &ServiceRef, header: &str, live: &Live, labels: &LabelPolicy) -> Desired {
+    let names = assign_names(live.tags.iter().map(String::as_str), &BTreeMap::new());
     Desired {
         destination_rule: destination_rule(service, &names, labels),
-        virtual_service: virtual_service(service, header, &names),
+        virtual_service: virtual_service(service, header, &names, live.default_route()),
     }
 }
 
@@ -235,17 +318,21 @@ pub(crate) fn destination_rule(
 }
 
 /// The VirtualService with one header route per entry of `routes` (tag ->
-/// subset name), in tag order, then the default route to [`NORMAL_SUBSET`].
+/// subset name), in tag order, then the default route: named
+/// [`NORMAL_SUBSET`] to that subset, or unnamed to the Service host (a name
+/// could collide with a tag route's, and there is no subset to name it
+/// after).
 pub(crate) fn virtual_service(
     service: &ServiceRef,
     header: &str,
     routes: &BTreeMap<String, String>,
+    default: DefaultRoute,
 ) -> VirtualService {
-    let to = |subset: &str| {
+    let to = |subset: Option<&str>| {
         vec![RouteDestination {
             destination: Destination {
                 host: service.name.clone(),
-                subset: Some(subset.to_owned()),
+                subset: subset.map(str::to_owned),
             },
         }]
     };
@@ -261,13 +348,20 @@ pub(crate) fn virtual_service(
                     },
                 )]),
             }],
-            route: to(subset),
+            route: to(Some(subset)),
         })
         .collect();
-    http.push(HttpRoute {
-        name: Some(NORMAL_SUBSET.into()),
-        matches: Vec::new(),
-        route: to(NORMAL_SUBSET),
+    http.push(match default {
+        DefaultRoute::Normal => HttpRoute {
+            name: Some(NORMAL_SUBSET.into()),
+            matches: Vec::new(),
+            route: to(Some(NORMAL_SUBSET)),
+        },
+        DefaultRoute::Service => HttpRoute {
+            name: None,
+            matches: Vec::new(),
+            route: to(None),
+        },
     });
     VirtualService {
         metadata: meta(service),

@@ -517,9 +517,16 @@ impl FakeApiServer {
     }
 }
 
+/// `Accept` of kube's metadata-only list (`PartialObjectMetadataList`).
+pub const METADATA_LIST_ACCEPT: &str =
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+
+/// `Accept` of kube's metadata-only get and watch (`PartialObjectMetadata`).
+pub const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+
 /// What the apiserver answers for `as=PartialObjectMetadata(List)`: the
-/// objects' `metadata` only.
-fn partial_metadata(body: Value) -> Value {
+/// objects' `metadata` only (a list's items, or one object).
+pub(crate) fn partial_metadata(body: Value) -> Value {
     let one = |o: &Value| {
         json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                "metadata": o["metadata"]})
@@ -583,13 +590,27 @@ fn in_collection(path: &str, collection: &str) -> bool {
         .is_some_and(|(_, r)| r == resource)
 }
 
-/// Equality-based label selectors and name/namespace field selectors.
+/// Label selectors (`k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`,
+/// `k notin (a,b)`) and name/namespace field selectors.
 pub(crate) fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
     let meta = &object["metadata"];
     let labels = &meta["labels"];
     let label_ok = query.get("labelSelector").is_none_or(|sel| {
-        sel.split(',').filter(|t| !t.is_empty()).all(|term| {
-            if let Some((k, v)) = term.split_once("!=") {
+        selector_terms(sel).into_iter().all(|term| {
+            let set = |rest: &str| -> Vec<String> {
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'));
+                let inner = inner.unwrap_or_else(|| panic!("label selector {term:?}: no set"));
+                inner.split(',').map(|v| v.trim().to_owned()).collect()
+            };
+            let value = |k: &str| labels[k.trim()].as_str().map(str::to_owned);
+            if let Some((k, rest)) = term.split_once(" notin ") {
+                value(k).is_none_or(|v| !set(rest).contains(&v))
+            } else if let Some((k, rest)) = term.split_once(" in ") {
+                value(k).is_some_and(|v| set(rest).contains(&v))
+            } else if let Some((k, v)) = term.split_once("!=") {
                 labels[k].as_str() != Some(v)
             } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 labels[k].as_str() == Some(v)
@@ -608,6 +629,25 @@ pub(crate) fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool
         })
     });
     label_ok && field_ok
+}
+
+/// The terms of a label selector: split at the commas outside `(...)`.
+fn selector_terms(selector: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0_u32, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    terms.into_iter().filter(|t| !t.is_empty()).collect()
 }
 
 #[cfg(test)]
@@ -705,6 +745,15 @@ mod fake_tests {
         assert!(selected(&o, &q("labelSelector", "stage=gray")));
         assert!(selected(&o, &q("labelSelector", "stage==gray,!canarytag")));
         assert!(!selected(&o, &q("labelSelector", "stage!=gray")));
+        assert!(selected(&o, &q("labelSelector", "stage in (normal,gray)")));
+        assert!(selected(
+            &o,
+            &q("labelSelector", "stage in (gray),!canarytag")
+        ));
+        assert!(!selected(&o, &q("labelSelector", "stage in (normal)")));
+        assert!(!selected(&o, &q("labelSelector", "tier in (web)")));
+        assert!(selected(&o, &q("labelSelector", "tier notin (web)")));
+        assert!(!selected(&o, &q("labelSelector", "stage notin (gray,x)")));
         assert!(selected(&o, &q("fieldSelector", "metadata.name=a")));
         assert!(!selected(
             &o,

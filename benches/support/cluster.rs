@@ -4,8 +4,10 @@
 //!
 //! Shape: `services` Services spread over namespaces of 20, each with one
 //! EndpointSlice of `pods_per_service` endpoints. Every pod is a canary
-//! (the worst case for the pod cache, which holds canary pods only), with
-//! three tags per Service; one endpoint per Service is not ready. Pod
+//! (the worst case for the pod cache, which holds normal pods and canaries,
+//! a canary's row with its tag), with three tags per Service; one endpoint
+//! per Service is not ready. With no normal pod, the default routes go to
+//! the whole Service. Pod
 //! metadata looks like an Istio-injected pod's (labels, sidecar status
 //! annotation, ownerReference). Each Service has its DestinationRule and
 //! VirtualService in step, so a reconcile writes nothing.
@@ -15,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use canary_injector::config::Config;
 use canary_injector::routes::index::{Change, Index, Key};
 use canary_injector::routes::objects::{DestinationRuleSpec, VirtualServiceSpec};
-use canary_injector::routes::{ServiceRef, desired};
+use canary_injector::routes::{Live, ServiceRef, desired};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::DynamicObject;
 use serde_json::json;
@@ -161,10 +163,12 @@ impl Shape {
     /// The DestinationRule and VirtualService of Service `s`, in step.
     pub fn rules(&self, s: usize) -> (DynamicObject, DynamicObject) {
         let cfg = Config::default();
-        let live: BTreeSet<String> = (0..self.pods_per_service)
-            .filter(|p| self.ready(*p))
-            .map(|p| self.tag(p))
-            .collect();
+        let live = Live::new(
+            false,
+            (0..self.pods_per_service)
+                .filter(|p| self.ready(*p))
+                .map(|p| self.tag(p)),
+        );
         let service = ServiceRef {
             namespace: self.namespace_of(s),
             name: self.app(s),

@@ -507,3 +507,64 @@ async fn with_backfill_off_running_pods_are_left_alone() {
         json!({"app": "web"})
     );
 }
+
+/// A plain `GET /metrics` of the metrics port.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The no-leader alert needs to know whether anything wants a leader: a
+/// replica with a writing controller is a candidate, one with none is not
+/// (and runs no election).
+#[tokio::test]
+async fn only_a_replica_with_writers_is_a_leader_candidate() {
+    let f = fixture();
+    for writers in [true, false] {
+        let api = apiserver(None);
+        let mut cfg = cluster_config();
+        if !writers {
+            cfg.routes.enabled = false;
+            cfg.backfill.enabled = false;
+            cfg.bootstrap.reconcile = false;
+        }
+        let (client, _served) = api.client();
+        let app = App::bind(cfg, options(&f, ClusterAccess::Client(client)))
+            .await
+            .unwrap();
+        let (https, metrics) = app.local_addrs();
+        let shutdown = Shutdown::new();
+        let running = tokio::spawn(app.run(shutdown.clone()));
+        poll("ready", async || {
+            get(https, &f.ca_pem, "/readyz").await == Some(200)
+        })
+        .await;
+        let want = format!("canary_injector_leader_candidate {}", u8::from(writers));
+        poll("the candidate gauge", async || {
+            scrape(metrics).await.lines().any(|l| l == want)
+        })
+        .await;
+        if writers {
+            poll("the lease", async || {
+                scrape(metrics)
+                    .await
+                    .lines()
+                    .any(|l| l == "canary_injector_leader 1")
+            })
+            .await;
+        }
+        shutdown.request();
+        tokio::time::timeout(Duration::from_secs(20), running)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let election = position(&calls(&api), "GET /apis/coordination");
+        assert_eq!(election.is_some(), writers, "{:#?}", calls(&api));
+    }
+}

@@ -6,9 +6,11 @@
 //! ```text
 //!  discover: networking.istio.io (v1 > v1beta1 > v1alpha3), discovery.k8s.io
 //!            absent -> idle, re-check every 30 s (routes_crds_present 0)
-//!  watches:  Namespaces (opt-in selector), Services (metadata), EndpointSlices
-//!            (kubernetes.io/service-name), canary pods (metadata, <stage>=<gray>,<canaryTag>),
-//!            DestinationRules, VirtualServices
+//!  watches:  metadata only (PartialObjectMetadata lists and watches):
+//!              Namespaces (opt-in selector), Services, normal and canary pods
+//!              (<stage> in (<normal>,<gray>));
+//!            whole objects: EndpointSlices (kubernetes.io/service-name: readiness
+//!              and pods are in the body), DestinationRules, VirtualServices
 //!              --> Index (small rows) --> dirty Services
 //!  reconcile: conflicts? -> report, write nothing
 //!             plan() -> one write -> read the answer back -> plan() again ...
@@ -46,8 +48,11 @@ use tracing::{debug, info, warn};
 
 use super::index::{Change, Index, Key, SERVICE_NAME_LABEL};
 use super::objects::{self, DestinationRuleSpec, Observed, Spec, VirtualServiceSpec};
-use super::plan::{self, PlanInput, Removal, Step, Write};
-use super::{Conflict, InvalidHeader, RuleKind, ServiceRef, conflicts, route_header};
+use super::plan::{self, DefaultChange, PlanInput, Removal, Step, Write};
+use super::{
+    Conflict, DefaultRoute, InvalidHeader, NORMAL_SUBSET, RuleKind, ServiceRef, conflicts,
+    route_header,
+};
 use crate::cluster::events::{EventRequest, EventSink};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
@@ -125,7 +130,8 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     /// Values of the `state` label of `routes_services`.
-    pub const STATES: [&'static str; 3] = ["routed", "conflict", "invalid-header"];
+    pub const STATES: [&'static str; 4] =
+        ["routed", "without-normal", "conflict", "invalid-header"];
 
     /// Values of the `change` label of `routes_changes_total`.
     pub const CHANGES: [&'static str; 5] = [
@@ -154,6 +160,8 @@ impl RouteMetrics {
             Opts::new(
                 "routes_services",
                 "Services asking for canary routes in opted-in namespaces, by state: routed, \
+                 without-normal (routed, but no ready endpoint is a normal pod: requests \
+                 without a canary header go to every ready endpoint of the Service), \
                  conflict (an object not managed by canary-injector is in the way), \
                  invalid-header. Set by the leader.",
             ),
@@ -480,6 +488,9 @@ pub struct Routes {
     failures: HashMap<Key, u32>,
     gone: HashMap<Key, BTreeMap<String, std::time::Instant>>,
     blocked: HashMap<Key, Blocked>,
+    /// Routed Services without a ready normal pod (default route to the
+    /// whole Service).
+    without_normal: BTreeSet<Key>,
     memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
     memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
     failing: BTreeSet<&'static str>,
@@ -502,6 +513,7 @@ impl Routes {
             failures: HashMap::new(),
             gone: HashMap::new(),
             blocked: HashMap::new(),
+            without_normal: BTreeSet::new(),
             memo_dr: HashMap::new(),
             memo_vs: HashMap::new(),
             failing: BTreeSet::new(),
@@ -521,11 +533,22 @@ impl Routes {
         if !selector.is_empty() {
             namespaces = namespaces.labels(&selector);
         }
-        let canaries = format!(
-            "{}={},{}",
-            settings.labels.stage, settings.labels.gray_stage, settings.labels.canary_tag
+        // Normal pods and canaries: the default route needs a ready normal
+        // pod, a tag a ready canary. Pods of no stage are not cached.
+        let staged = format!(
+            "{} in ({},{})",
+            settings.labels.stage, settings.labels.normal_stage, settings.labels.gray_stage
         );
         let all = watcher::Config::default;
+        // Namespaces, Services and pods: only metadata is read (labels,
+        // annotations, uid). An `Api<PartialObjectMeta<K>>` makes kube send
+        // metadata-only lists and watches (`Accept:
+        // application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`,
+        // `...as=PartialObjectMetadata...` for the watch), so the apiserver
+        // sends metadata only: whole pods and Services never cross the wire
+        // nor get decoded. (kube-runtime's `metadata_watcher` does the same
+        // and is deprecated since kube 3.1 for this.) The tests' apiserver
+        // model fails any other read of these kinds.
         futures::stream::select_all([
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
@@ -550,7 +573,7 @@ impl Routes {
             .boxed(),
             watcher(
                 Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-                all().labels(&canaries),
+                all().labels(&staged),
             )
             .default_backoff()
             .map(Update::Pod)
@@ -725,15 +748,16 @@ impl Routes {
     }
 
     fn update_gauges(&self) {
-        let mut counts = [0_i64; 3];
+        let mut counts = [0_i64; RouteMetrics::STATES.len()];
         for key in self.index.services() {
             if self.index.routed(key).is_none() {
                 continue;
             }
             let i = match self.blocked.get(key) {
+                None if self.without_normal.contains(key) => 1,
                 None => 0,
-                Some(Blocked::Conflict(_)) => 1,
-                Some(Blocked::Header(_)) => 2,
+                Some(Blocked::Conflict(_)) => 2,
+                Some(Blocked::Header(_)) => 3,
             };
             counts[i] += 1;
         }
@@ -780,6 +804,7 @@ impl Routes {
         let Some(entry) = self.index.routed(key).cloned() else {
             self.blocked.remove(key);
             self.gone.remove(key);
+            self.without_normal.remove(key);
             return self.remove(key).await.map(|()| None);
         };
         let service = ServiceRef {
@@ -802,7 +827,12 @@ impl Routes {
         if self.blocked.remove(key).is_some() {
             info!(namespace = %key.0, service = %key.1, "routes no longer blocked");
         }
-        let live = self.index.live_tags(key);
+        let live = self.index.live(key);
+        if live.normal {
+            self.without_normal.remove(key);
+        } else {
+            self.without_normal.insert(key.clone());
+        }
         for _ in 0..MAX_STEPS {
             let (dr, vs) = self.observed(key);
             let empty = BTreeMap::new();
@@ -1090,9 +1120,59 @@ impl Routes {
                 EventType::Normal,
                 "RouteRemoved",
                 format!(
-                    "canary {tag} has no ready pod; requests with its header go to the normal pods"
+                    "canary {tag} has no ready pod; requests with its header go where requests \
+                     without it go"
                 ),
             );
+        }
+        if let Some(change) = w.default {
+            self.report_default(service, change);
+        }
+    }
+
+    /// The default route switched between `normal` and the whole Service.
+    fn report_default(&self, service: &ServiceRef, change: DefaultChange) {
+        let labels = &self.writer.settings.labels;
+        let normal = format!("{}={}", labels.stage, labels.normal_stage);
+        match change.to {
+            DefaultRoute::Service => {
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    normal_pods = %normal,
+                    "no ready normal pod: the default route goes to every ready endpoint of the Service"
+                );
+                self.event(
+                    service,
+                    EventType::Warning,
+                    "RouteNoNormalPod",
+                    format!(
+                        "no ready endpoint of this Service is a pod labelled {normal}; requests \
+                         without a canary header go to all its ready endpoints (canaries \
+                         included) instead of subset {NORMAL_SUBSET}"
+                    ),
+                );
+            }
+            DefaultRoute::Normal => {
+                info!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    "normal pods ready: the default route goes to subset normal"
+                );
+                // Routing to normal is the usual state: only a return to it
+                // is news.
+                if change.from == Some(DefaultRoute::Service) {
+                    self.event(
+                        service,
+                        EventType::Normal,
+                        "RouteToNormal",
+                        format!(
+                            "a pod labelled {normal} is ready; requests without a canary header \
+                             go to subset {NORMAL_SUBSET} again"
+                        ),
+                    );
+                }
+            }
         }
     }
 }

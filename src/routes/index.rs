@@ -1,6 +1,6 @@
 //! What the routes controller knows of the cluster, fed by its watches and
 //! kept small: per object only the few fields a decision reads (a pod is
-//! its name and canary tag, an EndpointSlice its Service and its endpoints'
+//! its name and stage: normal, or the tag of a canary; an EndpointSlice its Service and its endpoints'
 //! pod and readiness), never the objects themselves. No I/O: the controller
 //! turns watch events into [`Change`]s and applies them; tests and the
 //! memory benchmark fill it the same way.
@@ -16,7 +16,7 @@ use kube::runtime::watcher;
 use serde::Deserialize;
 
 use super::objects::{DestinationRuleSpec, Observed, ObservedMeta, Spec, VirtualServiceSpec};
-use super::{EndpointView, RuleHead, host_service, live_tags, pod_tag, wants_routes};
+use super::{EndpointView, Live, PodStage, RuleHead, host_service, live, pod_stage, wants_routes};
 use crate::mutate::{LabelPolicy, NamespacePolicy};
 
 /// `(namespace, name)`; a namespace's own key is `(name, "")`.
@@ -202,6 +202,15 @@ pub struct EndpointEntry {
     pub ready: bool,
 }
 
+/// A pod as the index keeps it: what subset it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRow {
+    /// Labelled `<stage>: <normalStage>`.
+    Normal,
+    /// A canary of this tag.
+    Canary(String),
+}
+
 /// The index (see the module docs).
 #[derive(Debug)]
 pub struct Index {
@@ -211,7 +220,7 @@ pub struct Index {
     services: Table<ServiceEntry>,
     slices: Table<SliceEntry>,
     slices_by_service: BTreeMap<Key, BTreeSet<String>>,
-    pods: Table<String>,
+    pods: Table<PodRow>,
     destination_rules: Table<Observed<DestinationRuleSpec>>,
     virtual_services: Table<Observed<VirtualServiceSpec>>,
 }
@@ -279,14 +288,18 @@ impl Index {
         (key, entry)
     }
 
-    /// The row of a pod: its tag, when it is a canary.
-    pub fn pod_row(&self, meta: &ObjectMeta) -> (Key, Option<String>) {
-        let tag = meta
+    /// The row of a pod: present when it is a normal pod or a canary
+    /// ([`super::pod_stage`]).
+    pub fn pod_row(&self, meta: &ObjectMeta) -> (Key, Option<PodRow>) {
+        let row = meta
             .labels
             .as_ref()
-            .and_then(|l| pod_tag(&self.labels, l))
-            .map(str::to_owned);
-        (key_of(meta), tag)
+            .and_then(|l| pod_stage(&self.labels, l))
+            .map(|stage| match stage {
+                PodStage::Normal => PodRow::Normal,
+                PodStage::Canary(tag) => PodRow::Canary(tag.to_owned()),
+            });
+        (key_of(meta), row)
     }
 
     /// The row of an EndpointSlice (`discovery.k8s.io` `v1` or `v1beta1`:
@@ -380,7 +393,7 @@ impl Index {
 
     /// Applies a pod change: the routed Services of its namespace are
     /// concerned (the few that select it among them).
-    pub fn apply_pod(&mut self, change: Change<String>, dirty: &mut BTreeSet<Key>) {
+    pub fn apply_pod(&mut self, change: Change<PodRow>, dirty: &mut BTreeSet<Key>) {
         let mut touched = BTreeSet::new();
         self.pods.apply(change, |k, _, _| {
             touched.insert(k.0.clone());
@@ -438,10 +451,10 @@ impl Index {
         self.services.get(key)
     }
 
-    /// The live tags of the Service `key` (see [`super::live_tags`]).
-    pub fn live_tags(&self, key: &Key) -> BTreeSet<String> {
+    /// What is live for the Service `key` (see [`super::live`]).
+    pub fn live(&self, key: &Key) -> Live {
         let Some(slices) = self.slices_by_service.get(key) else {
-            return BTreeSet::new();
+            return Live::default();
         };
         let endpoints = slices
             .iter()
@@ -451,10 +464,13 @@ impl Index {
                 pod: e.pod.as_deref(),
                 ready: e.ready,
             });
-        live_tags(endpoints, |pod| {
+        live(endpoints, |pod| {
             self.pods
                 .get(&(key.0.clone(), pod.to_owned()))
-                .map(String::as_str)
+                .map(|row| match row {
+                    PodRow::Normal => PodStage::Normal,
+                    PodRow::Canary(tag) => PodStage::Canary(tag),
+                })
         })
     }
 
@@ -505,7 +521,7 @@ impl Index {
         self.services.iter().map(|(k, _)| k)
     }
 
-    /// Number of canary pods held.
+    /// Number of pods held (normal pods and canaries).
     pub fn pod_count(&self) -> usize {
         self.pods.len()
     }

@@ -8,16 +8,20 @@
 //! the label it becomes. Then a tag is live for a Service when a workload
 //! of its namespace (a Pod, or the pod template of a ReplicaSet,
 //! Deployment, StatefulSet, DaemonSet, Job or CronJob that is not scaled to
-//! 0) matches the Service's selector and is a canary ([`super::pod_tag`]).
-//! There is no readiness offline: what the input deploys counts as ready.
+//! 0) matches the Service's selector and is a canary ([`super::pod_tag`]);
+//! likewise the default route goes to subset `normal` only when such a
+//! workload is a normal pod (`<stage>: <normalStage>`), else to the whole
+//! Service (with a warning), as the controller does when no normal pod is
+//! ready. There is no readiness offline: what the input deploys counts as
+//! ready, so give it the Service's workloads along with the Service.
 //! The objects are [`super::desired`], the function the controller
 //! converges to; without a Service uid they carry no ownerReference.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{ServiceRef, desired, pod_tag, route_header, wants_routes};
+use super::{Live, PodStage, ServiceRef, desired, pod_stage, route_header, wants_routes};
 use crate::config::Config;
 use crate::mutate::{Kind, Location, ObjectView};
 use crate::offline::{self, OfflineError, Output};
@@ -177,7 +181,8 @@ pub fn routes_documents(
         })?;
         if s.selector.is_empty() {
             warnings.push(format!(
-                "document {} (Service {name}): no selector; only the normal subset is routed",
+                "document {} (Service {name}): no selector; no canary is routed and the default \
+                 route goes to the whole Service",
                 s.index
             ));
         }
@@ -196,13 +201,28 @@ pub fn routes_documents(
                 cfg.namespaces.opt_in_selector()
             ));
         }
-        let live: BTreeSet<String> = workloads
+        let mut live = Live::default();
+        for stage in workloads
             .iter()
             .filter(|w| w.namespace == s.service.namespace && !s.selector.is_empty())
             .filter(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .filter_map(|w| pod_tag(&cfg.labels, &w.labels))
-            .map(str::to_owned)
-            .collect();
+            .filter_map(|w| pod_stage(&cfg.labels, &w.labels))
+        {
+            match stage {
+                PodStage::Normal => live.normal = true,
+                PodStage::Canary(tag) => {
+                    live.tags.insert(tag.to_owned());
+                }
+            }
+        }
+        if !live.normal && !s.selector.is_empty() {
+            warnings.push(format!(
+                "document {} (Service {name}): no workload in the input is a normal pod of it \
+                 ({}={}); its default route goes to the whole Service (every ready endpoint) \
+                 instead of subset normal",
+                s.index, cfg.labels.stage, cfg.labels.normal_stage
+            ));
+        }
         let d = desired(&s.service, header, &live, &cfg.labels);
         out.push(d.destination_rule.to_json(api_version));
         out.push(d.virtual_service.to_json(api_version));
@@ -279,6 +299,30 @@ mod tests {
         assert_eq!(docs.len(), 2);
         assert_eq!(subset_tags(&docs[0]), ["x"]);
         assert_eq!(docs[0]["apiVersion"], API);
+        // Only a canary: requests without the header go to the whole
+        // Service, not to a subset no pod is in.
+        assert_eq!(
+            docs[1]["spec"]["http"][1],
+            json!({"route": [{"destination": {"host": "web"}}]})
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .contains("document 1 (Service web): no workload in the input is a normal pod"),
+            "{warnings:?}"
+        );
+
+        // With the normal release in the input, the default route goes to normal.
+        let mut list = list;
+        list["items"].as_array_mut().unwrap().push(json!(
+            {"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": {"name": "web", "namespace": "shop"},
+             "spec": {"template": {"metadata": {"labels": {"app": "web"}}}}}));
+        let (docs, warnings) = run(&list.to_string());
+        assert_eq!(
+            docs[1]["spec"]["http"][1],
+            json!({"name": "normal", "route": [{"destination": {"host": "web", "subset": "normal"}}]})
+        );
         assert!(warnings.is_empty(), "{warnings:?}");
     }
 

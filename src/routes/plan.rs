@@ -5,8 +5,11 @@
 //!
 //! Two rules make every intermediate state safe, whatever order steps come in:
 //! - the VirtualService routes only to subsets the DestinationRule already
-//!   holds (a new tag's route comes after its subset was written; without a
-//!   `normal` subset there is no VirtualService write at all);
+//!   holds and that have a ready pod (a new tag's route comes after its
+//!   subset was written; the default route goes to `normal` only while a
+//!   normal pod is ready, else to the Service host without a subset;
+//!   without a `normal` subset there is no VirtualService write at all, so
+//!   the subset exists before the default route can name it);
 //! - the DestinationRule keeps every subset the VirtualService still routes
 //!   to (a tag's subset goes after its route was removed).
 //!
@@ -21,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use super::objects::{DestinationRuleSpec, Observed, VirtualServiceSpec};
 use super::{
-    DestinationRule, NORMAL_SUBSET, ServiceRef, VirtualService, assign_names, destination_rule,
-    virtual_service,
+    DefaultRoute, DestinationRule, Live, NORMAL_SUBSET, ServiceRef, VirtualService, assign_names,
+    destination_rule, virtual_service,
 };
 use crate::mutate::LabelPolicy;
 
@@ -35,8 +38,8 @@ pub struct PlanInput<'a> {
     pub header: &'a str,
     /// The label vocabulary (subset selectors).
     pub labels: &'a LabelPolicy,
-    /// Tags with at least one ready endpoint now.
-    pub live: &'a BTreeSet<String>,
+    /// What has at least one ready endpoint now: tags, and normal pods.
+    pub live: &'a Live,
     /// Our DestinationRule as the cluster holds it (`None`: absent). The
     /// caller has ruled out conflicts: an object here is ours.
     pub destination_rule: Option<&'a Observed<DestinationRuleSpec>>,
@@ -64,6 +67,19 @@ pub struct Write<T> {
     pub added: Vec<String>,
     /// Tags that lose theirs.
     pub removed: Vec<String>,
+    /// Where the default route goes now, when this VirtualService write
+    /// changes it (`None` for a DestinationRule write and when it stays).
+    pub default: Option<DefaultChange>,
+}
+
+/// A change of where the default route sends requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultChange {
+    /// Where it went before: `None` when the VirtualService is created, or
+    /// its default route was not one canary-injector writes.
+    pub from: Option<DefaultRoute>,
+    /// Where it goes now.
+    pub to: DefaultRoute,
 }
 
 /// The next write.
@@ -137,6 +153,24 @@ pub fn routes(
     (tags, referenced)
 }
 
+/// Where the default route (the last route, without a match) of a
+/// VirtualService spec for `host` sends requests, when it is one
+/// canary-injector writes.
+pub fn default_route(spec: &VirtualServiceSpec, host: &str) -> Option<DefaultRoute> {
+    let last = spec.http.last().filter(|r| r.matches.is_empty())?;
+    let [only] = last.route.as_slice() else {
+        return None;
+    };
+    if only.destination.host != host {
+        return None;
+    }
+    match only.destination.subset.as_deref() {
+        Some(NORMAL_SUBSET) => Some(DefaultRoute::Normal),
+        None => Some(DefaultRoute::Service),
+        Some(_) => None,
+    }
+}
+
 fn changes(
     before: &BTreeMap<String, String>,
     after: &BTreeMap<String, String>,
@@ -166,7 +200,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let gone: BTreeMap<String, Instant> = written
         .keys()
         .chain(routed.keys())
-        .filter(|t| !input.live.contains(*t))
+        .filter(|t| !input.live.tags.contains(*t))
         .map(|t| (t.clone(), input.gone.get(t).copied().unwrap_or(input.now)))
         .collect();
     let in_grace = |tag: &str| {
@@ -180,7 +214,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .iter()
         .filter(|(tag, name)| in_grace(tag) || referenced.contains(*name))
         .map(|(tag, _)| tag.as_str())
-        .chain(input.live.iter().map(String::as_str));
+        .chain(input.live.tags.iter().map(String::as_str));
     let names = assign_names(keep, &written);
     let dr = destination_rule(input.service, &names, input.labels);
     let dr_step = match input.destination_rule {
@@ -193,29 +227,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 object: dr,
                 added,
                 removed,
+                default: None,
             }))
         }
     };
 
-    // The VirtualService: routes only to subsets the DestinationRule holds.
+    // The VirtualService: routes only to subsets the DestinationRule holds
+    // and that have a ready pod; the default route to `normal` only while a
+    // normal pod is ready, else to the whole Service.
     let vs_step = has_normal
         .then(|| {
             let targets: BTreeMap<String, String> = written
                 .iter()
-                .filter(|(tag, _)| input.live.contains(*tag))
+                .filter(|(tag, _)| input.live.tags.contains(*tag))
                 .map(|(t, n)| (t.clone(), n.clone()))
                 .collect();
-            let vs = virtual_service(input.service, input.header, &targets);
+            let to = input.live.default_route();
+            let vs = virtual_service(input.service, input.header, &targets, to);
             match input.virtual_service {
                 Some(o) if o.holds(&vs.metadata, &vs.spec) => None,
                 observed => {
                     let (added, removed) = changes(&routed, &targets);
+                    let from = vs_spec.and_then(|s| default_route(s, &input.service.name));
                     Some(Step::VirtualService(Write {
                         create: observed.is_none(),
                         resource_version: observed.and_then(|o| o.resource_version.clone()),
                         object: vs,
                         added,
                         removed,
+                        default: (from != Some(to)).then_some(DefaultChange { from, to }),
                     }))
                 }
             }

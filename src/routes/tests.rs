@@ -24,8 +24,14 @@ fn service() -> ServiceRef {
     }
 }
 
-fn tags(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|t| (*t).to_owned()).collect()
+/// Live tags `list`, with a ready normal pod.
+fn live(list: &[&str]) -> Live {
+    Live::new(true, list.iter().copied())
+}
+
+/// Live tags `list`, without a ready normal pod.
+fn gray_only(list: &[&str]) -> Live {
+    Live::new(false, list.iter().copied())
 }
 
 fn labels() -> LabelPolicy {
@@ -46,7 +52,7 @@ fn desired_objects_for_two_canaries() {
     let d = desired(
         &service(),
         "x-canary-tag",
-        &tags(&["feature-login", "Feature_X"]),
+        &live(&["feature-login", "Feature_X"]),
         &labels(),
     );
     let fx = subset_name("Feature_X");
@@ -100,8 +106,52 @@ fn desired_objects_for_two_canaries() {
 }
 
 #[test]
+fn without_a_ready_normal_pod_the_default_route_goes_to_the_whole_service() {
+    let d = desired(
+        &service(),
+        "x-canary-tag",
+        &gray_only(&["feature-login"]),
+        &labels(),
+    );
+    // The normal subset stays (no route names it), so routing back to it
+    // needs no DestinationRule write.
+    assert_eq!(
+        d.destination_rule.to_json(API)["spec"]["subsets"],
+        json!([
+            {"name": "normal", "labels": {"stage": "normal"}},
+            {"name": "feature-login", "labels": {"canarytag": "feature-login", "stage": "gray"}},
+        ])
+    );
+    assert_eq!(
+        d.virtual_service.to_json(API)["spec"]["http"],
+        json!([
+            {"name": "feature-login",
+             "match": [{"headers": {"x-canary-tag": {"exact": "feature-login"}}}],
+             "route": [{"destination": {"host": "checkout", "subset": "feature-login"}}]},
+            {"route": [{"destination": {"host": "checkout"}}]},
+        ])
+    );
+    let spec = &d.virtual_service.spec;
+    assert_eq!(
+        super::plan::default_route(spec, "checkout"),
+        Some(DefaultRoute::Service)
+    );
+    assert_eq!(super::plan::default_route(spec, "cart"), None);
+    // Nothing ready at all: the Service host only.
+    let d = desired(&service(), "x-canary-tag", &gray_only(&[]), &labels());
+    assert_eq!(
+        d.virtual_service.to_json(API)["spec"]["http"],
+        json!([{"route": [{"destination": {"host": "checkout"}}]}])
+    );
+}
+
+#[test]
 fn without_canaries_everything_goes_to_normal() {
-    let d = desired(&service(), "x-canary-tag", &BTreeSet::new(), &labels());
+    let d = desired(&service(), "x-canary-tag", &live(&[]), &labels());
+    assert_eq!(
+        super::plan::default_route(&d.virtual_service.spec, "checkout"),
+        Some(DefaultRoute::Normal)
+    );
     assert_eq!(d.destination_rule.spec.subsets.len(), 1);
     let http = &d.virtual_service.spec.http;
     assert_eq!(http.len(), 1);
@@ -121,7 +171,7 @@ fn configured_label_keys_and_values_make_the_selectors() {
         normal_stage: "stable".into(),
         ..LabelPolicy::default()
     };
-    let d = desired(&service(), "x-version", &tags(&["v2"]), &custom);
+    let d = desired(&service(), "x-version", &live(&["v2"]), &custom);
     let subsets = &d.destination_rule.spec.subsets;
     assert_eq!(subsets[0].labels, map(&[("example.com/stage", "stable")]));
     assert_eq!(
@@ -145,7 +195,7 @@ fn without_a_uid_there_is_no_owner_and_without_a_namespace_none_is_written() {
         uid: None,
         ..service()
     };
-    let d = desired(&offline, "x-canary-tag", &tags(&["a"]), &labels());
+    let d = desired(&offline, "x-canary-tag", &live(&["a"]), &labels());
     let json = d.destination_rule.to_json(API);
     assert!(json["metadata"].get("ownerReferences").is_none());
     assert!(json["metadata"].get("namespace").is_none());
@@ -195,23 +245,68 @@ fn a_pod_is_a_canary_with_both_labels() {
 }
 
 #[test]
-fn only_ready_endpoints_of_canary_pods_make_tags_live() {
-    let pods = map(&[("a-1", "a"), ("a-2", "a"), ("b-1", "b"), ("c-1", "c")]);
-    let tag_of = |pod: &str| pods.get(pod).map(String::as_str);
+fn a_pod_is_normal_with_the_normal_stage() {
+    let l = labels();
+    assert_eq!(
+        pod_stage(&l, &map(&[("app", "web"), ("stage", "normal")])),
+        Some(PodStage::Normal)
+    );
+    // What subset normal selects: the stage alone, a stray tag or not.
+    assert_eq!(
+        pod_stage(&l, &map(&[("canarytag", "v2"), ("stage", "normal")])),
+        Some(PodStage::Normal)
+    );
+    assert_eq!(
+        pod_stage(&l, &map(&[("canarytag", "v2"), ("stage", "gray")])),
+        Some(PodStage::Canary("v2"))
+    );
+    for unlabelled in [
+        map(&[]),
+        map(&[("app", "web")]),
+        map(&[("stage", "production")]),
+        map(&[("stage", "gray")]),
+    ] {
+        assert_eq!(pod_stage(&l, &unlabelled), None, "{unlabelled:?}");
+    }
+}
+
+#[test]
+fn only_ready_endpoints_make_tags_and_the_normal_stage_live() {
+    let pods = map(&[
+        ("a-1", "a"),
+        ("a-2", "a"),
+        ("b-1", "b"),
+        ("c-1", "c"),
+        ("n-1", ""),
+        ("n-2", ""),
+    ]);
+    let stage_of = |pod: &str| {
+        pods.get(pod).map(|t| match t.as_str() {
+            "" => PodStage::Normal,
+            tag => PodStage::Canary(tag),
+        })
+    };
     let e = |pod: Option<&'static str>, ready| EndpointView { pod, ready };
     let endpoints = vec![
         e(Some("a-1"), false),
         e(Some("a-2"), true),
         e(Some("b-1"), false),
-        e(Some("normal-1"), true),
+        e(Some("unlabelled-1"), true),
         e(None, true),
         e(Some("c-1"), true),
         e(Some("c-1"), true),
+        e(Some("n-1"), false),
     ];
-    assert_eq!(live_tags(endpoints.clone(), tag_of), tags(&["a", "c"]));
-    let mut reversed = endpoints;
-    reversed.reverse();
-    assert_eq!(live_tags(reversed, tag_of), tags(&["a", "c"]));
+    // The only normal pod is not ready: no normal.
+    let found = super::live(endpoints.clone(), stage_of);
+    assert_eq!(found, gray_only(&["a", "c"]));
+    assert_eq!(found.default_route(), DefaultRoute::Service);
+    let mut with_normal = endpoints;
+    with_normal.push(e(Some("n-2"), true));
+    with_normal.reverse();
+    let found = super::live(with_normal, stage_of);
+    assert_eq!(found, live(&["a", "c"]));
+    assert_eq!(found.default_route(), DefaultRoute::Normal);
 }
 
 // === conflicts ===
@@ -348,7 +443,7 @@ impl Cluster {
         }
     }
 
-    fn plan(&self, live: &BTreeSet<String>, now: Instant) -> Plan {
+    fn plan(&self, live: &Live, now: Instant) -> Plan {
         plan(&PlanInput {
             service: &service(),
             header: &self.header,
@@ -370,7 +465,7 @@ impl Cluster {
     }
 
     /// Plans once and applies the write; the step, if any.
-    fn step(&mut self, live: &BTreeSet<String>, now: Instant) -> Option<Step> {
+    fn step(&mut self, live: &Live, now: Instant) -> Option<Step> {
         let plan = self.plan(live, now);
         self.gone = plan.gone;
         let step = plan.step?;
@@ -390,14 +485,14 @@ impl Cluster {
                 self.vs = Some(observe_json(&json));
             }
         }
-        self.check();
+        self.check(live);
         Some(step)
     }
 
     /// Steps until nothing is left; the steps as `(kind, added, removed)`.
     fn converge(
         &mut self,
-        live: &BTreeSet<String>,
+        live: &Live,
         now: Instant,
     ) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
         let mut out = Vec::new();
@@ -427,8 +522,12 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// The invariant: every subset any route names exists.
-    fn check(&self) {
+    /// The invariants after every write: every subset any route names
+    /// exists, every route has one destination, the default route is last;
+    /// and no route names a subset without a ready pod (a header route goes
+    /// to a live tag, the default route to `normal` only with a ready
+    /// normal pod, else to the Service host).
+    fn check(&self, live: &Live) {
         let Some(vs) = self.vs.as_ref().and_then(|o| o.spec.as_ref()) else {
             return;
         };
@@ -440,15 +539,26 @@ impl Cluster {
         let names: BTreeSet<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
         for route in &vs.http {
             assert_eq!(route.route.len(), 1, "one destination per route");
-            let subset = route.route[0].destination.subset.as_deref().unwrap();
-            assert!(names.contains(subset), "route to missing subset {subset}");
+            if let Some(subset) = route.route[0].destination.subset.as_deref() {
+                assert!(names.contains(subset), "route to missing subset {subset}");
+            }
         }
         let last = vs.http.last().unwrap();
         assert!(last.matches.is_empty());
         assert_eq!(
-            last.route[0].destination.subset.as_deref(),
-            Some(NORMAL_SUBSET)
+            super::plan::default_route(vs, "checkout"),
+            Some(live.default_route()),
+            "default route with normal pods ready: {}",
+            live.normal
         );
+        let (_, tags) = subsets(dr, &labels());
+        for (tag, _) in vs_routes(vs, &self.header).0 {
+            assert!(
+                live.tags.contains(&tag),
+                "route to {tag}, which has no ready pod"
+            );
+            assert!(tags.contains_key(&tag), "route to {tag} without its subset");
+        }
     }
 }
 
@@ -460,7 +570,7 @@ fn owned(v: &[&str]) -> Vec<String> {
 fn from_nothing_the_subsets_come_before_the_routes() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    let live = tags(&["a", "b"]);
+    let live = live(&["a", "b"]);
     assert_eq!(
         c.converge(&live, t0),
         [
@@ -486,8 +596,8 @@ fn from_nothing_the_subsets_come_before_the_routes() {
 fn a_new_tag_gets_its_subset_then_its_route() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
-    let steps = c.converge(&tags(&["a", "b"]), t0);
+    c.converge(&live(&["a"]), t0);
+    let steps = c.converge(&live(&["a", "b"]), t0);
     assert_eq!(
         steps,
         [("dr", owned(&["b"]), vec![]), ("vs", owned(&["b"]), vec![])]
@@ -498,8 +608,8 @@ fn a_new_tag_gets_its_subset_then_its_route() {
 fn a_tag_that_goes_away_loses_its_route_at_once_and_its_subset_after_the_grace() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a", "b"]), t0);
-    let live = tags(&["a"]);
+    c.converge(&live(&["a", "b"]), t0);
+    let live = live(&["a"]);
     assert_eq!(c.converge(&live, t0), [("vs", vec![], owned(&["b"]))]);
     assert!(
         c.subsets().contains_key("b"),
@@ -521,8 +631,8 @@ fn a_tag_that_goes_away_loses_its_route_at_once_and_its_subset_after_the_grace()
 fn with_no_grace_the_route_still_goes_first() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
-    let steps = plan_all(&mut c, &BTreeSet::new(), t0, Duration::ZERO);
+    c.converge(&live(&["a"]), t0);
+    let steps = plan_all(&mut c, &live(&[]), t0, Duration::ZERO);
     assert_eq!(
         steps,
         [("vs", vec![], owned(&["a"])), ("dr", vec![], owned(&["a"]))]
@@ -531,7 +641,7 @@ fn with_no_grace_the_route_still_goes_first() {
 
 fn plan_all(
     c: &mut Cluster,
-    live: &BTreeSet<String>,
+    live: &Live,
     now: Instant,
     grace: Duration,
 ) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
@@ -562,7 +672,7 @@ fn plan_all(
                 out.push(("vs", w.added, w.removed));
             }
         }
-        c.check();
+        c.check(live);
     }
     panic!("no convergence");
 }
@@ -571,25 +681,97 @@ fn plan_all(
 fn a_tag_back_within_the_grace_gets_its_route_again_without_a_subset_write() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
-    c.converge(&BTreeSet::new(), t0);
-    let steps = c.converge(&tags(&["a"]), t0 + Duration::from_secs(10));
+    c.converge(&live(&["a"]), t0);
+    c.converge(&live(&[]), t0);
+    let steps = c.converge(&live(&["a"]), t0 + Duration::from_secs(10));
     assert_eq!(steps, [("vs", owned(&["a"]), vec![])]);
     assert!(c.gone.is_empty());
     // Gone again later: a fresh grace period.
     let t1 = t0 + Duration::from_secs(100);
-    c.converge(&BTreeSet::new(), t1);
+    c.converge(&live(&[]), t1);
     assert_eq!(c.gone.get("a"), Some(&t1));
+}
+
+/// What a step wrote: the kind, and where the default route went.
+fn default_of(step: &Step) -> (&'static str, Option<plan::DefaultChange>) {
+    match step {
+        Step::DestinationRule(w) => ("dr", w.default),
+        Step::VirtualService(w) => ("vs", w.default),
+    }
+}
+
+#[test]
+fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
+    use plan::DefaultChange;
+    let mut c = Cluster::new();
+    let t0 = Instant::now();
+    // No ready normal pod (pods predating the opt-in, opted out, or gray
+    // only): the subset first, the default route to the Service host.
+    let first = c.step(&gray_only(&["a"]), t0).unwrap();
+    assert_eq!(default_of(&first), ("dr", None));
+    let second = c.step(&gray_only(&["a"]), t0).unwrap();
+    assert_eq!(
+        default_of(&second),
+        (
+            "vs",
+            Some(DefaultChange {
+                from: None,
+                to: DefaultRoute::Service
+            })
+        )
+    );
+    assert_eq!(c.plan(&gray_only(&["a"]), t0).step, None);
+    assert!(c.subsets().contains_key("a"));
+    // A normal pod turns ready: the subset is there already, one write of
+    // the VirtualService.
+    let steps: Vec<_> = std::iter::from_fn(|| c.step(&live(&["a"]), t0))
+        .map(|s| default_of(&s))
+        .collect();
+    assert_eq!(
+        steps,
+        [(
+            "vs",
+            Some(DefaultChange {
+                from: Some(DefaultRoute::Service),
+                to: DefaultRoute::Normal
+            })
+        )]
+    );
+    // The normal pods go: back to the Service host, at once (there is no
+    // grace for a subset without ready pods), and the subset stays.
+    let steps: Vec<_> = std::iter::from_fn(|| c.step(&gray_only(&["a"]), t0))
+        .map(|s| default_of(&s))
+        .collect();
+    assert_eq!(
+        steps,
+        [(
+            "vs",
+            Some(DefaultChange {
+                from: Some(DefaultRoute::Normal),
+                to: DefaultRoute::Service
+            })
+        )]
+    );
+    let dr = c.dr.as_ref().and_then(|o| o.spec.as_ref()).unwrap();
+    assert!(subsets(dr, &labels()).0, "the normal subset stays");
+    // A tag change alone leaves the default route as it is.
+    let Some(Step::VirtualService(w)) = ({
+        c.step(&gray_only(&["a"]), t0);
+        c.plan(&gray_only(&[]), t0).step
+    }) else {
+        panic!("expected a VirtualService write");
+    };
+    assert_eq!((w.removed, w.default), (owned(&["a"]), None));
 }
 
 #[test]
 fn a_deleted_destination_rule_is_recreated_before_the_virtual_service_is_touched() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
+    c.converge(&live(&["a"]), t0);
     c.dr = None;
     // The VirtualService routes to subsets that are gone: the rule first.
-    let steps = c.converge(&tags(&["a", "b"]), t0);
+    let steps = c.converge(&live(&["a", "b"]), t0);
     assert_eq!(
         steps,
         [
@@ -603,7 +785,7 @@ fn a_deleted_destination_rule_is_recreated_before_the_virtual_service_is_touched
 fn edited_objects_are_put_back() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    let live = tags(&["a"]);
+    let live = live(&["a"]);
     c.converge(&live, t0);
     // Someone changes the default route's subset and a selector.
     let mut vs = c.vs.clone().unwrap();
@@ -628,7 +810,7 @@ fn edited_objects_are_put_back() {
 fn a_lost_owner_reference_or_label_is_written_again() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    let live = tags(&["a"]);
+    let live = live(&["a"]);
     c.converge(&live, t0);
     c.dr.as_mut().unwrap().owner_uids.clear();
     let Some(Step::DestinationRule(w)) = c.plan(&live, t0).step else {
@@ -642,13 +824,13 @@ fn a_lost_owner_reference_or_label_is_written_again() {
 fn existing_subset_names_are_kept() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
+    c.converge(&live(&["a"]), t0);
     // An older release named tag a's subset "legacy-a".
     let mut dr = c.dr.clone().unwrap();
     dr.spec.as_mut().unwrap().subsets[1].name = "legacy-a".into();
     c.dr = Some(dr);
     c.vs = None;
-    c.converge(&tags(&["a"]), t0);
+    c.converge(&live(&["a"]), t0);
     assert_eq!(c.subsets(), map(&[("a", "legacy-a")]));
     assert_eq!(c.routes(), map(&[("a", "legacy-a")]));
 }
@@ -657,10 +839,10 @@ fn existing_subset_names_are_kept() {
 fn an_unreadable_spec_is_rewritten() {
     let mut c = Cluster::new();
     let t0 = Instant::now();
-    c.converge(&tags(&["a"]), t0);
+    c.converge(&live(&["a"]), t0);
     c.vs.as_mut().unwrap().spec = None;
     assert_eq!(
-        c.converge(&tags(&["a"]), t0),
+        c.converge(&live(&["a"]), t0),
         [("vs", owned(&["a"]), vec![])]
     );
 }
@@ -668,7 +850,7 @@ fn an_unreadable_spec_is_rewritten() {
 #[test]
 fn removal_deletes_the_virtual_service_first_and_never_foreign_objects() {
     let mut c = Cluster::new();
-    c.converge(&tags(&["a"]), Instant::now());
+    c.converge(&live(&["a"]), Instant::now());
     let r = plan_removal(c.dr.as_ref(), c.vs.as_ref()).unwrap();
     assert_eq!(r.kind, RuleKind::VirtualService);
     assert_eq!(r.uid.as_deref(), Some("rule-uid"));
@@ -694,9 +876,12 @@ fn tag() -> impl Strategy<Value = String> {
 
 proptest! {
     #[test]
-    fn desired_objects_keep_every_promise(live in prop::collection::btree_set(tag(), 0..12)) {
+    fn desired_objects_keep_every_promise(
+        live in prop::collection::btree_set(tag(), 0..12),
+        normal in any::<bool>(),
+    ) {
         let l = labels();
-        let d = desired(&service(), "x-canary-tag", &live, &l);
+        let d = desired(&service(), "x-canary-tag", &Live { normal, tags: live.clone() }, &l);
         let subsets = &d.destination_rule.spec.subsets;
         // Subset names: unique DNS-1123 labels, normal first and only once.
         let names: BTreeSet<&str> = subsets.iter().map(|s| s.name.as_str()).collect();
@@ -711,13 +896,24 @@ proptest! {
         prop_assert_eq!(&routed, &by_tag);
         // No route names a missing subset; every route has one destination.
         prop_assert!(referenced.iter().all(|s| names.contains(s.as_str())));
+        // No route names a subset without ready pods: the live tags' and
+        // `normal` only with a ready normal pod.
+        let ready: BTreeSet<&str> = by_tag
+            .values()
+            .map(String::as_str)
+            .chain(normal.then_some(NORMAL_SUBSET))
+            .collect();
+        prop_assert!(referenced.iter().all(|s| ready.contains(s.as_str())), "{:?}", referenced);
         let http = &d.virtual_service.spec.http;
         prop_assert!(http.iter().all(|r| r.route.len() == 1));
+        prop_assert!(http.iter().all(|r| r.route[0].destination.host == "checkout"));
         prop_assert_eq!(http.len(), live.len() + 1);
-        // The default route is last, matches everything, goes to normal.
+        // The default route is last, matches everything, goes to normal
+        // with a ready normal pod and to the whole Service without one.
         let last = http.last().unwrap();
         prop_assert!(last.matches.is_empty());
-        prop_assert_eq!(last.route[0].destination.subset.as_deref(), Some(NORMAL_SUBSET));
+        let expected = normal.then_some(NORMAL_SUBSET);
+        prop_assert_eq!(last.route[0].destination.subset.as_deref(), expected);
         prop_assert!(http[..http.len() - 1].iter().all(|r| r.matches.len() == 1));
     }
 
@@ -736,23 +932,29 @@ proptest! {
         let a = assign_names(live.iter().map(String::as_str), &BTreeMap::new());
         let b = assign_names(shuffled.iter().map(String::as_str), &BTreeMap::new());
         prop_assert_eq!(&a, &b);
-        let set: BTreeSet<String> = live.into_iter().collect();
-        let shuffled_set: BTreeSet<String> = shuffled.into_iter().collect();
+        let set = Live::new(true, live);
+        let shuffled_set = Live::new(true, shuffled);
         prop_assert_eq!(
             desired(&service(), "h", &set, &labels()),
             desired(&service(), "h", &shuffled_set, &labels())
         );
     }
 
-    /// Random histories of live sets over time: after every single write
-    /// no route names a missing subset (checked in `step`); a subset goes
-    /// only after its tag has been gone for the grace period; after each
-    /// change the routes are exactly the live tags; and once the grace has
-    /// passed the objects are exactly the desired ones.
+    /// Random histories of live sets (tags, and whether a normal pod is
+    /// ready) over time: after every single write no route names a missing
+    /// subset or a subset without ready pods (checked in `step`); a subset
+    /// goes only after its tag has been gone for the grace period; after
+    /// each change the routes are exactly the live tags and the default
+    /// route goes to `normal` exactly while a normal pod is ready; and once
+    /// the grace has passed the objects are exactly the desired ones.
     #[test]
     fn make_before_break_holds_over_any_history(
         history in prop::collection::vec(
-            (prop::collection::btree_set(prop::sample::select(vec!["a", "B_2", "c.3", "normal", "d"]), 0..5), 0u64..90),
+            (
+                prop::collection::btree_set(prop::sample::select(vec!["a", "B_2", "c.3", "normal", "d"]), 0..5),
+                any::<bool>(),
+                0u64..90,
+            ),
             1..12,
         ),
     ) {
@@ -760,14 +962,14 @@ proptest! {
         let t0 = Instant::now();
         let mut now = t0;
         let mut went_away: BTreeMap<String, Instant> = BTreeMap::new();
-        let mut live = BTreeSet::new();
-        for (set, wait) in history {
+        let mut live = Live::default();
+        for (set, normal, wait) in history {
             now += Duration::from_secs(wait);
-            let next: BTreeSet<String> = set.into_iter().map(str::to_owned).collect();
-            for t in live.difference(&next) {
+            let next = Live::new(normal, set);
+            for t in live.tags.difference(&next.tags) {
                 went_away.insert(t.clone(), now);
             }
-            for t in &next {
+            for t in &next.tags {
                 went_away.remove(t);
             }
             live = next;
@@ -777,8 +979,10 @@ proptest! {
                 let since = went_away.get(tag).expect("only gone tags lose their subset");
                 prop_assert!(now >= *since + GRACE, "{tag} removed early");
             }
-            prop_assert_eq!(c.routes().keys().cloned().collect::<BTreeSet<_>>(), live.clone());
-            prop_assert!(live.iter().all(|t| c.subsets().contains_key(t)));
+            prop_assert_eq!(c.routes().keys().cloned().collect::<BTreeSet<_>>(), live.tags.clone());
+            prop_assert!(live.tags.iter().all(|t| c.subsets().contains_key(t)));
+            let vs = c.vs.as_ref().and_then(|o| o.spec.as_ref()).unwrap();
+            prop_assert_eq!(super::plan::default_route(vs, "checkout"), Some(live.default_route()));
         }
         now += GRACE;
         c.converge(&live, now);
@@ -786,7 +990,7 @@ proptest! {
         let dr = c.dr.as_ref().unwrap();
         let vs = c.vs.as_ref().unwrap();
         // Same tags, same shape (names may be older ones: compare by tag).
-        prop_assert_eq!(c.subsets().keys().cloned().collect::<BTreeSet<_>>(), live.clone());
+        prop_assert_eq!(c.subsets().keys().cloned().collect::<BTreeSet<_>>(), live.tags.clone());
         prop_assert_eq!(dr.spec.as_ref().unwrap().subsets.len(), d.destination_rule.spec.subsets.len());
         prop_assert_eq!(vs.spec.as_ref().unwrap().http.len(), d.virtual_service.spec.http.len());
         prop_assert_eq!(c.plan(&live, now).step, None);

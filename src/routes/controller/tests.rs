@@ -1,7 +1,11 @@
 //! The controller against an apiserver model: discovery, lists, watches
 //! that deliver every change (with the label selector applied, as the real
 //! one does), creates, server-side applies and deletes with their
-//! preconditions, and Events. Time is tokio's paused clock, so grace
+//! preconditions, and Events. Lists and watches of Namespaces, Services and
+//! pods must ask for metadata only (the `Accept` header of
+//! `PartialObjectMetadataList` / `PartialObjectMetadata`) and get only
+//! metadata back, as from the real apiserver; a full read of them fails the
+//! test at [`Running::stop`]. Time is tokio's paused clock, so grace
 //! periods and resyncs pass instantly and the order of writes is exact.
 
 use std::collections::BTreeMap;
@@ -16,7 +20,9 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::cluster::events::{self, EventMetrics, Pace};
 use crate::metrics::ControllerMetrics;
-use crate::testing::{merge, mock_client, selected, status};
+use crate::testing::{
+    METADATA_ACCEPT, METADATA_LIST_ACCEPT, merge, mock_client, partial_metadata, selected, status,
+};
 
 const SHOP: &str = "/api/v1/namespaces/shop";
 const SERVICE: &str = "/api/v1/namespaces/shop/services/checkout";
@@ -30,6 +36,9 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 const SERVICE_UID: &str = "0b5c3e6a-1111-4222-8333-944445555666";
 const GRACE: Duration = Duration::from_secs(60);
 
+/// The collections the controller reads metadata of, and only metadata.
+const METADATA_ONLY: [&str; 3] = ["/api/v1/namespaces", "/api/v1/services", "/api/v1/pods"];
+
 // === the apiserver model ===
 
 /// One request as seen, with the (virtual) time it came.
@@ -40,6 +49,7 @@ struct Seen {
     path: String,
     query: BTreeMap<String, String>,
     content_type: String,
+    accept: String,
     body: Value,
 }
 
@@ -52,6 +62,8 @@ impl Seen {
 struct Parked {
     collection: String,
     query: BTreeMap<String, String>,
+    /// Asked for `PartialObjectMetadata`: events carry metadata only.
+    metadata_only: bool,
     since: u64,
     reply: tower_test::mock::SendResponse<Response<Body>>,
 }
@@ -64,12 +76,16 @@ struct State {
     log: Vec<(u64, String, Option<Value>, Option<Value>)>,
     parked: Vec<Parked>,
     istio: bool,
+    /// The `networking.istio.io` versions served, preferred first.
+    istio_versions: Vec<&'static str>,
     seen: Vec<Seen>,
     /// One-shot failures: (method, path, status).
     failures: Vec<(Method, String, u16)>,
     /// One-shot: someone else changes the object at this path just before
     /// our next write to it.
     touch: Vec<String>,
+    /// Reads of [`METADATA_ONLY`] collections that asked for whole objects.
+    full_reads: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -104,6 +120,8 @@ impl Apiserver {
         {
             let mut s = api.0.lock().unwrap();
             s.istio = true;
+            // Istio 1.22+ serves all three.
+            s.istio_versions = vec!["v1", "v1beta1", "v1alpha3"];
         }
         for (path, object) in objects {
             api.put(path, object.clone());
@@ -113,6 +131,12 @@ impl Apiserver {
 
     fn with_istio(&self, served: bool) {
         self.0.lock().unwrap().istio = served;
+    }
+
+    /// Serves only these `networking.istio.io` versions, preferred first
+    /// (Istio 1.5-1.21: `v1beta1`, `v1alpha3`).
+    fn with_istio_versions(&self, versions: &[&'static str]) {
+        self.0.lock().unwrap().istio_versions = versions.to_vec();
     }
 
     /// Another actor writes `object` at `path` (kubelet, a user).
@@ -186,6 +210,7 @@ impl Apiserver {
                     path: call.path.clone(),
                     query: call.query.clone(),
                     content_type: call.content_type.clone(),
+                    accept: call.accept.clone(),
                     body: call.body.clone(),
                 };
                 if call.method == Method::GET && call.is_watch() {
@@ -195,12 +220,13 @@ impl Apiserver {
                         .unwrap_or(0);
                     let mut s = api.0.lock().unwrap();
                     s.seen.push(seen.clone());
+                    let metadata_only = s.metadata_read(&seen, true);
                     if let Some(code) = s.take_failure(&seen) {
                         drop(s);
                         call.fail(code, "InternalError", "injected failure");
                         continue;
                     }
-                    if seen.path.contains("networking.istio.io") && !s.istio {
+                    if !s.serves(&seen.path) {
                         drop(s);
                         call.fail(
                             404,
@@ -212,6 +238,7 @@ impl Apiserver {
                     let parked = Parked {
                         collection: seen.path.clone(),
                         query: seen.query.clone(),
+                        metadata_only,
                         since,
                         reply: call.park(),
                     };
@@ -228,6 +255,39 @@ impl Apiserver {
 }
 
 impl State {
+    /// False for a `networking.istio.io` path while Istio is not installed,
+    /// or of a version not served.
+    fn serves(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix("/apis/networking.istio.io") else {
+            return true;
+        };
+        let version = rest.trim_start_matches('/').split('/').next().unwrap_or("");
+        self.istio && (version.is_empty() || self.istio_versions.contains(&version))
+    }
+
+    /// Whether a list (or, `watch`, a watch) asks for metadata only, as
+    /// kube does for `Api<PartialObjectMeta<K>>`: the `Accept` header the
+    /// real apiserver needs for `PartialObjectMetadata(List)`. A read of a
+    /// [`METADATA_ONLY`] collection without it is recorded as a failure.
+    fn metadata_read(&mut self, seen: &Seen, watch: bool) -> bool {
+        let wanted = if watch {
+            METADATA_ACCEPT
+        } else {
+            METADATA_LIST_ACCEPT
+        };
+        let metadata_only = seen.accept == wanted;
+        if METADATA_ONLY.contains(&seen.path.as_str()) && !metadata_only {
+            self.full_reads.push(format!(
+                "{} {}{} with Accept {:?}",
+                seen.method,
+                seen.path,
+                if watch { "?watch" } else { "" },
+                seen.accept
+            ));
+        }
+        metadata_only
+    }
+
     fn take_failure(&mut self, seen: &Seen) -> Option<u16> {
         let i = self
             .failures
@@ -275,6 +335,13 @@ impl State {
                     continue;
                 }
                 let matches = |o: &Option<Value>| o.as_ref().is_some_and(|o| selected(o, &p.query));
+                let shape = |o: Value| {
+                    if p.metadata_only {
+                        partial_metadata(o)
+                    } else {
+                        o
+                    }
+                };
                 let event = match (matches(old), matches(new)) {
                     (_, true) if old.is_none() || !matches(old) => ("ADDED", new),
                     (_, true) => ("MODIFIED", new),
@@ -282,12 +349,13 @@ impl State {
                         // Deleted, or no longer selected: the last state seen.
                         let mut gone = old.clone().unwrap();
                         gone["metadata"]["resourceVersion"] = json!(rv.to_string());
-                        lines.push(json!({"type": "DELETED", "object": gone}));
+                        lines.push(json!({"type": "DELETED", "object": shape(gone)}));
                         continue;
                     }
                     (false, false) => continue,
                 };
-                lines.push(json!({"type": event.0, "object": event.1}));
+                let object = shape(event.1.clone().unwrap());
+                lines.push(json!({"type": event.0, "object": object}));
             }
             if lines.is_empty() {
                 self.parked.push(p);
@@ -302,12 +370,13 @@ impl State {
         }
     }
 
-    fn group(&self, group: &str, version: &str) -> (StatusCode, Value) {
+    fn group(&self, group: &str, versions: &[&str]) -> (StatusCode, Value) {
+        let version = |v: &str| json!({"groupVersion": format!("{group}/{v}"), "version": v});
         (
             StatusCode::OK,
             json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
-                   "versions": [{"groupVersion": format!("{group}/{version}"), "version": version}],
-                   "preferredVersion": {"groupVersion": format!("{group}/{version}"), "version": version}}),
+                   "versions": versions.iter().map(|v| version(v)).collect::<Vec<_>>(),
+                   "preferredVersion": version(versions[0])}),
         )
     }
 
@@ -336,30 +405,32 @@ impl State {
             return Self::fail(code, "InternalError", "injected failure");
         }
         let path = call.path.as_str();
+        if !self.serves(path) {
+            return Self::fail(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        if call.method == Method::GET
+            && let Some(version) = path.strip_prefix("/apis/networking.istio.io/")
+            && !version.contains('/')
+        {
+            return self.resources(
+                &format!("networking.istio.io/{version}"),
+                &[
+                    ("destinationrules", "DestinationRule"),
+                    ("virtualservices", "VirtualService"),
+                ],
+            );
+        }
         match (&call.method, path) {
-            (&Method::GET, "/apis/networking.istio.io") if self.istio => {
-                return self.group("networking.istio.io", "v1");
-            }
-            (&Method::GET, "/apis/networking.istio.io" | "/apis/networking.istio.io/v1")
-                if !self.istio =>
-            {
-                return Self::fail(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                );
-            }
-            (&Method::GET, "/apis/networking.istio.io/v1") => {
-                return self.resources(
-                    "networking.istio.io/v1",
-                    &[
-                        ("destinationrules", "DestinationRule"),
-                        ("virtualservices", "VirtualService"),
-                    ],
-                );
+            (&Method::GET, "/apis/networking.istio.io") => {
+                let versions = self.istio_versions.clone();
+                return self.group("networking.istio.io", &versions);
             }
             (&Method::GET, "/apis/discovery.k8s.io") => {
-                return self.group("discovery.k8s.io", "v1");
+                return self.group("discovery.k8s.io", &["v1"]);
             }
             (&Method::GET, "/apis/discovery.k8s.io/v1") => {
                 return self.resources(
@@ -368,13 +439,6 @@ impl State {
                 );
             }
             _ => {}
-        }
-        if path.contains("networking.istio.io") && !self.istio {
-            return Self::fail(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            );
         }
         if call.method != Method::GET
             && let Some(i) = self.touch.iter().position(|p| path.starts_with(p.as_str()))
@@ -394,17 +458,20 @@ impl State {
                 if let Some(o) = stored {
                     return (StatusCode::OK, o);
                 }
+                let metadata_only = self.metadata_read(&call, false);
                 let items: Vec<Value> = self
                     .objects
                     .iter()
                     .filter(|(p, o)| collection_of(p) == path && selected(o, &call.query))
                     .map(|(_, o)| o.clone())
                     .collect();
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "List",
-                           "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
-                )
+                let list = json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": self.version.to_string()}, "items": items});
+                if metadata_only {
+                    (StatusCode::OK, partial_metadata(list))
+                } else {
+                    (StatusCode::OK, list)
+                }
             }
             Method::POST => {
                 let mut o = call.body.clone();
@@ -506,12 +573,17 @@ fn gray_pod() -> Value {
 
 /// The Service's slice: a normal pod (ready) and the gray one.
 fn slice(gray_ready: bool) -> Value {
+    slice_of(true, gray_ready)
+}
+
+/// The Service's slice, the normal pod ready or not.
+fn slice_of(normal_ready: bool, gray_ready: bool) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
            "metadata": {"name": "checkout-abc12", "namespace": "shop",
                         "labels": {"kubernetes.io/service-name": "checkout"}},
            "addressType": "IPv4",
            "endpoints": [
-               {"addresses": ["10.0.0.5"], "conditions": {"ready": true},
+               {"addresses": ["10.0.0.5"], "conditions": {"ready": normal_ready},
                 "targetRef": {"kind": "Pod", "name": "checkout-7c6d-a1", "namespace": "shop"}},
                {"addresses": ["10.0.0.9"], "conditions": {"ready": gray_ready, "serving": gray_ready},
                 "targetRef": {"kind": "Pod", "name": "checkout-gray-7d9f-x1", "namespace": "shop"}},
@@ -609,12 +681,20 @@ impl Running {
         tokio::time::sleep(d).await;
     }
 
+    /// Ends the term; fails if any list or watch of Namespaces, Services or
+    /// pods asked for whole objects.
     async fn stop(self) {
         self.term.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("stops when the term ends")
             .unwrap();
+        let full = self.api.0.lock().unwrap().full_reads.clone();
+        assert_eq!(
+            full,
+            Vec::<String>::new(),
+            "metadata-only reads asked for whole objects"
+        );
     }
 }
 
@@ -633,12 +713,22 @@ fn desired_dr(tags: &[(&str, &str)]) -> Value {
 }
 
 fn desired_vs(header: &str, tags: &[(&str, &str)]) -> Value {
+    desired_vs_to(header, tags, true)
+}
+
+/// The VirtualService, its default route to `normal` or (`normal` false)
+/// to the Service host.
+fn desired_vs_to(header: &str, tags: &[(&str, &str)], normal: bool) -> Value {
     let to = |s: &str| json!([{"destination": {"host": "checkout", "subset": s}}]);
     let mut http = Vec::new();
     for (tag, name) in tags {
         http.push(json!({"name": name, "match": [{"headers": {header: {"exact": tag}}}], "route": to(name)}));
     }
-    http.push(json!({"name": "normal", "route": to("normal")}));
+    if normal {
+        http.push(json!({"name": "normal", "route": to("normal")}));
+    } else {
+        http.push(json!({"route": [{"destination": {"host": "checkout"}}]}));
+    }
     json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
         "metadata": {"name": "checkout", "namespace": "shop",
@@ -717,6 +807,45 @@ async fn a_new_canary_gets_its_subset_then_its_route_and_steady_state_writes_not
 }
 
 #[tokio::test(start_paused = true)]
+async fn namespaces_services_and_pods_are_read_as_metadata_only() {
+    let api = cluster(true);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    // Routed from metadata alone: the model answered PartialObjectMetadata.
+    assert_eq!(
+        api.get(VS).unwrap()["spec"],
+        desired_vs("x-canary-tag", &[("feature-login", "feature-login")])["spec"]
+    );
+    let seen = api.seen();
+    for collection in METADATA_ONLY {
+        let reads: Vec<(bool, &str)> = seen
+            .iter()
+            .filter(|c| c.method == Method::GET && c.path == collection)
+            .map(|c| (c.query.contains_key("watch"), c.accept.as_str()))
+            .collect();
+        assert!(
+            reads.contains(&(false, METADATA_LIST_ACCEPT)),
+            "{collection}: {reads:?}"
+        );
+        assert!(
+            reads.contains(&(true, METADATA_ACCEPT)),
+            "{collection}: {reads:?}"
+        );
+    }
+    // EndpointSlices are read whole: readiness and pods are in the body.
+    assert!(
+        seen.iter()
+            .filter(|c| c.path == "/apis/discovery.k8s.io/v1/endpointslices")
+            .all(|c| !c.accept.contains("PartialObjectMetadata"))
+    );
+    // Later changes come through the metadata watch too.
+    api.put(SLICE, slice(false));
+    r.until("the route removal", |a| a.writes().len() == 3)
+        .await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset() {
     let api = cluster(true);
     let r = start(&api);
@@ -751,6 +880,110 @@ async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset
     assert_eq!(r.metrics.changes("subset-removed"), 1);
     r.until("events", |a| a.events().len() == 2).await;
     assert_eq!(api.events()[1].0, "RouteRemoved");
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
+    // The normal pod predates the opt-in: ready, but not labelled stage=normal.
+    let api = cluster(true);
+    let normal_pod = "/api/v1/namespaces/shop/pods/checkout-7c6d-a1";
+    api.put(
+        normal_pod,
+        pod("checkout-7c6d-a1", json!({"app": "checkout"})),
+    );
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let writes = api.writes();
+    assert_eq!(
+        api.write_lines(),
+        [
+            format!("POST {DR_COLLECTION}"),
+            format!("POST {VS_COLLECTION}")
+        ]
+    );
+    // The subset normal is there (nothing routes to it); header-less
+    // requests go to every ready endpoint, as before the VirtualService.
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(writes[0].body, desired_dr(&login));
+    assert_eq!(writes[1].body, desired_vs_to("x-canary-tag", &login, false));
+    r.until("the events", |a| a.events().len() == 2).await;
+    assert_eq!(
+        api.events()[1],
+        (
+            "RouteNoNormalPod".to_owned(),
+            "Warning".to_owned(),
+            "checkout".to_owned()
+        )
+    );
+    assert_eq!(r.metrics.services("without-normal"), 1);
+    assert_eq!(r.metrics.services("routed"), 0);
+
+    // The backfill labels it: the subset exists already, so one write, the
+    // default route to normal.
+    api.put(
+        normal_pod,
+        pod(
+            "checkout-7c6d-a1",
+            json!({"app": "checkout", "stage": "normal"}),
+        ),
+    );
+    r.until("the route to normal", |a| a.writes().len() == 3)
+        .await;
+    assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
+    assert_eq!(
+        without_version(api.writes()[2].body.clone()),
+        desired_vs("x-canary-tag", &login)
+    );
+    assert_eq!(r.metrics.services("without-normal"), 0);
+    assert_eq!(r.metrics.services("routed"), 1);
+
+    // The normal pods stop being ready: back to the whole Service at once.
+    api.put(SLICE, slice_of(false, true));
+    r.until("the route to the Service", |a| a.writes().len() == 4)
+        .await;
+    assert_eq!(api.write_lines()[3], format!("PATCH {VS}"));
+    assert_eq!(
+        without_version(api.writes()[3].body.clone()),
+        desired_vs_to("x-canary-tag", &login, false)
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4, "{:#?}", api.write_lines());
+    assert_eq!(
+        api.get(DR).unwrap()["spec"],
+        desired_dr(&login)["spec"],
+        "the normal subset stays"
+    );
+    assert_eq!(r.metrics.services("without-normal"), 1);
+    // The second RouteNoNormalPod is the first one counted again (the
+    // recorder patches a repeated Event).
+    r.until("the events", |a| {
+        a.seen()
+            .iter()
+            .any(|c| c.method == Method::PATCH && c.path.starts_with(EVENTS))
+    })
+    .await;
+    let reasons: Vec<String> = api.events().into_iter().map(|e| e.0).collect();
+    assert_eq!(reasons, ["RouteAdded", "RouteNoNormalPod", "RouteToNormal"]);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_with_gray_pods_only_sends_requests_without_the_header_to_them() {
+    let api = cluster(true);
+    api.delete("/api/v1/namespaces/shop/pods/checkout-7c6d-a1");
+    let mut gray_only = slice(true);
+    gray_only["endpoints"].as_array_mut().unwrap().remove(0);
+    api.put(SLICE, gray_only);
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(
+        without_version(api.get(VS).unwrap())["spec"],
+        desired_vs_to("x-canary-tag", &login, false)["spec"]
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 2, "steady: {:#?}", api.write_lines());
     r.stop().await;
 }
 
@@ -980,6 +1213,98 @@ async fn an_invalid_header_annotation_is_reported_and_nothing_is_written() {
         desired_vs("x-version", &[("feature-login", "feature-login")])["spec"]
     );
     r.stop().await;
+}
+
+/// `object` as written at `networking.istio.io/<version>`.
+fn at_version(mut object: Value, version: &str) -> Value {
+    object["apiVersion"] = json!(format!("networking.istio.io/{version}"));
+    object
+}
+
+/// Routes on a cluster that serves `versions` of `networking.istio.io`:
+/// every read and write of DestinationRules and VirtualServices goes to
+/// `expected`'s paths, and the objects carry its apiVersion.
+async fn routes_at_the_served_version(versions: &[&'static str], expected: &str) {
+    let api = cluster(false);
+    api.with_istio_versions(versions);
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let base = format!("/apis/networking.istio.io/{expected}/namespaces/shop");
+    assert_eq!(
+        api.write_lines(),
+        [
+            format!("POST {base}/destinationrules"),
+            format!("POST {base}/virtualservices")
+        ]
+    );
+    let writes = api.writes();
+    assert_eq!(writes[0].body, at_version(desired_dr(&[]), expected));
+    assert_eq!(
+        writes[1].body,
+        at_version(desired_vs("x-canary-tag", &[]), expected)
+    );
+    // Listed and watched at that version, and no other version asked for
+    // (discovery of the group aside).
+    let seen = api.seen();
+    for resource in ["destinationrules", "virtualservices"] {
+        let path = format!("/apis/networking.istio.io/{expected}/{resource}");
+        assert!(
+            seen.iter()
+                .any(|c| c.path == path && c.query.contains_key("watch")),
+            "no watch of {path}"
+        );
+    }
+    let prefix = format!("/apis/networking.istio.io/{expected}");
+    for c in &seen {
+        if let Some(rest) = c.path.strip_prefix("/apis/networking.istio.io/") {
+            assert!(
+                c.path.starts_with(&prefix),
+                "{} {} at a version not served ({rest})",
+                c.method,
+                c.path
+            );
+        }
+    }
+    // A change: the subset, then the route, applied at that version.
+    api.put(SLICE, slice(true));
+    r.until("the route", |a| a.writes().len() == 4).await;
+    assert_eq!(
+        api.write_lines()[2..],
+        [
+            format!("PATCH {base}/destinationrules/checkout"),
+            format!("PATCH {base}/virtualservices/checkout")
+        ]
+    );
+    let login = [("feature-login", "feature-login")];
+    assert_eq!(
+        without_version(api.writes()[3].body.clone()),
+        at_version(desired_vs("x-canary-tag", &login), expected)
+    );
+    assert_eq!(
+        api.get(&format!("{base}/destinationrules/checkout"))
+            .unwrap()["apiVersion"],
+        format!("networking.istio.io/{expected}")
+    );
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 4, "steady: {:#?}", api.write_lines());
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn istio_1_5_to_1_21_gets_v1beta1_objects() {
+    // Those releases serve v1beta1 and v1alpha3, not v1.
+    routes_at_the_served_version(&["v1beta1", "v1alpha3"], "v1beta1").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_serving_only_v1alpha3_gets_v1alpha3_objects() {
+    routes_at_the_served_version(&["v1alpha3"], "v1alpha3").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_best_version_served_is_used() {
+    // v1 is preferred even when the group lists it last.
+    routes_at_the_served_version(&["v1alpha3", "v1beta1", "v1"], "v1").await;
 }
 
 #[tokio::test(start_paused = true)]
