@@ -383,6 +383,17 @@ async fn probes_are_answered_while_the_cap_is_reached() {
         .expect("a freed slot serves reviews again");
 }
 
+/// Polls the body bytes the server holds until `done` says so; panics with
+/// `what` after [`BOUND`].
+async fn in_flight_until(server: &TestServer, done: impl Fn(usize) -> bool, what: &str) {
+    let reached = async {
+        while !done(server.state.body_bytes_in_flight()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(BOUND, reached).await.expect(what);
+}
+
 /// Writes the head and part of a body over HTTP/1.1, then stalls.
 async fn stalled_upload(
     server: &TestServer,
@@ -418,14 +429,12 @@ async fn stalled_bodies_past_the_budget_get_a_fast_503() {
         stalled.push(stalled_upload(&server, &declared(400 * KIB), &[b' '; KIB]).await);
     }
     // Poll until the server has reserved both.
-    let reserved = async {
-        while server.state.body_bytes_in_flight() < 800 * KIB {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(BOUND, reserved)
-        .await
-        .expect("both uploads reserved their declared length");
+    in_flight_until(
+        &server,
+        |held| held >= 800 * KIB,
+        "both uploads reserved their declared length",
+    )
+    .await;
 
     // A third declared upload does not fit: refused before its body, long
     // before its 30 s deadline.
@@ -455,14 +464,12 @@ async fn stalled_bodies_past_the_budget_get_a_fast_503() {
     // Closing the stalled uploads returns their share of the budget.
     drop(stalled);
     drop((third, chunked));
-    let released = async {
-        while server.state.body_bytes_in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(BOUND, released)
-        .await
-        .expect("budget released when the uploads go away");
+    in_flight_until(
+        &server,
+        |held| held == 0,
+        "budget released when the uploads go away",
+    )
+    .await;
     let text = String::from_utf8(metrics::encode(&server.registry)).unwrap();
     assert!(
         text.contains(r#"canary_injector_errors_total{reason="body-budget"} 2"#),
@@ -515,14 +522,12 @@ async fn stalled_http2_streams_past_the_budget_get_a_fast_503() {
         (tx, answer)
     };
     let stalled = [open(400 * KIB), open(400 * KIB)];
-    let reserved = async {
-        while server.state.body_bytes_in_flight() < 800 * KIB {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(BOUND, reserved)
-        .await
-        .expect("both streams reserved their declared length");
+    in_flight_until(
+        &server,
+        |held| held >= 800 * KIB,
+        "both streams reserved their declared length",
+    )
+    .await;
 
     let (_third_tx, third) = open(400 * KIB);
     let resp = tokio::time::timeout(BOUND, third)
@@ -548,14 +553,12 @@ async fn stalled_http2_streams_past_the_budget_get_a_fast_503() {
 
     // Ending the stalled streams returns their share.
     drop(stalled);
-    let released = async {
-        while server.state.body_bytes_in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(BOUND, released)
-        .await
-        .expect("budget released when the streams end");
+    in_flight_until(
+        &server,
+        |held| held == 0,
+        "budget released when the streams end",
+    )
+    .await;
 }
 
 /// The metrics listener on an ephemeral port with `limits`.
