@@ -18,7 +18,7 @@
 //!  a pass over one namespace:
 //!    list Pods, metadata only, pages of 500, opted-out ones filtered by the
 //!      apiserver (labelSelector <optOutLabel>!=false)
-//!    list ReplicaSets, pages of 100 (an owned one's intent is in its template)
+//!    list ReplicaSets, pages of 100 (a ReplicaSet's intent is in its template)
 //!    per object: plan --> JSON Patch [test resourceVersion, add labels...]
 //!      paced (backfill.patchesPerSecond, shared by all namespaces);
 //!      422 (changed since read) --> read again, decide again (3 tries)

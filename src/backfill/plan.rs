@@ -15,7 +15,10 @@
 //! ReplicaSets forever; a standalone one's only matters to pods created
 //! later, which admission labels), never the bootstrap mount (a running
 //! pod's volumes cannot change; [`LabelPatch::restart_for_bootstrap`] only
-//! reports it).
+//! reports it). So a ReplicaSet's meaning comes from its pod template,
+//! owned or standalone ([`Mode::Backfill`]): its running pods were created
+//! from that template, and a tag on the ReplicaSet's own metadata alone
+//! would make it gray while they are normal.
 
 use std::collections::BTreeMap;
 
@@ -78,7 +81,7 @@ pub fn plan(
         operation: Operation::Create,
         namespace,
         sub_resource: "",
-        mode: Mode::Admission,
+        mode: Mode::Backfill,
     };
     let decision = match mutate::decide(&subject, object, policy, &ClusterView::OFFLINE) {
         Ok(d) => d,
@@ -291,24 +294,80 @@ mod tests {
                 {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
             ])
         );
-        // A standalone one: its template is left alone too.
+    }
+
+    /// A standalone ReplicaSet tagged on its own metadata only: its running
+    /// pods came from its template, which has no tag (the backfill labels
+    /// them `stage=normal`), and the backfill cannot change the template.
+    /// So the ReplicaSet is labelled as its pods are, never gray.
+    #[test]
+    fn a_standalone_replicaset_follows_its_template_as_its_pods_do() {
+        let s = Sections::new();
         let standalone = view(
             json!({"metadata": {"name": "web-gray", "labels": {"app": "web"},
                 "annotations": {"canary-injector.io/tag": "v9"}},
             "spec": {"template": {"metadata": {"labels": {"app": "web"}}}}}),
         );
+        let rs = plan(Kind::ReplicaSet, "shop", &standalone, "5", s.policy(), true);
+        assert_eq!(
+            patch_of(&rs),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+            ])
+        );
+        // One of its pods, created from that template (no tag): the same.
+        let its_pod = view(
+            json!({"metadata": {"name": "web-gray-x1", "labels": {"app": "web"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": "web-gray", "uid": "r", "controller": true}]}}),
+        );
+        let pod = plan(Kind::Pod, "shop", &its_pod, "6", s.policy(), true);
+        let (Plan::Label(rs), Plan::Label(pod)) = (rs, pod) else {
+            unreachable!()
+        };
+        assert_eq!(rs.added, pod.added, "the ReplicaSet and its pods agree");
+
+        // Tagged in its template (what its pods carry): gray, from there.
+        let tagged = view(
+            json!({"metadata": {"name": "web-gray", "labels": {"app": "web"}},
+            "spec": {"template": {"metadata": {"labels": {"app": "web"},
+                "annotations": {"canary-injector.io/tag": "feature/v9"}}}}}),
+        );
         assert_eq!(
             patch_of(&plan(
                 Kind::ReplicaSet,
                 "shop",
-                &standalone,
-                "5",
+                &tagged,
+                "7",
                 s.policy(),
                 true
             )),
             json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
-                {"op": "add", "path": "/metadata/labels/canarytag", "value": "v9"},
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "feature-v9"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
+            ])
+        );
+        // Labels already in its template speak for it too.
+        let labelled = view(
+            json!({"metadata": {"name": "web-gray", "labels": {"app": "web"},
+                "annotations": {"canary-injector.io/tag": "v9"}},
+            "spec": {"template": {"metadata": {"labels": {"app": "web", "stage": "gray",
+                "canarytag": "v8"}}}}}),
+        );
+        assert_eq!(
+            patch_of(&plan(
+                Kind::ReplicaSet,
+                "shop",
+                &labelled,
+                "8",
+                s.policy(),
+                true
+            )),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "8"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "v8"},
                 {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
             ])
         );

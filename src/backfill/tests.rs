@@ -361,6 +361,49 @@ async fn a_touch_between_read_and_patch_is_kept_and_the_labels_still_land() {
     server.await.unwrap();
 }
 
+/// A ReplicaSet without an owner (what a release platform creates per
+/// version), tagged on its own metadata only, and a pod it created from its
+/// template (which has no tag): after a pass both are `stage=normal`, so
+/// the ReplicaSet and its pods never split.
+#[tokio::test]
+async fn a_standalone_replicaset_tagged_on_its_metadata_only_agrees_with_its_pods() {
+    let rs_path = format!("{REPLICASETS}/web-v9");
+    let pod_path = format!("{PODS}/web-v9-x1");
+    let mut rs = replicaset("web-v9", json!({"app": "web", "release": "v9"}));
+    rs["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v9"});
+    rs["spec"]["template"]["metadata"]["labels"] = json!({"app": "web", "release": "v9"});
+    let mut its_pod = pod(
+        "web-v9-x1",
+        json!({"app": "web", "release": "v9"}),
+        json!({}),
+    );
+    its_pod["metadata"]["ownerReferences"][0]["name"] = json!("web-v9");
+    let fake = FakeApiServer::with(&[(rs_path.as_str(), rs), (pod_path.as_str(), its_pod)]);
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    let normal = json!({"app": "web", "release": "v9", "stage": "normal"});
+    assert_eq!(labels(&fake, &pod_path), normal);
+    assert_eq!(
+        labels(&fake, &rs_path),
+        normal,
+        "never gray while its pods are normal"
+    );
+    assert_eq!(
+        fake.get(&rs_path).unwrap()["spec"]["template"]["metadata"]["labels"],
+        json!({"app": "web", "release": "v9"}),
+        "its template untouched"
+    );
+    drop(h);
+    server.await.unwrap();
+}
+
 #[tokio::test]
 async fn opted_out_mirror_and_labelled_pods_are_left_alone() {
     let objects = [
