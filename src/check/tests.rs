@@ -85,6 +85,7 @@ fn sound(t: &Tls) -> Snapshot {
         bootstrap_source: Some(template()),
         namespaces: vec![NamespaceView {
             name: "shop".into(),
+            labels: opt_in(),
             pods: vec![
                 pod(
                     "checkout-7d9f-a",
@@ -249,7 +250,7 @@ fn a_pod_without_stage_is_an_error() {
 }
 
 #[test]
-fn opted_out_mirror_and_excluded_pods_are_not_findings() {
+fn opted_out_and_mirror_pods_are_not_findings() {
     let t = tls(365);
     let mut s = sound(&t);
     shop(&mut s).pods.push(pod(
@@ -265,11 +266,95 @@ fn opted_out_mirror_and_excluded_pods_are_not_findings() {
         None,
     ));
     assert!(report(&s).findings.is_empty());
+}
+
+/// `check -n other` on a namespace that never opted in: one finding that
+/// says so and how to opt in, not a `pod-without-stage` for every pod.
+#[test]
+fn a_namespace_that_has_not_opted_in_is_one_finding_not_its_pods() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    let mut other = s.namespaces[0].clone();
+    other.name = "other".into();
+    other.labels = BTreeMap::from([("team".into(), "shop".into())]);
+    other.pods = vec![
+        pod("web-1", json!({"app": "web"}), json!({}), None),
+        pod("web-2", json!({"app": "web"}), json!({}), None),
+    ];
+    s.namespaces = vec![other];
+    let r = report(&s);
+    assert_eq!(
+        r.findings,
+        [Finding {
+            severity: Severity::Error,
+            code: "namespace-not-opted-in",
+            place: "other".into(),
+            message: "namespace other has not opted in (no canary-injection=enabled): the \
+                      webhook labels none of its pods and no controller acts on it, so it was \
+                      not checked"
+                .into(),
+            fix: "kubectl label namespace other canary-injection=enabled".into(),
+        }]
+    );
+    assert_eq!((r.namespaces, r.pods), (1, 0), "its pods were not checked");
+    // The fix uses the configured selector.
+    let mut cfg = Config::default();
+    cfg.namespaces.opt_in =
+        BTreeMap::from([("mesh".into(), "on".into()), ("team".into(), "shop".into())]);
+    let f = &check(&s, cfg.policy()).findings[0];
+    assert_eq!(f.fix, "kubectl label namespace other mesh=on team=shop");
+    assert!(
+        f.message.contains("(no mesh=on,team=shop)"),
+        "{}",
+        f.message
+    );
+}
+
+/// An excluded namespace is one finding too: labelled to opt in (the
+/// apiserver then calls the webhook for its pods for nothing, and a webhook
+/// outage blocks them), or named with `-n`.
+#[test]
+fn an_excluded_namespace_is_one_finding_not_its_pods() {
+    let t = tls(365);
+    let mut s = sound(&t);
     let mut system = s.namespaces[0].clone();
     system.name = "kube-system".into();
     system.pods = vec![pod("coredns", json!({}), json!({}), None)];
     s.namespaces.push(system);
-    assert!(report(&s).findings.is_empty());
+    let r = report(&s);
+    assert_eq!(codes(&r), ["namespace-excluded"], "{:#?}", r.findings);
+    let f = &r.findings[0];
+    assert_eq!(
+        (f.severity, f.place.as_str()),
+        (Severity::Warning, "kube-system")
+    );
+    assert_eq!(
+        f.message,
+        "namespace kube-system is labelled canary-injection=enabled but canary-injector never \
+         acts on it (namespaces.excluded): its pods get no labels, yet the apiserver still calls \
+         the webhook for them, and with failurePolicy Fail their creation stops while the \
+         webhook is down"
+    );
+    assert_eq!(
+        f.fix,
+        "kubectl label namespace kube-system canary-injection-"
+    );
+    assert_eq!(r.pods, 2, "only shop's pods");
+    // `check -n canary-injector` (its own, not labelled).
+    let mut cfg = Config::default();
+    cfg.namespaces.own = Some("canary-injector".into());
+    let own = NamespaceView {
+        name: "canary-injector".into(),
+        ..NamespaceView::default()
+    };
+    s.namespaces = vec![own];
+    let f = &check(&s, cfg.policy()).findings[0];
+    assert_eq!(f.code, "namespace-excluded");
+    assert_eq!(
+        f.message,
+        "canary-injector never acts on namespace canary-injector (the webhook's own namespace): \
+         its pods are not labelled, so it was not checked"
+    );
 }
 
 #[test]
@@ -519,6 +604,50 @@ async fn the_adapter_reads_the_cluster_and_writes_nothing() {
     assert_eq!(
         ns_list.query.get("labelSelector").map(String::as_str),
         Some("canary-injection=enabled")
+    );
+}
+
+#[tokio::test]
+async fn check_n_on_a_namespace_that_has_not_opted_in_reads_nothing_there() {
+    let t = tls(365);
+    let api = recorded(&t);
+    let (client, served) = api.client();
+    let target = cluster::Target {
+        only_namespace: Some("other".into()),
+        ..cluster::Target::default()
+    };
+    let report = cluster::run(client, &target, t.not_after - 100 * DAY)
+        .await
+        .unwrap();
+    served.await.unwrap();
+    assert_eq!(
+        codes(&report),
+        ["namespace-not-opted-in"],
+        "{:#?}",
+        report.findings
+    );
+    assert_eq!(
+        report.findings[0].fix,
+        "kubectl label namespace other canary-injection=enabled"
+    );
+    assert!(!report.is_sound());
+    let calls = api.calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| !c.path.starts_with("/api/v1/namespaces/other/")),
+        "nothing read in it: {calls:#?}"
+    );
+    // A namespace that does not exist is a usage error, not a report.
+    let (client, _served) = api.client();
+    let target = cluster::Target {
+        only_namespace: Some("nope".into()),
+        ..cluster::Target::default()
+    };
+    let err = cluster::run(client, &target, 0).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot read Namespace nope:"),
+        "{err}"
     );
 }
 
