@@ -670,6 +670,117 @@ async fn an_api_failure_names_what_could_not_be_read() {
     );
 }
 
+// === against recorded cluster states (tests/fixtures/check/cluster/) ===
+
+/// Where the apiserver serves `object` (a recorded item: an object, or a
+/// discovery document).
+fn api_path(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap();
+    match kind {
+        "APIGroup" => return format!("/apis/{}", object["name"].as_str().unwrap()),
+        "APIResourceList" => {
+            return format!("/apis/{}", object["groupVersion"].as_str().unwrap());
+        }
+        _ => {}
+    }
+    let api = match object["apiVersion"].as_str().unwrap() {
+        "v1" => "/api/v1".to_owned(),
+        group_version => format!("/apis/{group_version}"),
+    };
+    let plural = format!("{}s", kind.to_lowercase());
+    let name = object["metadata"]["name"].as_str().unwrap();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{api}/namespaces/{ns}/{plural}/{name}"),
+        None => format!("{api}/{plural}/{name}"),
+    }
+}
+
+/// The webhook installed and healthy (a CA and a serving certificate valid
+/// until 2126), Istio's and EndpointSlices' APIs served.
+const INSTALL: &str = include_str!("../../tests/fixtures/check/cluster/install.json");
+/// `shop` sound: a normal and a gray pod agreeing with their ReplicaSets,
+/// ready, routed by a hand-written DestinationRule and VirtualService.
+const SOUND: &str = include_str!("../../tests/fixtures/check/cluster/sound.json");
+/// `shop`: a pod from before the webhook, a release split by a tag on a
+/// Deployment's own metadata; `pay`: a routed canary subset whose only pod
+/// is not ready.
+const FINDINGS: &str = include_str!("../../tests/fixtures/check/cluster/findings.json");
+/// What `check -o json` prints for [`FINDINGS`].
+const FINDINGS_OUT: &str = include_str!("../../tests/fixtures/check/cluster/findings.out.json");
+
+/// A recorded state (`kind: List` files, as `kubectl get -o json` writes
+/// them) in the stateful fake apiserver.
+fn state(lists: &[&str]) -> crate::testing::FakeApiServer {
+    let objects: Vec<(String, Value)> = lists
+        .iter()
+        .flat_map(|text| {
+            let list: Value = serde_json::from_str(text).unwrap();
+            list["items"].as_array().unwrap().clone()
+        })
+        .map(|item| (api_path(&item), item))
+        .collect();
+    let refs: Vec<(&str, Value)> = objects
+        .iter()
+        .map(|(path, o)| (path.as_str(), o.clone()))
+        .collect();
+    crate::testing::FakeApiServer::with(&refs)
+}
+
+/// 2030-01-01: well inside the recorded certificate's validity.
+const RECORDED_NOW: i64 = 1_893_456_000;
+
+async fn check_recorded(lists: &[&str], target: &cluster::Target) -> Report {
+    let api = state(lists);
+    let (client, served) = api.client();
+    let report = cluster::run(client, target, RECORDED_NOW).await.unwrap();
+    served.await.unwrap();
+    assert!(
+        api.calls().iter().all(|c| !c.is_write()),
+        "check only reads"
+    );
+    report
+}
+
+#[tokio::test]
+async fn a_recorded_namespace_with_unlabelled_pods_a_split_release_and_an_unready_subset() {
+    let report = check_recorded(&[INSTALL, FINDINGS], &cluster::Target::default()).await;
+    let expected: Value = serde_json::from_str(FINDINGS_OUT).unwrap();
+    assert_eq!(report.to_json(), expected, "{:#}", report.to_json());
+    assert!(!report.is_sound(), "exit code 1");
+}
+
+#[tokio::test]
+async fn a_recorded_sound_namespace_has_no_findings() {
+    let report = check_recorded(&[INSTALL, SOUND], &cluster::Target::default()).await;
+    assert_eq!(
+        report.to_json(),
+        json!({"sound": true, "checked": {"namespaces": 1, "pods": 2}, "findings": []})
+    );
+    assert!(report.is_sound(), "exit code 0");
+    // The namespace that has not opted in, named with -n.
+    let target = cluster::Target {
+        only_namespace: Some("other".into()),
+        ..cluster::Target::default()
+    };
+    let report = check_recorded(&[INSTALL, SOUND], &target).await;
+    assert_eq!(codes(&report), ["namespace-not-opted-in"]);
+}
+
+#[tokio::test]
+async fn a_recorded_cluster_whose_api_fails_is_an_error_not_a_report() {
+    let api = state(&[INSTALL, SOUND]);
+    api.outage(Some(503));
+    let (client, _served) = api.client();
+    let err = cluster::run(client, &cluster::Target::default(), RECORDED_NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot read ConfigMap canary-injector/canary-injector-config:"),
+        "{err}"
+    );
+}
+
 #[test]
 fn every_code_is_documented_in_the_readme() {
     let readme = include_str!("../../README.md");
