@@ -498,6 +498,45 @@ fn the_json_output_has_every_field() {
     assert_eq!(out["findings"][0]["severity"], "error");
 }
 
+/// The README's description of `-o json` names the keys the code prints,
+/// against a cluster (`pods`) and with `-f` (`workloads`).
+#[test]
+fn the_readme_describes_the_json_both_modes_print() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## Is canary routing sound here?")
+        .nth(1)
+        .expect("README has the check section");
+    let section = section.split("\n## ").next().unwrap().replace('\n', " ");
+    let t = tls(365);
+    let cluster = report(&sound(&t)).to_json();
+    let manifests = manifests::check_documents(
+        include_str!("../../tests/fixtures/check/sound.yaml"),
+        "sound.yaml",
+        &Config::default(),
+    )
+    .unwrap()
+    .to_json();
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .map(|k| format!("\"{k}\""))
+            .collect()
+    };
+    for out in [&cluster, &manifests] {
+        let checked = format!("\"checked\": {{{}}}", keys(&out["checked"]).join(", "));
+        assert!(section.contains(&checked), "README lacks {checked}");
+        assert_eq!(keys(out), ["\"sound\"", "\"checked\"", "\"findings\""]);
+    }
+    assert_eq!(keys(&manifests["checked"])[1], "\"workloads\"");
+    let finding = keys(&two_findings().to_json()["findings"][0]).join(", ");
+    assert!(
+        section.contains(&format!("[{{{finding}}}]")),
+        "README lacks {finding}"
+    );
+}
+
 // === against a recorded cluster ===
 
 fn b64(s: &str) -> String {
