@@ -22,7 +22,9 @@
 //!    per object: plan --> JSON Patch [test resourceVersion, add labels...]
 //!      an Istio pod to label: read whole once (its proxy image, mounts, env)
 //!      paced (backfill.patchesPerSecond, shared by all namespaces);
-//!      422 (changed since read) --> read again, decide again (3 tries)
+//!      422, the test failed (changed since read) --> read again, decide
+//!        again (3 tries); any other 422 (the labels refused) --> counted
+//!        as invalid, the object left as it is, the pass goes on
 //!    one Event per owner of what was labelled; one log line per namespace
 //! ```
 //!
@@ -223,9 +225,16 @@ pub enum BackfillError {
 impl BackfillError {
     /// Every `reason` label value, exported at 0 from the start:
     /// `conflict` counts objects that kept changing and were left for the
-    /// next pass.
-    pub const REASONS: [&'static str; 5] =
-        ["list", "read", "patch", "missing-object-key", CONFLICT];
+    /// next pass, `invalid` objects whose labels the apiserver refused for
+    /// another reason than a change (a validation error: not retried).
+    pub const REASONS: [&'static str; 6] = [
+        "list",
+        "read",
+        "patch",
+        "missing-object-key",
+        CONFLICT,
+        INVALID,
+    ];
 
     fn reason(&self) -> &'static str {
         match self {
@@ -238,6 +247,12 @@ impl BackfillError {
 }
 
 const CONFLICT: &str = "conflict";
+const INVALID: &str = "invalid";
+
+/// The message of the 422 the apiserver answers when a JSON Patch cannot
+/// be applied (`NewGenericServerResponse`): for our patches, its `test` of
+/// the `resourceVersion` failed.
+const PATCH_NOT_APPLIED: &str = "the server rejected our request due to an error in our request";
 
 // === Pacer ===
 
@@ -437,6 +452,41 @@ impl Objects {
 
 fn is_status(error: &kube::Error, codes: &[u16]) -> bool {
     matches!(error, kube::Error::Api(s) if codes.contains(&s.code))
+}
+
+/// True for the 422 of a JSON Patch whose `test` failed: the object changed
+/// since it was read. The apiserver answers it with the generic
+/// [`PATCH_NOT_APPLIED`] message (and, in some versions, the patch
+/// library's `testing value /metadata/resourceVersion failed` as a
+/// cause). A validation error is a 422 too (`Pod "x" is invalid: ...`,
+/// its causes naming the fields): that is no conflict, and reading the
+/// object again would not change the answer.
+fn is_failed_test(error: &kube::Error) -> bool {
+    let kube::Error::Api(s) = error else {
+        return false;
+    };
+    if s.code != 422 {
+        return false;
+    }
+    let causes = s.details.as_ref().map_or(&[][..], |d| d.causes.as_slice());
+    if causes.iter().any(|c| !c.field.is_empty()) {
+        return false;
+    }
+    let mentions_test = |text: &str| {
+        let text = text.to_ascii_lowercase();
+        text.contains("test failed") || (text.contains("testing value") && text.contains("failed"))
+    };
+    s.message.starts_with(PATCH_NOT_APPLIED)
+        || mentions_test(&s.message)
+        || causes.iter().any(|c| mentions_test(&c.message))
+}
+
+/// The apiserver's message in an API error, else the error.
+fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 // === A pass over one namespace ===
@@ -659,7 +709,7 @@ async fn label_one(
             Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
             // The test of the resourceVersion failed: it changed since it
             // was read. Read it again and decide again; never overwrite.
-            Err(e) if is_status(&e, &[409, 422]) => {
+            Err(e) if is_status(&e, &[409]) || is_failed_test(&e) => {
                 debug!(namespace, kind = kind.name(), name = %read.name,
                        "changed since it was read; reading it again");
                 let again = if whole {
@@ -667,12 +717,23 @@ async fn label_one(
                 } else {
                     objects.read(&read.name).await
                 };
-                match again {
-                    Ok(Some(fresh)) => read = fresh,
+                let fresh = match again {
+                    Ok(Some(fresh)) => fresh,
                     Ok(None) => return Ok(Done::Next),
                     Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
                     Err(e) => return Err(BackfillError::Read(e)),
+                };
+                // Unchanged after all: not the test that failed, but the
+                // patch itself. Asking again would get the same answer.
+                if is_status(&e, &[422]) && fresh.resource_version == read.resource_version {
+                    return Ok(refused(ctx, namespace, kind, &read.name, &e));
                 }
+                read = fresh;
+            }
+            // Any other 422: the apiserver refuses these labels (validation,
+            // a policy). Not a conflict; not retried.
+            Err(e) if is_status(&e, &[422]) => {
+                return Ok(refused(ctx, namespace, kind, &read.name, &e));
             }
             Err(e) => return Err(BackfillError::Patch(e)),
         }
@@ -681,6 +742,15 @@ async fn label_one(
     warn!(namespace, kind = kind.name(), name = %read.name,
           "object keeps changing; left for the next pass");
     Ok(Done::Next)
+}
+
+/// Counts and reports labels the apiserver refused (a 422 that is not a
+/// failed test); the pass goes on with the next object.
+fn refused(ctx: &Context, namespace: &str, kind: Kind, name: &str, error: &kube::Error) -> Done {
+    ctx.counters.error(INVALID);
+    warn!(namespace, kind = kind.name(), name, error = %api_message(error),
+          "the apiserver refused the labels; not retried");
+    Done::Next
 }
 
 /// Every object of one kind in `namespace`, page by page. False when the

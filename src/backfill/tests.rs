@@ -836,3 +836,140 @@ fn status_codes_tell_conflicts_from_failures() {
         &[422]
     ));
 }
+
+/// A `Status` body as the apiserver sends it, read as kube reads it.
+fn api_error(body: Value) -> kube::Error {
+    kube::Error::Api(
+        serde_json::from_value::<kube::core::Status>(body)
+            .unwrap()
+            .boxed(),
+    )
+}
+
+/// The 422 of a JSON Patch whose `test` failed, as the apiserver answers
+/// it (`NewGenericServerResponse`: a generic message, no causes).
+fn failed_test() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "the server rejected our request due to an error in our request",
+           "reason": "Invalid", "details": {}, "code": 422})
+}
+
+/// A validation error (`NewInvalid`): the object and the fields named.
+fn validation_error(name: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("Pod \"{name}\" is invalid: metadata.labels: Invalid value: \
+                               \"gray\": must be no more than 63 characters"),
+           "reason": "Invalid",
+           "details": {"name": name, "kind": "Pod", "causes": [{
+               "reason": "FieldValueInvalid",
+               "message": "Invalid value: \"gray\": must be no more than 63 characters",
+               "field": "metadata.labels"}]},
+           "code": 422})
+}
+
+#[test]
+fn a_failed_test_is_told_from_a_validation_error() {
+    assert!(is_failed_test(&api_error(failed_test())));
+    // Versions that pass the patch library's error on as a cause.
+    let mut with_cause = failed_test();
+    with_cause["details"] = json!({"causes": [{"reason": "UnexpectedServerResponse",
+        "message": "testing value /metadata/resourceVersion failed: test failed"}]});
+    assert!(is_failed_test(&api_error(with_cause)));
+    let mut in_message = failed_test();
+    in_message["message"] = json!("Testing value /metadata/resourceVersion failed");
+    assert!(is_failed_test(&api_error(in_message)));
+    // Not one.
+    assert!(!is_failed_test(&api_error(validation_error("web-1"))));
+    let mut other = failed_test();
+    other["code"] = json!(500);
+    assert!(!is_failed_test(&api_error(other)));
+    let mut denied = validation_error("web-1");
+    denied["message"] = json!("admission webhook \"policy.example.com\" denied the request");
+    denied["details"] = json!({});
+    assert!(!is_failed_test(&api_error(denied)));
+}
+
+/// A 422 that is not a failed test (the apiserver refuses the labels) is
+/// counted as `invalid` and left: no second read, no retry, and the pass
+/// goes on with the next object.
+#[tokio::test]
+async fn a_validation_error_is_counted_and_not_retried() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let pods = [
+        pod("web-1", json!({"app": "web"}), json!({})),
+        pod("web-2", json!({"app": "web"}), json!({})),
+    ];
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(&pods, None));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    let body = validation_error("web-1");
+    call.respond(http::StatusCode::UNPROCESSABLE_ENTITY, &body);
+    // Straight on to the next pod: web-1 is not read again.
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-2")).await;
+    call.ok(&patched(&pods[1]["metadata"]));
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    assert_eq!(finish(api, pass, h.ctx).await, Action::requeue(RESYNC));
+    assert_eq!(h.counters.errors(INVALID), 1);
+    assert_eq!(h.counters.errors(CONFLICT), 0);
+    assert_eq!(h.counters.applies(), 1);
+}
+
+/// The generic 422 whose object turns out unchanged when read again: the
+/// test did not fail, the patch did; counted as `invalid`, not patched
+/// again (and not three times as a "conflict").
+#[tokio::test]
+async fn a_generic_422_on_an_unchanged_object_is_not_a_conflict() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let unlabelled = pod("web-1", json!({"app": "web"}), json!({}));
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(std::slice::from_ref(&unlabelled), None));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    call.respond(http::StatusCode::UNPROCESSABLE_ENTITY, &failed_test());
+    api.expect(Method::GET, &format!("{PODS}/web-1"))
+        .await
+        .ok(&patched(&unlabelled["metadata"]));
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    finish(api, pass, h.ctx).await;
+    assert_eq!(h.counters.errors(INVALID), 1);
+    assert_eq!(h.counters.errors(CONFLICT), 0);
+}
+
+/// On the stateful apiserver: the refused pod keeps its labels, the others
+/// get theirs, and the metric says why.
+#[tokio::test]
+async fn refused_labels_leave_the_object_as_it_is_and_the_rest_labelled() {
+    let (a, b) = (format!("{PODS}/web-1"), format!("{PODS}/web-2"));
+    let fake = FakeApiServer::with(&[
+        (a.as_str(), pod("web-1", json!({"app": "web"}), json!({}))),
+        (b.as_str(), pod("web-2", json!({"app": "web"}), json!({}))),
+    ]);
+    fake.hook(Method::PATCH, &a, Hook::Reject(validation_error("web-1")));
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(labels(&fake, &a), json!({"app": "web"}));
+    assert_eq!(labels(&fake, &b), json!({"app": "web", "stage": "normal"}));
+    assert_eq!(patches(&fake).len(), 2, "one patch each, none retried");
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_reconcile_errors_total{controller="backfill",reason="invalid"} 1"#
+    ));
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_reconcile_errors_total{controller="backfill",reason="conflict"} 0"#
+    ));
+    drop(h);
+    server.await.unwrap();
+}
