@@ -37,6 +37,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use supervisor::{Ended, Supervisor, TaskError, TaskExit};
 
+use crate::admission::ConfigMapLookup;
 use crate::backfill::{self, BackfillError, BackfillMetrics, BackfillSettings};
 use crate::cluster::events::{self, EventMetrics, EventSink, Pace};
 use crate::cluster::lease::{self, Elector, LeaseSettings};
@@ -297,11 +298,20 @@ impl App {
                 watch.run(stop_rest.clone()).instrument(info_span!("istio")),
             );
         }
+        // What admission knows of a namespace, from the caches: the review
+        // path and the backfill's keepalive report decide with the same.
+        let cluster_view: Arc<ConfigMapLookup> = {
+            let (lookup, version) = (bootstrap.clone(), versions.clone());
+            Arc::new(move |ns: &str| ClusterView {
+                bootstrap_configmap: lookup.availability(ns),
+                injector_version: version.get(),
+            })
+        };
         if cluster.is_some()
             && let Some(settings) = BackfillSettings::from_config(&cfg)
         {
             writers.backfill = Some(Backfill {
-                settings,
+                settings: settings.with_cluster_view(cluster_view.clone()),
                 counters: controller_metrics
                     .controller(backfill::CONTROLLER, &BackfillError::REASONS),
                 metrics: BackfillMetrics::register(&registry).map_err(AppError::Metrics)?,
@@ -321,12 +331,8 @@ impl App {
             );
         }
 
-        let (lookup, version) = (bootstrap.clone(), versions.clone());
         let mut state = State::new(Arc::new(cfg), metrics.clone(), opts.limits)
-            .with_configmaps(Arc::new(move |ns: &str| ClusterView {
-                bootstrap_configmap: lookup.availability(ns),
-                injector_version: version.get(),
-            }))
+            .with_configmaps(cluster_view)
             .with_events(events);
         state.floor_response = opts.floor_response;
         let state = Arc::new(state);

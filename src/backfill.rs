@@ -18,18 +18,23 @@
 //!  a pass over one namespace:
 //!    list Pods, metadata only, pages of 500, opted-out ones filtered by the
 //!      apiserver (labelSelector <optOutLabel>!=false)
-//!    list ReplicaSets, pages of 100 (an owned one's intent is in its template)
+//!    list ReplicaSets, pages of 100 (a ReplicaSet's intent is in its template)
 //!    per object: plan --> JSON Patch [test resourceVersion, add labels...]
+//!      an Istio pod to label: read whole once (its proxy image, mounts, env)
 //!      paced (backfill.patchesPerSecond, shared by all namespaces);
-//!      422 (changed since read) --> read again, decide again (3 tries)
+//!      422, the test failed (changed since read) --> read again, decide
+//!        again (3 tries); any other 422 (the labels refused) --> counted
+//!        as invalid, the object left as it is, the pass goes on
 //!    one Event per owner of what was labelled; one log line per namespace
 //! ```
 //!
 //! Resumable by construction: the cluster holds the progress. A pass cut
 //! short (leadership lost, an API error, shutdown) is simply run again, and
-//! what was labelled already costs no write. A running pod cannot get the
-//! bootstrap template mount; pods that miss it are counted and named in
-//! the Event (a restart mounts it).
+//! what was labelled already costs no write. A running pod's sidecar
+//! cannot get the keepalive (it is set only at pod creation): what a
+//! restart would give each Istio pod it labels ([`plan::Restart`], decided
+//! by admission's rules for the pod's Istio version) is counted by reason
+//! and in its owner's Event.
 
 pub mod plan;
 
@@ -46,16 +51,17 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ReflectHandle, Store};
 use kube::{Client, ResourceExt};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admission::{ConfigMapLookup, no_cluster};
 use crate::cluster::events::{EventRequest, EventSink};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
-use crate::mutate::{Kind, MetaView, ObjectView, OwnerRef, Policy, TemplateView};
-use plan::{LabelPatch, Plan};
+use crate::mutate::{ClusterView, Kind, MetaView, ObjectView, OwnerRef, Policy, TemplateView};
+use plan::{LabelPatch, Plan, Restart};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "backfill";
@@ -84,35 +90,63 @@ const CONCURRENCY: u16 = 2;
 
 // === BackfillSettings ===
 
-/// What the backfill needs from [`Config`].
-#[derive(Debug, Clone)]
+/// What the backfill needs from [`Config`], and the view of the cluster
+/// admission decides with.
+#[derive(Clone)]
 pub struct BackfillSettings {
     /// At most this many patches per second, over all namespaces.
     pub patches_per_second: u32,
-    /// Report Istio pods that miss the bootstrap template (the fix is on).
-    pub report_bootstrap: bool,
-    /// The configuration decided with, its bootstrap mount turned off: a
-    /// running pod's volumes cannot change.
+    /// The configuration decided with. Only labels are ever written; with
+    /// `bootstrap.enabled` the keepalive decision says what a restart would
+    /// give an Istio pod.
     rules: Config,
+    /// Admission's view of a namespace (bootstrap ConfigMap, detected
+    /// injector version), for the keepalive decision.
+    cluster: Arc<ConfigMapLookup>,
+}
+
+impl std::fmt::Debug for BackfillSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackfillSettings")
+            .field("patches_per_second", &self.patches_per_second)
+            .field("report_restarts", &self.reports_restarts())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BackfillSettings {
     /// The settings for `cfg`; `None` when `backfill.enabled` is false.
+    /// No cluster view until [`BackfillSettings::with_cluster_view`]: the
+    /// injector version is then unknown.
     pub fn from_config(cfg: &Config) -> Option<Self> {
         if !cfg.backfill.enabled {
             return None;
         }
-        let mut rules = cfg.clone();
-        rules.bootstrap.enabled = false;
         Some(Self {
             patches_per_second: cfg.backfill.patches_per_second,
-            report_bootstrap: cfg.bootstrap.enabled,
-            rules,
+            rules: cfg.clone(),
+            cluster: Arc::new(no_cluster),
         })
+    }
+
+    /// Decides with `lookup`, the view admission uses (its caches).
+    pub fn with_cluster_view(mut self, lookup: Arc<ConfigMapLookup>) -> Self {
+        self.cluster = lookup;
+        self
+    }
+
+    /// Whether Istio pods are reported with what a restart would give them
+    /// (`bootstrap.enabled`).
+    pub fn reports_restarts(&self) -> bool {
+        self.rules.bootstrap.enabled
     }
 
     fn policy(&self) -> Policy<'_> {
         self.rules.policy()
+    }
+
+    fn cluster_view(&self, namespace: &str) -> ClusterView {
+        (self.cluster)(namespace)
     }
 
     /// The webhook's `objectSelector`, as a list selector: opted-out
@@ -128,12 +162,13 @@ impl BackfillSettings {
 #[derive(Clone)]
 pub struct BackfillMetrics {
     labelled: IntCounterVec,
-    restart_for_bootstrap: IntCounter,
+    restart_for_bootstrap: IntCounterVec,
 }
 
 impl BackfillMetrics {
     /// Creates and registers `backfill_labelled_total{kind}` and
-    /// `backfill_restart_for_bootstrap_total`.
+    /// `backfill_restart_for_bootstrap_total{reason}` (every reason of
+    /// [`Restart`] exported at 0).
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let labelled = IntCounterVec::new(
             Opts::new(
@@ -146,11 +181,19 @@ impl BackfillMetrics {
         for kind in [Kind::Pod, Kind::ReplicaSet] {
             labelled.with_label_values(&[kind.name()]);
         }
-        let restart_for_bootstrap = IntCounter::new(
-            "backfill_restart_for_bootstrap_total",
-            "Pods the backfill labelled that run an Istio sidecar without the bootstrap \
-             keepalive template (mounted only at pod creation: a restart gives it one).",
+        let restart_for_bootstrap = IntCounterVec::new(
+            Opts::new(
+                "backfill_restart_for_bootstrap_total",
+                "Istio pods the backfill labelled whose sidecar lacks the keepalive a new pod \
+                 gets (set only at pod creation), by reason: template (Istio 1.5-1.7, a \
+                 restart mounts the bootstrap template), agent-keepalive (1.18+, a restart \
+                 sets GRPC_KEEPALIVE_*), istio-version-unknown (cannot tell).",
+            ),
+            &["reason"],
         )?;
+        for reason in Restart::ALL {
+            restart_for_bootstrap.with_label_values(&[reason.as_str()]);
+        }
         registry.register(Box::new(labelled.clone()))?;
         registry.register(Box::new(restart_for_bootstrap.clone()))?;
         Ok(Self {
@@ -182,9 +225,16 @@ pub enum BackfillError {
 impl BackfillError {
     /// Every `reason` label value, exported at 0 from the start:
     /// `conflict` counts objects that kept changing and were left for the
-    /// next pass.
-    pub const REASONS: [&'static str; 5] =
-        ["list", "read", "patch", "missing-object-key", CONFLICT];
+    /// next pass, `invalid` objects whose labels the apiserver refused for
+    /// another reason than a change (a validation error: not retried).
+    pub const REASONS: [&'static str; 6] = [
+        "list",
+        "read",
+        "patch",
+        "missing-object-key",
+        CONFLICT,
+        INVALID,
+    ];
 
     fn reason(&self) -> &'static str {
         match self {
@@ -197,6 +247,12 @@ impl BackfillError {
 }
 
 const CONFLICT: &str = "conflict";
+const INVALID: &str = "invalid";
+
+/// The message of the 422 the apiserver answers when a JSON Patch cannot
+/// be applied (`NewGenericServerResponse`): for our patches, its `test` of
+/// the `resourceVersion` failed.
+const PATCH_NOT_APPLIED: &str = "the server rejected our request due to an error in our request";
 
 // === Pacer ===
 
@@ -357,6 +413,28 @@ impl Objects {
         })
     }
 
+    /// A pod again, whole: what its Istio sidecar runs is in its spec (the
+    /// lists are metadata only). `None` once it is gone; a pod whose spec
+    /// cannot be read is its metadata alone (nothing is then reported).
+    async fn read_whole(&self, name: &str) -> Result<Option<Read>, kube::Error> {
+        let Self::Pods(api) = self else {
+            return self.read(name).await;
+        };
+        let Some(pod) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let Some(mut read) = read_of(&pod.metadata, None) else {
+            return Ok(None);
+        };
+        if let Some(spec) = serde_json::to_value(&pod.spec)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+        {
+            read.view.spec = Some(spec);
+        }
+        Ok(Some(read))
+    }
+
     /// Applies the JSON Patch (the response: metadata only).
     async fn patch(
         &self,
@@ -374,6 +452,41 @@ impl Objects {
 
 fn is_status(error: &kube::Error, codes: &[u16]) -> bool {
     matches!(error, kube::Error::Api(s) if codes.contains(&s.code))
+}
+
+/// True for the 422 of a JSON Patch whose `test` failed: the object changed
+/// since it was read. The apiserver answers it with the generic
+/// [`PATCH_NOT_APPLIED`] message (and, in some versions, the patch
+/// library's `testing value /metadata/resourceVersion failed` as a
+/// cause). A validation error is a 422 too (`Pod "x" is invalid: ...`,
+/// its causes naming the fields): that is no conflict, and reading the
+/// object again would not change the answer.
+fn is_failed_test(error: &kube::Error) -> bool {
+    let kube::Error::Api(s) = error else {
+        return false;
+    };
+    if s.code != 422 {
+        return false;
+    }
+    let causes = s.details.as_ref().map_or(&[][..], |d| d.causes.as_slice());
+    if causes.iter().any(|c| !c.field.is_empty()) {
+        return false;
+    }
+    let mentions_test = |text: &str| {
+        let text = text.to_ascii_lowercase();
+        text.contains("test failed") || (text.contains("testing value") && text.contains("failed"))
+    };
+    s.message.starts_with(PATCH_NOT_APPLIED)
+        || mentions_test(&s.message)
+        || causes.iter().any(|c| mentions_test(&c.message))
+}
+
+/// The apiserver's message in an API error, else the error.
+fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 // === A pass over one namespace ===
@@ -405,7 +518,7 @@ struct Tally {
     owners: BTreeMap<String, OwnerTally>,
     pods: usize,
     replicasets: usize,
-    restart_for_bootstrap: usize,
+    restarts: BTreeMap<Restart, usize>,
 }
 
 struct OwnerTally {
@@ -413,7 +526,7 @@ struct OwnerTally {
     kind: Kind,
     count: usize,
     added: BTreeSet<String>,
-    restart_for_bootstrap: usize,
+    restarts: BTreeMap<Restart, usize>,
 }
 
 impl Tally {
@@ -429,8 +542,9 @@ impl Tally {
             Kind::Pod => self.pods += 1,
             _ => self.replicasets += 1,
         }
-        let restart = usize::from(patch.restart_for_bootstrap);
-        self.restart_for_bootstrap += restart;
+        if let Some(reason) = patch.restart {
+            *self.restarts.entry(reason).or_default() += 1;
+        }
         let (key, regarding) = match read.view.controller() {
             Some(owner) => (
                 format!("{}/{}/{}", owner.kind, owner.name, owner.uid),
@@ -460,11 +574,18 @@ impl Tally {
             kind,
             count: 0,
             added: BTreeSet::new(),
-            restart_for_bootstrap: 0,
+            restarts: BTreeMap::new(),
         });
         entry.count += 1;
         entry.added.extend(patch.added.iter().cloned());
-        entry.restart_for_bootstrap += restart;
+        if let Some(reason) = patch.restart {
+            *entry.restarts.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// How many labelled pods a restart would give `reason`'s keepalive.
+    fn restarts(&self, reason: Restart) -> usize {
+        self.restarts.get(&reason).copied().unwrap_or(0)
     }
 
     fn events(&self) -> impl Iterator<Item = EventRequest> + '_ {
@@ -481,12 +602,9 @@ impl Tally {
                  needed)",
                 labels.join(", ")
             );
-            if o.restart_for_bootstrap > 0 {
-                note.push_str(&format!(
-                    "; {} of them run an Istio sidecar without the bootstrap keepalive template \
-                     until restarted (Istio before 1.8 only)",
-                    o.restart_for_bootstrap
-                ));
+            for (reason, n) in &o.restarts {
+                note.push_str("; ");
+                note.push_str(&restart_note(*reason, *n));
             }
             EventRequest {
                 regarding: o.regarding.clone(),
@@ -496,6 +614,31 @@ impl Tally {
                 note,
             }
         })
+    }
+}
+
+/// What the Event of an owner says about `n` of its pods that a restart
+/// would give `reason`.
+fn restart_note(reason: Restart, n: usize) -> String {
+    let (them, run) = if n == 1 {
+        ("it", "runs")
+    } else {
+        ("them", "run")
+    };
+    match reason {
+        Restart::Template => format!(
+            "{n} of them {run} an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
+             template: restart {them} to mount it"
+        ),
+        Restart::AgentKeepalive => format!(
+            "{n} of them {run} an Istio 1.18+ sidecar without GRPC_KEEPALIVE_INTERVAL and \
+             GRPC_KEEPALIVE_TIMEOUT: restart {them} to set the agent keepalive"
+        ),
+        Restart::VersionUnknown => format!(
+            "the Istio version of {n} of them is unknown (no version in the proxy image tag; \
+             set istio.proxyVersion): whether a restart would change their keepalive cannot be \
+             told"
+        ),
     }
 }
 
@@ -510,14 +653,18 @@ async fn label_one(
     tally: &mut Tally,
 ) -> Result<Done, BackfillError> {
     let kind = objects.kind();
-    for _ in 0..ATTEMPTS {
+    let policy = ctx.settings.policy();
+    let cluster = ctx.settings.cluster_view(namespace);
+    let mut attempts = 0;
+    let mut whole = false;
+    while attempts < ATTEMPTS {
         let patch = match plan::plan(
             kind,
             namespace,
             &read.view,
             &read.resource_version,
-            ctx.settings.policy(),
-            ctx.settings.report_bootstrap,
+            policy,
+            &cluster,
         ) {
             Plan::Nothing(_) => return Ok(Done::Next),
             Plan::Refused(deny) => {
@@ -527,6 +674,20 @@ async fn label_one(
             }
             Plan::Label(patch) => patch,
         };
+        // An Istio pod to label: decide once more on the whole pod, to
+        // tell what a restart would give its sidecar (once: a pod whose
+        // spec cannot be read is reported as nothing, never guessed).
+        if !whole && plan::needs_pod_spec(kind, &read.view, policy) {
+            whole = true;
+            match objects.read_whole(&read.name).await {
+                Ok(Some(fresh)) => read = fresh,
+                Ok(None) => return Ok(Done::Next),
+                Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
+                Err(e) => return Err(BackfillError::Read(e)),
+            }
+            continue;
+        }
+        attempts += 1;
         if !ctx.pacer.wait(&ctx.shutdown).await {
             return Ok(Done::Stopped);
         }
@@ -534,8 +695,11 @@ async fn label_one(
             Ok(()) => {
                 ctx.counters.applied();
                 ctx.metrics.labelled.with_label_values(&[kind.name()]).inc();
-                if patch.restart_for_bootstrap {
-                    ctx.metrics.restart_for_bootstrap.inc();
+                if let Some(reason) = patch.restart {
+                    ctx.metrics
+                        .restart_for_bootstrap
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
                 }
                 debug!(namespace, kind = kind.name(), name = %read.name,
                        labels = %patch.added.join(","), "labelled");
@@ -545,15 +709,31 @@ async fn label_one(
             Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
             // The test of the resourceVersion failed: it changed since it
             // was read. Read it again and decide again; never overwrite.
-            Err(e) if is_status(&e, &[409, 422]) => {
+            Err(e) if is_status(&e, &[409]) || is_failed_test(&e) => {
                 debug!(namespace, kind = kind.name(), name = %read.name,
                        "changed since it was read; reading it again");
-                match objects.read(&read.name).await {
-                    Ok(Some(fresh)) => read = fresh,
+                let again = if whole {
+                    objects.read_whole(&read.name).await
+                } else {
+                    objects.read(&read.name).await
+                };
+                let fresh = match again {
+                    Ok(Some(fresh)) => fresh,
                     Ok(None) => return Ok(Done::Next),
                     Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
                     Err(e) => return Err(BackfillError::Read(e)),
+                };
+                // Unchanged after all: not the test that failed, but the
+                // patch itself. Asking again would get the same answer.
+                if is_status(&e, &[422]) && fresh.resource_version == read.resource_version {
+                    return Ok(refused(ctx, namespace, kind, &read.name, &e));
                 }
+                read = fresh;
+            }
+            // Any other 422: the apiserver refuses these labels (validation,
+            // a policy). Not a conflict; not retried.
+            Err(e) if is_status(&e, &[422]) => {
+                return Ok(refused(ctx, namespace, kind, &read.name, &e));
             }
             Err(e) => return Err(BackfillError::Patch(e)),
         }
@@ -562,6 +742,15 @@ async fn label_one(
     warn!(namespace, kind = kind.name(), name = %read.name,
           "object keeps changing; left for the next pass");
     Ok(Done::Next)
+}
+
+/// Counts and reports labels the apiserver refused (a 422 that is not a
+/// failed test); the pass goes on with the next object.
+fn refused(ctx: &Context, namespace: &str, kind: Kind, name: &str, error: &kube::Error) -> Done {
+    ctx.counters.error(INVALID);
+    warn!(namespace, kind = kind.name(), name, error = %api_message(error),
+          "the apiserver refused the labels; not retried");
+    Done::Next
 }
 
 /// Every object of one kind in `namespace`, page by page. False when the
@@ -633,7 +822,9 @@ async fn backfill_namespace(
             namespace,
             pods = tally.pods,
             replicasets = tally.replicasets,
-            restart_for_bootstrap = tally.restart_for_bootstrap,
+            restart_template = tally.restarts(Restart::Template),
+            restart_agent_keepalive = tally.restarts(Restart::AgentKeepalive),
+            keepalive_version_unknown = tally.restarts(Restart::VersionUnknown),
             "labelled objects created before the webhook"
         );
     } else {

@@ -36,6 +36,8 @@ pub const CODES: &[&str] = &[
     "no-ready-endpoints",
     "selector-mismatch",
     "config-invalid",
+    "namespace-not-opted-in",
+    "namespace-excluded",
     "pod-without-stage",
     "gray-without-tag",
     "pod-replicaset-disagree",
@@ -216,11 +218,15 @@ pub struct WebhookView {
     pub service: String,
 }
 
-/// One opted-in namespace.
+/// One namespace to check: an opted-in one, or the one `check -n` names.
+/// Only its name and labels are read when it has not opted in or is
+/// excluded (nothing there is the webhook's to check).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NamespaceView {
     /// Its name.
     pub name: String,
+    /// The Namespace's labels (whether it opted in).
+    pub labels: BTreeMap<String, String>,
     /// Its pods, as the API returns them.
     pub pods: Vec<Value>,
     /// Its ReplicaSets, as the API returns them.
@@ -273,8 +279,10 @@ pub fn check(snapshot: &Snapshot, policy: Policy<'_>) -> Report {
     }
     let mut pods = 0;
     for ns in &snapshot.namespaces {
-        pods += ns.pods.len();
-        check_namespace(ns, snapshot, policy, &mut findings);
+        if check_scope(ns, policy, &mut findings) {
+            pods += ns.pods.len();
+            check_namespace(ns, snapshot, policy, &mut findings);
+        }
     }
     Report::new(findings, snapshot.namespaces.len(), pods)
 }
@@ -413,6 +421,84 @@ fn place(namespace: &str, kind: &str, object: &Value) -> String {
     format!("{namespace}/{kind}/{name}")
 }
 
+/// Whether `ns` is the webhook's to check: it opted in and is not
+/// excluded. Else one finding says why not (its pods would all show up as
+/// unlabelled, which is not what is wrong).
+fn check_scope(ns: &NamespaceView, policy: Policy<'_>, out: &mut Vec<Finding>) -> bool {
+    let namespaces = policy.namespaces;
+    let opted_in = namespaces.opts_in(&ns.labels);
+    let label_args = || {
+        namespaces
+            .opt_in
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if namespaces.is_excluded(&ns.name) {
+        let why = if namespaces.own.as_deref() == Some(ns.name.as_str()) {
+            "the webhook's own namespace"
+        } else {
+            "namespaces.excluded"
+        };
+        let (message, fix) = if opted_in && !namespaces.opt_in.is_empty() {
+            let remove = namespaces
+                .opt_in
+                .keys()
+                .map(|k| format!("{k}-"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            (
+                format!(
+                    "namespace {} is labelled {} but canary-injector never acts on it ({why}): \
+                     its pods get no labels, yet the apiserver still calls the webhook for them, \
+                     and with failurePolicy Fail their creation stops while the webhook is down",
+                    ns.name,
+                    selector_text(&namespaces.opt_in)
+                ),
+                format!("kubectl label namespace {} {remove}", ns.name),
+            )
+        } else {
+            (
+                format!(
+                    "canary-injector never acts on namespace {} ({why}): its pods are not \
+                     labelled, so it was not checked",
+                    ns.name
+                ),
+                format!(
+                    "run canary workloads in an opted-in namespace (kubectl label namespace \
+                     <name> {})",
+                    label_args()
+                ),
+            )
+        };
+        out.push(finding(
+            Severity::Warning,
+            "namespace-excluded",
+            ns.name.clone(),
+            message,
+            fix,
+        ));
+        return false;
+    }
+    if !opted_in {
+        out.push(finding(
+            Severity::Error,
+            "namespace-not-opted-in",
+            ns.name.clone(),
+            format!(
+                "namespace {} has not opted in (no {}): the webhook labels none of its pods and \
+                 no controller acts on it, so it was not checked",
+                ns.name,
+                selector_text(&namespaces.opt_in)
+            ),
+            format!("kubectl label namespace {} {}", ns.name, label_args()),
+        ));
+        return false;
+    }
+    true
+}
+
 fn check_namespace(
     ns: &NamespaceView,
     snapshot: &Snapshot,
@@ -421,9 +507,6 @@ fn check_namespace(
 ) {
     use Severity::{Error, Warning};
     let labels = policy.labels;
-    if policy.namespaces.is_excluded(&ns.name) {
-        return;
-    }
     let availability = match (&snapshot.bootstrap_source, &ns.bootstrap_copy) {
         (_, Some(_)) => Availability::Present,
         (Some(_), None) => Availability::Missing,

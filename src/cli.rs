@@ -201,6 +201,11 @@ fn print_offline(
     )))
 }
 
+/// How long a subcommand waits for the Kubernetes API to answer its first
+/// call (`GET /version`, outside a cluster) before giving up with a reason.
+/// Longer than `serve`'s: a kubeconfig's exec credential plugin runs then.
+const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The configuration from `path` (embedded defaults without one), with the
 /// webhook namespace from `$POD_NAMESPACE` when the file does not set it.
 fn load_config(path: Option<&Path>) -> Result<Config, anyhow::Error> {

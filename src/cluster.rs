@@ -40,23 +40,35 @@ pub struct Cluster {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// No kubeconfig and not in a cluster, or the config is unusable.
-    #[error("{0}")]
-    Client(#[from] kube::Error),
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// Outside a cluster the API server refused `GET /version`, or could
+    /// not be reached.
+    #[error("the Kubernetes API did not answer GET /version: {0}")]
+    Unreachable(#[source] kube::Error),
     /// Outside a cluster the API server did not answer `GET /version`.
     #[error("no answer from the Kubernetes API within {0:?}")]
     Timeout(Duration),
 }
 
-/// A client for the cluster (in-cluster service account, else kubeconfig).
-/// In a cluster the watches retry on their own, so no probe; elsewhere the
-/// API must answer `GET /version` within `limit` (a laptop without a cluster
-/// then runs without one instead of retrying forever).
+/// A client for the cluster (in-cluster service account, else kubeconfig),
+/// for `serve` and the subcommands that talk to the API (`check`, `certs
+/// --secret`). In a cluster the API is there (and the watches retry on
+/// their own), so no probe; elsewhere the API must answer `GET /version`
+/// within `limit`: a laptop without a cluster then runs without one, and a
+/// command fails at once with a reason instead of hanging on an address
+/// that does not answer.
 pub async fn connect(limit: Duration) -> Result<kube::Client, ConnectError> {
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     tokio::time::timeout(limit, async {
-        let client = kube::Client::try_default().await?;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(ConnectError::Client)?;
         if !in_cluster {
-            client.apiserver_version().await?;
+            client
+                .apiserver_version()
+                .await
+                .map_err(ConnectError::Unreachable)?;
         }
         Ok::<_, ConnectError>(client)
     })

@@ -107,8 +107,10 @@ impl Metrics {
         }
         let tags_rewritten = IntCounter::new(
             "tags_rewritten_total",
-            "Canary tag annotations that were not valid label values and were rewritten \
-             (admitted objects, dry runs not counted).",
+            "Canary tag annotations that were not valid label values and were rewritten, \
+             once per object that carries the tag itself (at its CREATE, or an UPDATE that \
+             changes a workload's tag), not for the ReplicaSets and Pods a controller creates \
+             from its template; dry runs not counted.",
         )?;
         let certificate_expiry = IntGauge::new(
             "certificate_expiry_timestamp_seconds",

@@ -21,7 +21,8 @@
 //! - what an object means follows its pods: a pod template a controller
 //!   owns speaks for the object (an owned ReplicaSet reads the tag from its
 //!   template, never from its own annotations, so it is never labelled gray
-//!   while its pods are normal);
+//!   while its pods are normal); so does every template in the backfill
+//!   ([`Mode::Backfill`]), which cannot change one;
 //! - at admission a workload (Deployment, StatefulSet, DaemonSet, Job,
 //!   CronJob) gets no labels: the tag annotation on its own metadata is
 //!   copied into its pod template ([`TemplateTag`]), so its pods carry it;
@@ -56,13 +57,21 @@ pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Where the decision is made: admission acts on the kinds the table marks
 /// `admission` (Pods, ReplicaSets, and the workloads whose template gets
 /// their tag); offline (a source edit) acts on every kind of [`KINDS`] and
-/// also mounts the bootstrap into pod templates.
+/// also mounts the bootstrap into pod templates; the backfill decides as
+/// admission does at `CREATE`, about an object that already runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Called by the apiserver through `/mutate`.
     Admission,
     /// `canary-injector mutate -f`.
     Offline,
+    /// The backfill: a running object whose own `metadata.labels` are all
+    /// it may change. Its pod template (if it has one) is never changed and
+    /// is what its running pods were created from, so the template speaks
+    /// for the object whether or not a controller owns it: a standalone
+    /// ReplicaSet is labelled as its pods are, never from its own tag
+    /// annotation alone.
+    Backfill,
 }
 
 /// The admission operation.
@@ -409,7 +418,9 @@ pub fn pre_skip(subject: &Subject<'_>, policy: Policy<'_>) -> Option<SkipReason>
     }
     match (subject.kind, subject.mode) {
         (None, _) => return Some(SkipReason::Kind),
-        (Some(kind), Mode::Admission) if !kind.info().admission => return Some(SkipReason::Kind),
+        (Some(kind), Mode::Admission | Mode::Backfill) if !kind.info().admission => {
+            return Some(SkipReason::Kind);
+        }
         (Some(_), _) => {}
     }
     if policy.namespaces.is_excluded(subject.namespace) {
@@ -456,8 +467,11 @@ pub fn decide<'a>(
     let mut decision = Decision::default();
     let template = object.template_at(info.pod);
     // A pod template a controller owns is never changed, and it speaks
-    // for the object: the object's pods are created from it.
-    let owned = template.is_some() && info.owned_template_untouched && object.has_controller();
+    // for the object: the object's pods are created from it. The backfill
+    // changes no template at all, and the running pods came from it.
+    let owned = template.is_some()
+        && info.owned_template_untouched
+        && (object.has_controller() || subject.mode == Mode::Backfill);
     let own = object.metadata.as_ref();
     let template_meta = template.and_then(|t| t.metadata.as_ref());
     // Labels go on the object's own metadata (Pods, ReplicaSets) and on a
@@ -537,11 +551,15 @@ pub fn decide<'a>(
         decision.intent = Some(intent);
 
         match own_tag.filter(|&value| template_tag != Some(value)) {
-            Some(value) if owned => decision.warnings.push(Warning::TemplateTagDiffers {
-                annotation: tag_key.clone(),
-                value: value.clone(),
-                template: template_tag.cloned(),
-            }),
+            // (Its text names the controller: the backfill's standalone
+            // ReplicaSets have none, and the backfill reports no warning.)
+            Some(value) if owned && object.has_controller() => {
+                decision.warnings.push(Warning::TemplateTagDiffers {
+                    annotation: tag_key.clone(),
+                    value: value.clone(),
+                    template: template_tag.cloned(),
+                });
+            }
             // A workload at admission: its tag annotation reaches its pods
             // through the template (the rule `mutate -f` applies with
             // labels). The workload's own annotation wins, so a changed
@@ -595,7 +613,7 @@ fn bootstrap_target<'a>(
             spec: object.spec.as_ref(),
         });
     }
-    if mode == Mode::Admission || (info.owned_template_untouched && object.has_controller()) {
+    if mode != Mode::Offline || (info.owned_template_untouched && object.has_controller()) {
         return None;
     }
     let template = object.template_at(info.pod)?;

@@ -233,6 +233,9 @@ pub enum Hook {
     /// Another writer changes the object first: new `resourceVersion` and
     /// a label `touched-by: someone-else`.
     Touch,
+    /// Answer with this `Status` body (its `code` is the HTTP status):
+    /// what a validation error or a policy looks like.
+    Reject(Value),
 }
 
 #[derive(Default)]
@@ -370,6 +373,11 @@ impl FakeApiServer {
             .map(|i| s.hooks.remove(i).2);
         match hook {
             Some(Hook::Fail(code)) => return failure(code, "InternalError", "injected failure"),
+            Some(Hook::Reject(body)) => {
+                let code = body["code"].as_u64().and_then(|c| u16::try_from(c).ok());
+                let code = code.and_then(|c| StatusCode::from_u16(c).ok());
+                return (code.expect("a Status with its code"), body);
+            }
             Some(Hook::Touch) => {
                 s.version += 1;
                 let v = s.version.to_string();

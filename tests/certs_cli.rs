@@ -279,7 +279,7 @@ fn unreachable_apiserver_exits_1_and_names_the_call() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("error: cannot get Secret canary-injector/canary-injector-tls"),
+        stderr.contains("error: the Kubernetes API did not answer GET /version"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());

@@ -435,7 +435,10 @@ fn check_without_a_cluster_is_exit_2() {
             dir.path().join("missing").display().to_string(),
             "cannot configure the Kubernetes client",
         ),
-        (kubeconfig.display().to_string(), "cannot read"),
+        (
+            kubeconfig.display().to_string(),
+            "the Kubernetes API did not answer GET /version",
+        ),
     ] {
         let out = Command::new(BIN)
             .args(["check", "-o", "json"])
@@ -450,6 +453,232 @@ fn check_without_a_cluster_is_exit_2() {
     }
     let out = run(&["check", "-o", "yaml"], None);
     assert_eq!(out.status.code(), Some(2), "bad usage");
+}
+
+// === `check` against a recorded cluster, end to end ===
+
+/// Where the apiserver serves a recorded item (an object, or a discovery
+/// document).
+fn api_path(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap();
+    match kind {
+        "APIGroup" => return format!("/apis/{}", object["name"].as_str().unwrap()),
+        "APIResourceList" => {
+            return format!("/apis/{}", object["groupVersion"].as_str().unwrap());
+        }
+        _ => {}
+    }
+    let api = match object["apiVersion"].as_str().unwrap() {
+        "v1" => "/api/v1".to_owned(),
+        group_version => format!("/apis/{group_version}"),
+    };
+    let plural = format!("{}s", kind.to_lowercase());
+    let name = object["metadata"]["name"].as_str().unwrap();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{api}/namespaces/{ns}/{plural}/{name}"),
+        None => format!("{api}/{plural}/{name}"),
+    }
+}
+
+/// A list path: `/api/v1/namespaces`, `/api/v1/namespaces/ns/pods`,
+/// `/apis/apps/v1/namespaces/ns/replicasets`.
+fn is_collection(path: &str) -> bool {
+    let rest = path
+        .strip_prefix("/api/v1/")
+        .or_else(|| {
+            path.strip_prefix("/apis/")
+                .and_then(|r| r.splitn(3, '/').nth(2))
+        })
+        .unwrap_or("");
+    let segments = rest.split('/').filter(|s| !s.is_empty()).count();
+    segments == 1 || (segments == 3 && rest.starts_with("namespaces/"))
+}
+
+/// Equality (`k=v`, `k==v`) and inequality (`k!=v`) label selectors.
+fn selects(selector: &str, object: &Value) -> bool {
+    let labels = &object["metadata"]["labels"];
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels[k].as_str() != Some(v)
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels[k].as_str() == Some(v)
+        } else {
+            labels.get(term).is_some()
+        }
+    })
+}
+
+/// What the recorded apiserver answers a `GET` of `target` (path and
+/// query): `GET /version`, an object, a list (label selector applied), or
+/// a 404 `Status`.
+fn answer(objects: &std::collections::BTreeMap<String, Value>, target: &str) -> (u16, Value) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path == "/version" {
+        return (
+            200,
+            serde_json::json!({"major": "1", "minor": "33", "gitVersion": "v1.33.1",
+                "gitCommit": "8adc0f041b8e7ad1d30e29cc59c6ae7a15e19828", "gitTreeState": "clean",
+                "buildDate": "2025-05-15T08:19:08Z", "goVersion": "go1.24.2",
+                "compiler": "gc", "platform": "linux/amd64"}),
+        );
+    }
+    if let Some(object) = objects.get(path) {
+        return (200, object.clone());
+    }
+    if is_collection(path) {
+        let selector = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "labelSelector")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let items: Vec<&Value> = objects
+            .iter()
+            .filter(|(p, o)| {
+                p.rsplit_once('/').is_some_and(|(parent, _)| parent == path)
+                    && selects(&selector, o)
+            })
+            .map(|(_, o)| o)
+            .collect();
+        return (
+            200,
+            serde_json::json!({"apiVersion": "v1", "kind": "List",
+                "metadata": {"resourceVersion": "4711"}, "items": items}),
+        );
+    }
+    (
+        404,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": format!("{path} not found"),
+            "reason": "NotFound", "code": 404}),
+    )
+}
+
+/// Serves a recorded cluster state (`kind: List` files) over plain HTTP on
+/// loopback, read-only, one request per connection, until the test ends;
+/// returns a kubeconfig that points at it.
+fn serve_recorded(dir: &std::path::Path, lists: &[&str]) -> std::path::PathBuf {
+    use std::io::{BufRead, BufReader};
+    let mut objects = std::collections::BTreeMap::new();
+    for name in lists {
+        let text = std::fs::read_to_string(fixture_path(&format!("check/cluster/{name}"))).unwrap();
+        let list: Value = serde_json::from_str(&text).unwrap();
+        for item in list["items"].as_array().unwrap() {
+            objects.insert(api_path(item), item.clone());
+        }
+    }
+    let objects = std::sync::Arc::new(objects);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let objects = objects.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    return;
+                }
+                // The rest of the head (a GET has no body).
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let mut parts = request_line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (code, body) = if method == "GET" {
+                    answer(&objects, target)
+                } else {
+                    (405, serde_json::json!({"kind": "Status", "code": 405}))
+                };
+                let body = body.to_string();
+                let mut out = &stream;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: recorded\n\
+             clusters: [{{name: recorded, cluster: {{server: 'http://{addr}'}}}}]\n\
+             contexts: [{{name: recorded, context: {{cluster: recorded, user: u}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\n"
+        ),
+    )
+    .unwrap();
+    kubeconfig
+}
+
+fn check_against(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", kubeconfig.parent().unwrap())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// `check` on a recorded cluster, through the binary: the exact JSON
+/// report, exit code 1 when something needs fixing, 0 when sound, 2 for a
+/// namespace that does not exist.
+#[test]
+fn check_a_recorded_cluster_prints_the_report_and_exits_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let findings = serve_recorded(dir.path(), &["install.json", "findings.json"]);
+    let out = check_against(&findings, &["-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "error: 3 finding(s) need fixing\n");
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("check/cluster/findings.out.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report, expected);
+    // The same for people.
+    let out = check_against(&findings, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).ends_with(
+            "needs fixing: 2 namespace(s), 4 pod(s) checked: 3 error(s), 0 warning(s), 0 info\n"
+        ),
+        "{}",
+        stdout(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sound = serve_recorded(dir.path(), &["install.json", "sound.json"]);
+    let out = check_against(&sound, &["-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "{\"sound\":true,\"checked\":{\"namespaces\":1,\"pods\":2},\"findings\":[]}\n"
+    );
+    // -n on a namespace that has not opted in: one finding, exit 1.
+    let out = check_against(&sound, &["-n", "other", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["findings"][0]["code"], "namespace-not-opted-in");
+    assert_eq!(
+        report["findings"][0]["fix"],
+        "kubectl label namespace other canary-injection=enabled"
+    );
+    // -n on a namespace that does not exist: exit 2, no report.
+    let out = check_against(&sound, &["-n", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read Namespace nope"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).is_empty());
 }
 
 #[test]

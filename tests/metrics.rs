@@ -8,6 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use canary_injector::backfill::BackfillError;
+use canary_injector::backfill::plan::Restart;
 use canary_injector::config::Config;
 use canary_injector::copier::CopyError;
 use canary_injector::metrics::ERROR_REASONS;
@@ -68,6 +69,10 @@ fn codes() -> Vec<(&'static str, Vec<&'static str>)> {
         (
             "canary_injector_routes_watch_errors_total",
             RouteMetrics::WATCHES.to_vec(),
+        ),
+        (
+            "canary_injector_backfill_restart_for_bootstrap_total",
+            Restart::ALL.iter().map(|r| r.as_str()).collect(),
         ),
         ("warnings", Warning::REASONS.to_vec()),
     ]

@@ -13,11 +13,25 @@
 //! Only the object's own `metadata.labels` are written: never a pod
 //! template (an owned ReplicaSet's would make its Deployment create
 //! ReplicaSets forever; a standalone one's only matters to pods created
-//! later, which admission labels), never the bootstrap mount (a running
-//! pod's volumes cannot change; [`LabelPatch::restart_for_bootstrap`] only
-//! reports it).
-
-use std::collections::BTreeMap;
+//! later, which admission labels), never the sidecar keepalive (a running
+//! pod's volumes and environment cannot change; [`LabelPatch::restart`]
+//! only reports what a restart would give it). So a ReplicaSet's meaning
+//! comes from its pod template, owned or standalone ([`Mode::Backfill`]):
+//! its running pods were created from that template, and a tag on the
+//! ReplicaSet's own metadata alone would make it gray while they are
+//! normal.
+//!
+//! What a restart would give an Istio pod is the admission decision's
+//! bootstrap part ([`BootstrapDecision`]) for the running pod, by the
+//! version of its proxy (image tag, `sidecar.istio.io/proxyImage`, config
+//! `istio.proxyVersion`, the detected injector version, as at admission):
+//!
+//! | the running pod | admission would | [`Restart`] |
+//! |-----------------|-----------------|-------------|
+//! | Istio 1.5-1.7, no template mount | mount the template | [`Restart::Template`] |
+//! | Istio 1.8-1.17 | nothing (the agent's keepalive is fine) | none |
+//! | Istio 1.18+, no `GRPC_KEEPALIVE_*` on `istio-proxy` | set them | [`Restart::AgentKeepalive`] |
+//! | version unknown | skip | [`Restart::VersionUnknown`] |
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{PatchOperation, TestOperation};
@@ -25,7 +39,8 @@ use serde_json::Value;
 
 use crate::mutate::bootstrap::ISTIO_STATUS;
 use crate::mutate::{
-    self, ClusterView, Deny, Kind, Mode, ObjectView, Operation, Policy, SkipReason, Subject,
+    self, Availability, BootstrapDecision, BootstrapSkip, ClusterView, Deny, Kind, Mode,
+    ObjectView, Operation, Policy, SkipReason, Subject,
 };
 
 /// What the backfill does with one running object.
@@ -47,23 +62,53 @@ pub struct LabelPatch {
     pub ops: Vec<PatchOperation>,
     /// The labels added, as `key=value`, tag first.
     pub added: Vec<String>,
-    /// A pod with an Istio sidecar that was created without the webhook,
-    /// so without the bootstrap keepalive template (mounted only at pod
-    /// creation): a restart gives it one, when its Istio is older than 1.8.
-    pub restart_for_bootstrap: bool,
+    /// What a restart would give this pod's Istio sidecar, created without
+    /// the webhook (the keepalive is set only at pod creation); `None`: no
+    /// sidecar, nothing to gain, the fix is off or not set up.
+    pub restart: Option<Restart>,
+}
+
+/// Why an Istio pod the backfill labelled is reported: what restarting it
+/// would give its sidecar (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Restart {
+    /// Istio 1.5-1.7 without the patched bootstrap template: a new pod gets
+    /// it mounted.
+    Template,
+    /// Istio 1.18 or newer without `GRPC_KEEPALIVE_INTERVAL` /
+    /// `GRPC_KEEPALIVE_TIMEOUT` on `istio-proxy`: a new pod gets them.
+    AgentKeepalive,
+    /// The proxy's Istio version cannot be told, so neither can whether a
+    /// restart would change its keepalive.
+    VersionUnknown,
+}
+
+impl Restart {
+    /// Every reason, in report order.
+    pub const ALL: [Self; 3] = [Self::Template, Self::AgentKeepalive, Self::VersionUnknown];
+
+    /// Stable kebab-case code: the metric's `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Template => "template",
+            Self::AgentKeepalive => "agent-keepalive",
+            Self::VersionUnknown => "istio-version-unknown",
+        }
+    }
 }
 
 /// Decides what `object` (a `kind` read in `namespace` at
-/// `resource_version`) lacks. `policy.bootstrap` is not applied (a running
-/// pod cannot get a mount); `report_bootstrap` says whether to report pods
-/// that miss it.
+/// `resource_version`) lacks, with the admission `cluster` view of
+/// `namespace`. Only labels are written; with `policy.bootstrap.enabled`
+/// the bootstrap decision for a running Istio pod says what a restart
+/// would give it (read from its spec: see [`needs_pod_spec`]).
 pub fn plan(
     kind: Kind,
     namespace: &str,
     object: &ObjectView,
     resource_version: &str,
     policy: Policy<'_>,
-    report_bootstrap: bool,
+    cluster: &ClusterView,
 ) -> Plan {
     // Being deleted: nothing to gain, and its patch would race the delete.
     if object
@@ -78,9 +123,10 @@ pub fn plan(
         operation: Operation::Create,
         namespace,
         sub_resource: "",
-        mode: Mode::Admission,
+        mode: Mode::Backfill,
     };
-    let decision = match mutate::decide(&subject, object, policy, &ClusterView::OFFLINE) {
+    let cluster = restart_view(cluster);
+    let decision = match mutate::decide(&subject, object, policy, &cluster) {
         Ok(d) => d,
         Err(deny) => return Plan::Refused(deny),
     };
@@ -105,29 +151,59 @@ pub fn plan(
         value: Value::String(resource_version.to_owned()),
     })];
     ops.extend(labels);
-    let annotations = object
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref());
-    let restart_for_bootstrap = report_bootstrap
-        && kind == Kind::Pod
-        && runs_sidecar_without_opt_out(annotations, &policy.bootstrap.opt_out_annotation);
+    let restart = if kind == Kind::Pod && injected(object) {
+        match &decision.bootstrap {
+            Some(BootstrapDecision::Mount(_)) => Some(Restart::Template),
+            Some(BootstrapDecision::Env(_)) => Some(Restart::AgentKeepalive),
+            Some(BootstrapDecision::Skipped(BootstrapSkip::VersionUnknown)) => {
+                Some(Restart::VersionUnknown)
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
     Plan::Label(LabelPatch {
         ops,
         added,
-        restart_for_bootstrap,
+        restart,
     })
 }
 
-/// Istio injected it (`sidecar.istio.io/status`) and it did not opt out
-/// of the bootstrap fix.
-fn runs_sidecar_without_opt_out(
-    annotations: Option<&BTreeMap<String, String>>,
-    opt_out: &str,
-) -> bool {
-    annotations.is_some_and(|a| {
-        a.contains_key(ISTIO_STATUS) && a.get(opt_out).is_none_or(|v| v != "false")
-    })
+/// True when deciding about `object` needs its pod spec, which the
+/// backfill lists without (metadata only): an Istio-injected pod, when the
+/// keepalive fix is on (the proxy's image, mounts and env tell what a
+/// restart would give it).
+pub fn needs_pod_spec(kind: Kind, object: &ObjectView, policy: Policy<'_>) -> bool {
+    kind == Kind::Pod && policy.bootstrap.enabled && object.spec.is_none() && injected(object)
+}
+
+/// Istio injected it: `sidecar.istio.io/status` (a running pod that has
+/// none has no sidecar, and will get none).
+fn injected(object: &ObjectView) -> bool {
+    object
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .is_some_and(|a| a.contains_key(ISTIO_STATUS))
+}
+
+/// The admission view, for the question "does this running pod lack what
+/// a new pod gets": the template ConfigMap counts as there unless the fix
+/// is not set up at all (no source). A copy the copier has not made yet,
+/// or a cache not synced yet, is no reason to keep quiet about a pod that
+/// needs a restart: the pass that labels it is the one that reports it.
+fn restart_view(cluster: &ClusterView) -> ClusterView {
+    let bootstrap_configmap = match cluster.bootstrap_configmap {
+        Availability::NotConfigured => Availability::NotConfigured,
+        Availability::Present | Availability::Missing | Availability::Unknown => {
+            Availability::Present
+        }
+    };
+    ClusterView {
+        bootstrap_configmap,
+        ..*cluster
+    }
 }
 
 #[cfg(test)]
@@ -137,18 +213,30 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// The default rules, the bootstrap mount off (as the backfill runs).
+    /// The rules the backfill runs with: the defaults, or changed.
     struct Sections(Config);
 
     impl Sections {
         fn new() -> Self {
+            Self(Config::default())
+        }
+
+        fn with(f: impl FnOnce(&mut Config)) -> Self {
             let mut cfg = Config::default();
-            cfg.bootstrap.enabled = false;
+            f(&mut cfg);
             Self(cfg)
         }
 
         fn policy(&self) -> Policy<'_> {
             self.0.policy()
+        }
+    }
+
+    /// The template ConfigMap in place, no injector version detected.
+    fn present() -> ClusterView {
+        ClusterView {
+            bootstrap_configmap: Availability::Present,
+            injector_version: None,
         }
     }
 
@@ -183,7 +271,7 @@ mod tests {
             ),
             "4711",
             s.policy(),
-            true,
+            &present(),
         );
         assert_eq!(
             patch_of(&p),
@@ -195,7 +283,7 @@ mod tests {
         );
         let Plan::Label(p) = p else { unreachable!() };
         assert_eq!(p.added, ["canarytag=feature-x", "stage=gray"]);
-        assert!(!p.restart_for_bootstrap, "no sidecar");
+        assert_eq!(p.restart, None, "no sidecar");
     }
 
     #[test]
@@ -210,7 +298,7 @@ mod tests {
             ),
             "9",
             s.policy(),
-            false,
+            &present(),
         );
         assert_eq!(
             patch_of(&p),
@@ -226,7 +314,7 @@ mod tests {
             &view(json!({"metadata": {"name": "web-1"}})),
             "9",
             s.policy(),
-            false,
+            &present(),
         );
         assert_eq!(
             patch_of(&p),
@@ -237,7 +325,7 @@ mod tests {
         );
         let done = pod(json!({"stage": "normal"}), json!({}));
         assert_eq!(
-            plan(Kind::Pod, "shop", &done, "9", s.policy(), false),
+            plan(Kind::Pod, "shop", &done, "9", s.policy(), &present()),
             Plan::Nothing(None)
         );
     }
@@ -257,7 +345,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                plan(Kind::Pod, ns, object, "1", s.policy(), true),
+                plan(Kind::Pod, ns, object, "1", s.policy(), &present()),
                 Plan::Nothing(Some(reason))
             );
         }
@@ -265,12 +353,12 @@ mod tests {
         deleting.metadata.as_mut().unwrap().deletion_timestamp =
             Some("2024-05-02T10:00:00Z".into());
         assert_eq!(
-            plan(Kind::Pod, "shop", &deleting, "1", s.policy(), true),
+            plan(Kind::Pod, "shop", &deleting, "1", s.policy(), &present()),
             Plan::Nothing(None)
         );
         let refused = pod(json!({}), json!({"canary-injector.io/tag": "~~"}));
         assert!(matches!(
-            plan(Kind::Pod, "shop", &refused, "1", s.policy(), true),
+            plan(Kind::Pod, "shop", &refused, "1", s.policy(), &present()),
             Plan::Refused(Deny::UnusableTag { .. })
         ));
     }
@@ -285,56 +373,316 @@ mod tests {
                                      "name": "web", "uid": "d", "controller": true}]},
             "spec": {"template": {"metadata": {"labels": {"app": "web"}}}}}));
         assert_eq!(
-            patch_of(&plan(Kind::ReplicaSet, "shop", &rs, "5", s.policy(), true)),
+            patch_of(&plan(
+                Kind::ReplicaSet,
+                "shop",
+                &rs,
+                "5",
+                s.policy(),
+                &present()
+            )),
             json!([
                 {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
                 {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
             ])
         );
-        // A standalone one: its template is left alone too.
+    }
+
+    /// A standalone ReplicaSet tagged on its own metadata only: its running
+    /// pods came from its template, which has no tag (the backfill labels
+    /// them `stage=normal`), and the backfill cannot change the template.
+    /// So the ReplicaSet is labelled as its pods are, never gray.
+    #[test]
+    fn a_standalone_replicaset_follows_its_template_as_its_pods_do() {
+        let s = Sections::new();
         let standalone = view(
             json!({"metadata": {"name": "web-gray", "labels": {"app": "web"},
                 "annotations": {"canary-injector.io/tag": "v9"}},
             "spec": {"template": {"metadata": {"labels": {"app": "web"}}}}}),
         );
+        let rs = plan(
+            Kind::ReplicaSet,
+            "shop",
+            &standalone,
+            "5",
+            s.policy(),
+            &present(),
+        );
+        assert_eq!(
+            patch_of(&rs),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+            ])
+        );
+        // One of its pods, created from that template (no tag): the same.
+        let its_pod = view(
+            json!({"metadata": {"name": "web-gray-x1", "labels": {"app": "web"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": "web-gray", "uid": "r", "controller": true}]}}),
+        );
+        let pod = plan(Kind::Pod, "shop", &its_pod, "6", s.policy(), &present());
+        let (Plan::Label(rs), Plan::Label(pod)) = (rs, pod) else {
+            unreachable!()
+        };
+        assert_eq!(rs.added, pod.added, "the ReplicaSet and its pods agree");
+
+        // Tagged in its template (what its pods carry): gray, from there.
+        let tagged = view(
+            json!({"metadata": {"name": "web-gray", "labels": {"app": "web"}},
+            "spec": {"template": {"metadata": {"labels": {"app": "web"},
+                "annotations": {"canary-injector.io/tag": "feature/v9"}}}}}),
+        );
         assert_eq!(
             patch_of(&plan(
                 Kind::ReplicaSet,
                 "shop",
-                &standalone,
-                "5",
+                &tagged,
+                "7",
                 s.policy(),
-                true
+                &present()
             )),
             json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
-                {"op": "add", "path": "/metadata/labels/canarytag", "value": "v9"},
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "feature-v9"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
+            ])
+        );
+        // Labels already in its template speak for it too.
+        let labelled = view(
+            json!({"metadata": {"name": "web-gray", "labels": {"app": "web"},
+                "annotations": {"canary-injector.io/tag": "v9"}},
+            "spec": {"template": {"metadata": {"labels": {"app": "web", "stage": "gray",
+                "canarytag": "v8"}}}}}),
+        );
+        assert_eq!(
+            patch_of(&plan(
+                Kind::ReplicaSet,
+                "shop",
+                &labelled,
+                "8",
+                s.policy(),
+                &present()
+            )),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "8"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "v8"},
                 {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
             ])
         );
     }
 
-    #[test]
-    fn istio_pods_without_the_template_are_reported() {
-        let s = Sections::new();
-        let injected = pod(json!({}), json!({ISTIO_STATUS: "{}"}));
-        let opted_out = pod(
-            json!({}),
-            json!({ISTIO_STATUS: "{}", "canary-injector.io/bootstrap": "false"}),
-        );
-        let restart = |object: &ObjectView, report: bool| match plan(
+    /// A pod of `tests/fixtures/bootstrap-pods/` as the cluster runs it
+    /// (the object of a review, or a golden result: with what admission
+    /// gave it), without the labels: the backfill has something to add.
+    fn running(fixture: &str) -> Value {
+        const DIR: &str = "../../tests/fixtures/bootstrap-pods";
+        let text = match fixture {
+            "injected-1.5" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.5.review.json")
+            }
+            "injected-1.5.out" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.5.out.json")
+            }
+            "injected-1.7" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.7.review.json")
+            }
+            "injected-1.12" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.12.review.json")
+            }
+            "injected-1.22" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.22.review.json")
+            }
+            "injected-1.22.out" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/injected-1.22.out.json")
+            }
+            "injected-1.22-user-keepalive" => include_str!(
+                "../../tests/fixtures/bootstrap-pods/injected-1.22-user-keepalive.review.json"
+            ),
+            "native-sidecar-1.27" => {
+                include_str!("../../tests/fixtures/bootstrap-pods/native-sidecar-1.27.review.json")
+            }
+            other => panic!("no fixture {other} in {DIR}"),
+        };
+        let doc: Value = serde_json::from_str(text).unwrap();
+        let mut pod = match doc.get("request") {
+            Some(request) => request["object"].clone(),
+            None => doc["object"].clone(),
+        };
+        pod["metadata"]["name"] = json!("checkout-7d9f8b6c5d-x1");
+        let labels = pod["metadata"]["labels"].as_object_mut().unwrap();
+        labels.remove("stage");
+        labels.remove("canarytag");
+        pod
+    }
+
+    fn restart_with(pod: &Value, s: &Sections, cluster: &ClusterView) -> Option<Restart> {
+        match plan(
             Kind::Pod,
             "shop",
-            object,
+            &view(pod.clone()),
             "1",
             s.policy(),
-            report,
+            cluster,
         ) {
-            Plan::Label(p) => p.restart_for_bootstrap,
+            Plan::Label(p) => p.restart,
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn restart(pod: &Value) -> Option<Restart> {
+        restart_with(pod, &Sections::new(), &present())
+    }
+
+    /// What a restart gives each Istio generation's running sidecar, as
+    /// admission would decide for a new pod of that version.
+    #[test]
+    fn what_a_restart_gives_a_sidecar_follows_its_istio_version() {
+        // 1.5-1.7 without the template mount: a restart mounts it.
+        assert_eq!(restart(&running("injected-1.5")), Some(Restart::Template));
+        assert_eq!(restart(&running("injected-1.7")), Some(Restart::Template));
+        assert_eq!(restart(&running("injected-1.5.out")), None, "mounted");
+        // 1.8-1.17: the agent's keepalive already notices a dead istiod.
+        assert_eq!(restart(&running("injected-1.12")), None);
+        // 1.18+ without the agent keepalive env: a restart sets it.
+        assert_eq!(
+            restart(&running("injected-1.22")),
+            Some(Restart::AgentKeepalive)
+        );
+        assert_eq!(
+            restart(&running("native-sidecar-1.27")),
+            Some(Restart::AgentKeepalive),
+            "istio-proxy in initContainers"
+        );
+        assert_eq!(restart(&running("injected-1.22.out")), None, "env set");
+        assert_eq!(
+            restart(&running("injected-1.22-user-keepalive")),
+            None,
+            "the user's own values"
+        );
+    }
+
+    #[test]
+    fn the_version_comes_from_where_admission_reads_it() {
+        let mut pod = running("injected-1.22");
+        pod["spec"]["containers"][1]["image"] = json!("docker.io/istio/proxyv2:latest");
+        assert_eq!(restart(&pod), Some(Restart::VersionUnknown));
+        // The pod's proxyImage annotation.
+        let mut annotated = pod.clone();
+        annotated["metadata"]["annotations"]["sidecar.istio.io/proxyImage"] =
+            json!("docker.io/istio/proxyv2:1.6.14");
+        assert_eq!(restart(&annotated), Some(Restart::Template));
+        // Config istio.proxyVersion.
+        let s = Sections::with(|c| c.istio.proxy_version = Some("1.7".into()));
+        assert_eq!(restart_with(&pod, &s, &present()), Some(Restart::Template));
+        let s = Sections::with(|c| c.istio.proxy_version = Some("1.12".into()));
+        assert_eq!(restart_with(&pod, &s, &present()), None);
+        // The injector version the cluster runs, last.
+        let detected = ClusterView {
+            injector_version: Some(mutate::Version {
+                major: 1,
+                minor: 20,
+            }),
+            ..present()
         };
-        assert!(restart(&injected, true));
-        assert!(!restart(&injected, false), "bootstrap fix disabled");
-        assert!(!restart(&opted_out, true));
+        assert_eq!(
+            restart_with(&pod, &Sections::new(), &detected),
+            Some(Restart::AgentKeepalive)
+        );
+        // The image tag wins over all of them.
+        assert_eq!(
+            restart_with(&running("injected-1.5"), &Sections::new(), &detected),
+            Some(Restart::Template)
+        );
+    }
+
+    #[test]
+    fn only_sidecars_that_would_get_something_are_reported() {
+        let s = Sections::new();
+        // Opted out of the keepalive fix, or the fix turned off.
+        let mut opted_out = running("injected-1.5");
+        opted_out["metadata"]["annotations"]["canary-injector.io/bootstrap"] = json!("false");
+        assert_eq!(restart(&opted_out), None);
+        let off = Sections::with(|c| c.bootstrap.enabled = false);
+        assert_eq!(
+            restart_with(&running("injected-1.5"), &off, &present()),
+            None
+        );
+        assert_eq!(
+            restart_with(&running("injected-1.22"), &off, &present()),
+            None
+        );
+        // The template fix not set up in the cluster (no source ConfigMap):
+        // a restart would not mount anything.
+        let not_configured = ClusterView {
+            bootstrap_configmap: Availability::NotConfigured,
+            ..present()
+        };
+        assert_eq!(
+            restart_with(&running("injected-1.5"), &s, &not_configured),
+            None
+        );
+        // A copy not made yet, or a cache not synced yet: still reported.
+        for availability in [Availability::Missing, Availability::Unknown] {
+            let cluster = ClusterView {
+                bootstrap_configmap: availability,
+                ..present()
+            };
+            assert_eq!(
+                restart_with(&running("injected-1.5"), &s, &cluster),
+                Some(Restart::Template),
+                "{availability:?}"
+            );
+        }
+        // No sidecar: nothing.
+        assert_eq!(restart(&json!({"metadata": {"name": "web-1"}})), None);
+        // The patch is labels only, whatever a restart would give.
+        let Plan::Label(p) = plan(
+            Kind::Pod,
+            "shop",
+            &view(running("injected-1.5")),
+            "1",
+            s.policy(),
+            &present(),
+        ) else {
+            unreachable!()
+        };
+        assert_eq!(
+            serde_json::to_value(&p.ops).unwrap(),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+            ])
+        );
+    }
+
+    #[test]
+    fn an_injected_pod_read_as_metadata_needs_its_spec() {
+        let s = Sections::new();
+        let pod = running("injected-1.5");
+        let mut metadata_only = pod.clone();
+        metadata_only.as_object_mut().unwrap().remove("spec");
+        assert!(needs_pod_spec(
+            Kind::Pod,
+            &view(metadata_only.clone()),
+            s.policy()
+        ));
+        assert!(!needs_pod_spec(Kind::Pod, &view(pod), s.policy()));
+        assert!(
+            !needs_pod_spec(
+                Kind::Pod,
+                &view(json!({"metadata": {"name": "web-1"}})),
+                s.policy()
+            ),
+            "no sidecar"
+        );
+        let off = Sections::with(|c| c.bootstrap.enabled = false);
+        assert!(!needs_pod_spec(
+            Kind::Pod,
+            &view(metadata_only.clone()),
+            off.policy()
+        ));
+        // Decided without it, nothing is reported (never a guess).
+        assert_eq!(restart(&metadata_only), None);
     }
 }

@@ -187,6 +187,17 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
     let done = pod("web-2", json!({"app": "web", "stage": "normal"}), json!({}));
     call.ok(&metadata_list(&[unlabelled.clone(), done], None));
 
+    // An Istio pod: read whole once, for what its sidecar runs.
+    let call = api.expect(Method::GET, &format!("{PODS}/web-1")).await;
+    assert_eq!(call.accept, "", "the whole pod");
+    let mut whole = unlabelled.clone();
+    whole["spec"]["containers"] = json!([
+        {"name": "web", "image": "nginx"},
+        {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.5.4",
+         "volumeMounts": [{"name": "istio-envoy", "mountPath": "/etc/istio/proxy"}]},
+    ]);
+    call.ok(&whole);
+
     let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
     assert_eq!(call.content_type, JSON_PATCH);
     assert_eq!(call.accept, METADATA, "the answer: metadata only");
@@ -235,7 +246,7 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
     ));
     assert!(scraped(
         &h.registry,
-        "canary_injector_backfill_restart_for_bootstrap_total 1"
+        r#"canary_injector_backfill_restart_for_bootstrap_total{reason="template"} 1"#
     ));
 
     // One Event per owner of what was labelled.
@@ -257,8 +268,8 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
     assert_eq!(
         rs.note,
         "added stage=normal to 1 Pod created before the webhook could label them (no restart \
-         needed); 1 of them run an Istio sidecar without the bootstrap keepalive template until \
-         restarted (Istio before 1.8 only)"
+         needed); 1 of them runs an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
+         template: restart it to mount it"
     );
     let deployment = on("Deployment");
     assert_eq!(deployment.regarding.uid.as_deref(), Some(DEPLOYMENT_UID));
@@ -356,6 +367,158 @@ async fn a_touch_between_read_and_patch_is_kept_and_the_labels_still_land() {
     assert_ne!(
         sent[0].1[0]["value"], sent[1].1[0]["value"],
         "a new resourceVersion"
+    );
+    drop(h);
+    server.await.unwrap();
+}
+
+/// A ReplicaSet without an owner (what a release platform creates per
+/// version), tagged on its own metadata only, and a pod it created from its
+/// template (which has no tag): after a pass both are `stage=normal`, so
+/// the ReplicaSet and its pods never split.
+#[tokio::test]
+async fn a_standalone_replicaset_tagged_on_its_metadata_only_agrees_with_its_pods() {
+    let rs_path = format!("{REPLICASETS}/web-v9");
+    let pod_path = format!("{PODS}/web-v9-x1");
+    let mut rs = replicaset("web-v9", json!({"app": "web", "release": "v9"}));
+    rs["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v9"});
+    rs["spec"]["template"]["metadata"]["labels"] = json!({"app": "web", "release": "v9"});
+    let mut its_pod = pod(
+        "web-v9-x1",
+        json!({"app": "web", "release": "v9"}),
+        json!({}),
+    );
+    its_pod["metadata"]["ownerReferences"][0]["name"] = json!("web-v9");
+    let fake = FakeApiServer::with(&[(rs_path.as_str(), rs), (pod_path.as_str(), its_pod)]);
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    let normal = json!({"app": "web", "release": "v9", "stage": "normal"});
+    assert_eq!(labels(&fake, &pod_path), normal);
+    assert_eq!(
+        labels(&fake, &rs_path),
+        normal,
+        "never gray while its pods are normal"
+    );
+    assert_eq!(
+        fake.get(&rs_path).unwrap()["spec"]["template"]["metadata"]["labels"],
+        json!({"app": "web", "release": "v9"}),
+        "its template untouched"
+    );
+    drop(h);
+    server.await.unwrap();
+}
+
+/// A running pod of `tests/fixtures/bootstrap-pods/` (a review's object:
+/// Istio-injected, of the ReplicaSet `checkout-7d9f8b6c5d`), named `name`.
+fn istio_pod(review: &str, name: &str) -> Value {
+    let doc: Value = serde_json::from_str(review).unwrap();
+    let mut pod = doc["request"]["object"].clone();
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["namespace"] = json!("shop");
+    pod
+}
+
+/// What a restart would give each labelled Istio pod, by its proxy's
+/// version: counted by reason, and said per reason in its owner's Event.
+#[tokio::test]
+async fn istio_pods_are_reported_by_what_a_restart_would_give_them() {
+    let fixture = |f: &str| match f {
+        "1.5" => include_str!("../../tests/fixtures/bootstrap-pods/injected-1.5.review.json"),
+        "1.7" => include_str!("../../tests/fixtures/bootstrap-pods/injected-1.7.review.json"),
+        "1.12" => include_str!("../../tests/fixtures/bootstrap-pods/injected-1.12.review.json"),
+        "1.22" => include_str!("../../tests/fixtures/bootstrap-pods/injected-1.22.review.json"),
+        _ => include_str!("../../tests/fixtures/bootstrap-pods/native-sidecar-1.27.review.json"),
+    };
+    let mut unknown = istio_pod(fixture("1.22"), "checkout-unknown");
+    unknown["spec"]["containers"][1]["image"] = json!("docker.io/istio/proxyv2:latest");
+    let mut plain = istio_pod(fixture("1.5"), "checkout-plain");
+    plain["metadata"]["annotations"] = json!({});
+    plain["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    plain["spec"]["containers"] = json!([{"name": "checkout", "image": "shop/checkout:1"}]);
+    let pods = [
+        istio_pod(fixture("1.5"), "checkout-15"),
+        istio_pod(fixture("1.7"), "checkout-17"),
+        istio_pod(fixture("1.12"), "checkout-112"),
+        istio_pod(fixture("1.22"), "checkout-122"),
+        istio_pod(fixture("1.27"), "checkout-127"),
+        unknown,
+        plain,
+    ];
+    let paths: Vec<(String, Value)> = pods
+        .iter()
+        .map(|p| {
+            (
+                format!("{PODS}/{}", p["metadata"]["name"].as_str().unwrap()),
+                p.clone(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Value)> = paths.iter().map(|(p, o)| (p.as_str(), o.clone())).collect();
+    let fake = FakeApiServer::with(&refs);
+    let (client, server) = fake.client();
+    let mut h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+
+    let calls = fake.calls();
+    let whole_reads: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.method == Method::GET && c.path.starts_with(&format!("{PODS}/")))
+        .map(|c| c.path.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        whole_reads,
+        [
+            "checkout-112",
+            "checkout-122",
+            "checkout-127",
+            "checkout-15",
+            "checkout-17",
+            "checkout-unknown",
+        ],
+        "each Istio pod read whole once; the others not at all"
+    );
+    for (path, pod) in &paths {
+        let after = fake.get(path).unwrap();
+        assert_eq!(after["metadata"]["labels"]["stage"], "normal", "{path}");
+        assert_eq!(after["spec"], pod["spec"], "labels only: {path}");
+    }
+    for (reason, n) in [
+        ("template", 2),
+        ("agent-keepalive", 2),
+        ("istio-version-unknown", 1),
+    ] {
+        let line = format!(
+            "canary_injector_backfill_restart_for_bootstrap_total{{reason=\"{reason}\"}} {n}"
+        );
+        assert!(scraped(&h.registry, &line), "{line}");
+    }
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let on_rs = events
+        .iter()
+        .find(|e| e.regarding.name.as_deref() == Some("checkout-7d9f8b6c5d"))
+        .unwrap();
+    assert_eq!(
+        on_rs.note,
+        "added stage=normal to 6 Pods created before the webhook could label them (no restart \
+         needed); 2 of them run an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
+         template: restart them to mount it; 2 of them run an Istio 1.18+ sidecar without \
+         GRPC_KEEPALIVE_INTERVAL and GRPC_KEEPALIVE_TIMEOUT: restart them to set the agent \
+         keepalive; the Istio version of 1 of them is unknown (no version in the proxy image \
+         tag; set istio.proxyVersion): whether a restart would change their keepalive cannot \
+         be told"
     );
     drop(h);
     server.await.unwrap();
@@ -632,17 +795,27 @@ fn settings_follow_the_config() {
     let mut cfg = config();
     let s = BackfillSettings::from_config(&cfg).unwrap();
     assert_eq!(s.patches_per_second, 20);
-    assert!(s.report_bootstrap);
-    assert!(
-        !s.policy().bootstrap.enabled,
-        "never a mount on a running pod"
-    );
+    assert!(s.reports_restarts());
     assert_eq!(s.list_selector(), "canary-injector.io/inject!=false");
+    assert_eq!(
+        s.cluster_view("shop"),
+        crate::mutate::ClusterView::UNKNOWN,
+        "no view until one is given"
+    );
+    let version = crate::mutate::Version {
+        major: 1,
+        minor: 22,
+    };
+    let s = s.with_cluster_view(Arc::new(move |_: &str| crate::mutate::ClusterView {
+        bootstrap_configmap: crate::mutate::Availability::Present,
+        injector_version: Some(version),
+    }));
+    assert_eq!(s.cluster_view("shop").injector_version, Some(version));
     cfg.labels.opt_out_label = "example.com/skip".into();
     cfg.bootstrap.enabled = false;
     let s = BackfillSettings::from_config(&cfg).unwrap();
     assert_eq!(s.list_selector(), "example.com/skip!=false");
-    assert!(!s.report_bootstrap);
+    assert!(!s.reports_restarts());
     cfg.backfill.enabled = false;
     assert!(BackfillSettings::from_config(&cfg).is_none());
 }
@@ -662,4 +835,141 @@ fn status_codes_tell_conflicts_from_failures() {
         &kube::Error::Discovery(kube::error::DiscoveryError::MissingResource("x".into())),
         &[422]
     ));
+}
+
+/// A `Status` body as the apiserver sends it, read as kube reads it.
+fn api_error(body: Value) -> kube::Error {
+    kube::Error::Api(
+        serde_json::from_value::<kube::core::Status>(body)
+            .unwrap()
+            .boxed(),
+    )
+}
+
+/// The 422 of a JSON Patch whose `test` failed, as the apiserver answers
+/// it (`NewGenericServerResponse`: a generic message, no causes).
+fn failed_test() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "the server rejected our request due to an error in our request",
+           "reason": "Invalid", "details": {}, "code": 422})
+}
+
+/// A validation error (`NewInvalid`): the object and the fields named.
+fn validation_error(name: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("Pod \"{name}\" is invalid: metadata.labels: Invalid value: \
+                               \"gray\": must be no more than 63 characters"),
+           "reason": "Invalid",
+           "details": {"name": name, "kind": "Pod", "causes": [{
+               "reason": "FieldValueInvalid",
+               "message": "Invalid value: \"gray\": must be no more than 63 characters",
+               "field": "metadata.labels"}]},
+           "code": 422})
+}
+
+#[test]
+fn a_failed_test_is_told_from_a_validation_error() {
+    assert!(is_failed_test(&api_error(failed_test())));
+    // Versions that pass the patch library's error on as a cause.
+    let mut with_cause = failed_test();
+    with_cause["details"] = json!({"causes": [{"reason": "UnexpectedServerResponse",
+        "message": "testing value /metadata/resourceVersion failed: test failed"}]});
+    assert!(is_failed_test(&api_error(with_cause)));
+    let mut in_message = failed_test();
+    in_message["message"] = json!("Testing value /metadata/resourceVersion failed");
+    assert!(is_failed_test(&api_error(in_message)));
+    // Not one.
+    assert!(!is_failed_test(&api_error(validation_error("web-1"))));
+    let mut other = failed_test();
+    other["code"] = json!(500);
+    assert!(!is_failed_test(&api_error(other)));
+    let mut denied = validation_error("web-1");
+    denied["message"] = json!("admission webhook \"policy.example.com\" denied the request");
+    denied["details"] = json!({});
+    assert!(!is_failed_test(&api_error(denied)));
+}
+
+/// A 422 that is not a failed test (the apiserver refuses the labels) is
+/// counted as `invalid` and left: no second read, no retry, and the pass
+/// goes on with the next object.
+#[tokio::test]
+async fn a_validation_error_is_counted_and_not_retried() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let pods = [
+        pod("web-1", json!({"app": "web"}), json!({})),
+        pod("web-2", json!({"app": "web"}), json!({})),
+    ];
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(&pods, None));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    let body = validation_error("web-1");
+    call.respond(http::StatusCode::UNPROCESSABLE_ENTITY, &body);
+    // Straight on to the next pod: web-1 is not read again.
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-2")).await;
+    call.ok(&patched(&pods[1]["metadata"]));
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    assert_eq!(finish(api, pass, h.ctx).await, Action::requeue(RESYNC));
+    assert_eq!(h.counters.errors(INVALID), 1);
+    assert_eq!(h.counters.errors(CONFLICT), 0);
+    assert_eq!(h.counters.applies(), 1);
+}
+
+/// The generic 422 whose object turns out unchanged when read again: the
+/// test did not fail, the patch did; counted as `invalid`, not patched
+/// again (and not three times as a "conflict").
+#[tokio::test]
+async fn a_generic_422_on_an_unchanged_object_is_not_a_conflict() {
+    let (client, mut api) = mock_client();
+    let h = harness(client, &config());
+    let pass = tokio::spawn(backfill_namespace(namespace("shop"), h.ctx.clone()));
+    let unlabelled = pod("web-1", json!({"app": "web"}), json!({}));
+    api.expect(Method::GET, PODS)
+        .await
+        .ok(&metadata_list(std::slice::from_ref(&unlabelled), None));
+    let call = api.expect(Method::PATCH, &format!("{PODS}/web-1")).await;
+    call.respond(http::StatusCode::UNPROCESSABLE_ENTITY, &failed_test());
+    api.expect(Method::GET, &format!("{PODS}/web-1"))
+        .await
+        .ok(&patched(&unlabelled["metadata"]));
+    api.expect(Method::GET, REPLICASETS)
+        .await
+        .ok(&list("ReplicaSet", &[]));
+    finish(api, pass, h.ctx).await;
+    assert_eq!(h.counters.errors(INVALID), 1);
+    assert_eq!(h.counters.errors(CONFLICT), 0);
+}
+
+/// On the stateful apiserver: the refused pod keeps its labels, the others
+/// get theirs, and the metric says why.
+#[tokio::test]
+async fn refused_labels_leave_the_object_as_it_is_and_the_rest_labelled() {
+    let (a, b) = (format!("{PODS}/web-1"), format!("{PODS}/web-2"));
+    let fake = FakeApiServer::with(&[
+        (a.as_str(), pod("web-1", json!({"app": "web"}), json!({}))),
+        (b.as_str(), pod("web-2", json!({"app": "web"}), json!({}))),
+    ]);
+    fake.hook(Method::PATCH, &a, Hook::Reject(validation_error("web-1")));
+    let (client, server) = fake.client();
+    let h = harness(client, &config());
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(labels(&fake, &a), json!({"app": "web"}));
+    assert_eq!(labels(&fake, &b), json!({"app": "web", "stage": "normal"}));
+    assert_eq!(patches(&fake).len(), 2, "one patch each, none retried");
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_reconcile_errors_total{controller="backfill",reason="invalid"} 1"#
+    ));
+    assert!(scraped(
+        &h.registry,
+        r#"canary_injector_reconcile_errors_total{controller="backfill",reason="conflict"} 0"#
+    ));
+    drop(h);
+    server.await.unwrap();
 }

@@ -2,6 +2,8 @@
 //! [`Snapshot`] (a handful of GETs and LISTs, nothing written) and runs
 //! [`check`](super::check).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
@@ -169,8 +171,13 @@ pub async fn gather(
     let (cfg, config_error) = deployed_config(&client, target).await?;
     let webhook = webhook(&client, target).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let names: Vec<String> = match &target.only_namespace {
-        Some(ns) => vec![ns.clone()],
+    // Each namespace with its labels: `-n` names one whether or not it
+    // opted in (the rules say so when it has not).
+    let named: Vec<(String, BTreeMap<String, String>)> = match &target.only_namespace {
+        Some(ns) => {
+            let found = read(format!("Namespace {ns}"), namespaces.get(ns).await)?;
+            vec![(ns.clone(), found.metadata.labels.unwrap_or_default())]
+        }
         None => {
             let selector = cfg.namespaces.opt_in_selector();
             read(
@@ -181,7 +188,7 @@ pub async fn gather(
             )?
             .items
             .into_iter()
-            .filter_map(|n| n.metadata.name)
+            .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
             .collect()
         }
     };
@@ -202,8 +209,17 @@ pub async fn gather(
             Discovered::Ready(apis) => Some((apis.destination_rules, apis.virtual_services)),
             Discovered::NoIstio | Discovered::NoEndpointSlices => None,
         };
-    let mut views = Vec::with_capacity(names.len());
-    for name in names {
+    let mut views = Vec::with_capacity(named.len());
+    for (name, labels) in named {
+        // Not the webhook's to check: nothing more to read there.
+        if cfg.namespaces.is_excluded(&name) || !cfg.namespaces.opts_in(&labels) {
+            views.push(NamespaceView {
+                name,
+                labels,
+                ..NamespaceView::default()
+            });
+            continue;
+        }
         let services: Api<Service> = Api::namespaced(client.clone(), &name);
         let services = read(
             format!("Services in {name}"),
@@ -254,6 +270,7 @@ pub async fn gather(
         };
         views.push(NamespaceView {
             name,
+            labels,
             pods: pods.items.iter().map(json).collect(),
             replicasets: rss.items.iter().map(json).collect(),
             bootstrap_copy: copy,

@@ -85,6 +85,7 @@ fn sound(t: &Tls) -> Snapshot {
         bootstrap_source: Some(template()),
         namespaces: vec![NamespaceView {
             name: "shop".into(),
+            labels: opt_in(),
             pods: vec![
                 pod(
                     "checkout-7d9f-a",
@@ -249,7 +250,7 @@ fn a_pod_without_stage_is_an_error() {
 }
 
 #[test]
-fn opted_out_mirror_and_excluded_pods_are_not_findings() {
+fn opted_out_and_mirror_pods_are_not_findings() {
     let t = tls(365);
     let mut s = sound(&t);
     shop(&mut s).pods.push(pod(
@@ -265,11 +266,95 @@ fn opted_out_mirror_and_excluded_pods_are_not_findings() {
         None,
     ));
     assert!(report(&s).findings.is_empty());
+}
+
+/// `check -n other` on a namespace that never opted in: one finding that
+/// says so and how to opt in, not a `pod-without-stage` for every pod.
+#[test]
+fn a_namespace_that_has_not_opted_in_is_one_finding_not_its_pods() {
+    let t = tls(365);
+    let mut s = sound(&t);
+    let mut other = s.namespaces[0].clone();
+    other.name = "other".into();
+    other.labels = BTreeMap::from([("team".into(), "shop".into())]);
+    other.pods = vec![
+        pod("web-1", json!({"app": "web"}), json!({}), None),
+        pod("web-2", json!({"app": "web"}), json!({}), None),
+    ];
+    s.namespaces = vec![other];
+    let r = report(&s);
+    assert_eq!(
+        r.findings,
+        [Finding {
+            severity: Severity::Error,
+            code: "namespace-not-opted-in",
+            place: "other".into(),
+            message: "namespace other has not opted in (no canary-injection=enabled): the \
+                      webhook labels none of its pods and no controller acts on it, so it was \
+                      not checked"
+                .into(),
+            fix: "kubectl label namespace other canary-injection=enabled".into(),
+        }]
+    );
+    assert_eq!((r.namespaces, r.pods), (1, 0), "its pods were not checked");
+    // The fix uses the configured selector.
+    let mut cfg = Config::default();
+    cfg.namespaces.opt_in =
+        BTreeMap::from([("mesh".into(), "on".into()), ("team".into(), "shop".into())]);
+    let f = &check(&s, cfg.policy()).findings[0];
+    assert_eq!(f.fix, "kubectl label namespace other mesh=on team=shop");
+    assert!(
+        f.message.contains("(no mesh=on,team=shop)"),
+        "{}",
+        f.message
+    );
+}
+
+/// An excluded namespace is one finding too: labelled to opt in (the
+/// apiserver then calls the webhook for its pods for nothing, and a webhook
+/// outage blocks them), or named with `-n`.
+#[test]
+fn an_excluded_namespace_is_one_finding_not_its_pods() {
+    let t = tls(365);
+    let mut s = sound(&t);
     let mut system = s.namespaces[0].clone();
     system.name = "kube-system".into();
     system.pods = vec![pod("coredns", json!({}), json!({}), None)];
     s.namespaces.push(system);
-    assert!(report(&s).findings.is_empty());
+    let r = report(&s);
+    assert_eq!(codes(&r), ["namespace-excluded"], "{:#?}", r.findings);
+    let f = &r.findings[0];
+    assert_eq!(
+        (f.severity, f.place.as_str()),
+        (Severity::Warning, "kube-system")
+    );
+    assert_eq!(
+        f.message,
+        "namespace kube-system is labelled canary-injection=enabled but canary-injector never \
+         acts on it (namespaces.excluded): its pods get no labels, yet the apiserver still calls \
+         the webhook for them, and with failurePolicy Fail their creation stops while the \
+         webhook is down"
+    );
+    assert_eq!(
+        f.fix,
+        "kubectl label namespace kube-system canary-injection-"
+    );
+    assert_eq!(r.pods, 2, "only shop's pods");
+    // `check -n canary-injector` (its own, not labelled).
+    let mut cfg = Config::default();
+    cfg.namespaces.own = Some("canary-injector".into());
+    let own = NamespaceView {
+        name: "canary-injector".into(),
+        ..NamespaceView::default()
+    };
+    s.namespaces = vec![own];
+    let f = &check(&s, cfg.policy()).findings[0];
+    assert_eq!(f.code, "namespace-excluded");
+    assert_eq!(
+        f.message,
+        "canary-injector never acts on namespace canary-injector (the webhook's own namespace): \
+         its pods are not labelled, so it was not checked"
+    );
 }
 
 #[test]
@@ -413,6 +498,45 @@ fn the_json_output_has_every_field() {
     assert_eq!(out["findings"][0]["severity"], "error");
 }
 
+/// The README's description of `-o json` names the keys the code prints,
+/// against a cluster (`pods`) and with `-f` (`workloads`).
+#[test]
+fn the_readme_describes_the_json_both_modes_print() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## Is canary routing sound here?")
+        .nth(1)
+        .expect("README has the check section");
+    let section = section.split("\n## ").next().unwrap().replace('\n', " ");
+    let t = tls(365);
+    let cluster = report(&sound(&t)).to_json();
+    let manifests = manifests::check_documents(
+        include_str!("../../tests/fixtures/check/sound.yaml"),
+        "sound.yaml",
+        &Config::default(),
+    )
+    .unwrap()
+    .to_json();
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .map(|k| format!("\"{k}\""))
+            .collect()
+    };
+    for out in [&cluster, &manifests] {
+        let checked = format!("\"checked\": {{{}}}", keys(&out["checked"]).join(", "));
+        assert!(section.contains(&checked), "README lacks {checked}");
+        assert_eq!(keys(out), ["\"sound\"", "\"checked\"", "\"findings\""]);
+    }
+    assert_eq!(keys(&manifests["checked"])[1], "\"workloads\"");
+    let finding = keys(&two_findings().to_json()["findings"][0]).join(", ");
+    assert!(
+        section.contains(&format!("[{{{finding}}}]")),
+        "README lacks {finding}"
+    );
+}
+
 // === against a recorded cluster ===
 
 fn b64(s: &str) -> String {
@@ -523,6 +647,50 @@ async fn the_adapter_reads_the_cluster_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn check_n_on_a_namespace_that_has_not_opted_in_reads_nothing_there() {
+    let t = tls(365);
+    let api = recorded(&t);
+    let (client, served) = api.client();
+    let target = cluster::Target {
+        only_namespace: Some("other".into()),
+        ..cluster::Target::default()
+    };
+    let report = cluster::run(client, &target, t.not_after - 100 * DAY)
+        .await
+        .unwrap();
+    served.await.unwrap();
+    assert_eq!(
+        codes(&report),
+        ["namespace-not-opted-in"],
+        "{:#?}",
+        report.findings
+    );
+    assert_eq!(
+        report.findings[0].fix,
+        "kubectl label namespace other canary-injection=enabled"
+    );
+    assert!(!report.is_sound());
+    let calls = api.calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| !c.path.starts_with("/api/v1/namespaces/other/")),
+        "nothing read in it: {calls:#?}"
+    );
+    // A namespace that does not exist is a usage error, not a report.
+    let (client, _served) = api.client();
+    let target = cluster::Target {
+        only_namespace: Some("nope".into()),
+        ..cluster::Target::default()
+    };
+    let err = cluster::run(client, &target, 0).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot read Namespace nope:"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn an_api_failure_names_what_could_not_be_read() {
     let t = tls(365);
     let api = recorded(&t);
@@ -537,6 +705,117 @@ async fn an_api_failure_names_what_could_not_be_read() {
         .unwrap_err();
     assert!(
         err.to_string().starts_with("cannot read pods in shop:"),
+        "{err}"
+    );
+}
+
+// === against recorded cluster states (tests/fixtures/check/cluster/) ===
+
+/// Where the apiserver serves `object` (a recorded item: an object, or a
+/// discovery document).
+fn api_path(object: &Value) -> String {
+    let kind = object["kind"].as_str().unwrap();
+    match kind {
+        "APIGroup" => return format!("/apis/{}", object["name"].as_str().unwrap()),
+        "APIResourceList" => {
+            return format!("/apis/{}", object["groupVersion"].as_str().unwrap());
+        }
+        _ => {}
+    }
+    let api = match object["apiVersion"].as_str().unwrap() {
+        "v1" => "/api/v1".to_owned(),
+        group_version => format!("/apis/{group_version}"),
+    };
+    let plural = format!("{}s", kind.to_lowercase());
+    let name = object["metadata"]["name"].as_str().unwrap();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{api}/namespaces/{ns}/{plural}/{name}"),
+        None => format!("{api}/{plural}/{name}"),
+    }
+}
+
+/// The webhook installed and healthy (a CA and a serving certificate valid
+/// until 2126), Istio's and EndpointSlices' APIs served.
+const INSTALL: &str = include_str!("../../tests/fixtures/check/cluster/install.json");
+/// `shop` sound: a normal and a gray pod agreeing with their ReplicaSets,
+/// ready, routed by a hand-written DestinationRule and VirtualService.
+const SOUND: &str = include_str!("../../tests/fixtures/check/cluster/sound.json");
+/// `shop`: a pod from before the webhook, a release split by a tag on a
+/// Deployment's own metadata; `pay`: a routed canary subset whose only pod
+/// is not ready.
+const FINDINGS: &str = include_str!("../../tests/fixtures/check/cluster/findings.json");
+/// What `check -o json` prints for [`FINDINGS`].
+const FINDINGS_OUT: &str = include_str!("../../tests/fixtures/check/cluster/findings.out.json");
+
+/// A recorded state (`kind: List` files, as `kubectl get -o json` writes
+/// them) in the stateful fake apiserver.
+fn state(lists: &[&str]) -> crate::testing::FakeApiServer {
+    let objects: Vec<(String, Value)> = lists
+        .iter()
+        .flat_map(|text| {
+            let list: Value = serde_json::from_str(text).unwrap();
+            list["items"].as_array().unwrap().clone()
+        })
+        .map(|item| (api_path(&item), item))
+        .collect();
+    let refs: Vec<(&str, Value)> = objects
+        .iter()
+        .map(|(path, o)| (path.as_str(), o.clone()))
+        .collect();
+    crate::testing::FakeApiServer::with(&refs)
+}
+
+/// 2030-01-01: well inside the recorded certificate's validity.
+const RECORDED_NOW: i64 = 1_893_456_000;
+
+async fn check_recorded(lists: &[&str], target: &cluster::Target) -> Report {
+    let api = state(lists);
+    let (client, served) = api.client();
+    let report = cluster::run(client, target, RECORDED_NOW).await.unwrap();
+    served.await.unwrap();
+    assert!(
+        api.calls().iter().all(|c| !c.is_write()),
+        "check only reads"
+    );
+    report
+}
+
+#[tokio::test]
+async fn a_recorded_namespace_with_unlabelled_pods_a_split_release_and_an_unready_subset() {
+    let report = check_recorded(&[INSTALL, FINDINGS], &cluster::Target::default()).await;
+    let expected: Value = serde_json::from_str(FINDINGS_OUT).unwrap();
+    assert_eq!(report.to_json(), expected, "{:#}", report.to_json());
+    assert!(!report.is_sound(), "exit code 1");
+}
+
+#[tokio::test]
+async fn a_recorded_sound_namespace_has_no_findings() {
+    let report = check_recorded(&[INSTALL, SOUND], &cluster::Target::default()).await;
+    assert_eq!(
+        report.to_json(),
+        json!({"sound": true, "checked": {"namespaces": 1, "pods": 2}, "findings": []})
+    );
+    assert!(report.is_sound(), "exit code 0");
+    // The namespace that has not opted in, named with -n.
+    let target = cluster::Target {
+        only_namespace: Some("other".into()),
+        ..cluster::Target::default()
+    };
+    let report = check_recorded(&[INSTALL, SOUND], &target).await;
+    assert_eq!(codes(&report), ["namespace-not-opted-in"]);
+}
+
+#[tokio::test]
+async fn a_recorded_cluster_whose_api_fails_is_an_error_not_a_report() {
+    let api = state(&[INSTALL, SOUND]);
+    api.outage(Some(503));
+    let (client, _served) = api.client();
+    let err = cluster::run(client, &cluster::Target::default(), RECORDED_NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot read ConfigMap canary-injector/canary-injector-config:"),
         "{err}"
     );
 }

@@ -145,9 +145,7 @@ pub(super) fn run(args: CertsArgs) -> Result<(), Failure> {
             .or_failed()?;
         runtime
             .block_on(async {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("cannot configure the Kubernetes client")?;
+                let client = canary_injector::cluster::connect(super::CONNECT_LIMIT).await?;
                 anyhow::Ok(certs::cluster::ensure(client, &target).await?)
             })
             .or_failed()?

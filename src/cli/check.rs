@@ -9,7 +9,7 @@ use clap::ValueEnum;
 
 use canary_injector::check::{self, cluster::Target};
 
-use super::{Failure, OrFail, load_config, read_input, source_name};
+use super::{CONNECT_LIMIT, Failure, OrFail, load_config, read_input, source_name};
 
 /// How the report is printed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -85,9 +85,7 @@ pub(super) fn run(args: CheckArgs) -> Result<(), Failure> {
         .or_failed()?;
     let report = runtime
         .block_on(async {
-            let client = kube::Client::try_default()
-                .await
-                .context("cannot configure the Kubernetes client")?;
+            let client = canary_injector::cluster::connect(CONNECT_LIMIT).await?;
             anyhow::Ok(check::cluster::run(client, &target, now).await?)
         })
         .or_usage()?;

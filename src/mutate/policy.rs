@@ -180,6 +180,13 @@ impl NamespacePolicy {
         self.own.as_deref() == Some(namespace) || self.excluded.iter().any(|ns| ns == namespace)
     }
 
+    /// True when a namespace with `labels` has opted in: it carries every
+    /// `optIn` label (what the webhook's `namespaceSelector.matchLabels`
+    /// and the controllers' watches select).
+    pub fn opts_in(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.opt_in.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
     /// The opt-in labels as a label selector string for watches and list
     /// calls (`canary-injection=enabled`; keys in order, comma-separated).
     pub fn opt_in_selector(&self) -> String {
@@ -434,6 +441,28 @@ mod tests {
                 p.opt_in.insert("ok".into(), "-bad".into());
             }),
             "namespaces.optIn"
+        );
+    }
+
+    #[test]
+    fn a_namespace_opts_in_with_every_opt_in_label() {
+        let ns = NamespacePolicy::default();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(ns.opts_in(&labels(&[("canary-injection", "enabled"), ("team", "a")])));
+        assert!(!ns.opts_in(&labels(&[("canary-injection", "disabled")])));
+        assert!(!ns.opts_in(&labels(&[])));
+        let everything = NamespacePolicy {
+            opt_in: BTreeMap::new(),
+            ..NamespacePolicy::default()
+        };
+        assert!(
+            everything.opts_in(&labels(&[])),
+            "an empty selector selects all"
         );
     }
 

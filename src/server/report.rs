@@ -2,7 +2,7 @@
 //! Kubernetes Event (type Warning) on the owner of an object a controller
 //! created, for each warning and for a deny (nobody reads the admission
 //! warnings of a pod a ReplicaSet created), and the count of rewritten
-//! tags. Events only queue ([`EventSink::emit`] never blocks: a full queue
+//! tags (once per object that carries the tag itself: [`counts_tag`]). Events only queue ([`EventSink::emit`] never blocks: a full queue
 //! drops and counts), so a slow or failing event publisher never slows or
 //! fails a review. Dry-run reviews leave nothing (`sideEffects:
 //! NoneOnDryRun`).
@@ -22,17 +22,32 @@ pub(super) fn report(state: &State, reviewed: &Reviewed) {
     if reviewed.dry_run {
         return;
     }
-    let rewritten = reviewed
-        .warning_reasons
-        .iter()
-        .filter(|r| **r == TAG_REWRITTEN)
-        .count();
-    if rewritten > 0 {
-        state.metrics.tags_rewritten(rewritten as u64);
+    if counts_tag(reviewed) {
+        let rewritten = reviewed
+            .warning_reasons
+            .iter()
+            .filter(|r| **r == TAG_REWRITTEN)
+            .count();
+        if rewritten > 0 {
+            state.metrics.tags_rewritten(rewritten as u64);
+        }
     }
     for event in owner_events(reviewed) {
         state.events.emit(event);
     }
+}
+
+/// Whether a rewritten tag in `reviewed` is counted: once per object that
+/// carries the tag itself, when it takes it on. That is an object without
+/// a managing controller (a workload, a Pod or ReplicaSet someone created)
+/// at its `CREATE`, or at an `UPDATE` that copies a changed tag into its
+/// pod template. Not the ReplicaSets and Pods a controller creates from a
+/// template (they inherit the tag: a Deployment of 50 replicas would count
+/// 52, and every restart once more), nor a workload's other `UPDATE`s.
+/// Their warnings still become Events on their owners.
+fn counts_tag(reviewed: &Reviewed) -> bool {
+    reviewed.owner.is_none()
+        && (reviewed.operation == "CREATE" || reviewed.mutations.contains(&"template-tag"))
 }
 
 /// One Event per warning and one for a deny, on the object's managing

@@ -106,10 +106,10 @@ async fn a_rewritten_tag_on_an_owned_pod_is_an_event_on_its_replicaset() {
                 .into(),
         }]
     );
-    assert!(scraped(
-        &h.registry,
-        "canary_injector_tags_rewritten_total 1"
-    ));
+    assert!(
+        scraped(&h.registry, "canary_injector_tags_rewritten_total 0"),
+        "the pod inherits the tag from its ReplicaSet's template: counted where it is set"
+    );
 }
 
 #[tokio::test]
@@ -183,11 +183,93 @@ async fn a_full_event_queue_never_holds_a_review_back() {
         &h.registry,
         r#"canary_injector_events_total{outcome="dropped"} 49"#
     ));
-    assert!(scraped(
-        &h.registry,
-        "canary_injector_tags_rewritten_total 50"
-    ));
     drop(h.queue);
+}
+
+/// The review of `fixture` (`tests/fixtures/workloads/`).
+fn workload_review(fixture: &str) -> Value {
+    let text = match fixture {
+        "deployment-create" => {
+            include_str!("../../../tests/fixtures/workloads/deployment-create.review.json")
+        }
+        "deployment-tag-changed" => {
+            include_str!("../../../tests/fixtures/workloads/deployment-tag-changed.review.json")
+        }
+        "deployment-image-update" => {
+            include_str!("../../../tests/fixtures/workloads/deployment-image-update.review.json")
+        }
+        _ => include_str!(
+            "../../../tests/fixtures/workloads/owned-replicaset-tag-on-metadata.review.json"
+        ),
+    };
+    serde_json::from_str(text).unwrap()
+}
+
+/// A rewritten tag counts once, on the object that carries it: a
+/// Deployment tagged `feature/Payment_v2` counts 1 at its `CREATE`, not
+/// again for its ReplicaSet and each of its pods (they inherit the tag from
+/// its template), nor at an `UPDATE` that leaves the tag as it is; an
+/// `UPDATE` that changes the tag counts again.
+#[tokio::test]
+async fn a_rewritten_tag_counts_once_per_object_that_carries_it() {
+    let h = harness(64);
+    let count = |n: u64| {
+        assert!(
+            scraped(
+                &h.registry,
+                &format!("canary_injector_tags_rewritten_total {n}")
+            ),
+            "expected {n}"
+        );
+    };
+    let out = answer_at_once(&h.state, &workload_review("deployment-create")).await;
+    assert!(
+        out["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("not a valid label value")
+    );
+    count(1);
+    // Its ReplicaSet, tagged in its template (copied from the Deployment's),
+    // and three pods created from it.
+    let mut rs = workload_review("owned-replicaset-tag-on-metadata");
+    rs["request"]["object"]["spec"]["template"]["metadata"]["annotations"] =
+        json!({"canary-injector.io/tag": "feature/Payment_v2"});
+    let out = answer_at_once(&h.state, &rs).await;
+    assert_eq!(out["response"]["allowed"], true);
+    for _ in 0..3 {
+        answer_at_once(
+            &h.state,
+            &owned_pod_review(json!({"canary-injector.io/tag": "feature/Payment_v2"})),
+        )
+        .await;
+    }
+    count(1);
+    // An UPDATE that leaves the tag (here: an image change).
+    let mut same = workload_review("deployment-image-update");
+    for at in [
+        "/request/object/metadata/annotations",
+        "/request/object/spec/template/metadata/annotations",
+    ] {
+        same.pointer_mut(at).unwrap()["canary-injector.io/tag"] = json!("feature/Payment_v2");
+    }
+    answer_at_once(&h.state, &same).await;
+    count(1);
+    // An UPDATE that changes it to another one that needs rewriting.
+    let mut changed = workload_review("deployment-tag-changed");
+    changed["request"]["object"]["metadata"]["annotations"]["canary-injector.io/tag"] =
+        json!("feature/Payment_v3");
+    let out = answer_at_once(&h.state, &changed).await;
+    assert_eq!(out["response"]["patchType"], "JSONPatch");
+    count(2);
+    // A pod someone creates by hand carries its own tag: counted.
+    let mut standalone = owned_pod_review(rewritten_tag());
+    standalone["request"]["object"]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ownerReferences");
+    answer_at_once(&h.state, &standalone).await;
+    count(3);
 }
 
 #[test]
