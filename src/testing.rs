@@ -7,6 +7,12 @@
 //! object, a list, a watch stream line, or a `Status` failure with its code.
 //! A request that never comes times out in [`MockApi::next`]; a request that
 //! should not come fails [`MockApi::expect_no_more`].
+//!
+//! Tests that care about state rather than the exact order of calls (the
+//! controllers, backfill, the lease, `check`) use [`FakeApiServer`]: one
+//! in-memory apiserver model (objects, lists, watches, patches,
+//! preconditions, discovery) shared by every module, so what the fake gets
+//! right or wrong about the apiserver it gets right or wrong once.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -204,6 +210,9 @@ pub fn list(kind: &str, resource_version: &str, items: Vec<Value>) -> Value {
 /// What a [`FakeApiServer`] saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// When it came (tokio's clock, so paused-time tests can measure
+    /// intervals between writes).
+    pub at: tokio::time::Instant,
     /// HTTP method.
     pub method: Method,
     /// URI path.
@@ -223,6 +232,15 @@ impl Seen {
     pub fn is_write(&self) -> bool {
         self.method != Method::GET
     }
+
+    /// `METHOD path`, for assertions on the order of calls.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+
+    fn is_watch(&self) -> bool {
+        self.method == Method::GET && self.query.get("watch").is_some_and(|w| w == "true")
+    }
 }
 
 /// What a [`FakeApiServer`] does just before it handles a matching request.
@@ -231,34 +249,72 @@ pub enum Hook {
     /// Answer with this status (a `Status` failure) instead.
     Fail(u16),
     /// Another writer changes the object first: new `resourceVersion` and
-    /// a label `touched-by: someone-else`.
+    /// a label `touched-by: someone-else` (watches see the change).
     Touch,
     /// Answer with this `Status` body (its `code` is the HTTP status):
     /// what a validation error or a policy looks like.
     Reject(Value),
 }
 
+/// An API group the server may or may not serve (a CRD's group).
+struct Group {
+    /// Versions served, preferred first; empty: the group is not served.
+    versions: Vec<String>,
+    /// (plural, kind) of every resource, in every version.
+    resources: Vec<(String, String)>,
+}
+
+/// A watch: what it selects, from which version.
+struct Watch {
+    collection: String,
+    query: BTreeMap<String, String>,
+    /// Asked for `PartialObjectMetadata`: events carry metadata only.
+    metadata_only: bool,
+    /// The `resourceVersion` it watches from.
+    since: u64,
+}
+
+/// A watch held open until an event it selects happens.
+struct Parked {
+    watch: Watch,
+    reply: tower_test::mock::SendResponse<Response<Body>>,
+}
+
 #[derive(Default)]
 struct FakeState {
     objects: BTreeMap<String, Value>,
     version: u64,
+    /// Every change: (resourceVersion, path, old, new).
+    log: Vec<(u64, String, Option<Value>, Option<Value>)>,
     calls: Vec<Seen>,
     hooks: Vec<(Method, String, Hook)>,
     /// While set, every request gets this status (an outage).
     outage: Option<u16>,
-    parked: Vec<tower_test::mock::SendResponse<Response<Body>>>,
+    parked: Vec<Parked>,
+    /// Groups whose serving a test controls, by name.
+    groups: BTreeMap<String, Group>,
+    /// Collections that must be read as `PartialObjectMetadata`.
+    metadata_only: Vec<String>,
+    /// Reads of those collections that asked for whole objects.
+    full_reads: Vec<String>,
 }
 
 /// An in-memory apiserver that keeps objects by URL path and answers as the
 /// real one does, for tests that care about state and exact calls:
 /// - `GET` of an object (200, or a 404 `Status`); of a collection (a list,
-///   filtered by equality `labelSelector` and `metadata.name`/
-///   `metadata.namespace` `fieldSelector`; `/api/v1/pods` lists every
-///   namespace; paged by `limit`, with a `continue` token while more
-///   remain); a `watch=true` request is held open with no events;
-/// - an `Accept` of `as=PartialObjectMetadata(List)` (kube's
-///   `*_metadata` calls) gets metadata only;
-/// - `POST` to a collection: create (409 `AlreadyExists`);
+///   filtered by `labelSelector` and `metadata.name`/`metadata.namespace`
+///   `fieldSelector`; `/api/v1/pods` lists every namespace; paged by
+///   `limit`, with a `continue` token while more remain);
+/// - `watch=true`: held open until something it selects changes after its
+///   `resourceVersion`, then answered with those events (`ADDED`,
+///   `MODIFIED`, `DELETED`; an object that stops matching the selector is
+///   `DELETED` for that watch) and ended, so the watcher watches again;
+/// - an `Accept` of `as=PartialObjectMetadata(List)` (kube's metadata
+///   calls and `PartialObjectMeta` watches) gets metadata only;
+///   [`FakeApiServer::require_metadata_only`] records reads of chosen
+///   collections that did not ask for it;
+/// - `POST` to a collection: create (409 `AlreadyExists`, 422 without a
+///   name); the namespace comes from the URL;
 /// - `PUT`: replace (404 when absent, 409 when the `resourceVersion` is not
 ///   the stored one);
 /// - `PATCH` server-side apply (`application/apply-patch+yaml`:
@@ -266,7 +322,11 @@ struct FakeState {
 ///   `resourceVersion`; else 409 on a `resourceVersion` mismatch, 422 on a
 ///   `type` change; merges maps key by key), RFC 6902 JSON Patch (a failed
 ///   `test` or path gives 422) and merge patch (RFC 7386);
-/// - `DELETE` (200 with the object, or 404).
+/// - `DELETE` (200 with the object, 404, or 409 when a `uid` or
+///   `resourceVersion` precondition does not hold);
+/// - discovery of the groups a test declares ([`FakeApiServer::serve_group`]):
+///   while a group is not served, its discovery and every path under it
+///   are 404, as when a CRD is not installed.
 ///
 /// Every write bumps a cluster-wide `resourceVersion`. Every request is
 /// recorded ([`FakeApiServer::calls`]); failures and concurrent writers can
@@ -289,12 +349,15 @@ impl FakeApiServer {
         server
     }
 
-    /// Stores `object` at `path` as a write would (new `resourceVersion`).
-    pub fn put(&self, path: &str, mut object: Value) {
-        let mut s = self.0.lock().unwrap();
-        s.version += 1;
-        object["metadata"]["resourceVersion"] = json!(s.version.to_string());
-        s.objects.insert(path.to_owned(), object);
+    /// Stores `object` at `path` as another writer would (new
+    /// `resourceVersion`, a `uid` when it has none); watches see it.
+    pub fn put(&self, path: &str, object: Value) {
+        self.0.lock().unwrap().store(path, Some(object));
+    }
+
+    /// Another writer deletes the object at `path`; watches see it.
+    pub fn delete(&self, path: &str) {
+        self.0.lock().unwrap().store(path, None);
     }
 
     /// The object at `path`.
@@ -316,6 +379,36 @@ impl FakeApiServer {
         self.0.lock().unwrap().outage = code;
     }
 
+    /// Declares `group` with these versions served (preferred first) and
+    /// resources (plural, kind); no versions: the group is not served.
+    pub fn serve_group(&self, group: &str, versions: &[&str], resources: &[(&str, &str)]) {
+        let group_state = Group {
+            versions: versions.iter().map(|v| (*v).to_owned()).collect(),
+            resources: resources
+                .iter()
+                .map(|(p, k)| ((*p).to_owned(), (*k).to_owned()))
+                .collect(),
+        };
+        self.0
+            .lock()
+            .unwrap()
+            .groups
+            .insert(group.to_owned(), group_state);
+    }
+
+    /// Requires reads of these collections (`/api/v1/pods`, ...) to ask for
+    /// metadata only; see [`FakeApiServer::full_reads`].
+    pub fn require_metadata_only(&self, collections: &[&str]) {
+        self.0.lock().unwrap().metadata_only =
+            collections.iter().map(|c| (*c).to_owned()).collect();
+    }
+
+    /// The reads of [`FakeApiServer::require_metadata_only`] collections
+    /// that asked for whole objects.
+    pub fn full_reads(&self) -> Vec<String> {
+        self.0.lock().unwrap().full_reads.clone()
+    }
+
     /// The requests recorded so far, keeping them.
     pub fn seen(&self) -> Vec<Seen> {
         self.0.lock().unwrap().calls.clone()
@@ -334,6 +427,7 @@ impl FakeApiServer {
         let task = tokio::spawn(async move {
             while let Some(call) = api.next_or_end().await {
                 let seen = Seen {
+                    at: tokio::time::Instant::now(),
                     method: call.method.clone(),
                     path: call.path.clone(),
                     query: call.query.clone(),
@@ -341,65 +435,239 @@ impl FakeApiServer {
                     accept: call.accept.clone(),
                     body: call.body.clone(),
                 };
-                if seen.method == Method::GET && call.is_watch() {
-                    server.0.lock().unwrap().calls.push(seen);
-                    let parked = call.park();
-                    server.0.lock().unwrap().parked.push(parked);
-                    continue;
+                let mut s = server.0.lock().unwrap();
+                match s.handle(seen) {
+                    Answer::Now(code, body) => {
+                        drop(s);
+                        call.respond(code, &body);
+                    }
+                    Answer::Watch(watch) => {
+                        let reply = call.park();
+                        s.parked.push(Parked { watch, reply });
+                        s.flush();
+                    }
                 }
-                let metadata_only = seen.accept.contains("as=PartialObjectMetadata");
-                let (code, body) = server.handle(seen);
-                let body = if metadata_only && code.is_success() {
-                    partial_metadata(body)
-                } else {
-                    body
-                };
-                call.respond(code, &body);
             }
         });
         (client, task)
     }
+}
 
-    fn handle(&self, call: Seen) -> (StatusCode, Value) {
-        let mut s = self.0.lock().unwrap();
-        s.calls.push(call.clone());
-        if let Some(code) = s.outage {
-            return failure(code, "InternalError", "etcdserver: request timed out");
+/// How a request is answered: now, or (a watch) when events come.
+enum Answer {
+    Now(StatusCode, Value),
+    Watch(Watch),
+}
+
+impl FakeState {
+    /// Stores (or deletes, with `None`) an object under a new
+    /// `resourceVersion`, logs the change and answers the watches it
+    /// concerns. Returns what is stored.
+    fn store(&mut self, path: &str, object: Option<Value>) -> Option<Value> {
+        self.version += 1;
+        let version = self.version;
+        let old = self.objects.get(path).cloned();
+        let new = object.map(|mut o| {
+            o["metadata"]["resourceVersion"] = json!(version.to_string());
+            if o["metadata"].get("uid").is_none() {
+                o["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{version:012}"));
+            }
+            o
+        });
+        match &new {
+            Some(o) => self.objects.insert(path.to_owned(), o.clone()),
+            None => self.objects.remove(path),
+        };
+        self.log.push((version, path.to_owned(), old, new.clone()));
+        self.flush();
+        new
+    }
+
+    /// Answers every parked watch that has events past its version.
+    fn flush(&mut self) {
+        for p in std::mem::take(&mut self.parked) {
+            let w = &p.watch;
+            let shape = |o: Value| {
+                if w.metadata_only {
+                    partial_metadata(o)
+                } else {
+                    o
+                }
+            };
+            let mut body = Vec::new();
+            for (rv, path, old, new) in &self.log {
+                if *rv <= w.since || !in_collection(path, &w.collection) {
+                    continue;
+                }
+                let matches = |o: &Option<Value>| o.as_ref().is_some_and(|o| selected(o, &w.query));
+                let event = match (matches(old), matches(new)) {
+                    (false, true) => {
+                        json!({"type": "ADDED", "object": shape(new.clone().unwrap())})
+                    }
+                    (true, true) => {
+                        json!({"type": "MODIFIED", "object": shape(new.clone().unwrap())})
+                    }
+                    (true, false) => {
+                        // Deleted, or no longer selected: the last state, at
+                        // the version of the change.
+                        let mut gone = old.clone().unwrap();
+                        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+                        json!({"type": "DELETED", "object": shape(gone)})
+                    }
+                    (false, false) => continue,
+                };
+                body.extend(serde_json::to_vec(&event).unwrap());
+                body.push(b'\n');
+            }
+            if body.is_empty() {
+                self.parked.push(p);
+            } else {
+                p.reply.send_response(Response::new(Body::from(body)));
+            }
         }
-        let hook = s
+    }
+
+    /// Whether `path` is served: false under a declared group that is not
+    /// served, or in a version it does not serve.
+    fn serves(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix("/apis/") else {
+            return true;
+        };
+        let mut parts = rest.split('/');
+        let group = parts.next().unwrap_or("");
+        let version = parts.next();
+        self.groups.get(group).is_none_or(|g| {
+            !g.versions.is_empty() && version.is_none_or(|v| g.versions.iter().any(|s| s == v))
+        })
+    }
+
+    /// Discovery of a declared group (`/apis/<group>`, `/apis/<group>/<v>`).
+    fn discovery(&self, path: &str) -> Option<Value> {
+        let rest = path.strip_prefix("/apis/")?;
+        let (name, version) = match rest.split_once('/') {
+            Some((g, v)) if !v.contains('/') => (g, Some(v)),
+            Some(_) => return None,
+            None => (rest, None),
+        };
+        let group = self.groups.get(name)?;
+        let entry = |v: &str| json!({"groupVersion": format!("{name}/{v}"), "version": v});
+        Some(match version {
+            None => json!({
+                "kind": "APIGroup", "apiVersion": "v1", "name": name,
+                "versions": group.versions.iter().map(|v| entry(v)).collect::<Vec<_>>(),
+                "preferredVersion": entry(&group.versions[0]),
+            }),
+            Some(v) => json!({
+                "kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": format!("{name}/{v}"),
+                "resources": group.resources.iter().map(|(plural, kind)| json!({
+                    "name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                })).collect::<Vec<_>>(),
+            }),
+        })
+    }
+
+    /// Whether a read asks for metadata only; a read of a collection that
+    /// must ([`FakeApiServer::require_metadata_only`]) and does not is
+    /// recorded.
+    fn metadata_read(&mut self, call: &Seen, collection: bool) -> bool {
+        let metadata_only = call.accept.contains("as=PartialObjectMetadata");
+        let wanted = if !collection || call.is_watch() {
+            METADATA_ACCEPT
+        } else {
+            METADATA_LIST_ACCEPT
+        };
+        if collection && self.metadata_only.contains(&call.path) && call.accept != wanted {
+            self.full_reads.push(format!(
+                "{} {}{} with Accept {:?}",
+                call.method,
+                call.path,
+                if call.is_watch() { "?watch" } else { "" },
+                call.accept
+            ));
+        }
+        metadata_only
+    }
+
+    fn handle(&mut self, call: Seen) -> Answer {
+        self.calls.push(call.clone());
+        let now = |(code, body)| Answer::Now(code, body);
+        if let Some(code) = self.outage {
+            return now(failure(
+                code,
+                "InternalError",
+                "etcdserver: request timed out",
+            ));
+        }
+        let hook = self
             .hooks
             .iter()
             .position(|(m, p, _)| *m == call.method && *p == call.path)
-            .map(|i| s.hooks.remove(i).2);
+            .map(|i| self.hooks.remove(i).2);
         match hook {
-            Some(Hook::Fail(code)) => return failure(code, "InternalError", "injected failure"),
+            Some(Hook::Fail(code)) => {
+                return now(failure(code, "InternalError", "injected failure"));
+            }
             Some(Hook::Reject(body)) => {
                 let code = body["code"].as_u64().and_then(|c| u16::try_from(c).ok());
                 let code = code.and_then(|c| StatusCode::from_u16(c).ok());
-                return (code.expect("a Status with its code"), body);
+                return Answer::Now(code.expect("a Status with its code"), body);
             }
             Some(Hook::Touch) => {
-                s.version += 1;
-                let v = s.version.to_string();
-                let o = s
+                let mut o = self
                     .objects
-                    .get_mut(&call.path)
+                    .get(&call.path)
+                    .cloned()
                     .expect("touch an existing object");
-                o["metadata"]["resourceVersion"] = json!(v);
                 o["metadata"]["labels"]["touched-by"] = json!("someone-else");
+                self.store(&call.path, Some(o));
             }
             None => {}
         }
-        let stored = s.objects.get(&call.path).cloned();
-        let next_version = |s: &mut FakeState| {
-            s.version += 1;
-            json!(s.version.to_string())
+        if !self.serves(&call.path) {
+            return now(failure(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
+        if call.method == Method::GET
+            && let Some(discovery) = self.discovery(&call.path)
+        {
+            return Answer::Now(StatusCode::OK, discovery);
+        }
+        if call.is_watch() {
+            let metadata_only = self.metadata_read(&call, true);
+            return Answer::Watch(Watch {
+                since: call
+                    .query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                collection: call.path,
+                query: call.query,
+                metadata_only,
+            });
+        }
+        let metadata_only =
+            call.method == Method::GET && self.metadata_read(&call, is_collection(&call.path));
+        let (code, body) = self.respond(call);
+        let body = if metadata_only && code.is_success() {
+            partial_metadata(body)
+        } else {
+            body
         };
+        Answer::Now(code, body)
+    }
+
+    fn respond(&mut self, call: Seen) -> (StatusCode, Value) {
+        let stored = self.objects.get(&call.path).cloned();
         match call.method.clone() {
             Method::GET => match stored {
                 Some(o) => (StatusCode::OK, o),
                 None if is_collection(&call.path) => {
-                    let mut items: Vec<Value> = s
+                    let mut items: Vec<Value> = self
                         .objects
                         .iter()
                         .filter(|(p, o)| in_collection(p, &call.path) && selected(o, &call.query))
@@ -412,7 +680,7 @@ impl FakeApiServer {
                     items.drain(..from.min(items.len()));
                     let more = items.len() > limit;
                     items.truncate(limit);
-                    let mut metadata = json!({"resourceVersion": s.version.to_string()});
+                    let mut metadata = json!({"resourceVersion": self.version.to_string()});
                     if more {
                         metadata["continue"] = json!((from + limit).to_string());
                     }
@@ -429,70 +697,77 @@ impl FakeApiServer {
                     return failure(422, "Invalid", "metadata.name: Required value");
                 };
                 let path = format!("{}/{name}", call.path);
-                if s.objects.contains_key(&path) {
+                if self.objects.contains_key(&path) {
                     return failure(409, "AlreadyExists", &format!("{name:?} already exists"));
                 }
                 let mut o = call.body.clone();
-                o["metadata"]["resourceVersion"] = next_version(&mut s);
-                o["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", s.version));
-                s.objects.insert(path, o.clone());
-                (StatusCode::CREATED, o)
+                if let Some(namespace) = namespace_of(&call.path) {
+                    o["metadata"]["namespace"] = json!(namespace);
+                }
+                (StatusCode::CREATED, self.store(&path, Some(o)).unwrap())
             }
             Method::PUT => {
                 let Some(o) = stored else {
                     return failure(404, "NotFound", "not found");
                 };
                 if call.body["metadata"]["resourceVersion"] != o["metadata"]["resourceVersion"] {
-                    return failure(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
+                    return failure(409, "Conflict", CONFLICT);
                 }
-                let mut o = call.body.clone();
-                o["metadata"]["resourceVersion"] = next_version(&mut s);
-                s.objects.insert(call.path.clone(), o.clone());
+                (
+                    StatusCode::OK,
+                    self.store(&call.path, Some(call.body)).unwrap(),
+                )
+            }
+            Method::DELETE => {
+                let Some(o) = stored else {
+                    return failure(404, "NotFound", "not found");
+                };
+                let pre = &call.body["preconditions"];
+                for field in ["uid", "resourceVersion"] {
+                    if !pre[field].is_null() && pre[field] != o["metadata"][field] {
+                        return failure(
+                            409,
+                            "Conflict",
+                            &format!(
+                                "Precondition failed: {field} in precondition: {}, {field} in object meta: {}",
+                                pre[field], o["metadata"][field]
+                            ),
+                        );
+                    }
+                }
+                self.store(&call.path, None);
                 (StatusCode::OK, o)
             }
-            Method::DELETE => match s.objects.remove(&call.path) {
-                Some(o) => (StatusCode::OK, o),
-                None => failure(404, "NotFound", "not found"),
-            },
             Method::PATCH if call.content_type == APPLY => {
                 assert!(
                     call.query.contains_key("fieldManager"),
                     "apply needs fieldManager"
                 );
-                let mut applied = call.body.clone();
+                let applied = call.body.clone();
                 assert_eq!(
                     applied["metadata"]["name"].as_str(),
                     call.path.rsplit('/').next(),
                     "name in the body and the URL"
                 );
-                let (code, object) = match stored {
-                    None => {
-                        // Create: a resourceVersion in the applied object is ignored.
-                        applied["metadata"]["resourceVersion"] = next_version(&mut s);
-                        applied["metadata"]["uid"] =
-                            json!(format!("00000000-0000-4000-8000-{:012}", s.version));
-                        (StatusCode::CREATED, applied)
-                    }
+                match stored {
+                    // Create: a resourceVersion in the applied object is ignored.
+                    None => (
+                        StatusCode::CREATED,
+                        self.store(&call.path, Some(applied)).unwrap(),
+                    ),
                     Some(mut o) => {
                         if let Some(rv) = applied["metadata"]["resourceVersion"].as_str()
                             && Some(rv) != o["metadata"]["resourceVersion"].as_str()
                         {
-                            return failure(409, "Conflict", "the object has been modified");
+                            return failure(409, "Conflict", CONFLICT);
                         }
                         if applied.get("type").is_some() && applied["type"] != o["type"] {
                             return failure(422, "Invalid", "type: field is immutable");
                         }
                         merge(&mut o, applied);
-                        o["metadata"]["resourceVersion"] = next_version(&mut s);
-                        (StatusCode::OK, o)
+                        (StatusCode::OK, self.store(&call.path, Some(o)).unwrap())
                     }
-                };
-                s.objects.insert(call.path.clone(), object.clone());
-                (code, object)
+                }
             }
             Method::PATCH
                 if call.content_type == JSON_PATCH || call.content_type == MERGE_PATCH =>
@@ -513,9 +788,7 @@ impl FakeApiServer {
                 } else {
                     json_patch::merge(&mut o, &call.body);
                 }
-                o["metadata"]["resourceVersion"] = next_version(&mut s);
-                s.objects.insert(call.path.clone(), o.clone());
-                (StatusCode::OK, o)
+                (StatusCode::OK, self.store(&call.path, Some(o)).unwrap())
             }
             method => panic!(
                 "unexpected request {method} {} ({})",
@@ -523,6 +796,17 @@ impl FakeApiServer {
             ),
         }
     }
+}
+
+/// The apiserver's message for a stale `resourceVersion`.
+const CONFLICT: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
+/// The namespace of a namespaced collection or object path.
+fn namespace_of(path: &str) -> Option<&str> {
+    let (_, rest) = path.split_once("/namespaces/")?;
+    let (namespace, _) = rest.split_once('/')?;
+    Some(namespace)
 }
 
 /// `Accept` of kube's metadata-only list (`PartialObjectMetadataList`).
@@ -729,6 +1013,100 @@ mod fake_tests {
             Some("nginx")
         );
         drop(api);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn watches_see_later_changes_through_their_selector() {
+        use futures::StreamExt;
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, WatchEvent, WatchParams};
+        let pod = |name: &str, stage: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": "shop",
+                                "labels": {"stage": stage}},
+                   "spec": {"containers": [{"name": "app", "image": "nginx"}]}})
+        };
+        let fake = FakeApiServer::with(&[("/api/v1/namespaces/shop/pods/a", pod("a", "gray"))]);
+        let (client, task) = fake.client();
+        let api: Api<Pod> = Api::namespaced(client, "shop");
+        let rv = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .metadata
+            .resource_version
+            .unwrap();
+        // The watch is parked (no answer yet) until something its selector
+        // sees changes after `rv`.
+        let watching = tokio::spawn(async move {
+            let params = WatchParams::default().labels("stage=gray");
+            let mut events = api.watch(&params, &rv).await.unwrap().boxed();
+            let first = events.next().await;
+            (first, events.next().await)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watching.is_finished());
+        fake.put("/api/v1/namespaces/shop/pods/b", pod("b", "normal"));
+        fake.put("/api/v1/namespaces/shop/pods/a", pod("a", "normal"));
+        let (first, end) = tokio::time::timeout(WAIT, watching).await.unwrap().unwrap();
+        match first {
+            // Leaving the selector reads as a deletion to this watch; `b`
+            // never matched, so it is not an event at all.
+            Some(Ok(WatchEvent::Deleted(p))) => assert_eq!(p.metadata.name.as_deref(), Some("a")),
+            other => panic!("expected DELETED a, got {other:?}"),
+        }
+        // Then the watch ends and the watcher would watch again.
+        assert!(end.is_none(), "{end:?}");
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unserved_groups_and_failed_preconditions_answer_as_the_apiserver() {
+        use kube::api::{Api, DeleteParams, DynamicObject, Preconditions};
+        use kube::discovery::ApiResource;
+        let fake = FakeApiServer::with(&[(
+            "/api/v1/namespaces/shop/configmaps/c",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "c", "namespace": "shop"}}),
+        )]);
+        fake.serve_group("networking.istio.io", &[], &[]);
+        let (client, task) = fake.client();
+        let resource = ApiResource {
+            group: "networking.istio.io".into(),
+            version: "v1beta1".into(),
+            api_version: "networking.istio.io/v1beta1".into(),
+            kind: "VirtualService".into(),
+            plural: "virtualservices".into(),
+        };
+        let vs: Api<DynamicObject> = Api::namespaced_with(client.clone(), "shop", &resource);
+        match vs.list(&Default::default()).await {
+            Err(kube::Error::Api(e)) => assert_eq!(e.code, 404),
+            other => panic!("expected 404, got {other:?}"),
+        }
+        fake.serve_group(
+            "networking.istio.io",
+            &["v1beta1"],
+            &[("virtualservices", "VirtualService")],
+        );
+        assert!(vs.list(&Default::default()).await.unwrap().items.is_empty());
+
+        let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, "shop");
+        let stale = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some("not-its-uid".into()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match cms.delete("c", &stale).await {
+            Err(kube::Error::Api(e)) => assert_eq!(e.code, 409),
+            other => panic!("expected 409, got {other:?}"),
+        }
+        assert!(fake.get("/api/v1/namespaces/shop/configmaps/c").is_some());
+        cms.delete("c", &DeleteParams::default()).await.unwrap();
+        assert!(fake.get("/api/v1/namespaces/shop/configmaps/c").is_none());
+        drop((vs, cms));
         task.await.unwrap();
     }
 

@@ -1,4 +1,5 @@
-//! The controller against an apiserver model: discovery, lists, watches
+//! The controller against the shared apiserver model
+//! ([`FakeApiServer`]): discovery, lists, watches
 //! that deliver every change (with the label selector applied, as the real
 //! one does), creates, server-side applies and deletes with their
 //! preconditions, and Events. Lists and watches of Namespaces, Services and
@@ -8,11 +9,7 @@
 //! test at [`Running::stop`]. Time is tokio's paused clock, so grace
 //! periods and resyncs pass instantly and the order of writes is exact.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
-use http::{Method, Response, StatusCode};
-use kube::client::Body;
+use http::Method;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -20,9 +17,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::cluster::events::{self, EventMetrics, Pace};
 use crate::metrics::ControllerMetrics;
-use crate::testing::{
-    METADATA_ACCEPT, METADATA_LIST_ACCEPT, merge, mock_client, partial_metadata, selected, status,
-};
+use crate::testing::{FakeApiServer, Hook, METADATA_ACCEPT, METADATA_LIST_ACCEPT, Seen};
 
 const SHOP: &str = "/api/v1/namespaces/shop";
 const SERVICE: &str = "/api/v1/namespaces/shop/services/checkout";
@@ -41,141 +36,80 @@ const METADATA_ONLY: [&str; 3] = ["/api/v1/namespaces", "/api/v1/services", "/ap
 
 // === the apiserver model ===
 
-/// One request as seen, with the (virtual) time it came.
-#[derive(Debug, Clone)]
-struct Seen {
-    at: Instant,
-    method: Method,
-    path: String,
-    query: BTreeMap<String, String>,
-    content_type: String,
-    accept: String,
-    body: Value,
-}
+/// The cluster: the shared apiserver model ([`FakeApiServer`]) with
+/// Istio's group (1.22+ serves all three versions) and `discovery.k8s.io`
+/// declared, and Namespaces, Services and pods readable as metadata only.
+#[derive(Clone)]
+struct Apiserver(FakeApiServer);
 
-impl Seen {
-    fn line(&self) -> String {
-        format!("{} {}", self.method, self.path)
-    }
-}
-
-struct Parked {
-    collection: String,
-    query: BTreeMap<String, String>,
-    /// Asked for `PartialObjectMetadata`: events carry metadata only.
-    metadata_only: bool,
-    since: u64,
-    reply: tower_test::mock::SendResponse<Response<Body>>,
-}
-
-#[derive(Default)]
-struct State {
-    objects: BTreeMap<String, Value>,
-    version: u64,
-    /// (resourceVersion, path, old, new)
-    log: Vec<(u64, String, Option<Value>, Option<Value>)>,
-    parked: Vec<Parked>,
-    istio: bool,
-    /// The `networking.istio.io` versions served, preferred first.
-    istio_versions: Vec<&'static str>,
-    seen: Vec<Seen>,
-    /// One-shot failures: (method, path, status).
-    failures: Vec<(Method, String, u16)>,
-    /// One-shot: someone else changes the object at this path just before
-    /// our next write to it.
-    touch: Vec<String>,
-    /// Reads of [`METADATA_ONLY`] collections that asked for whole objects.
-    full_reads: Vec<String>,
-}
-
-#[derive(Clone, Default)]
-struct Apiserver(Arc<Mutex<State>>);
-
-/// The collection an object path belongs to, across namespaces:
-/// `/api/v1/namespaces/shop/pods/x` -> `/api/v1/pods`,
-/// `/api/v1/namespaces/shop` -> `/api/v1/namespaces`.
-fn collection_of(path: &str) -> String {
-    let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
-        ("/api/v1".to_owned(), rest)
-    } else {
-        let mut parts = path.trim_start_matches("/apis/").splitn(3, '/');
-        let (g, v, rest) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap_or(""),
-        );
-        (format!("/apis/{g}/{v}"), rest)
-    };
-    let segments: Vec<&str> = rest.split('/').collect();
-    match segments.as_slice() {
-        ["namespaces", _] => format!("{prefix}/namespaces"),
-        ["namespaces", _, resource, _] => format!("{prefix}/{resource}"),
-        _ => panic!("not an object path: {path}"),
-    }
-}
+const ISTIO: &str = "networking.istio.io";
+const ISTIO_RESOURCES: [(&str, &str); 2] = [
+    ("destinationrules", "DestinationRule"),
+    ("virtualservices", "VirtualService"),
+];
 
 impl Apiserver {
     fn new(objects: &[(&str, Value)]) -> Self {
-        let api = Self::default();
-        {
-            let mut s = api.0.lock().unwrap();
-            s.istio = true;
-            // Istio 1.22+ serves all three.
-            s.istio_versions = vec!["v1", "v1beta1", "v1alpha3"];
-        }
-        for (path, object) in objects {
-            api.put(path, object.clone());
-        }
-        api
+        let fake = FakeApiServer::with(objects);
+        fake.serve_group(ISTIO, &["v1", "v1beta1", "v1alpha3"], &ISTIO_RESOURCES);
+        fake.serve_group(
+            "discovery.k8s.io",
+            &["v1"],
+            &[("endpointslices", "EndpointSlice")],
+        );
+        fake.require_metadata_only(&METADATA_ONLY);
+        Self(fake)
     }
 
+    /// Istio installed (all three versions) or not.
     fn with_istio(&self, served: bool) {
-        self.0.lock().unwrap().istio = served;
+        let versions: &[&str] = if served {
+            &["v1", "v1beta1", "v1alpha3"]
+        } else {
+            &[]
+        };
+        self.with_istio_versions(versions);
     }
 
     /// Serves only these `networking.istio.io` versions, preferred first
     /// (Istio 1.5-1.21: `v1beta1`, `v1alpha3`).
-    fn with_istio_versions(&self, versions: &[&'static str]) {
-        self.0.lock().unwrap().istio_versions = versions.to_vec();
+    fn with_istio_versions(&self, versions: &[&str]) {
+        self.0.serve_group(ISTIO, versions, &ISTIO_RESOURCES);
     }
 
     /// Another actor writes `object` at `path` (kubelet, a user).
     fn put(&self, path: &str, object: Value) {
-        let mut s = self.0.lock().unwrap();
-        s.store(path, Some(object));
+        self.0.put(path, object);
     }
 
     /// Another actor deletes the object at `path`.
     fn delete(&self, path: &str) {
-        let mut s = self.0.lock().unwrap();
-        s.store(path, None);
+        self.0.delete(path);
     }
 
     fn get(&self, path: &str) -> Option<Value> {
-        self.0.lock().unwrap().objects.get(path).cloned()
+        self.0.get(path)
     }
 
     fn fail_once(&self, method: Method, path: &str, code: u16) {
-        self.0
-            .lock()
-            .unwrap()
-            .failures
-            .push((method, path.to_owned(), code));
+        self.0.hook(method, path, Hook::Fail(code));
     }
 
-    fn touch_before_next_write(&self, path: &str) {
-        self.0.lock().unwrap().touch.push(path.to_owned());
+    /// Someone else changes the object at `path` just before our next
+    /// apply to it.
+    fn touch_before_next_apply(&self, path: &str) {
+        self.0.hook(Method::PATCH, path, Hook::Touch);
     }
 
     fn seen(&self) -> Vec<Seen> {
-        self.0.lock().unwrap().seen.clone()
+        self.0.seen()
     }
 
     /// Writes to DestinationRules and VirtualServices, in order.
     fn writes(&self) -> Vec<Seen> {
         self.seen()
             .into_iter()
-            .filter(|c| c.method != Method::GET && c.path.contains("networking.istio.io"))
+            .filter(|c| c.is_write() && c.path.contains(ISTIO))
             .collect()
     }
 
@@ -200,344 +134,7 @@ impl Apiserver {
     }
 
     fn serve(&self) -> (Client, JoinHandle<()>) {
-        let (client, mut mock) = mock_client();
-        let api = self.clone();
-        let task = tokio::spawn(async move {
-            while let Some(call) = mock.next_or_end().await {
-                let seen = Seen {
-                    at: Instant::now(),
-                    method: call.method.clone(),
-                    path: call.path.clone(),
-                    query: call.query.clone(),
-                    content_type: call.content_type.clone(),
-                    accept: call.accept.clone(),
-                    body: call.body.clone(),
-                };
-                if call.method == Method::GET && call.is_watch() {
-                    let since = call
-                        .param("resourceVersion")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    let mut s = api.0.lock().unwrap();
-                    s.seen.push(seen.clone());
-                    let metadata_only = s.metadata_read(&seen, true);
-                    if let Some(code) = s.take_failure(&seen) {
-                        drop(s);
-                        call.fail(code, "InternalError", "injected failure");
-                        continue;
-                    }
-                    if !s.serves(&seen.path) {
-                        drop(s);
-                        call.fail(
-                            404,
-                            "NotFound",
-                            "the server could not find the requested resource",
-                        );
-                        continue;
-                    }
-                    let parked = Parked {
-                        collection: seen.path.clone(),
-                        query: seen.query.clone(),
-                        metadata_only,
-                        since,
-                        reply: call.park(),
-                    };
-                    s.parked.push(parked);
-                    s.flush();
-                    continue;
-                }
-                let (code, body) = api.0.lock().unwrap().handle(seen);
-                call.respond(code, &body);
-            }
-        });
-        (client, task)
-    }
-}
-
-impl State {
-    /// False for a `networking.istio.io` path while Istio is not installed,
-    /// or of a version not served.
-    fn serves(&self, path: &str) -> bool {
-        let Some(rest) = path.strip_prefix("/apis/networking.istio.io") else {
-            return true;
-        };
-        let version = rest.trim_start_matches('/').split('/').next().unwrap_or("");
-        self.istio && (version.is_empty() || self.istio_versions.contains(&version))
-    }
-
-    /// Whether a list (or, `watch`, a watch) asks for metadata only, as
-    /// kube does for `Api<PartialObjectMeta<K>>`: the `Accept` header the
-    /// real apiserver needs for `PartialObjectMetadata(List)`. A read of a
-    /// [`METADATA_ONLY`] collection without it is recorded as a failure.
-    fn metadata_read(&mut self, seen: &Seen, watch: bool) -> bool {
-        let wanted = if watch {
-            METADATA_ACCEPT
-        } else {
-            METADATA_LIST_ACCEPT
-        };
-        let metadata_only = seen.accept == wanted;
-        if METADATA_ONLY.contains(&seen.path.as_str()) && !metadata_only {
-            self.full_reads.push(format!(
-                "{} {}{} with Accept {:?}",
-                seen.method,
-                seen.path,
-                if watch { "?watch" } else { "" },
-                seen.accept
-            ));
-        }
-        metadata_only
-    }
-
-    fn take_failure(&mut self, seen: &Seen) -> Option<u16> {
-        let i = self
-            .failures
-            .iter()
-            .position(|(m, p, _)| *m == seen.method && *p == seen.path)?;
-        Some(self.failures.remove(i).2)
-    }
-
-    /// Stores (or deletes, with `None`) an object, logs the change and
-    /// answers the watches it concerns.
-    fn store(&mut self, path: &str, object: Option<Value>) -> Option<Value> {
-        self.version += 1;
-        let old = self.objects.get(path).cloned();
-        let new = object.map(|mut o| {
-            o["metadata"]["resourceVersion"] = json!(self.version.to_string());
-            if o["metadata"].get("uid").is_none() {
-                o["metadata"]["uid"] =
-                    json!(format!("00000000-0000-4000-8000-{:012}", self.version));
-            }
-            o
-        });
-        match &new {
-            Some(o) => self.objects.insert(path.to_owned(), o.clone()),
-            None => self.objects.remove(path),
-        };
-        let mut deleted = old.clone();
-        if new.is_none()
-            && let Some(d) = &mut deleted
-        {
-            d["metadata"]["resourceVersion"] = json!(self.version.to_string());
-        }
-        self.log
-            .push((self.version, path.to_owned(), deleted, new.clone()));
-        self.flush();
-        new
-    }
-
-    /// Answers every parked watch that has events past its version.
-    fn flush(&mut self) {
-        let parked = std::mem::take(&mut self.parked);
-        for p in parked {
-            let mut lines = Vec::new();
-            for (rv, path, old, new) in &self.log {
-                if *rv <= p.since || collection_of(path) != p.collection {
-                    continue;
-                }
-                let matches = |o: &Option<Value>| o.as_ref().is_some_and(|o| selected(o, &p.query));
-                let shape = |o: Value| {
-                    if p.metadata_only {
-                        partial_metadata(o)
-                    } else {
-                        o
-                    }
-                };
-                let event = match (matches(old), matches(new)) {
-                    (_, true) if old.is_none() || !matches(old) => ("ADDED", new),
-                    (_, true) => ("MODIFIED", new),
-                    (true, false) => {
-                        // Deleted, or no longer selected: the last state seen.
-                        let mut gone = old.clone().unwrap();
-                        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
-                        lines.push(json!({"type": "DELETED", "object": shape(gone)}));
-                        continue;
-                    }
-                    (false, false) => continue,
-                };
-                let object = shape(event.1.clone().unwrap());
-                lines.push(json!({"type": event.0, "object": object}));
-            }
-            if lines.is_empty() {
-                self.parked.push(p);
-                continue;
-            }
-            let mut body = Vec::new();
-            for l in lines {
-                body.extend(serde_json::to_vec(&l).unwrap());
-                body.push(b'\n');
-            }
-            p.reply.send_response(Response::new(Body::from(body)));
-        }
-    }
-
-    fn group(&self, group: &str, versions: &[&str]) -> (StatusCode, Value) {
-        let version = |v: &str| json!({"groupVersion": format!("{group}/{v}"), "version": v});
-        (
-            StatusCode::OK,
-            json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
-                   "versions": versions.iter().map(|v| version(v)).collect::<Vec<_>>(),
-                   "preferredVersion": version(versions[0])}),
-        )
-    }
-
-    fn resources(&self, group_version: &str, names: &[(&str, &str)]) -> (StatusCode, Value) {
-        let resources: Vec<Value> = names
-            .iter()
-            .map(|(name, kind)| json!({"name": name, "singularName": "", "namespaced": true, "kind": kind,
-                                        "verbs": ["create", "delete", "get", "list", "patch", "watch"]}))
-            .collect();
-        (
-            StatusCode::OK,
-            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
-        )
-    }
-
-    fn fail(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
-        (
-            StatusCode::from_u16(code).unwrap(),
-            status(code, reason, message),
-        )
-    }
-
-    fn handle(&mut self, call: Seen) -> (StatusCode, Value) {
-        self.seen.push(call.clone());
-        if let Some(code) = self.take_failure(&call) {
-            return Self::fail(code, "InternalError", "injected failure");
-        }
-        let path = call.path.as_str();
-        if !self.serves(path) {
-            return Self::fail(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            );
-        }
-        if call.method == Method::GET
-            && let Some(version) = path.strip_prefix("/apis/networking.istio.io/")
-            && !version.contains('/')
-        {
-            return self.resources(
-                &format!("networking.istio.io/{version}"),
-                &[
-                    ("destinationrules", "DestinationRule"),
-                    ("virtualservices", "VirtualService"),
-                ],
-            );
-        }
-        match (&call.method, path) {
-            (&Method::GET, "/apis/networking.istio.io") => {
-                let versions = self.istio_versions.clone();
-                return self.group("networking.istio.io", &versions);
-            }
-            (&Method::GET, "/apis/discovery.k8s.io") => {
-                return self.group("discovery.k8s.io", &["v1"]);
-            }
-            (&Method::GET, "/apis/discovery.k8s.io/v1") => {
-                return self.resources(
-                    "discovery.k8s.io/v1",
-                    &[("endpointslices", "EndpointSlice")],
-                );
-            }
-            _ => {}
-        }
-        if call.method != Method::GET
-            && let Some(i) = self.touch.iter().position(|p| path.starts_with(p.as_str()))
-        {
-            let touched = self.touch.remove(i);
-            let mut o = self
-                .objects
-                .get(&touched)
-                .cloned()
-                .expect("touch an existing object");
-            o["metadata"]["annotations"]["touched-by"] = json!("someone-else");
-            self.store(&touched, Some(o));
-        }
-        let stored = self.objects.get(path).cloned();
-        match call.method.clone() {
-            Method::GET => {
-                if let Some(o) = stored {
-                    return (StatusCode::OK, o);
-                }
-                let metadata_only = self.metadata_read(&call, false);
-                let items: Vec<Value> = self
-                    .objects
-                    .iter()
-                    .filter(|(p, o)| collection_of(p) == path && selected(o, &call.query))
-                    .map(|(_, o)| o.clone())
-                    .collect();
-                let list = json!({"apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": self.version.to_string()}, "items": items});
-                if metadata_only {
-                    (StatusCode::OK, partial_metadata(list))
-                } else {
-                    (StatusCode::OK, list)
-                }
-            }
-            Method::POST => {
-                let mut o = call.body.clone();
-                let name = match o["metadata"]["name"].as_str() {
-                    Some(n) => n.to_owned(),
-                    None => {
-                        let n = format!("event-{}", self.version + 1);
-                        o["metadata"]["name"] = json!(n);
-                        n
-                    }
-                };
-                let target = format!("{path}/{name}");
-                if self.objects.contains_key(&target) {
-                    return Self::fail(409, "AlreadyExists", &format!("{name:?} already exists"));
-                }
-                o["metadata"]["namespace"] = json!("shop");
-                (StatusCode::CREATED, self.store(&target, Some(o)).unwrap())
-            }
-            Method::PATCH if call.content_type == "application/merge-patch+json" => {
-                // kube-runtime's recorder counting a repeated Event.
-                let Some(mut o) = stored else {
-                    return Self::fail(404, "NotFound", "not found");
-                };
-                json_patch::merge(&mut o, &call.body);
-                (StatusCode::OK, self.store(path, Some(o)).unwrap())
-            }
-            Method::PATCH => {
-                assert_eq!(call.content_type, "application/apply-patch+yaml", "{path}");
-                assert_eq!(
-                    call.query.get("fieldManager").map(String::as_str),
-                    Some(FIELD_MANAGER)
-                );
-                assert_eq!(call.query.get("force").map(String::as_str), Some("true"));
-                let Some(mut o) = stored else {
-                    return Self::fail(404, "NotFound", "not found");
-                };
-                if let Some(rv) = call.body["metadata"]["resourceVersion"].as_str()
-                    && Some(rv) != o["metadata"]["resourceVersion"].as_str()
-                {
-                    return Self::fail(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
-                }
-                merge(&mut o, call.body.clone());
-                (StatusCode::OK, self.store(path, Some(o)).unwrap())
-            }
-            Method::DELETE => {
-                let Some(o) = stored else {
-                    return Self::fail(404, "NotFound", "not found");
-                };
-                let pre = &call.body["preconditions"];
-                for (field, have) in [
-                    ("uid", &o["metadata"]["uid"]),
-                    ("resourceVersion", &o["metadata"]["resourceVersion"]),
-                ] {
-                    if !pre[field].is_null() && pre[field] != *have {
-                        return Self::fail(409, "Conflict", "Precondition failed");
-                    }
-                }
-                self.store(path, None);
-                (StatusCode::OK, status(200, "", "deleted"))
-            }
-            method => panic!("unexpected {method} {path}"),
-        }
+        self.0.client()
     }
 }
 
@@ -682,14 +279,30 @@ impl Running {
     }
 
     /// Ends the term; fails if any list or watch of Namespaces, Services or
-    /// pods asked for whole objects.
+    /// pods asked for whole objects, or an update was not a forced apply
+    /// of our field manager.
     async fn stop(self) {
         self.term.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("stops when the term ends")
             .unwrap();
-        let full = self.api.0.lock().unwrap().full_reads.clone();
+        for w in self.api.writes() {
+            if w.method == Method::PATCH {
+                assert_eq!(
+                    w.content_type,
+                    "application/apply-patch+yaml",
+                    "{}",
+                    w.line()
+                );
+                assert_eq!(
+                    w.query.get("fieldManager").map(String::as_str),
+                    Some(FIELD_MANAGER)
+                );
+                assert_eq!(w.query.get("force").map(String::as_str), Some("true"));
+            }
+        }
+        let full = self.api.0.full_reads();
         assert_eq!(
             full,
             Vec::<String>::new(),
@@ -1153,7 +766,7 @@ async fn a_write_that_finds_the_object_changed_reads_again() {
     let r = start(&api);
     r.until("converged", |a| a.writes().len() == 2).await;
     // Someone else updates the DestinationRule just before our apply: 409.
-    api.touch_before_next_write(DR);
+    api.touch_before_next_apply(DR);
     api.put(SLICE, slice(true));
     r.until("the route", |a| {
         a.get(VS).unwrap()["spec"]["http"].as_array().unwrap().len() == 2
@@ -1169,9 +782,9 @@ async fn a_write_that_finds_the_object_changed_reads_again() {
         ]
     );
     assert_eq!(r.counters.errors("stale"), 1);
-    // The other writer's annotation is still there (apply merges).
+    // The other writer's label is still there (apply merges).
     assert_eq!(
-        api.get(DR).unwrap()["metadata"]["annotations"]["touched-by"],
+        api.get(DR).unwrap()["metadata"]["labels"]["touched-by"],
         "someone-else"
     );
     r.stop().await;
