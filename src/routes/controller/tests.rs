@@ -43,6 +43,8 @@ const METADATA_ONLY: [&str; 3] = ["/api/v1/namespaces", "/api/v1/services", "/ap
 struct Apiserver(FakeApiServer);
 
 const ISTIO: &str = "networking.istio.io";
+/// What Istio 1.22+ serves, preferred first.
+const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 const ISTIO_RESOURCES: [(&str, &str); 2] = [
     ("destinationrules", "DestinationRule"),
     ("virtualservices", "VirtualService"),
@@ -51,7 +53,7 @@ const ISTIO_RESOURCES: [(&str, &str); 2] = [
 impl Apiserver {
     fn new(objects: &[(&str, Value)]) -> Self {
         let fake = FakeApiServer::with(objects);
-        fake.serve_group(ISTIO, &["v1", "v1beta1", "v1alpha3"], &ISTIO_RESOURCES);
+        fake.serve_group(ISTIO, &ISTIO_VERSIONS, &ISTIO_RESOURCES);
         fake.serve_group(
             "discovery.k8s.io",
             &["v1"],
@@ -63,11 +65,7 @@ impl Apiserver {
 
     /// Istio installed (all three versions) or not.
     fn with_istio(&self, served: bool) {
-        let versions: &[&str] = if served {
-            &["v1", "v1beta1", "v1alpha3"]
-        } else {
-            &[]
-        };
+        let versions: &[&str] = if served { &ISTIO_VERSIONS } else { &[] };
         self.with_istio_versions(versions);
     }
 
