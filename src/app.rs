@@ -27,7 +27,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -39,7 +38,7 @@ pub use supervisor::{Ended, Supervisor, TaskError, TaskExit};
 
 use crate::admission::ConfigMapLookup;
 use crate::backfill::{self, BackfillError, BackfillMetrics, BackfillSettings};
-use crate::cluster::events::{self, EventMetrics, EventSink, Pace};
+use crate::cluster::events::{self, EventMetrics, EventSink, Pace, Recorder, Reporter};
 use crate::cluster::lease::{self, Elector, LeaseSettings};
 use crate::cluster::watches::Shared;
 use crate::cluster::{self, Cluster};

@@ -1,17 +1,23 @@
 //! Kubernetes Events from code that must never wait for the API server (the
 //! admission path): [`EventSink::emit`] only queues (a bounded channel,
 //! never blocking; a full queue drops and counts), and one task
-//! ([`publish`]) drains the queue into kube-runtime's [`Recorder`], which
-//! aggregates repeats of the same event into a series. The task is paced by
-//! a token bucket, so a storm of warnings cannot flood the API server.
+//! ([`publish`]) drains the queue into a [`Recorder`], which aggregates
+//! repeats of the same event into a series. The task is paced by a token
+//! bucket, so a storm of warnings cannot flood the API server.
 //!
 //! Dry-run reviews must not emit (the webhook declares
 //! `sideEffects: NoneOnDryRun`); callers check before [`EventSink::emit`].
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder};
+use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+pub use kube::runtime::events::{EventType, Reporter};
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -50,8 +56,8 @@ impl EventMetrics {
         let events = IntCounterVec::new(
             Opts::new(
                 "events_total",
-                "Kubernetes Events by outcome: published, dropped (queue full or \
-                 over the rate), failed (the API refused them).",
+                "Kubernetes Events by outcome: published, dropped (queue full, over the \
+                 rate, or the namespace is being deleted), failed (the API refused them).",
             ),
             &["outcome"],
         )?;
@@ -143,6 +149,133 @@ impl Default for Pace {
 
 const MAX_NOTE_BYTES: usize = 1024;
 
+/// How long a repeat joins the series of an earlier Event (as client-go and
+/// kube-runtime do).
+const SERIES_TTL: SignedDuration = SignedDuration::from_mins(6);
+
+/// What makes two Events one series: the same object, type, reason, action
+/// and note. Unlike kube-runtime's recorder the note is part of it, so two
+/// different notes about one object (a route added for tag `a`, then one
+/// for tag `b`) are two Events, never one series that shows only the first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    regarding: (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ),
+    type_: &'static str,
+    reason: String,
+    action: String,
+    note: String,
+}
+
+/// Publishes `events.k8s.io/v1` Events for one reporting controller: the
+/// first of a series is created, a repeat within six minutes bumps the
+/// series (`count`, `lastObservedTime`) of the Event already there.
+pub struct Recorder {
+    client: Client,
+    reporter: Reporter,
+    series: HashMap<SeriesKey, K8sEvent>,
+}
+
+impl Recorder {
+    /// A recorder writing with `client` as `reporter`.
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            client,
+            reporter,
+            series: HashMap::new(),
+        }
+    }
+
+    /// Creates the Event of `request`, or bumps its series.
+    pub async fn publish(&mut self, request: &EventRequest) -> Result<(), kube::Error> {
+        let now = Timestamp::now();
+        self.series.retain(|_, e| {
+            let last = e
+                .series
+                .as_ref()
+                .map(|s| s.last_observed_time.0)
+                .or(e.event_time.as_ref().map(|t| t.0));
+            last.is_some_and(|t| t + SERIES_TTL > now)
+        });
+        let r = &request.regarding;
+        let type_ = match request.type_ {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        };
+        let note = truncate(&request.note);
+        let key = SeriesKey {
+            regarding: (
+                r.kind.clone(),
+                r.namespace.clone(),
+                r.name.clone(),
+                r.uid.clone(),
+            ),
+            type_,
+            reason: request.reason.clone(),
+            action: request.action.clone(),
+            note: note.clone(),
+        };
+        let namespace = r.namespace.as_deref().unwrap_or("default");
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), namespace);
+        let event = match self.series.get(&key) {
+            Some(first) => {
+                let mut event = first.clone();
+                event.series = Some(EventSeries {
+                    count: first.series.as_ref().map_or(2, |s| s.count + 1),
+                    last_observed_time: MicroTime(now),
+                });
+                let name = event.metadata.name.clone().unwrap_or_default();
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&event))
+                    .await?;
+                event
+            }
+            None => {
+                let event = K8sEvent {
+                    metadata: ObjectMeta {
+                        namespace: Some(namespace.to_owned()),
+                        name: Some(format!(
+                            "{}.{:x}",
+                            r.name.as_deref().unwrap_or(&self.reporter.controller),
+                            now.as_nanosecond()
+                        )),
+                        ..ObjectMeta::default()
+                    },
+                    event_time: Some(MicroTime(now)),
+                    type_: Some(type_.into()),
+                    reason: Some(request.reason.clone()),
+                    action: Some(request.action.clone()),
+                    note: Some(note),
+                    regarding: Some(r.clone()),
+                    reporting_controller: Some(self.reporter.controller.clone()),
+                    reporting_instance: Some(
+                        self.reporter
+                            .instance
+                            .clone()
+                            .unwrap_or_else(|| self.reporter.controller.clone()),
+                    ),
+                    ..K8sEvent::default()
+                };
+                api.create(&PostParams::default(), &event).await?;
+                event
+            }
+        };
+        self.series.insert(key, event);
+        Ok(())
+    }
+}
+
+/// True for the apiserver's refusal to create anything in a namespace
+/// being deleted (403 `... because it is being terminated`): nothing to
+/// report there, and no fault of ours.
+pub fn is_namespace_terminating(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(s)
+        if s.code == 403 && s.message.contains("because it is being terminated"))
+}
+
 fn truncate(note: &str) -> String {
     if note.len() <= MAX_NOTE_BYTES {
         return note.to_owned();
@@ -159,7 +292,7 @@ fn truncate(note: &str) -> String {
 /// it never ends the task.
 pub async fn publish(
     mut queue: EventQueue,
-    recorder: Recorder,
+    mut recorder: Recorder,
     pace: Pace,
     metrics: EventMetrics,
     shutdown: CancellationToken,
@@ -190,18 +323,11 @@ pub async fn publish(
             last = Instant::now();
         }
         tokens -= 1.0;
-        let event = Event {
-            type_: request.type_,
-            reason: request.reason.clone(),
-            note: Some(truncate(&request.note)),
-            action: request.action.clone(),
-            secondary: None,
-        };
         // A publish stuck on an unanswering API server must not hold up the
         // shutdown; one that has finished still counts.
         let published = tokio::select! {
             biased;
-            published = recorder.publish(&event, &request.regarding) => published,
+            published = recorder.publish(&request) => published,
             () = shutdown.cancelled() => break,
         };
         match published {
@@ -209,6 +335,12 @@ pub async fn publish(
                 metrics.count("published");
                 failing = false;
                 debug!(reason = %request.reason, "event published");
+            }
+            // The namespace is being deleted with everything in it: the
+            // Event would go with it. Dropped quietly.
+            Err(error) if is_namespace_terminating(&error) => {
+                metrics.count("dropped");
+                debug!(reason = %request.reason, "namespace terminating; event dropped");
             }
             Err(error) => {
                 metrics.count("failed");
@@ -227,7 +359,7 @@ mod tests {
     use super::*;
     use crate::testing::mock_client;
     use http::{Method, StatusCode};
-    use kube::runtime::events::Reporter;
+    use serde_json::Value;
 
     fn metrics() -> (Registry, EventMetrics) {
         let registry = Registry::new();
@@ -312,6 +444,58 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap().unwrap();
         assert_eq!(count(&m, "published"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_repeat_joins_the_series_and_another_note_is_an_event_of_its_own() {
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
+        let path = "/apis/events.k8s.io/v1/namespaces/shop/events";
+        let mut other = request("checkout");
+        other.note = "annotation canary-injector.io/tag: \"feature/y\" is not a valid label value; using \"feature-y\"".into();
+        sink.emit(request("checkout"));
+        sink.emit(request("checkout"));
+        sink.emit(other);
+        let first = api.expect(Method::POST, path).await;
+        let name = first.body["metadata"]["name"].as_str().unwrap().to_owned();
+        let body = first.body.clone();
+        first.respond(StatusCode::CREATED, &body);
+        // The same note again: the series of the first Event.
+        let repeat = api.expect(Method::PATCH, &format!("{path}/{name}")).await;
+        assert_eq!(repeat.body["series"]["count"], 2);
+        assert!(repeat.body["note"].as_str().unwrap().contains("feature-x"));
+        let body = repeat.body.clone();
+        repeat.respond(StatusCode::OK, &body);
+        // Another note about the same object: an Event of its own, so
+        // `kubectl describe` shows both.
+        let second = api.expect(Method::POST, path).await;
+        assert!(second.body["note"].as_str().unwrap().contains("feature-y"));
+        assert_eq!(second.body["series"], Value::Null);
+        let body = second.body.clone();
+        second.respond(StatusCode::CREATED, &body);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(count(&m, "published"), 3);
+    }
+
+    #[tokio::test]
+    async fn an_event_in_a_terminating_namespace_is_dropped_quietly() {
+        let (sink, mut api, m, shutdown, task) = publisher(8, Pace::default());
+        sink.emit(request("checkout"));
+        api.expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        )
+        .await
+        .fail(
+            403,
+            "Forbidden",
+            "events.events.k8s.io \"checkout.1\" is forbidden: unable to create new content in \
+             namespace shop because it is being terminated",
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(count(&m, "failed"), 0);
+        assert_eq!(count(&m, "dropped"), 1);
     }
 
     #[tokio::test]

@@ -290,8 +290,8 @@ fn reasons_are_pascal_case() {
 #[tokio::test]
 async fn a_stuck_event_publisher_never_holds_a_review_back() {
     use crate::cluster::events::{Pace, publish};
+    use crate::cluster::events::{Recorder, Reporter};
     use crate::testing::mock_client;
-    use kube::runtime::events::{Recorder, Reporter};
     use tokio_util::sync::CancellationToken;
 
     let registry = new_registry();
