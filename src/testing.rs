@@ -297,6 +297,8 @@ struct FakeState {
     metadata_only: Vec<String>,
     /// Reads of those collections that asked for whole objects.
     full_reads: Vec<String>,
+    /// Watch paths whose events are held back (a lagging watch cache).
+    held: Vec<String>,
 }
 
 /// An in-memory apiserver that keeps objects by URL path and answers as the
@@ -309,6 +311,8 @@ struct FakeState {
 ///   `resourceVersion`, then answered with those events (`ADDED`,
 ///   `MODIFIED`, `DELETED`; an object that stops matching the selector is
 ///   `DELETED` for that watch) and ended, so the watcher watches again;
+///   [`FakeApiServer::hold_watch`] holds a collection's events back (the
+///   watch cache lagging behind the writes, as under a burst);
 /// - an `Accept` of `as=PartialObjectMetadata(List)` (kube's metadata
 ///   calls and `PartialObjectMeta` watches) gets metadata only;
 ///   [`FakeApiServer::require_metadata_only`] records reads of chosen
@@ -394,6 +398,22 @@ impl FakeApiServer {
             .unwrap()
             .groups
             .insert(group.to_owned(), group_state);
+    }
+
+    /// Holds back the events of watches on `collection` (e.g.
+    /// `/apis/networking.istio.io/v1/destinationrules`): the apiserver's
+    /// watch cache lagging behind etcd under load, so a watcher sees its
+    /// own writes late. Writes, reads and lists are answered as usual.
+    pub fn hold_watch(&self, collection: &str) {
+        self.0.lock().unwrap().held.push(collection.to_owned());
+    }
+
+    /// Delivers the events held back by [`FakeApiServer::hold_watch`], in
+    /// order, and stops holding.
+    pub fn release_watch(&self, collection: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.held.retain(|c| c != collection);
+        s.flush();
     }
 
     /// Requires reads of these collections (`/api/v1/pods`, ...) to ask for
@@ -487,6 +507,10 @@ impl FakeState {
     fn flush(&mut self) {
         for p in std::mem::take(&mut self.parked) {
             let w = &p.watch;
+            if self.held.contains(&w.collection) {
+                self.parked.push(p);
+                continue;
+            }
             let shape = |o: Value| {
                 if w.metadata_only {
                     partial_metadata(o)

@@ -22,9 +22,12 @@
 //! [`FIELD_MANAGER`], forced, with the `resourceVersion` read as a
 //! precondition, so an object changed since is never overwritten blindly);
 //! a delete carries uid and `resourceVersion` preconditions. Our own writes
-//! reach the watch cache a moment later; until they do, the answers of the
-//! writes stand in for the cache, so a quick second reconcile never plans
-//! from a stale view. In steady state nothing is written.
+//! reach the watch cache a moment later (under load, after several more of
+//! our writes); until the cache shows our latest write or something newer
+//! (`resourceVersion`s compared, [`super::index::caught_up`]), its answer
+//! stands in for the cache, so no plan ever rests on a view older than what
+//! the controller wrote: a live tag's route is never dropped because the
+//! watch lags. In steady state nothing is written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -469,8 +472,9 @@ enum Blocked {
 }
 
 /// Our latest write to an object, standing in for the watch cache until the
-/// cache has seen it: used while the cache still shows `prior` (the
-/// `resourceVersion` the write started from; `None`: it was absent).
+/// cache has caught up with it ([`super::index::caught_up`]): `prior` is
+/// the `resourceVersion` the write started from (`None`: it was absent),
+/// `result` the object as the API answered (`None`: deleted).
 #[derive(Debug, Clone)]
 struct Memo<S> {
     prior: Option<String>,
@@ -669,12 +673,14 @@ impl Routes {
             Update::DestinationRule(r) => (
                 "destinationrules",
                 r.map(|e| {
+                    index.saw_rule_version(RuleKind::DestinationRule, event_version(&e));
                     index.apply_destination_rule(Change::from_event(e, Index::rule_row), dirty)
                 }),
             ),
             Update::VirtualService(r) => (
                 "virtualservices",
                 r.map(|e| {
+                    index.saw_rule_version(RuleKind::VirtualService, event_version(&e));
                     index.apply_virtual_service(Change::from_event(e, Index::rule_row), dirty)
                 }),
             ),
@@ -770,14 +776,35 @@ impl Routes {
         }
     }
 
+    /// The view of one object to plan from: the cache once it has caught
+    /// up with our latest write to it, else that write's answer.
     fn observe<S: Spec + Clone>(
         cached: Option<&Observed<S>>,
         memo: &mut HashMap<Key, Memo<S>>,
         key: &Key,
+        newest: u64,
     ) -> Option<Observed<S>> {
         let cached_version = cached.and_then(|c| c.resource_version.as_deref());
         match memo.get(key) {
-            Some(m) if m.prior.as_deref() == cached_version => m.result.clone(),
+            Some(m)
+                if !super::index::caught_up(
+                    cached.map(|c| c.resource_version.as_deref().unwrap_or_default()),
+                    m.prior.as_deref(),
+                    m.result
+                        .as_ref()
+                        .map(|r| r.resource_version.as_deref().unwrap_or_default()),
+                    newest,
+                ) =>
+            {
+                debug!(
+                    namespace = %key.0,
+                    name = %key.1,
+                    kind = %S::KIND,
+                    cached = cached_version.unwrap_or("absent"),
+                    "watch cache behind our last write; planning from the write's answer"
+                );
+                m.result.clone()
+            }
             Some(_) => {
                 memo.remove(key);
                 cached.cloned()
@@ -794,8 +821,18 @@ impl Routes {
         Option<Observed<VirtualServiceSpec>>,
     ) {
         (
-            Self::observe(self.index.destination_rule(key), &mut self.memo_dr, key),
-            Self::observe(self.index.virtual_service(key), &mut self.memo_vs, key),
+            Self::observe(
+                self.index.destination_rule(key),
+                &mut self.memo_dr,
+                key,
+                self.index.newest_rule_version(RuleKind::DestinationRule),
+            ),
+            Self::observe(
+                self.index.virtual_service(key),
+                &mut self.memo_vs,
+                key,
+                self.index.newest_rule_version(RuleKind::VirtualService),
+            ),
         )
     }
 
@@ -1174,6 +1211,16 @@ impl Routes {
                 }
             }
         }
+    }
+}
+
+/// The `resourceVersion` of the object a watch event carries.
+fn event_version(event: &watcher::Event<DynamicObject>) -> Option<&str> {
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => {
+            o.metadata.resource_version.as_deref()
+        }
+        watcher::Event::Init | watcher::Event::InitDone => None,
     }
 }
 

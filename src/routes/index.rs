@@ -16,7 +16,9 @@ use kube::runtime::watcher;
 use serde::Deserialize;
 
 use super::objects::{DestinationRuleSpec, Observed, ObservedMeta, Spec, VirtualServiceSpec};
-use super::{EndpointView, Live, PodStage, RuleHead, host_service, live, pod_stage, wants_routes};
+use super::{
+    EndpointView, Live, PodStage, RuleHead, RuleKind, host_service, live, pod_stage, wants_routes,
+};
 use crate::mutate::{LabelPolicy, NamespacePolicy};
 
 /// `(namespace, name)`; a namespace's own key is `(name, "")`.
@@ -223,6 +225,9 @@ pub struct Index {
     pods: Table<PodRow>,
     destination_rules: Table<Observed<DestinationRuleSpec>>,
     virtual_services: Table<Observed<VirtualServiceSpec>>,
+    /// The newest `resourceVersion` each of the two rule watches has
+    /// delivered (deletes included): how far that view has come.
+    newest_rule_versions: [u64; 2],
 }
 
 impl Index {
@@ -238,7 +243,23 @@ impl Index {
             pods: Table::default(),
             destination_rules: Table::default(),
             virtual_services: Table::default(),
+            newest_rule_versions: [0; 2],
         }
+    }
+
+    /// Notes that the watch of `kind` delivered an object (an add, change,
+    /// delete or list item) at `resource_version`.
+    pub fn saw_rule_version(&mut self, kind: RuleKind, resource_version: Option<&str>) {
+        if let Some(v) = resource_version.and_then(|v| v.parse::<u64>().ok()) {
+            let newest = &mut self.newest_rule_versions[kind as usize];
+            *newest = (*newest).max(v);
+        }
+    }
+
+    /// The newest `resourceVersion` the watch of `kind` delivered (0: none
+    /// that reads as a number).
+    pub fn newest_rule_version(&self, kind: RuleKind) -> u64 {
+        self.newest_rule_versions[kind as usize]
     }
 
     /// The label vocabulary.
@@ -532,6 +553,49 @@ impl Index {
     }
 }
 
+/// Whether a watch cache has caught up with one of our writes, so that it,
+/// and no longer the write's answer, is the view to decide from. Our write
+/// took the object from `prior` (its `resourceVersion`; `None`: absent) to
+/// `written` (`None`: we deleted it); the cache shows `cached` and its
+/// watch has delivered up to `newest`.
+///
+/// Under load the apiserver's watch can deliver events older than our own
+/// last write (several writes in a row can all be ahead of it). A decision
+/// must never rest on a view older than what we wrote: the cache counts only
+/// once it shows our write or something after it. `resourceVersion`s are
+/// compared as numbers (what etcd-backed apiservers give); one that does not
+/// read as a number is only compared for equality, and anything other than
+/// `prior` then counts as newer.
+pub fn caught_up(
+    cached: Option<&str>,
+    prior: Option<&str>,
+    written: Option<&str>,
+    newest: u64,
+) -> bool {
+    let num = |v: &str| v.parse::<u64>().ok();
+    match (written, cached) {
+        // The cache shows the object: at our write or after it?
+        (Some(w), Some(c)) => match (num(w), num(c)) {
+            (Some(w), Some(c)) => c >= w,
+            _ => c == w || Some(c) != prior,
+        },
+        // The cache lacks what we wrote: deleted since (its watch got past
+        // our write), or not there yet.
+        (Some(w), None) => match num(w) {
+            Some(w) => newest >= w,
+            None => prior.is_some(),
+        },
+        // We deleted it, and the cache agrees.
+        (None, None) => true,
+        // We deleted it, and the cache still shows it: the version we
+        // deleted (or older), or one created after the delete.
+        (None, Some(c)) => match (prior.and_then(num), num(c)) {
+            (Some(p), Some(c)) => c > p,
+            _ => Some(c) != prior,
+        },
+    }
+}
+
 /// The Services a change of a rule concerns: the one of its name, and the
 /// ones its hosts name (before and after).
 fn concerned<S>(
@@ -614,4 +678,41 @@ where
     T: Deserialize<'de> + Default,
 {
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caught_up;
+
+    #[test]
+    fn the_cache_counts_once_it_shows_our_write_or_something_after_it() {
+        // We wrote 12 (from 5): the cache at 5, or at 9 (a write of ours
+        // before that one), is behind; at 12 or later it is the view.
+        assert!(!caught_up(Some("5"), Some("5"), Some("12"), 9));
+        assert!(!caught_up(Some("9"), Some("9"), Some("12"), 9));
+        assert!(!caught_up(Some("5"), Some("9"), Some("12"), 9));
+        assert!(caught_up(Some("12"), Some("9"), Some("12"), 12));
+        assert!(caught_up(Some("15"), Some("9"), Some("12"), 15));
+        // We created it: absent in the cache until its watch gets there;
+        // absent after that means someone deleted it since.
+        assert!(!caught_up(None, None, Some("12"), 11));
+        assert!(caught_up(None, None, Some("12"), 13));
+        // We deleted it (at 9): still shown at 9 or before is behind;
+        // shown at a later version was created again since.
+        assert!(caught_up(None, Some("9"), None, 0));
+        assert!(!caught_up(Some("9"), Some("9"), None, 9));
+        assert!(!caught_up(Some("7"), Some("9"), None, 9));
+        assert!(caught_up(Some("14"), Some("9"), None, 14));
+    }
+
+    #[test]
+    fn versions_that_are_not_numbers_are_compared_for_equality_only() {
+        assert!(caught_up(Some("b"), Some("a"), Some("b"), 0));
+        assert!(!caught_up(Some("a"), Some("a"), Some("b"), 0));
+        assert!(caught_up(Some("c"), Some("a"), Some("b"), 0));
+        assert!(caught_up(None, Some("a"), Some("b"), 0));
+        assert!(!caught_up(None, None, Some("b"), 0));
+        assert!(!caught_up(Some("a"), Some("a"), None, 0));
+        assert!(caught_up(Some("z"), Some("a"), None, 0));
+    }
 }
