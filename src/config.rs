@@ -197,6 +197,10 @@ pub struct RoutesConfig {
     /// pod, in seconds (its header route is removed at once; the subset
     /// stays until every sidecar has the new routes).
     pub removal_grace_seconds: u32,
+    /// How long a routed Service may have no ready normal pod before a
+    /// `RouteNoNormalPod` Warning says so, in seconds (a Service whose pods
+    /// are still becoming ready is no news).
+    pub no_normal_pod_warning_seconds: u32,
 }
 
 impl Default for RoutesConfig {
@@ -205,6 +209,7 @@ impl Default for RoutesConfig {
             enabled: true,
             header: "x-canary-tag".into(),
             removal_grace_seconds: 60,
+            no_normal_pod_warning_seconds: 30,
         }
     }
 }
@@ -225,6 +230,12 @@ impl RoutesConfig {
         check_range(
             "routes.removalGraceSeconds",
             self.removal_grace_seconds,
+            0,
+            3600,
+        )?;
+        check_range(
+            "routes.noNormalPodWarningSeconds",
+            self.no_normal_pod_warning_seconds,
             0,
             3600,
         )
@@ -484,7 +495,8 @@ mod tests {
             RoutesConfig {
                 enabled: true,
                 header: "x-canary-tag".into(),
-                removal_grace_seconds: 60
+                removal_grace_seconds: 60,
+                no_normal_pod_warning_seconds: 30,
             }
         );
         assert_eq!(

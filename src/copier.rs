@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::TaskError;
+use crate::cluster::events::is_namespace_terminating;
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
 
@@ -476,13 +477,23 @@ async fn copy_one(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, CopyE
     }
     let desired = desired_copy(&source, namespace, settings);
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    api.patch(
-        &settings.config_map_name,
-        &PatchParams::apply(&settings.field_manager).force(),
-        &Patch::Apply(&desired),
-    )
-    .await
-    .map_err(CopyError::Apply)?;
+    match api
+        .patch(
+            &settings.config_map_name,
+            &PatchParams::apply(&settings.field_manager).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(_) => {}
+        // Being deleted, though the namespace watch has not said so yet:
+        // no copy is needed there, and no fault of ours.
+        Err(e) if is_namespace_terminating(&e) => {
+            debug!(namespace, "namespace is terminating");
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(CopyError::Apply(e)),
+    }
     ctx.metrics.applied();
     info!(namespace, "bootstrap ConfigMap applied");
     Ok(Action::requeue(RESYNC))

@@ -318,7 +318,9 @@ struct FakeState {
 ///   [`FakeApiServer::require_metadata_only`] records reads of chosen
 ///   collections that did not ask for it;
 /// - `POST` to a collection: create (409 `AlreadyExists`, 422 without a
-///   name); the namespace comes from the URL;
+///   name); the namespace comes from the URL; a create (by `POST` or by an
+///   apply) in a namespace being deleted is refused with 403, as the
+///   NamespaceLifecycle plugin does;
 /// - `PUT`: replace (404 when absent, 409 when the `resourceVersion` is not
 ///   the stored one);
 /// - `PATCH` server-side apply (`application/apply-patch+yaml`:
@@ -362,6 +364,11 @@ impl FakeApiServer {
     /// Another writer deletes the object at `path`; watches see it.
     pub fn delete(&self, path: &str) {
         self.0.lock().unwrap().store(path, None);
+    }
+
+    /// The paths of every object held.
+    pub fn paths(&self) -> Vec<String> {
+        self.0.lock().unwrap().objects.keys().cloned().collect()
     }
 
     /// The object at `path`.
@@ -685,6 +692,31 @@ impl FakeState {
         Answer::Now(code, body)
     }
 
+    /// The NamespaceLifecycle admission plugin: a create in a namespace
+    /// being deleted (its Namespace carries a `deletionTimestamp`) is
+    /// refused with 403; updates and deletes go through.
+    fn terminating(&self, path: &str, name: &str) -> Option<(StatusCode, Value)> {
+        let namespace = namespace_of(path)?;
+        let ns = self
+            .objects
+            .get(&format!("/api/v1/namespaces/{namespace}"))?;
+        if ns["metadata"]["deletionTimestamp"].is_null() {
+            return None;
+        }
+        let resource = path
+            .trim_end_matches(&format!("/{name}"))
+            .rsplit('/')
+            .next()?;
+        Some(failure(
+            403,
+            "Forbidden",
+            &format!(
+                "{resource} {name:?} is forbidden: unable to create new content in namespace \
+                 {namespace} because it is being terminated"
+            ),
+        ))
+    }
+
     fn respond(&mut self, call: Seen) -> (StatusCode, Value) {
         let stored = self.objects.get(&call.path).cloned();
         match call.method.clone() {
@@ -720,6 +752,9 @@ impl FakeState {
                 let Some(name) = call.body["metadata"]["name"].as_str() else {
                     return failure(422, "Invalid", "metadata.name: Required value");
                 };
+                if let Some(refused) = self.terminating(&call.path, name) {
+                    return refused;
+                }
                 let path = format!("{}/{name}", call.path);
                 if self.objects.contains_key(&path) {
                     return failure(409, "AlreadyExists", &format!("{name:?} already exists"));
@@ -775,10 +810,16 @@ impl FakeState {
                 );
                 match stored {
                     // Create: a resourceVersion in the applied object is ignored.
-                    None => (
-                        StatusCode::CREATED,
-                        self.store(&call.path, Some(applied)).unwrap(),
-                    ),
+                    None => {
+                        let name = call.path.rsplit('/').next().unwrap_or_default();
+                        if let Some(refused) = self.terminating(&call.path, name) {
+                            return refused;
+                        }
+                        (
+                            StatusCode::CREATED,
+                            self.store(&call.path, Some(applied)).unwrap(),
+                        )
+                    }
                     Some(mut o) => {
                         if let Some(rv) = applied["metadata"]["resourceVersion"].as_str()
                             && Some(rv) != o["metadata"]["resourceVersion"].as_str()

@@ -340,6 +340,25 @@ async fn failed_apply_is_an_error_that_is_counted_and_retried() {
     assert_eq!(m.applies(), 0);
 }
 
+/// The namespace watch may say "terminating" after the apiserver does:
+/// its refusal of the copy is no error.
+#[tokio::test]
+async fn a_copy_refused_because_the_namespace_is_being_deleted_is_no_error() {
+    let (client, mut api) = mock_client();
+    let m = counters();
+    let ctx = context(client, store_with(vec![source()]), m.clone());
+    let copying = tokio::spawn(copy_one(Arc::new(namespace("leaving")), ctx.clone()));
+    api.next().await.fail(
+        403,
+        "Forbidden",
+        "configmaps \"canary-injector-bootstrap\" is forbidden: unable to create new content \
+         in namespace leaving because it is being terminated",
+    );
+    assert_eq!(copying.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(m.errors("apply"), 0);
+    assert_eq!(m.applies(), 0);
+}
+
 #[tokio::test]
 async fn namespace_without_a_name_is_an_error() {
     let (client, _api) = mock_client();

@@ -56,7 +56,7 @@ use super::{
     Conflict, DefaultRoute, InvalidHeader, NORMAL_SUBSET, RuleKind, ServiceRef, conflicts,
     route_header,
 };
-use crate::cluster::events::{EventRequest, EventSink};
+use crate::cluster::events::{EventRequest, EventSink, is_namespace_terminating};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
 use crate::mutate::{LabelPolicy, NamespacePolicy};
@@ -105,6 +105,9 @@ pub struct RoutesSettings {
     pub header: String,
     /// How long a subset outlives its tag (`routes.removalGraceSeconds`).
     pub grace: Duration,
+    /// How long a Service may lack a ready normal pod before a Warning
+    /// (`routes.noNormalPodWarningSeconds`).
+    pub no_normal_pod_warning: Duration,
 }
 
 impl RoutesSettings {
@@ -115,6 +118,9 @@ impl RoutesSettings {
             namespaces: cfg.namespaces.clone(),
             header: cfg.routes.header.clone(),
             grace: Duration::from_secs(cfg.routes.removal_grace_seconds.into()),
+            no_normal_pod_warning: Duration::from_secs(
+                cfg.routes.no_normal_pod_warning_seconds.into(),
+            ),
         })
     }
 }
@@ -283,17 +289,47 @@ pub enum RouteError {
         /// Name.
         name: String,
     },
+    /// The namespace is being deleted: the apiserver refuses anything new
+    /// there. Not a fault: nothing more is written into it.
+    #[error("namespace {namespace} is being deleted")]
+    NamespaceTerminating {
+        /// Namespace.
+        namespace: String,
+    },
 }
 
 impl RouteError {
     /// Every `reason` label value, exported at 0 from the start.
     pub const REASONS: [&'static str; 2] = ["write", "stale"];
 
-    /// Bounded metric label for this error.
-    pub fn reason(&self) -> &'static str {
+    /// Bounded metric label for this error; `None` for what is no error
+    /// (a namespace being deleted).
+    pub fn reason(&self) -> Option<&'static str> {
         match self {
-            Self::Write { .. } => Self::REASONS[0],
-            Self::Stale { .. } => Self::REASONS[1],
+            Self::Write { .. } => Some(Self::REASONS[0]),
+            Self::Stale { .. } => Some(Self::REASONS[1]),
+            Self::NamespaceTerminating { .. } => None,
+        }
+    }
+
+    /// The error of a refused write: stale (409), the namespace being
+    /// deleted (403 from NamespaceLifecycle), or any other failure.
+    fn of(kind: RuleKind, namespace: &str, name: &str, source: kube::Error) -> Self {
+        match source {
+            kube::Error::Api(s) if s.code == 409 => Self::Stale {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+            e if is_namespace_terminating(&e) => Self::NamespaceTerminating {
+                namespace: namespace.to_owned(),
+            },
+            source => Self::Write {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                source,
+            },
         }
     }
 }
@@ -493,8 +529,10 @@ pub struct Routes {
     gone: HashMap<Key, BTreeMap<String, std::time::Instant>>,
     blocked: HashMap<Key, Blocked>,
     /// Routed Services without a ready normal pod (default route to the
-    /// whole Service).
-    without_normal: BTreeSet<Key>,
+    /// whole Service), since when.
+    without_normal: HashMap<Key, Instant>,
+    /// Those of them warned about (`RouteNoNormalPod`).
+    warned_no_normal: BTreeSet<Key>,
     memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
     memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
     failing: BTreeSet<&'static str>,
@@ -517,7 +555,8 @@ impl Routes {
             failures: HashMap::new(),
             gone: HashMap::new(),
             blocked: HashMap::new(),
-            without_normal: BTreeSet::new(),
+            without_normal: HashMap::new(),
+            warned_no_normal: BTreeSet::new(),
             memo_dr: HashMap::new(),
             memo_vs: HashMap::new(),
             failing: BTreeSet::new(),
@@ -730,8 +769,16 @@ impl Routes {
                     };
                 }
                 Err(error) => {
-                    self.writer.counters.error(error.reason());
                     let delay = match &error {
+                        // Not a fault: the namespace and our objects in it
+                        // are going away. Nothing more is written there.
+                        RouteError::NamespaceTerminating { namespace } => {
+                            debug!(%namespace, "namespace being deleted; nothing more is written there");
+                            self.index.note_terminating(namespace);
+                            self.forget(&key);
+                            self.timers.remove(&key);
+                            continue;
+                        }
                         RouteError::Stale { .. } => {
                             debug!(%error, "read again");
                             STALE_RETRY
@@ -746,6 +793,9 @@ impl Routes {
                             delay
                         }
                     };
+                    if let Some(reason) = error.reason() {
+                        self.writer.counters.error(reason);
+                    }
                     self.timers.insert(key, Instant::now() + delay);
                 }
             }
@@ -760,7 +810,7 @@ impl Routes {
                 continue;
             }
             let i = match self.blocked.get(key) {
-                None if self.without_normal.contains(key) => 1,
+                None if self.without_normal.contains_key(key) => 1,
                 None => 0,
                 Some(Blocked::Conflict(_)) => 2,
                 Some(Blocked::Header(_)) => 3,
@@ -836,12 +886,25 @@ impl Routes {
         )
     }
 
+    /// Drops what the controller keeps about one Service.
+    fn forget(&mut self, key: &Key) {
+        self.blocked.remove(key);
+        self.gone.remove(key);
+        self.without_normal.remove(key);
+        self.warned_no_normal.remove(key);
+        self.failures.remove(key);
+    }
+
     /// Brings one Service in step; the time to look again, if any.
     pub async fn reconcile(&mut self, key: &Key) -> Result<Option<Instant>, RouteError> {
+        // A namespace being deleted takes our objects with it: nothing is
+        // written there (creates would be refused), nothing reported.
+        if self.index.terminating(&key.0) {
+            self.forget(key);
+            return Ok(None);
+        }
         let Some(entry) = self.index.routed(key).cloned() else {
-            self.blocked.remove(key);
-            self.gone.remove(key);
-            self.without_normal.remove(key);
+            self.forget(key);
             return self.remove(key).await.map(|()| None);
         };
         let service = ServiceRef {
@@ -865,11 +928,7 @@ impl Routes {
             info!(namespace = %key.0, service = %key.1, "routes no longer blocked");
         }
         let live = self.index.live(key);
-        if live.normal {
-            self.without_normal.remove(key);
-        } else {
-            self.without_normal.insert(key.clone());
-        }
+        let warn_at = self.no_normal_pod(&service, live.normal);
         for _ in 0..MAX_STEPS {
             let (dr, vs) = self.observed(key);
             let empty = BTreeMap::new();
@@ -891,7 +950,8 @@ impl Routes {
                 self.gone.insert(key.clone(), plan.gone);
             }
             let Some(step) = plan.step else {
-                return Ok(plan.wake_at.map(Instant::from_std));
+                let wake = plan.wake_at.map(Instant::from_std);
+                return Ok(wake.into_iter().chain(warn_at).min());
             };
             match step {
                 Step::DestinationRule(w) => {
@@ -975,17 +1035,12 @@ impl Routes {
                 self.writer.counters.applied();
                 Ok(Index::observe_rule(&object))
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => Err(RouteError::Stale {
+            Err(source) => Err(RouteError::of(
                 kind,
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
-            }),
-            Err(source) => Err(RouteError::Write {
-                kind,
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
+                &service.namespace,
+                &service.name,
                 source,
-            }),
+            )),
         }
     }
 
@@ -1016,21 +1071,7 @@ impl Routes {
                     info!(namespace = %key.0, service = %key.1, %kind, "routing object deleted: the Service no longer asks for routes");
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {
-                    return Err(RouteError::Stale {
-                        kind,
-                        namespace: key.0.clone(),
-                        name: key.1.clone(),
-                    });
-                }
-                Err(source) => {
-                    return Err(RouteError::Write {
-                        kind,
-                        namespace: key.0.clone(),
-                        name: key.1.clone(),
-                        source,
-                    });
-                }
+                Err(source) => return Err(RouteError::of(kind, &key.0, &key.1, source)),
             }
             match kind {
                 RuleKind::DestinationRule => {
@@ -1168,49 +1209,74 @@ impl Routes {
     }
 
     /// The default route switched between `normal` and the whole Service.
+    /// Only logged: the Warning comes from [`Routes::no_normal_pod`] once
+    /// the condition has held for a while.
     fn report_default(&self, service: &ServiceRef, change: DefaultChange) {
-        let labels = &self.writer.settings.labels;
-        let normal = format!("{}={}", labels.stage, labels.normal_stage);
         match change.to {
-            DefaultRoute::Service => {
-                warn!(
-                    namespace = %service.namespace,
-                    service = %service.name,
-                    normal_pods = %normal,
-                    "no ready normal pod: the default route goes to every ready endpoint of the Service"
-                );
+            DefaultRoute::Service => info!(
+                namespace = %service.namespace,
+                service = %service.name,
+                "no ready normal pod: the default route goes to every ready endpoint of the Service"
+            ),
+            DefaultRoute::Normal => info!(
+                namespace = %service.namespace,
+                service = %service.name,
+                "normal pods ready: the default route goes to subset normal"
+            ),
+        }
+    }
+
+    /// Tracks how long a routed Service has had no ready normal pod. A
+    /// Service whose pods are still becoming ready is no news: the
+    /// `RouteNoNormalPod` Warning comes once the condition has held for
+    /// `routes.noNormalPodWarningSeconds`, and a `RouteToNormal` Event
+    /// when it ends after that Warning. The time to look again, while the
+    /// Warning is still to come.
+    fn no_normal_pod(&mut self, service: &ServiceRef, normal: bool) -> Option<Instant> {
+        let key = (service.namespace.clone(), service.name.clone());
+        let labels = &self.writer.settings.labels;
+        let selector = format!("{}={}", labels.stage, labels.normal_stage);
+        if normal {
+            self.without_normal.remove(&key);
+            if self.warned_no_normal.remove(&key) {
                 self.event(
                     service,
-                    EventType::Warning,
-                    "RouteNoNormalPod",
+                    EventType::Normal,
+                    "RouteToNormal",
                     format!(
-                        "no ready endpoint of this Service is a pod labelled {normal}; requests \
-                         without a canary header go to all its ready endpoints (canaries \
-                         included) instead of subset {NORMAL_SUBSET}"
+                        "a pod labelled {selector} is ready; requests without a canary header \
+                         go to subset {NORMAL_SUBSET} again"
                     ),
                 );
             }
-            DefaultRoute::Normal => {
-                info!(
-                    namespace = %service.namespace,
-                    service = %service.name,
-                    "normal pods ready: the default route goes to subset normal"
-                );
-                // Routing to normal is the usual state: only a return to it
-                // is news.
-                if change.from == Some(DefaultRoute::Service) {
-                    self.event(
-                        service,
-                        EventType::Normal,
-                        "RouteToNormal",
-                        format!(
-                            "a pod labelled {normal} is ready; requests without a canary header \
-                             go to subset {NORMAL_SUBSET} again"
-                        ),
-                    );
-                }
-            }
+            return None;
         }
+        let now = Instant::now();
+        let since = *self.without_normal.entry(key.clone()).or_insert(now);
+        let due = since + self.writer.settings.no_normal_pod_warning;
+        if now < due {
+            return Some(due);
+        }
+        if self.warned_no_normal.insert(key) {
+            warn!(
+                namespace = %service.namespace,
+                service = %service.name,
+                normal_pods = %selector,
+                waited_seconds = self.writer.settings.no_normal_pod_warning.as_secs(),
+                "no ready normal pod: the default route goes to every ready endpoint of the Service"
+            );
+            self.event(
+                service,
+                EventType::Warning,
+                "RouteNoNormalPod",
+                format!(
+                    "no ready endpoint of this Service is a pod labelled {selector}; requests \
+                     without a canary header go to all its ready endpoints (canaries \
+                     included) instead of subset {NORMAL_SUBSET}"
+                ),
+            );
+        }
+        None
     }
 }
 

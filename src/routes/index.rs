@@ -177,6 +177,13 @@ impl<V: PartialEq> Table<V> {
     }
 }
 
+/// An opted-in namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceRow {
+    /// It is being deleted (`deletionTimestamp` set).
+    pub terminating: bool,
+}
+
 /// A Service that asks for routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -218,7 +225,7 @@ pub enum PodRow {
 pub struct Index {
     labels: LabelPolicy,
     namespace_policy: NamespacePolicy,
-    namespaces: Table<()>,
+    namespaces: Table<NamespaceRow>,
     services: Table<ServiceEntry>,
     slices: Table<SliceEntry>,
     slices_by_service: BTreeMap<Key, BTreeSet<String>>,
@@ -281,7 +288,7 @@ impl Index {
 
     /// The row of a Namespace: present when it carries the opt-in labels and
     /// is not excluded.
-    pub fn namespace_row(&self, meta: &ObjectMeta) -> (Key, Option<()>) {
+    pub fn namespace_row(&self, meta: &ObjectMeta) -> (Key, Option<NamespaceRow>) {
         let name = meta.name.clone().unwrap_or_default();
         let labels = meta.labels.as_ref();
         let opted_in = self
@@ -290,7 +297,10 @@ impl Index {
             .iter()
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
         let keep = opted_in && !self.namespace_policy.is_excluded(&name);
-        ((name, String::new()), keep.then_some(()))
+        let row = NamespaceRow {
+            terminating: meta.deletion_timestamp.is_some(),
+        };
+        ((name, String::new()), keep.then_some(row))
     }
 
     /// The row of a Service: present when it asks for routes.
@@ -370,7 +380,7 @@ impl Index {
 
     /// Applies a Namespace change: every Service and rule of the namespace is
     /// concerned.
-    pub fn apply_namespace(&mut self, change: Change<()>, dirty: &mut BTreeSet<Key>) {
+    pub fn apply_namespace(&mut self, change: Change<NamespaceRow>, dirty: &mut BTreeSet<Key>) {
         let mut touched = Vec::new();
         self.namespaces
             .apply(change, |k, _, _| touched.push(k.0.clone()));
@@ -466,10 +476,30 @@ impl Index {
     // === queries ===
 
     /// The Service of `key` when it is routed: it asks for routes, in an
-    /// opted-in namespace that is not excluded.
+    /// opted-in namespace that is not excluded (nor being deleted).
     pub fn routed(&self, key: &Key) -> Option<&ServiceEntry> {
-        self.namespaces.get(&(key.0.clone(), String::new()))?;
+        let ns = self.namespaces.get(&(key.0.clone(), String::new()))?;
+        if ns.terminating {
+            return None;
+        }
         self.services.get(key)
+    }
+
+    /// True while the opted-in namespace is being deleted: the apiserver
+    /// refuses anything new there and deletes what is in it, ours too.
+    pub fn terminating(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(&(namespace.to_owned(), String::new()))
+            .is_some_and(|n| n.terminating)
+    }
+
+    /// Notes that the namespace is being deleted, as a write's refusal says,
+    /// before its watch does (the watches are separate streams).
+    pub fn note_terminating(&mut self, namespace: &str) {
+        let key = (namespace.to_owned(), String::new());
+        let row = Some(NamespaceRow { terminating: true });
+        self.namespaces
+            .apply(Change::Applied(key, row), |_, _, _| {});
     }
 
     /// What is live for the Service `key` (see [`super::live`]).

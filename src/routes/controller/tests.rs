@@ -578,6 +578,51 @@ async fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
     r.stop().await;
 }
 
+/// A newly routed Service whose normal pods are still becoming ready is no
+/// news: the Warning comes only once there has been no ready normal pod
+/// for `routes.noNormalPodWarningSeconds` (30 s).
+#[tokio::test(start_paused = true)]
+async fn no_warning_while_the_normal_pods_are_still_becoming_ready() {
+    let api = cluster(true);
+    api.put(SLICE, slice_of(false, true));
+    let r = start(&api);
+    r.until("both objects", |a| a.writes().len() == 2).await;
+    let routed_at = api.writes()[1].at;
+    r.idle(Duration::from_secs(20)).await;
+    api.put(SLICE, slice_of(true, true));
+    r.until("the route to normal", |a| a.writes().len() == 3)
+        .await;
+    r.idle(RESYNC).await;
+    let reasons: Vec<String> = api.events().into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        reasons,
+        ["RouteAdded"],
+        "no warning, and nothing to recover from"
+    );
+
+    // Now the normal pods stop being ready for good: one Warning, 30 s
+    // after it started.
+    api.put(SLICE, slice_of(false, true));
+    r.until("the route to the Service", |a| a.writes().len() == 4)
+        .await;
+    let since = api.writes()[3].at;
+    r.until("the warning", |a| a.events().len() == 2).await;
+    let warned_at = api
+        .seen()
+        .into_iter()
+        .filter(|c| c.method == Method::POST && c.path == EVENTS)
+        .nth(1)
+        .unwrap()
+        .at;
+    assert_eq!(api.events()[1].0, "RouteNoNormalPod");
+    assert!(warned_at - since >= Duration::from_secs(30));
+    assert!(warned_at - since < Duration::from_secs(32));
+    assert!(routed_at < since);
+    r.idle(RESYNC).await;
+    assert_eq!(api.events().len(), 2, "warned once");
+    r.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_service_with_gray_pods_only_sends_requests_without_the_header_to_them() {
     let api = cluster(true);
@@ -867,6 +912,112 @@ async fn a_lagging_watch_never_removes_the_route_of_a_live_tag() {
     assert_eq!(r.metrics.changes("route-removed"), 0);
     r.until("events", |a| a.events().len() == 2).await;
     assert!(api.events().iter().all(|e| e.0 == "RouteAdded"));
+    r.stop().await;
+}
+
+/// `n` routed Services `svc-0`.. in `shop`, each with one ready normal pod.
+fn many_services(n: usize) -> Apiserver {
+    let mut objects = vec![(SHOP.to_owned(), namespace())];
+    for i in 0..n {
+        let name = format!("svc-{i}");
+        let pod_name = format!("{name}-pod");
+        objects.push((
+            format!("/api/v1/namespaces/shop/services/{name}"),
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": name, "namespace": "shop",
+                                "annotations": {"canary-injector.io/routes": "true"}},
+                   "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}}),
+        ));
+        objects.push((
+            format!("/api/v1/namespaces/shop/pods/{pod_name}"),
+            pod(&pod_name, json!({"app": name, "stage": "normal"})),
+        ));
+        objects.push((
+            format!("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{name}-x"),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("{name}-x"), "namespace": "shop",
+                                "labels": {"kubernetes.io/service-name": name}},
+                   "addressType": "IPv4",
+                   "endpoints": [{"addresses": ["10.0.0.5"], "conditions": {"ready": true},
+                                  "targetRef": {"kind": "Pod", "name": pod_name, "namespace": "shop"}}]}),
+        ));
+    }
+    let refs: Vec<(&str, Value)> = objects
+        .iter()
+        .map(|(p, o)| (p.as_str(), o.clone()))
+        .collect();
+    Apiserver::new(&refs)
+}
+
+/// The namespace controller empties a namespace being deleted: it marks
+/// it, then deletes every kind of object in it, one kind after the other
+/// (endpoints first, as pods stop; ours while the Services still exist).
+async fn tear_down(r: &Running) {
+    let api = &r.api;
+    let mut ns = api.get(SHOP).unwrap();
+    ns["metadata"]["deletionTimestamp"] = json!("2026-12-06T10:00:00Z");
+    api.put(SHOP, ns);
+    let paths: Vec<String> = api
+        .0
+        .paths()
+        .into_iter()
+        .filter(|p| p.contains("/namespaces/shop/"))
+        .collect();
+    for kind in [
+        "endpointslices",
+        "pods",
+        "virtualservices",
+        "destinationrules",
+        "services",
+    ] {
+        r.idle(Duration::from_secs(2)).await;
+        for p in paths.iter().filter(|p| p.contains(&format!("/{kind}/"))) {
+            api.delete(p);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_namespace_being_deleted_gets_no_writes_no_errors_and_no_events() {
+    let api = many_services(5);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 10).await;
+    r.until("no events yet", |a| a.events().is_empty()).await;
+    tear_down(&r).await;
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 10, "{:#?}", api.write_lines());
+    assert_eq!(r.counters.errors("write"), 0);
+    assert_eq!(r.counters.errors("stale"), 0);
+    assert_eq!(api.events(), []);
+    r.stop().await;
+}
+
+/// The watches are separate streams: the controller may see our objects
+/// deleted before it sees their namespace being deleted. The apiserver's
+/// refusal of the first re-create says so; nothing more is written there,
+/// and the refusal is no error.
+#[tokio::test(start_paused = true)]
+async fn a_namespace_whose_deletion_is_seen_late_gets_one_refused_create_and_no_error() {
+    let api = many_services(5);
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 10).await;
+    api.0.hold_watch("/api/v1/namespaces");
+    tear_down(&r).await;
+    r.idle(Duration::from_secs(30)).await;
+    api.0.release_watch("/api/v1/namespaces");
+    r.idle(RESYNC).await;
+    let late: Vec<String> = api.write_lines()[10..].to_vec();
+    assert!(
+        late.iter().filter(|l| l.starts_with("POST")).count() <= 1,
+        "{late:#?}"
+    );
+    assert_eq!(r.counters.errors("write"), 0);
+    assert_eq!(r.counters.errors("stale"), 0);
+    assert!(
+        api.events().iter().all(|e| e.1 != "Warning"),
+        "{:#?}",
+        api.events()
+    );
     r.stop().await;
 }
 
