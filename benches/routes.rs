@@ -14,7 +14,9 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 
 use canary_injector::cluster::events::EventSink;
 use canary_injector::config::Config;
@@ -52,7 +54,7 @@ fn bench(c: &mut Criterion) {
     group.sample_size(30);
 
     let empty = BTreeMap::new();
-    let now = Instant::now();
+    let now = Timestamp::now();
     group.bench_function("plan all (1,000 Services, 10,000 pods)", |b| {
         b.iter(|| {
             let mut steps = 0;
@@ -72,7 +74,7 @@ fn bench(c: &mut Criterion) {
                     live: &live,
                     destination_rule: index.destination_rule(key),
                     virtual_service: index.virtual_service(key),
-                    gone: &empty,
+                    due: &empty,
                     now,
                     grace: Duration::from_secs(60),
                 });
@@ -114,6 +116,7 @@ fn bench(c: &mut Criterion) {
     let client = rt.block_on(async { kube::Client::new(service, "default") });
     let registry = prometheus::Registry::new();
     let writer = RoutesWriter {
+        clock: Default::default(),
         settings: RoutesSettings::from_config(&cfg).unwrap(),
         metrics: RouteMetrics::register(&registry).unwrap(),
         counters: ControllerMetrics::register(&registry)

@@ -286,6 +286,7 @@ impl App {
                 metrics: RouteMetrics::register(&registry).map_err(AppError::Metrics)?,
                 counters: controller_metrics.controller(routes::CONTROLLER, &RouteError::REASONS),
                 events: events.clone(),
+                clock: crate::routes::controller::Clock::new(),
             });
         }
         let mut versions = InjectorVersion::disabled();

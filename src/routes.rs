@@ -10,7 +10,8 @@
 //!    (live tags, and whether a normal pod is ready)                         |     (DR + VS)
 //!  config: header, label vocabulary ----------------------------------------+
 //!
-//!  controller:  plan::plan(observed DR/VS, live tags, when tags went away, now)
+//!  controller:  plan::plan(observed DR/VS, live tags, when gone tags' subsets
+//!               may go (also written on the DR), now)
 //!                 -> the next write (subset before route; route before subset)
 //! ```
 //!
@@ -266,6 +267,7 @@ fn meta(service: &ServiceRef) -> Meta {
         name: service.name.clone(),
         namespace: Some(service.namespace.clone()).filter(|ns| !ns.is_empty()),
         labels: BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned())]),
+        annotations: BTreeMap::new(),
         owner_references: service
             .uid
             .iter()

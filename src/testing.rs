@@ -14,7 +14,7 @@
 //! preconditions, discovery) shared by every module, so what the fake gets
 //! right or wrong about the apiserver it gets right or wrong once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -299,6 +299,11 @@ struct FakeState {
     full_reads: Vec<String>,
     /// Watch paths whose events are held back (a lagging watch cache).
     held: Vec<String>,
+    /// The fields each field manager set on each object, by operation
+    /// (`Apply`, or `Update` for a create or update that names one): the
+    /// paths of the fields (through maps; a list or scalar is one field),
+    /// what `managedFields` records.
+    managed: BTreeMap<(String, String, &'static str), BTreeSet<Vec<String>>>,
 }
 
 /// An in-memory apiserver that keeps objects by URL path and answers as the
@@ -336,12 +341,18 @@ struct FakeState {
 ///
 /// Every write bumps a cluster-wide `resourceVersion`. Every request is
 /// recorded ([`FakeApiServer::calls`]); failures and concurrent writers can
-/// be injected ([`FakeApiServer::hook`]). Not modelled: managed-fields
-/// ownership (which keys an apply may remove), list merge keys, admission.
+/// be injected ([`FakeApiServer::hook`]). Field ownership is modelled as
+/// far as removal goes: an apply removes the fields its manager applied
+/// before and leaves out now, unless another manager, or the same manager's
+/// create (`POST` with `fieldManager`: operation `Update`, a separate entry
+/// in `managedFields`), set them too. Not modelled: list merge keys (lists
+/// are replaced whole), conflicts between managers, admission other than
+/// NamespaceLifecycle.
 #[derive(Clone, Default)]
 pub struct FakeApiServer(std::sync::Arc<std::sync::Mutex<FakeState>>);
 
 const APPLY: &str = "application/apply-patch+yaml";
+const APPLY_OPERATION: &str = "Apply";
 const JSON_PATCH: &str = "application/json-patch+json";
 const MERGE_PATCH: &str = "application/merge-patch+json";
 
@@ -503,7 +514,10 @@ impl FakeState {
         });
         match &new {
             Some(o) => self.objects.insert(path.to_owned(), o.clone()),
-            None => self.objects.remove(path),
+            None => {
+                self.managed.retain(|k, _| k.0 != path);
+                self.objects.remove(path)
+            }
         };
         self.log.push((version, path.to_owned(), old, new.clone()));
         self.flush();
@@ -763,6 +777,10 @@ impl FakeState {
                 if let Some(namespace) = namespace_of(&call.path) {
                     o["metadata"]["namespace"] = json!(namespace);
                 }
+                if let Some(manager) = call.query.get("fieldManager") {
+                    self.managed
+                        .insert((path.clone(), manager.clone(), "Update"), field_paths(&o));
+                }
                 (StatusCode::CREATED, self.store(&path, Some(o)).unwrap())
             }
             Method::PUT => {
@@ -815,6 +833,11 @@ impl FakeState {
                         if let Some(refused) = self.terminating(&call.path, name) {
                             return refused;
                         }
+                        let manager = call.query["fieldManager"].clone();
+                        self.managed.insert(
+                            (call.path.clone(), manager, APPLY_OPERATION),
+                            field_paths(&applied),
+                        );
                         (
                             StatusCode::CREATED,
                             self.store(&call.path, Some(applied)).unwrap(),
@@ -829,6 +852,22 @@ impl FakeState {
                         if applied.get("type").is_some() && applied["type"] != o["type"] {
                             return failure(422, "Invalid", "type: field is immutable");
                         }
+                        // Fields this manager applied before and leaves
+                        // out now are removed, unless another manager (or
+                        // this one's create) set them too.
+                        let manager = call.query["fieldManager"].clone();
+                        let key = (call.path.clone(), manager, APPLY_OPERATION);
+                        let now = field_paths(&applied);
+                        let before = self.managed.get(&key).cloned().unwrap_or_default();
+                        for gone in before.difference(&now) {
+                            let shared = self.managed.iter().any(|(k, fields)| {
+                                k.0 == call.path && *k != key && fields.contains(gone)
+                            });
+                            if !shared {
+                                remove_field(&mut o, gone);
+                            }
+                        }
+                        self.managed.insert(key, now);
                         merge(&mut o, applied);
                         (StatusCode::OK, self.store(&call.path, Some(o)).unwrap())
                     }
@@ -901,6 +940,53 @@ fn failure(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
         StatusCode::from_u16(code).unwrap(),
         status(code, reason, message),
     )
+}
+
+/// The paths of the fields an applied object sets: through maps, down to
+/// a list or scalar (one field each). `apiVersion`, `kind` and the name,
+/// namespace and `resourceVersion` identify the object and are left out.
+fn field_paths(object: &Value) -> BTreeSet<Vec<String>> {
+    fn walk(v: &Value, at: &mut Vec<String>, out: &mut BTreeSet<Vec<String>>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    at.push(k.clone());
+                    walk(v, at, out);
+                    at.pop();
+                }
+            }
+            _ => {
+                out.insert(at.clone());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(object, &mut Vec::new(), &mut out);
+    out.retain(|p| {
+        let p: Vec<&str> = p.iter().map(String::as_str).collect();
+        !matches!(
+            p.as_slice(),
+            ["apiVersion"] | ["kind"] | ["metadata", "name" | "namespace" | "resourceVersion"]
+        )
+    });
+    out
+}
+
+/// Removes the field at `path` (and maps it leaves empty).
+fn remove_field(object: &mut Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = &mut *object;
+    for key in parents {
+        match at.get_mut(key) {
+            Some(next) => at = next,
+            None => return,
+        }
+    }
+    if let Some(m) = at.as_object_mut() {
+        m.remove(last);
+    }
 }
 
 /// Merges `from` into `into` map by map (what an apply of a map does;

@@ -36,6 +36,7 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions,
@@ -259,6 +260,51 @@ pub struct RoutesWriter {
     pub counters: ControllerCounters,
     /// Events on Services (route added / removed / conflict).
     pub events: EventSink,
+    /// Wall-clock time (subsets' removal times are written on the objects).
+    pub clock: Clock,
+}
+
+/// Wall-clock time read off tokio's clock: one reading of both at start,
+/// then the wall time is that reading plus tokio's elapsed time. So the
+/// removal times written on objects are wall-clock times (another replica
+/// reads them after a restart), and tests that pause tokio's clock see
+/// time pass for them as well.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall: Timestamp,
+    at: Instant,
+}
+
+impl Clock {
+    /// The clock, set from the system's wall clock now.
+    pub fn new() -> Self {
+        Self {
+            wall: Timestamp::now(),
+            at: Instant::now(),
+        }
+    }
+
+    /// The wall-clock time of `at`.
+    pub fn wall(&self, at: Instant) -> Timestamp {
+        match at.checked_duration_since(self.at) {
+            Some(d) => self.wall + d,
+            None => self.wall - self.at.duration_since(at),
+        }
+    }
+
+    /// The tokio instant of the wall-clock time `at` (now, when `at` has
+    /// passed).
+    pub fn instant(&self, at: Timestamp) -> Instant {
+        let now = Instant::now();
+        let wait = at.duration_since(self.wall(now));
+        now + std::time::Duration::try_from(wait).unwrap_or_default()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 // === errors ===
@@ -526,7 +572,7 @@ pub struct Routes {
     dirty: BTreeSet<Key>,
     timers: HashMap<Key, Instant>,
     failures: HashMap<Key, u32>,
-    gone: HashMap<Key, BTreeMap<String, std::time::Instant>>,
+    due: HashMap<Key, BTreeMap<String, Timestamp>>,
     blocked: HashMap<Key, Blocked>,
     /// Routed Services without a ready normal pod (default route to the
     /// whole Service), since when.
@@ -553,7 +599,7 @@ impl Routes {
             dirty: BTreeSet::new(),
             timers: HashMap::new(),
             failures: HashMap::new(),
-            gone: HashMap::new(),
+            due: HashMap::new(),
             blocked: HashMap::new(),
             without_normal: HashMap::new(),
             warned_no_normal: BTreeSet::new(),
@@ -889,7 +935,7 @@ impl Routes {
     /// Drops what the controller keeps about one Service.
     fn forget(&mut self, key: &Key) {
         self.blocked.remove(key);
-        self.gone.remove(key);
+        self.due.remove(key);
         self.without_normal.remove(key);
         self.warned_no_normal.remove(key);
         self.failures.remove(key);
@@ -940,17 +986,17 @@ impl Routes {
                 live: &live,
                 destination_rule: dr.as_ref(),
                 virtual_service: vs.as_ref(),
-                gone: self.gone.get(key).unwrap_or(&empty),
-                now: now.into_std(),
+                due: self.due.get(key).unwrap_or(&empty),
+                now: self.writer.clock.wall(now),
                 grace: self.writer.settings.grace,
             });
-            if plan.gone.is_empty() {
-                self.gone.remove(key);
+            if plan.due.is_empty() {
+                self.due.remove(key);
             } else {
-                self.gone.insert(key.clone(), plan.gone);
+                self.due.insert(key.clone(), plan.due);
             }
             let Some(step) = plan.step else {
-                let wake = plan.wake_at.map(Instant::from_std);
+                let wake = plan.wake_at.map(|at| self.writer.clock.instant(at));
                 return Ok(wake.into_iter().chain(warn_at).min());
             };
             match step {

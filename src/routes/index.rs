@@ -659,6 +659,11 @@ pub fn observed_meta(meta: &ObjectMeta) -> ObservedMeta {
         uid: meta.uid.clone(),
         resource_version: meta.resource_version.clone(),
         labels: meta.labels.clone().unwrap_or_default(),
+        removal_due: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::objects::REMOVAL_DUE_ANNOTATION))
+            .cloned(),
         owner_uids: meta
             .owner_references
             .iter()

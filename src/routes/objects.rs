@@ -12,6 +12,11 @@ use serde_json::{Map, Value};
 
 use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, RuleKind};
 
+/// Annotation on our DestinationRule: when each subset kept only for its
+/// grace period may go (`{"<tag>": "<RFC 3339 time>"}`), so the grace
+/// survives a restart or a change of leader.
+pub const REMOVAL_DUE_ANNOTATION: &str = "canary-injector.io/removal-due";
+
 /// The API group of DestinationRule and VirtualService.
 pub const GROUP: &str = "networking.istio.io";
 
@@ -32,6 +37,10 @@ pub struct Meta {
     /// [`MANAGED_BY_LABEL`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// [`REMOVAL_DUE_ANNOTATION`] on a DestinationRule with subsets in
+    /// their grace period.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     /// The Service, when its uid is known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owner_references: Vec<OwnerReference>,
@@ -225,6 +234,8 @@ pub struct ObservedMeta {
     pub resource_version: Option<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// The value of [`REMOVAL_DUE_ANNOTATION`], if set.
+    pub removal_due: Option<String>,
     /// uids of its Service owners.
     pub owner_uids: Vec<String>,
 }
@@ -244,6 +255,8 @@ pub struct Observed<S> {
     pub managed: bool,
     /// uids of its Service owners.
     pub owner_uids: Vec<String>,
+    /// [`REMOVAL_DUE_ANNOTATION`] as written (ours only).
+    pub removal_due: Option<String>,
     /// The hosts it names (`spec.host` / `spec.hosts`).
     pub hosts: Vec<String>,
     /// The spec; `None` when it does not have the expected shape, and for
@@ -266,6 +279,7 @@ impl<S: Spec> Observed<S> {
             None => (Vec::new(), None),
         };
         Self {
+            removal_due: meta.removal_due.filter(|_| managed),
             managed,
             name: meta.name,
             namespace: meta.namespace,
@@ -278,14 +292,20 @@ impl<S: Spec> Observed<S> {
     }
 
     /// True when this object already is `metadata` + `spec` as far as our
-    /// fields go: ours, owned by the Service when an owner is wanted, and
-    /// the same spec. Other labels and fields are someone else's business.
+    /// fields go: ours, owned by the Service when an owner is wanted, the
+    /// same removal times, and the same spec. Other labels and fields are
+    /// someone else's business.
     pub fn holds(&self, metadata: &Meta, spec: &S) -> bool {
         self.managed
             && metadata
                 .owner_references
                 .iter()
                 .all(|o| self.owner_uids.contains(&o.uid))
+            && self.removal_due.as_deref()
+                == metadata
+                    .annotations
+                    .get(REMOVAL_DUE_ANNOTATION)
+                    .map(String::as_str)
             && self.spec.as_ref() == Some(spec)
     }
 }
@@ -315,6 +335,7 @@ pub fn observe_json<S: Spec>(object: &Value) -> Observed<S> {
             uid: text(&meta["uid"]),
             resource_version: text(&meta["resourceVersion"]),
             labels,
+            removal_due: text(&meta["annotations"][REMOVAL_DUE_ANNOTATION]),
             owner_uids,
         },
         object.get("spec"),

@@ -17,12 +17,17 @@
 //! when `grace` has passed since it went away (Envoy sidecars get the route
 //! change before the subset disappears). When both objects need a write, the
 //! VirtualService goes first: removing a route to pods that are gone matters
-//! most.
+//! most. The time each such subset may go is written on the DestinationRule
+//! ([`REMOVAL_DUE_ANNOTATION`]), so a restart or a new leader keeps it
+//! rather than starting the grace again. Times are wall-clock times, in
+//! whole seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::objects::{DestinationRuleSpec, Observed, VirtualServiceSpec};
+use k8s_openapi::jiff::Timestamp;
+
+use super::objects::{DestinationRuleSpec, Observed, REMOVAL_DUE_ANNOTATION, VirtualServiceSpec};
 use super::{
     DefaultRoute, DestinationRule, Live, NORMAL_SUBSET, ServiceRef, VirtualService, assign_names,
     destination_rule, virtual_service,
@@ -45,11 +50,13 @@ pub struct PlanInput<'a> {
     pub destination_rule: Option<&'a Observed<DestinationRuleSpec>>,
     /// Our VirtualService as the cluster holds it.
     pub virtual_service: Option<&'a Observed<VirtualServiceSpec>>,
-    /// When each tag that is not live went away, as returned by the last
-    /// plan (empty at first: a tag found gone starts its grace now).
-    pub gone: &'a BTreeMap<String, Instant>,
-    /// Now.
-    pub now: Instant,
+    /// When the subset of each tag that is not live may go, as returned by
+    /// the last plan (empty at first: the DestinationRule's
+    /// [`REMOVAL_DUE_ANNOTATION`] says, else a tag found gone starts its
+    /// grace now).
+    pub due: &'a BTreeMap<String, Timestamp>,
+    /// Now (wall clock).
+    pub now: Timestamp,
     /// How long a subset outlives its tag (`routes.removalGraceSeconds`).
     pub grace: Duration,
 }
@@ -96,10 +103,29 @@ pub enum Step {
 pub struct Plan {
     /// The next write; `None` when everything is in place (for now).
     pub step: Option<Step>,
-    /// When each tag that is not live went away: pass it to the next plan.
-    pub gone: BTreeMap<String, Instant>,
+    /// When the subset of each tag that is not live may go: pass it to
+    /// the next plan.
+    pub due: BTreeMap<String, Timestamp>,
     /// When to plan again even if nothing changes (a grace period ends).
-    pub wake_at: Option<Instant>,
+    pub wake_at: Option<Timestamp>,
+}
+
+/// Reads [`REMOVAL_DUE_ANNOTATION`]: tag -> time. Entries that do not read
+/// are left out (their subsets get a fresh grace period).
+pub fn removal_due(annotation: Option<&str>) -> BTreeMap<String, Timestamp> {
+    annotation
+        .and_then(|a| serde_json::from_str::<BTreeMap<String, String>>(a).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|(tag, at)| Some((tag, at.parse().ok()?)))
+        .collect()
+}
+
+/// `now + grace`, rounded up to a whole second (what the annotation holds).
+fn due_after(now: Timestamp, grace: Duration) -> Timestamp {
+    let at = now + grace;
+    let whole = at.as_second() + i64::from(at.subsec_nanosecond() > 0);
+    Timestamp::from_second(whole).unwrap_or(at)
 }
 
 /// Tags of the gray subsets of a DestinationRule spec (tag -> subset name),
@@ -197,16 +223,27 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .unwrap_or_default();
     let (routed, referenced) = vs_spec.map(|s| routes(s, input.header)).unwrap_or_default();
 
-    let gone: BTreeMap<String, Instant> = written
+    // When each gone tag's subset may go: as written on the
+    // DestinationRule, else as planned before, else a grace from now.
+    let persisted = removal_due(
+        input
+            .destination_rule
+            .and_then(|o| o.removal_due.as_deref()),
+    );
+    let due: BTreeMap<String, Timestamp> = written
         .keys()
         .chain(routed.keys())
         .filter(|t| !input.live.tags.contains(*t))
-        .map(|t| (t.clone(), input.gone.get(t).copied().unwrap_or(input.now)))
+        .map(|t| {
+            let at = persisted
+                .get(t)
+                .or_else(|| input.due.get(t))
+                .copied()
+                .unwrap_or_else(|| due_after(input.now, input.grace));
+            (t.clone(), at)
+        })
         .collect();
-    let in_grace = |tag: &str| {
-        gone.get(tag)
-            .is_some_and(|since| input.now < *since + input.grace)
-    };
+    let in_grace = |tag: &str| due.get(tag).is_some_and(|at| input.now < *at);
 
     // The DestinationRule: live tags, tags in their grace period, and every
     // subset the VirtualService still routes to. Existing names are kept.
@@ -216,7 +253,23 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .map(|(tag, _)| tag.as_str())
         .chain(input.live.tags.iter().map(String::as_str));
     let names = assign_names(keep, &written);
-    let dr = destination_rule(input.service, &names, input.labels);
+    let mut dr = destination_rule(input.service, &names, input.labels);
+    let kept_for_grace: BTreeMap<&str, String> = names
+        .keys()
+        .filter_map(|t| Some((t.as_str(), due.get(t)?.to_string())))
+        .collect();
+    // Once written, the annotation stays (`{}` when nothing is due): an
+    // apply that leaves a field out removes it only when no other write
+    // (our own create among them) set it too.
+    let has_annotation = input
+        .destination_rule
+        .is_some_and(|o| o.removal_due.is_some());
+    if !kept_for_grace.is_empty() || has_annotation {
+        dr.metadata.annotations.insert(
+            REMOVAL_DUE_ANNOTATION.to_owned(),
+            serde_json::to_string(&kept_for_grace).unwrap_or_default(),
+        );
+    }
     let dr_step = match input.destination_rule {
         Some(o) if o.holds(&dr.metadata, &dr.spec) => None,
         observed => {
@@ -262,15 +315,15 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         })
         .flatten();
 
-    let wake_at = gone
+    let wake_at = due
         .iter()
         .filter(|(tag, _)| written.contains_key(*tag))
-        .map(|(_, since)| *since + input.grace)
+        .map(|(_, at)| *at)
         .filter(|at| *at > input.now)
         .min();
     Plan {
         step: vs_step.or(dr_step),
-        gone,
+        due,
         wake_at,
     }
 }

@@ -2,7 +2,9 @@
 //! tables), and proptests over random tag sets and random histories.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -424,13 +426,18 @@ fn a_malformed_foreign_spec_still_names_its_hosts() {
 
 // === plan: tables ===
 
+/// A fixed wall-clock time, on a whole second.
+fn t0() -> Timestamp {
+    "2026-12-06T10:00:00Z".parse().unwrap()
+}
+
 /// The cluster as the planner sees it, for driving [`plan`] by hand: a
 /// write is applied at once with a new resourceVersion.
 #[derive(Default)]
 struct Cluster {
     dr: Option<Observed<DestinationRuleSpec>>,
     vs: Option<Observed<VirtualServiceSpec>>,
-    gone: BTreeMap<String, Instant>,
+    due: BTreeMap<String, Timestamp>,
     version: u64,
     header: String,
 }
@@ -443,7 +450,7 @@ impl Cluster {
         }
     }
 
-    fn plan(&self, live: &Live, now: Instant) -> Plan {
+    fn plan(&self, live: &Live, now: Timestamp) -> Plan {
         plan(&PlanInput {
             service: &service(),
             header: &self.header,
@@ -451,7 +458,7 @@ impl Cluster {
             live,
             destination_rule: self.dr.as_ref(),
             virtual_service: self.vs.as_ref(),
-            gone: &self.gone,
+            due: &self.due,
             now,
             grace: GRACE,
         })
@@ -465,9 +472,9 @@ impl Cluster {
     }
 
     /// Plans once and applies the write; the step, if any.
-    fn step(&mut self, live: &Live, now: Instant) -> Option<Step> {
+    fn step(&mut self, live: &Live, now: Timestamp) -> Option<Step> {
         let plan = self.plan(live, now);
-        self.gone = plan.gone;
+        self.due = plan.due;
         let step = plan.step?;
         match &step {
             Step::DestinationRule(w) => {
@@ -493,7 +500,7 @@ impl Cluster {
     fn converge(
         &mut self,
         live: &Live,
-        now: Instant,
+        now: Timestamp,
     ) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
         let mut out = Vec::new();
         for _ in 0..10 {
@@ -569,7 +576,7 @@ fn owned(v: &[&str]) -> Vec<String> {
 #[test]
 fn from_nothing_the_subsets_come_before_the_routes() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     let live = live(&["a", "b"]);
     assert_eq!(
         c.converge(&live, t0),
@@ -595,7 +602,7 @@ fn from_nothing_the_subsets_come_before_the_routes() {
 #[test]
 fn a_new_tag_gets_its_subset_then_its_route() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     c.converge(&live(&["a"]), t0);
     let steps = c.converge(&live(&["a", "b"]), t0);
     assert_eq!(
@@ -607,89 +614,61 @@ fn a_new_tag_gets_its_subset_then_its_route() {
 #[test]
 fn a_tag_that_goes_away_loses_its_route_at_once_and_its_subset_after_the_grace() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     c.converge(&live(&["a", "b"]), t0);
     let live = live(&["a"]);
-    assert_eq!(c.converge(&live, t0), [("vs", vec![], owned(&["b"]))]);
+    // The route goes first; then the DestinationRule records when the
+    // subset may go.
+    assert_eq!(
+        c.converge(&live, t0),
+        [("vs", vec![], owned(&["b"])), ("dr", vec![], vec![])]
+    );
     assert!(
         c.subsets().contains_key("b"),
         "subset kept in the grace period"
     );
+    assert_eq!(
+        c.dr.as_ref().unwrap().removal_due.as_deref(),
+        Some(r#"{"b":"2026-12-06T10:01:00Z"}"#)
+    );
     let plan = c.plan(&live, t0 + Duration::from_secs(30));
     assert_eq!(plan.step, None);
     assert_eq!(plan.wake_at, Some(t0 + GRACE), "woken when the grace ends");
-    assert_eq!(plan.gone.get("b"), Some(&t0));
+    assert_eq!(plan.due.get("b"), Some(&(t0 + GRACE)));
     assert_eq!(
         c.converge(&live, t0 + GRACE),
         [("dr", vec![], owned(&["b"]))]
     );
     assert_eq!(c.plan(&live, t0 + GRACE).wake_at, None);
-    assert!(c.gone.is_empty());
+    assert!(c.due.is_empty());
+    assert_eq!(c.dr.as_ref().unwrap().removal_due.as_deref(), Some("{}"));
 }
 
+/// A restart (or a new leader) forgets what it planned: the time the
+/// subset may go is read back from the DestinationRule, not started again.
 #[test]
-fn with_no_grace_the_route_still_goes_first() {
+fn the_grace_survives_a_restart() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
-    c.converge(&live(&["a"]), t0);
-    let steps = plan_all(&mut c, &live(&[]), t0, Duration::ZERO);
+    let t0 = t0();
+    let both = live(&["a", "b"]);
+    let only_a = live(&["a"]);
+    c.converge(&both, t0);
+    c.converge(&only_a, t0);
+    c.due.clear();
+    let plan = c.plan(&only_a, t0 + Duration::from_secs(45));
+    assert_eq!(plan.step, None);
+    assert_eq!(plan.wake_at, Some(t0 + GRACE));
     assert_eq!(
-        steps,
-        [("vs", vec![], owned(&["a"])), ("dr", vec![], owned(&["a"]))]
+        c.converge(&only_a, t0 + GRACE),
+        [("dr", vec![], owned(&["b"]))]
     );
-}
-
-fn plan_all(
-    c: &mut Cluster,
-    live: &Live,
-    now: Instant,
-    grace: Duration,
-) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
-    let mut out = Vec::new();
-    for _ in 0..10 {
-        let p = plan(&PlanInput {
-            service: &service(),
-            header: &c.header,
-            labels: &labels(),
-            live,
-            destination_rule: c.dr.as_ref(),
-            virtual_service: c.vs.as_ref(),
-            gone: &c.gone,
-            now,
-            grace,
-        });
-        c.gone = p.gone;
-        let Some(step) = p.step else { return out };
-        match step {
-            Step::DestinationRule(w) => {
-                let json = c.observe(w.object.to_json(API));
-                c.dr = Some(observe_json(&json));
-                out.push(("dr", w.added, w.removed));
-            }
-            Step::VirtualService(w) => {
-                let json = c.observe(w.object.to_json(API));
-                c.vs = Some(observe_json(&json));
-                out.push(("vs", w.added, w.removed));
-            }
-        }
-        c.check(live);
-    }
-    panic!("no convergence");
-}
-
-#[test]
-fn a_tag_back_within_the_grace_gets_its_route_again_without_a_subset_write() {
-    let mut c = Cluster::new();
-    let t0 = Instant::now();
-    c.converge(&live(&["a"]), t0);
-    c.converge(&live(&[]), t0);
-    let steps = c.converge(&live(&["a"]), t0 + Duration::from_secs(10));
-    assert_eq!(steps, [("vs", owned(&["a"]), vec![])]);
-    assert!(c.gone.is_empty());
-    // Gone again later: a fresh grace period.
-    let t1 = t0 + Duration::from_secs(100);
-    c.converge(&live(&[]), t1);
-    assert_eq!(c.gone.get("a"), Some(&t1));
+    // An annotation that does not read gives the subset a fresh grace.
+    c.converge(&both, t0 + GRACE);
+    c.converge(&only_a, t0 + GRACE);
+    c.due.clear();
+    c.dr.as_mut().unwrap().removal_due = Some("not json".into());
+    let later = t0 + GRACE + Duration::from_secs(5);
+    assert_eq!(c.plan(&only_a, later).wake_at, Some(later + GRACE));
 }
 
 /// What a step wrote: the kind, and where the default route went.
@@ -704,7 +683,7 @@ fn default_of(step: &Step) -> (&'static str, Option<plan::DefaultChange>) {
 fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
     use plan::DefaultChange;
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     // No ready normal pod (pods predating the opt-in, opted out, or gray
     // only): the subset first, the default route to the Service host.
     let first = c.step(&gray_only(&["a"]), t0).unwrap();
@@ -767,7 +746,7 @@ fn the_default_route_goes_to_normal_only_while_a_normal_pod_is_ready() {
 #[test]
 fn a_deleted_destination_rule_is_recreated_before_the_virtual_service_is_touched() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     c.converge(&live(&["a"]), t0);
     c.dr = None;
     // The VirtualService routes to subsets that are gone: the rule first.
@@ -784,7 +763,7 @@ fn a_deleted_destination_rule_is_recreated_before_the_virtual_service_is_touched
 #[test]
 fn edited_objects_are_put_back() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     let live = live(&["a"]);
     c.converge(&live, t0);
     // Someone changes the default route's subset and a selector.
@@ -809,7 +788,7 @@ fn edited_objects_are_put_back() {
 #[test]
 fn a_lost_owner_reference_or_label_is_written_again() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     let live = live(&["a"]);
     c.converge(&live, t0);
     c.dr.as_mut().unwrap().owner_uids.clear();
@@ -823,7 +802,7 @@ fn a_lost_owner_reference_or_label_is_written_again() {
 #[test]
 fn existing_subset_names_are_kept() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     c.converge(&live(&["a"]), t0);
     // An older release named tag a's subset "legacy-a".
     let mut dr = c.dr.clone().unwrap();
@@ -838,7 +817,7 @@ fn existing_subset_names_are_kept() {
 #[test]
 fn an_unreadable_spec_is_rewritten() {
     let mut c = Cluster::new();
-    let t0 = Instant::now();
+    let t0 = t0();
     c.converge(&live(&["a"]), t0);
     c.vs.as_mut().unwrap().spec = None;
     assert_eq!(
@@ -850,7 +829,7 @@ fn an_unreadable_spec_is_rewritten() {
 #[test]
 fn removal_deletes_the_virtual_service_first_and_never_foreign_objects() {
     let mut c = Cluster::new();
-    c.converge(&live(&["a"]), Instant::now());
+    c.converge(&live(&["a"]), t0());
     let r = plan_removal(c.dr.as_ref(), c.vs.as_ref()).unwrap();
     assert_eq!(r.kind, RuleKind::VirtualService);
     assert_eq!(r.uid.as_deref(), Some("rule-uid"));
@@ -959,9 +938,9 @@ proptest! {
         ),
     ) {
         let mut c = Cluster::new();
-        let t0 = Instant::now();
+        let t0 = t0();
         let mut now = t0;
-        let mut went_away: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut went_away: BTreeMap<String, Timestamp> = BTreeMap::new();
         let mut live = Live::default();
         for (set, normal, wait) in history {
             now += Duration::from_secs(wait);

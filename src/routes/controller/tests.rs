@@ -211,8 +211,14 @@ struct Running {
 }
 
 /// Starts the controller (leading) against `api`, with Events published
-/// through kube-runtime's recorder to the same apiserver.
+/// through the recorder to the same apiserver.
 fn start(api: &Apiserver) -> Running {
+    start_with_clock(api, Clock::new())
+}
+
+/// [`start`], reading wall-clock time off `clock` (replicas share the wall
+/// clock: a test that restarts the controller passes the same one).
+fn start_with_clock(api: &Apiserver, clock: Clock) -> Running {
     let (client, served) = api.serve();
     let registry = Registry::new();
     let metrics = RouteMetrics::register(&registry).unwrap();
@@ -239,6 +245,7 @@ fn start(api: &Apiserver) -> Running {
     let mut cfg = Config::default();
     cfg.routes.removal_grace_seconds = GRACE.as_secs() as u32;
     let writer = RoutesWriter {
+        clock,
         settings: RoutesSettings::from_config(&cfg).unwrap(),
         metrics: metrics.clone(),
         counters: counters.clone(),
@@ -450,7 +457,7 @@ async fn namespaces_services_and_pods_are_read_as_metadata_only() {
     );
     // Later changes come through the metadata watch too.
     api.put(SLICE, slice(false));
-    r.until("the route removal", |a| a.writes().len() == 3)
+    r.until("the route removal", |a| a.writes().len() >= 3)
         .await;
     r.stop().await;
 }
@@ -464,19 +471,30 @@ async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset
         api.get(DR).unwrap()["spec"],
         desired_dr(&[("feature-login", "feature-login")])["spec"]
     );
-    // The gray pod stops being ready.
+    // The gray pod stops being ready: the route goes at once, then the
+    // DestinationRule records when its subset may go.
     api.put(SLICE, slice(false));
-    r.until("the route removal", |a| a.writes().len() == 3)
+    r.until("the route removal", |a| a.writes().len() == 4)
         .await;
     let removed_at = api.writes()[2].at;
-    assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
+    assert_eq!(
+        api.write_lines()[2..],
+        [format!("PATCH {VS}"), format!("PATCH {DR}")]
+    );
     assert_eq!(
         api.get(VS).unwrap()["spec"],
         desired_vs("x-canary-tag", &[])["spec"]
     );
-    r.until("the subset removal", |a| a.writes().len() == 4)
+    let due: BTreeMap<String, String> = serde_json::from_str(
+        api.get(DR).unwrap()["metadata"]["annotations"]["canary-injector.io/removal-due"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(due.keys().collect::<Vec<_>>(), ["feature-login"]);
+    r.until("the subset removal", |a| a.writes().len() == 5)
         .await;
-    let w = &api.writes()[3];
+    let w = &api.writes()[4];
     assert_eq!(w.line(), format!("PATCH {DR}"));
     assert!(
         w.at - removed_at >= GRACE,
@@ -485,11 +503,40 @@ async fn a_canary_that_goes_away_loses_its_route_then_after_the_grace_its_subset
     assert!(w.at - removed_at < GRACE + Duration::from_secs(2));
     assert_eq!(api.get(DR).unwrap()["spec"], desired_dr(&[])["spec"]);
     r.idle(RESYNC).await;
-    assert_eq!(api.writes().len(), 4);
+    assert_eq!(api.writes().len(), 5, "{:#?}", api.write_lines());
     assert_eq!(r.metrics.changes("route-removed"), 1);
     assert_eq!(r.metrics.changes("subset-removed"), 1);
     r.until("events", |a| a.events().len() == 2).await;
     assert_eq!(api.events()[1].0, "RouteRemoved");
+    r.stop().await;
+}
+
+/// The removal time is on the DestinationRule: a new leader (or the same
+/// one after a restart) removes the subset when it was due, not a whole
+/// grace period after it took over.
+#[tokio::test(start_paused = true)]
+async fn the_grace_survives_a_change_of_leader() {
+    let api = cluster(true);
+    let clock = Clock::new();
+    let r = start_with_clock(&api, clock);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    api.put(SLICE, slice(false));
+    r.until("the route removal", |a| a.writes().len() == 4)
+        .await;
+    let removed_at = api.writes()[2].at;
+    r.idle(GRACE / 2).await;
+    r.stop().await;
+    // Another replica leads from now on.
+    let r = start_with_clock(&api, clock);
+    r.until("the subset removal", |a| a.writes().len() == 5)
+        .await;
+    let w = &api.writes()[4];
+    assert_eq!(w.line(), format!("PATCH {DR}"));
+    assert!(w.at - removed_at >= GRACE);
+    assert!(
+        w.at - removed_at < GRACE + Duration::from_secs(2),
+        "due when the first leader said, not a grace after the second took over"
+    );
     r.stop().await;
 }
 
@@ -655,7 +702,7 @@ async fn a_pod_that_loses_its_canary_labels_loses_its_route() {
             json!({"app": "checkout", "stage": "normal"}),
         ),
     );
-    r.until("the route removal", |a| a.writes().len() == 3)
+    r.until("the route removal", |a| a.writes().len() >= 3)
         .await;
     assert_eq!(api.write_lines()[2], format!("PATCH {VS}"));
     r.stop().await;
@@ -1252,6 +1299,7 @@ async fn a_follower_makes_no_call_at_all() {
     let (client, _served) = api.serve();
     let registry = Registry::new();
     let writer = RoutesWriter {
+        clock: Default::default(),
         settings: RoutesSettings::from_config(&Config::default()).unwrap(),
         metrics: RouteMetrics::register(&registry).unwrap(),
         counters: ControllerMetrics::register(&registry)
