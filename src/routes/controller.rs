@@ -132,6 +132,7 @@ impl RoutesSettings {
 pub struct RouteMetrics {
     services: IntGaugeVec,
     changes: IntCounterVec,
+    restored: IntCounterVec,
     watch_errors: IntCounterVec,
     /// 1 while `networking.istio.io` and EndpointSlices are served (on the
     /// leader; 0 elsewhere).
@@ -152,6 +153,9 @@ impl RouteMetrics {
         "objects-deleted",
     ];
 
+    /// Values of the `kind` label of `routes_restored_total`.
+    pub const KINDS: [RuleKind; 2] = [RuleKind::DestinationRule, RuleKind::VirtualService];
+
     /// Values of the `watch` label of `routes_watch_errors_total`.
     pub const WATCHES: [&'static str; 6] = [
         "namespaces",
@@ -163,8 +167,8 @@ impl RouteMetrics {
     ];
 
     /// Creates and registers `routes_services{state}`,
-    /// `routes_changes_total{change}`, `routes_watch_errors_total{watch}`
-    /// and `routes_crds_present`.
+    /// `routes_changes_total{change}`, `routes_restored_total{kind}`,
+    /// `routes_watch_errors_total{watch}` and `routes_crds_present`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let services = IntGaugeVec::new(
             Opts::new(
@@ -183,6 +187,14 @@ impl RouteMetrics {
                 "Changes written to DestinationRules and VirtualServices, by change.",
             ),
             &["change"],
+        )?;
+        let restored = IntCounterVec::new(
+            Opts::new(
+                "routes_restored_total",
+                "DestinationRules and VirtualServices of canary-injector that someone else \
+                 changed or deleted and the routes controller put back, by kind.",
+            ),
+            &["kind"],
         )?;
         let watch_errors = IntCounterVec::new(
             Opts::new(
@@ -204,16 +216,21 @@ impl RouteMetrics {
         for change in Self::CHANGES {
             changes.with_label_values(&[change]);
         }
+        for kind in Self::KINDS {
+            restored.with_label_values(&[kind.as_str()]);
+        }
         for watch in Self::WATCHES {
             watch_errors.with_label_values(&[watch]);
         }
         registry.register(Box::new(services.clone()))?;
         registry.register(Box::new(changes.clone()))?;
+        registry.register(Box::new(restored.clone()))?;
         registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(crds_present.clone()))?;
         Ok(Self {
             services,
             changes,
+            restored,
             watch_errors,
             crds_present,
         })
@@ -233,6 +250,11 @@ impl RouteMetrics {
     /// Changes written so far.
     pub fn changes(&self, change: &str) -> u64 {
         self.changes.with_label_values(&[change]).get()
+    }
+
+    /// Objects of `kind` put back so far.
+    pub fn restored(&self, kind: RuleKind) -> u64 {
+        self.restored.with_label_values(&[kind.as_str()]).get()
     }
 
     /// Errors of one watch so far.
@@ -581,6 +603,10 @@ pub struct Routes {
     warned_no_normal: BTreeSet<Key>,
     memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
     memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
+    /// The spec each of our objects was left with (our write's, or as seen
+    /// in step; `None`: absent): a difference later is someone else's edit.
+    left_dr: HashMap<Key, Option<DestinationRuleSpec>>,
+    left_vs: HashMap<Key, Option<VirtualServiceSpec>>,
     failing: BTreeSet<&'static str>,
 }
 
@@ -605,6 +631,8 @@ impl Routes {
             warned_no_normal: BTreeSet::new(),
             memo_dr: HashMap::new(),
             memo_vs: HashMap::new(),
+            left_dr: HashMap::new(),
+            left_vs: HashMap::new(),
             failing: BTreeSet::new(),
         }
     }
@@ -939,6 +967,8 @@ impl Routes {
         self.without_normal.remove(key);
         self.warned_no_normal.remove(key);
         self.failures.remove(key);
+        self.left_dr.remove(key);
+        self.left_vs.remove(key);
     }
 
     /// Brings one Service in step; the time to look again, if any.
@@ -996,16 +1026,23 @@ impl Routes {
                 self.due.insert(key.clone(), plan.due);
             }
             let Some(step) = plan.step else {
+                self.left_dr.insert(key.clone(), dr.and_then(|o| o.spec));
+                self.left_vs.insert(key.clone(), vs.and_then(|o| o.spec));
                 let wake = plan.wake_at.map(|at| self.writer.clock.instant(at));
                 return Ok(wake.into_iter().chain(warn_at).min());
             };
             match step {
                 Step::DestinationRule(w) => {
+                    let restored = changed_since(self.left_dr.get(key), dr.as_ref());
                     let prior = dr.and_then(|o| o.resource_version);
                     let json = w.object.to_json(&self.apis.destination_rules.api_version);
-                    let result = self
+                    let result: Observed<DestinationRuleSpec> = self
                         .write(RuleKind::DestinationRule, &service, json, &w)
                         .await?;
+                    if let Some(was) = restored {
+                        self.report_restored(&service, RuleKind::DestinationRule, was);
+                    }
+                    self.left_dr.insert(key.clone(), result.spec.clone());
                     self.memo_dr.insert(
                         key.clone(),
                         Memo {
@@ -1016,11 +1053,16 @@ impl Routes {
                     self.report_subsets(&service, &w);
                 }
                 Step::VirtualService(w) => {
+                    let restored = changed_since(self.left_vs.get(key), vs.as_ref());
                     let prior = vs.and_then(|o| o.resource_version);
                     let json = w.object.to_json(&self.apis.virtual_services.api_version);
-                    let result = self
+                    let result: Observed<VirtualServiceSpec> = self
                         .write(RuleKind::VirtualService, &service, json, &w)
                         .await?;
+                    if let Some(was) = restored {
+                        self.report_restored(&service, RuleKind::VirtualService, was);
+                    }
+                    self.left_vs.insert(key.clone(), result.spec.clone());
                     self.memo_vs.insert(
                         key.clone(),
                         Memo {
@@ -1254,6 +1296,41 @@ impl Routes {
         }
     }
 
+    /// Someone else changed or deleted one of our objects, and our write
+    /// just put it back: a log line, an Event on the Service, a count.
+    fn report_restored(&self, service: &ServiceRef, kind: RuleKind, was: Edit) {
+        let what = match was {
+            Edit::Changed => "changed",
+            Edit::Deleted => "deleted",
+        };
+        info!(
+            namespace = %service.namespace,
+            service = %service.name,
+            %kind,
+            edit = what,
+            "routing object restored after someone else's edit"
+        );
+        self.writer
+            .metrics
+            .restored
+            .with_label_values(&[kind.as_str()])
+            .inc();
+        let owned = match kind {
+            RuleKind::DestinationRule => "host and subsets",
+            RuleKind::VirtualService => "hosts and http routes",
+        };
+        self.event(
+            service,
+            EventType::Normal,
+            "RoutesRestored",
+            format!(
+                "{kind} {} was {what} by someone else; canary-injector put back its {owned}, \
+                 which it owns (add other fields with your own field manager)",
+                service.name
+            ),
+        );
+    }
+
     /// The default route switched between `normal` and the whole Service.
     /// Only logged: the Warning comes from [`Routes::no_normal_pod`] once
     /// the condition has held for a while.
@@ -1323,6 +1400,28 @@ impl Routes {
             );
         }
         None
+    }
+}
+
+/// How someone else changed one of our objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    Changed,
+    Deleted,
+}
+
+/// Whether our object is no longer as we left it (`left`: its spec after
+/// our last write, or as seen in step; `None` in the map: absent), and
+/// how. Unknown (never seen in step) is no edit.
+fn changed_since<S: PartialEq>(
+    left: Option<&Option<S>>,
+    observed: Option<&Observed<S>>,
+) -> Option<Edit> {
+    let left = left?.as_ref()?;
+    match observed {
+        None => Some(Edit::Deleted),
+        Some(o) if o.spec.as_ref() != Some(left) => Some(Edit::Changed),
+        Some(_) => None,
     }
 }
 

@@ -846,6 +846,41 @@ async fn edits_and_deletes_of_our_objects_are_repaired() {
     api.put(DR, dr);
     r.idle(RESYNC).await;
     assert_eq!(api.writes().len(), 4, "{:#?}", api.write_lines());
+    // Each repair is said: an Event on the Service naming the object, and
+    // a count by kind. The extra field is no repair.
+    assert_eq!(r.metrics.restored(RuleKind::DestinationRule), 1);
+    assert_eq!(r.metrics.restored(RuleKind::VirtualService), 1);
+    let notes: Vec<(String, String)> = api
+        .seen()
+        .into_iter()
+        .filter(|c| c.method == Method::POST && c.path == EVENTS)
+        .filter(|c| c.body["reason"] == "RoutesRestored")
+        .map(|c| {
+            (
+                c.body["type"].as_str().unwrap().to_owned(),
+                c.body["note"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            (
+                "Normal".to_owned(),
+                "DestinationRule checkout was deleted by someone else; canary-injector put back \
+                 its host and subsets, which it owns (add other fields with your own field \
+                 manager)"
+                    .to_owned()
+            ),
+            (
+                "Normal".to_owned(),
+                "VirtualService checkout was changed by someone else; canary-injector put back \
+                 its hosts and http routes, which it owns (add other fields with your own field \
+                 manager)"
+                    .to_owned()
+            ),
+        ]
+    );
     r.stop().await;
 }
 
