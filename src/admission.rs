@@ -16,13 +16,48 @@ use serde_json::value::RawValue;
 use crate::config::Config;
 use crate::mutate::{
     self, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView, Operation,
-    OwnerRef, SkipReason, Subject,
+    OwnerRef, OwnerTag, SkipReason, Subject,
 };
 
-/// What the core may know about the cluster for an object in a namespace:
-/// whether the bootstrap ConfigMap exists there, and the Istio version the
-/// injector injects (from caches; never does I/O).
-pub type ConfigMapLookup = dyn Fn(&str) -> ClusterView + Send + Sync;
+/// What the core may know about the cluster, from caches (never I/O): per
+/// namespace, whether the bootstrap ConfigMap exists there and the Istio
+/// version the injector injects ([`ClusterView`]); per object, the tag the
+/// workloads that own it ask for on their metadata ([`OwnerTag`]). A plain
+/// `Fn(&str) -> ClusterView` knows no owners.
+pub trait ClusterLookup: Send + Sync {
+    /// What is known of `namespace`.
+    fn view(&self, namespace: &str) -> ClusterView;
+
+    /// The tag the owner chain of an object in `namespace` whose managing
+    /// controller is `controller` asks for, if any is known.
+    fn owner_tag(&self, namespace: &str, controller: &OwnerRef) -> Option<OwnerTag> {
+        let _ = (namespace, controller);
+        None
+    }
+
+    /// The workload at the top of the chain of an object whose managing
+    /// controller is `controller` (a ReplicaSet's Deployment, a Job's
+    /// CronJob), as far as known; else `controller` itself.
+    fn workload(&self, namespace: &str, controller: &OwnerRef) -> OwnerRef {
+        let _ = namespace;
+        controller.clone()
+    }
+
+    /// False while owners are still being learnt: a decision now could miss
+    /// a tag only an owner carries.
+    fn owners_synced(&self) -> bool {
+        true
+    }
+}
+
+impl<F: Fn(&str) -> ClusterView + Send + Sync> ClusterLookup for F {
+    fn view(&self, namespace: &str) -> ClusterView {
+        self(namespace)
+    }
+}
+
+/// The lookup admission and the backfill decide with.
+pub type ConfigMapLookup = dyn ClusterLookup;
 
 /// A lookup for when no cluster is known: [`ClusterView::UNKNOWN`].
 pub fn no_cluster(_namespace: &str) -> ClusterView {
@@ -164,6 +199,8 @@ struct GroupVersionKind {
     #[serde(default)]
     group: String,
     #[serde(default)]
+    version: String,
+    #[serde(default)]
     kind: String,
 }
 
@@ -230,6 +267,8 @@ pub struct Reviewed {
     pub uid: String,
     /// `request.kind.kind`.
     pub kind: String,
+    /// `request.kind` as an `apiVersion` (`apps/v1`, `v1`).
+    pub api_version: String,
     /// `request.namespace`.
     pub namespace: String,
     /// `request.name`, else `metadata.generateName` + `*` (controller pods).
@@ -305,6 +344,7 @@ pub fn review(
         namespace,
         sub_resource: req.sub_resource.as_deref().unwrap_or_default(),
         mode: Mode::Admission,
+        owner_tag: None,
     };
     let policy = cfg.policy();
 
@@ -324,9 +364,19 @@ pub fn review(
             },
         },
     };
+    let owner_tag = match &input {
+        Input::Object(object) => object
+            .controller()
+            .and_then(|c| configmaps.owner_tag(namespace, c)),
+        _ => None,
+    };
+    let subject = Subject {
+        owner_tag: owner_tag.as_ref(),
+        ..subject
+    };
     let decided: Result<Decision<'_>, Deny> = match &input {
         Input::Object(object) => {
-            let cluster = configmaps(namespace);
+            let cluster = configmaps.view(namespace);
             mutate::decide(&subject, object, policy, &cluster)
         }
         Input::Skip(reason) => Ok(Decision::skip(*reason)),
@@ -405,6 +455,11 @@ pub fn review(
     Ok(Reviewed {
         body,
         uid: req.uid,
+        api_version: if req.kind.group.is_empty() {
+            req.kind.version.clone()
+        } else {
+            format!("{}/{}", req.kind.group, req.kind.version)
+        },
         kind: req.kind.kind,
         namespace: namespace.to_owned(),
         name,

@@ -36,7 +36,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use supervisor::{Ended, Supervisor, TaskError, TaskExit};
 
-use crate::admission::ConfigMapLookup;
+use crate::admission::{ClusterLookup, ConfigMapLookup};
 use crate::backfill::{self, BackfillError, BackfillMetrics, BackfillSettings};
 use crate::cluster::events::{self, EventMetrics, EventSink, Pace, Recorder, Reporter};
 use crate::cluster::lease::{self, Elector, LeaseSettings};
@@ -46,7 +46,8 @@ use crate::config::{Config, LeaderElectionConfig};
 use crate::copier::{self, BootstrapCache, CopierSettings, CopyError};
 use crate::istio::{self, DetectSettings, InjectorVersion};
 use crate::metrics::{ControllerCounters, ControllerMetrics, Metrics};
-use crate::mutate::ClusterView;
+use crate::mutate::{ClusterView, OwnerRef, OwnerTag};
+use crate::owners::OwnerCache;
 use crate::routes::controller::{
     self as routes, RouteError, RouteMetrics, RoutesSettings, RoutesWriter,
 };
@@ -298,15 +299,28 @@ impl App {
                 watch.run(stop_rest.clone()).instrument(info_span!("istio")),
             );
         }
-        // What admission knows of a namespace, from the caches: the review
-        // path and the backfill's keepalive report decide with the same.
-        let cluster_view: Arc<ConfigMapLookup> = {
-            let (lookup, version) = (bootstrap.clone(), versions.clone());
-            Arc::new(move |ns: &str| ClusterView {
-                bootstrap_configmap: lookup.availability(ns),
-                injector_version: version.get(),
-            })
-        };
+        let mut owners = OwnerCache::disabled();
+        if let Some(cluster) = &cluster {
+            let (cache, watch) = crate::owners::cache(
+                cluster.client.clone(),
+                cfg.labels.tag_annotation.clone(),
+                cfg.namespaces.clone(),
+            );
+            owners = cache;
+            tasks.spawn(
+                "owner-cache",
+                watch
+                    .run(stop_rest.clone())
+                    .instrument(info_span!("owners")),
+            );
+        }
+        // What admission knows of the cluster, from the caches: the review
+        // path and the backfill decide with the same.
+        let cluster_view: Arc<ConfigMapLookup> = Arc::new(Caches {
+            bootstrap: bootstrap.clone(),
+            versions: versions.clone(),
+            owners: owners.clone(),
+        });
         if cluster.is_some()
             && let Some(settings) = BackfillSettings::from_config(&cfg)
         {
@@ -376,7 +390,7 @@ impl App {
             biased;
             ended = tasks.next_ended() => failed = Some(ended),
             () = shutdown.cancelled() => {},
-            () = wait_for_caches(&bootstrap, &versions) => state.set_ready(true),
+            () = wait_for_caches(&bootstrap, &versions, &owners) => state.set_ready(true),
         }
         if failed.is_none() && !shutdown.is_cancelled() {
             tokio::select! {
@@ -432,13 +446,44 @@ impl App {
     }
 }
 
-/// Resolves once the bootstrap ConfigMap cache and the injector version
-/// have synced (those that run), or after [`CACHE_SYNC_LIMIT`] (with a
-/// warning): until then pods would miss the keepalive fix.
-async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion) {
+/// What admission and the backfill know of the cluster: the caches every
+/// replica keeps.
+struct Caches {
+    bootstrap: BootstrapCache,
+    versions: InjectorVersion,
+    owners: OwnerCache,
+}
+
+impl ClusterLookup for Caches {
+    fn view(&self, namespace: &str) -> ClusterView {
+        ClusterView {
+            bootstrap_configmap: self.bootstrap.availability(namespace),
+            injector_version: self.versions.get(),
+        }
+    }
+
+    fn owner_tag(&self, namespace: &str, controller: &OwnerRef) -> Option<OwnerTag> {
+        self.owners.owner_tag(namespace, controller)
+    }
+
+    fn workload(&self, namespace: &str, controller: &OwnerRef) -> OwnerRef {
+        self.owners.workload(namespace, controller)
+    }
+
+    fn owners_synced(&self) -> bool {
+        !self.owners.is_enabled() || self.owners.is_synced()
+    }
+}
+
+/// Resolves once the bootstrap ConfigMap cache, the injector version and
+/// the owner cache have synced (those that run), or after
+/// [`CACHE_SYNC_LIMIT`] (with a warning): until then pods would miss the
+/// keepalive fix, or a tag only their owners carry.
+async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion, owners: &OwnerCache) {
     let synced = || {
         (!cache.is_enabled() || cache.is_synced())
             && (!versions.is_enabled() || versions.is_synced())
+            && (!owners.is_enabled() || owners.is_synced())
     };
     let deadline = tokio::time::Instant::now() + CACHE_SYNC_LIMIT;
     while !synced() && tokio::time::Instant::now() < deadline {
@@ -449,6 +494,12 @@ async fn wait_for_caches(cache: &BootstrapCache, versions: &InjectorVersion) {
     }
     if versions.is_enabled() && !versions.is_synced() {
         warn!("Istio injector version not known after 10 s; serving anyway");
+    }
+    if owners.is_enabled() && !owners.is_synced() {
+        warn!(
+            "owner cache not synced after 10 s; serving anyway (until it is, a pod whose tag is \
+             only on its owner's metadata is labelled from its own annotations)"
+        );
     }
 }
 

@@ -60,8 +60,11 @@ use crate::admission::{ConfigMapLookup, no_cluster};
 use crate::cluster::events::{EventRequest, EventSink};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
-use crate::mutate::{ClusterView, Kind, MetaView, ObjectView, OwnerRef, Policy, TemplateView};
-use plan::{LabelPatch, Plan, Restart};
+use crate::mutate::{
+    ClusterView, Contradiction, Kind, LabelPolicy, MetaView, ObjectView, OwnerRef, Policy,
+    TemplateView,
+};
+use plan::{LabelPatch, Plan, Restart, TagFrom};
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "backfill";
@@ -73,6 +76,9 @@ const RESYNC: Duration = Duration::from_secs(30 * 60);
 
 /// Retry a namespace whose pass failed.
 const ERROR_REQUEUE: Duration = Duration::from_secs(30);
+
+/// Look again this soon when the owner cache has not listed yet.
+const OWNERS_NOT_SYNCED: Duration = Duration::from_secs(5);
 
 /// Pods per list page (metadata only: about 1-2 kB each).
 const POD_PAGE: u32 = 500;
@@ -146,7 +152,7 @@ impl BackfillSettings {
     }
 
     fn cluster_view(&self, namespace: &str) -> ClusterView {
-        (self.cluster)(namespace)
+        self.cluster.view(namespace)
     }
 
     /// The webhook's `objectSelector`, as a list selector: opted-out
@@ -500,6 +506,8 @@ struct Context {
     events: EventSink,
     pacer: Pacer,
     shutdown: CancellationToken,
+    /// Workloads warned about (a contradiction) this term: once each.
+    warned: Mutex<BTreeSet<String>>,
 }
 
 /// How one object ended.
@@ -511,25 +519,88 @@ enum Done {
     Stopped,
 }
 
-/// What one pass labelled, by owner (or by object, for objects without
-/// one): one Event each.
+/// What one pass labelled, by the object an Event goes on and why (or by
+/// object, for objects without an owner): one Event each; and the objects
+/// whose labels contradict their workload, by workload.
 #[derive(Default)]
 struct Tally {
-    owners: BTreeMap<String, OwnerTally>,
+    owners: BTreeMap<(String, Why), OwnerTally>,
     pods: usize,
     replicasets: usize,
     restarts: BTreeMap<Restart, usize>,
+    contradictions: BTreeMap<(String, &'static str), Contradicted>,
+    /// Whether a ReplicaSet's pod template labels its pods a canary (read
+    /// once per pass, for pods labelled a canary that nothing asks for).
+    templates: BTreeMap<String, bool>,
+}
+
+/// Why labels were added, in an Event's words.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Why {
+    /// The object lacked them: its workload asks for nothing else.
+    Lacked,
+    /// The tag annotation on the workload's own metadata asks for a canary
+    /// that its pod template does not carry.
+    WorkloadTag {
+        /// The annotation key.
+        annotation: String,
+        /// Its value, as written.
+        value: String,
+    },
 }
 
 struct OwnerTally {
     regarding: ObjectReference,
-    kind: Kind,
-    count: usize,
+    pods: usize,
+    replicasets: usize,
+    /// Of those, how many had some of the labels already (so lost others
+    /// since they were labelled).
+    partial: usize,
     added: BTreeSet<String>,
     restarts: BTreeMap<Restart, usize>,
 }
 
+/// Pods (or ReplicaSets) of one workload whose labels contradict it.
+struct Contradicted {
+    regarding: ObjectReference,
+    contradiction: Contradiction,
+    pods: Vec<String>,
+}
+
+/// An ObjectReference to `owner` in `namespace`.
+fn reference(namespace: &str, owner: &OwnerRef) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(owner.api_version.clone()),
+        kind: Some(owner.kind.clone()),
+        name: Some(owner.name.clone()),
+        uid: Some(owner.uid.clone()).filter(|u| !u.is_empty()),
+        namespace: Some(namespace.to_owned()),
+        ..ObjectReference::default()
+    }
+}
+
+fn key_of(r: &ObjectReference) -> String {
+    format!(
+        "{}/{}/{}",
+        r.kind.as_deref().unwrap_or_default(),
+        r.name.as_deref().unwrap_or_default(),
+        r.uid.as_deref().unwrap_or_default()
+    )
+}
+
+/// `1 Pod`, `3 ReplicaSets`.
+fn count(n: usize, kind: &str) -> String {
+    if n == 1 {
+        format!("1 {kind}")
+    } else {
+        format!("{n} {kind}s")
+    }
+}
+
 impl Tally {
+    /// Tallies one labelled object; `workload`: the workload whose own
+    /// metadata carries the tag it follows, when `patch.tag_from` says so.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         namespace: &str,
@@ -537,6 +608,8 @@ impl Tally {
         api_version: &str,
         read: &Read,
         patch: &LabelPatch,
+        policy: &LabelPolicy,
+        workload: Option<&OwnerRef>,
     ) {
         match kind {
             Kind::Pod => self.pods += 1,
@@ -545,42 +618,78 @@ impl Tally {
         if let Some(reason) = patch.restart {
             *self.restarts.entry(reason).or_default() += 1;
         }
-        let (key, regarding) = match read.view.controller() {
-            Some(owner) => (
-                format!("{}/{}/{}", owner.kind, owner.name, owner.uid),
-                ObjectReference {
-                    api_version: Some(owner.api_version.clone()),
-                    kind: Some(owner.kind.clone()),
-                    name: Some(owner.name.clone()),
-                    uid: Some(owner.uid.clone()).filter(|u| !u.is_empty()),
-                    namespace: Some(namespace.to_owned()),
-                    ..ObjectReference::default()
-                },
-            ),
-            None => (
-                format!("{}/{}", kind.name(), read.name),
-                ObjectReference {
-                    api_version: Some(api_version.to_owned()),
-                    kind: Some(kind.name().to_owned()),
-                    name: Some(read.name.clone()),
-                    uid: read.uid.clone(),
-                    namespace: Some(namespace.to_owned()),
-                    ..ObjectReference::default()
-                },
-            ),
+        let own = ObjectReference {
+            api_version: Some(api_version.to_owned()),
+            kind: Some(kind.name().to_owned()),
+            name: Some(read.name.clone()),
+            uid: read.uid.clone(),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectReference::default()
         };
-        let entry = self.owners.entry(key).or_insert_with(|| OwnerTally {
-            regarding,
-            kind,
-            count: 0,
-            added: BTreeSet::new(),
-            restarts: BTreeMap::new(),
-        });
-        entry.count += 1;
+        let controller = read.view.controller().map(|o| reference(namespace, o));
+        let tag = match &patch.tag_from {
+            Some(TagFrom::Owner(o)) => Some(o.value.clone()),
+            Some(TagFrom::Controller) => read
+                .view
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()?.get(&policy.tag_annotation))
+                .cloned(),
+            None => None,
+        };
+        let (regarding, why) = match (tag, workload) {
+            (Some(value), Some(w)) => (
+                reference(namespace, w),
+                Why::WorkloadTag {
+                    annotation: policy.tag_annotation.clone(),
+                    value,
+                },
+            ),
+            _ => (controller.unwrap_or(own), Why::Lacked),
+        };
+        let labels = read.view.metadata.as_ref().and_then(|m| m.labels.as_ref());
+        let had_some = labels
+            .is_some_and(|l| l.contains_key(&policy.stage) || l.contains_key(&policy.canary_tag));
+        let entry = self
+            .owners
+            .entry((key_of(&regarding), why))
+            .or_insert_with(|| OwnerTally {
+                regarding,
+                pods: 0,
+                replicasets: 0,
+                partial: 0,
+                added: BTreeSet::new(),
+                restarts: BTreeMap::new(),
+            });
+        match kind {
+            Kind::Pod => entry.pods += 1,
+            _ => entry.replicasets += 1,
+        }
+        entry.partial += usize::from(had_some);
         entry.added.extend(patch.added.iter().cloned());
         if let Some(reason) = patch.restart {
             *entry.restarts.entry(reason).or_default() += 1;
         }
+    }
+
+    /// Notes an object whose labels contradict `workload`.
+    fn contradicted(
+        &mut self,
+        namespace: &str,
+        workload: &OwnerRef,
+        name: &str,
+        contradiction: Contradiction,
+    ) {
+        let regarding = reference(namespace, workload);
+        let entry = self
+            .contradictions
+            .entry((key_of(&regarding), contradiction.code()))
+            .or_insert_with(|| Contradicted {
+                regarding,
+                contradiction,
+                pods: Vec::new(),
+            });
+        entry.pods.push(name.to_owned());
     }
 
     /// How many labelled pods a restart would give `reason`'s keepalive.
@@ -589,19 +698,33 @@ impl Tally {
     }
 
     fn events(&self) -> impl Iterator<Item = EventRequest> + '_ {
-        self.owners.values().map(|o| {
-            let what = match (o.kind, o.count) {
-                (Kind::Pod, 1) => "1 Pod".to_owned(),
-                (Kind::Pod, n) => format!("{n} Pods"),
-                (_, 1) => "1 ReplicaSet".to_owned(),
-                (_, n) => format!("{n} ReplicaSets"),
+        self.owners.iter().map(|((_, why), o)| {
+            let what = match (o.pods, o.replicasets) {
+                (p, 0) => count(p, "Pod"),
+                (0, r) => count(r, "ReplicaSet"),
+                (p, r) => format!("{} and {}", count(p, "Pod"), count(r, "ReplicaSet")),
             };
             let labels: Vec<&str> = o.added.iter().map(String::as_str).collect();
-            let mut note = format!(
-                "added {} to {what} created before the webhook could label them (no restart \
-                 needed)",
-                labels.join(", ")
-            );
+            let labels = labels.join(", ");
+            let mut note = match why {
+                Why::WorkloadTag { annotation, value } => format!(
+                    "added {labels} to {what}: the annotation {annotation}={value} on this \
+                     {kind}'s own metadata asks for a canary (its pod template does not carry \
+                     it), so its pods are labelled as canaries, and new ones are admitted the \
+                     same way (no restart needed); put the annotation in the pod template to \
+                     make it explicit",
+                    kind = o.regarding.kind.as_deref().unwrap_or("workload"),
+                ),
+                Why::Lacked if o.partial == o.pods + o.replicasets => format!(
+                    "added {labels} to {what} that had lost them since they were labelled \
+                     (removed by hand?) (no restart needed)"
+                ),
+                Why::Lacked => format!(
+                    "added {labels} to {what} that lacked them (created before the namespace \
+                     opted in or before the webhook ran, or their labels were removed since; no \
+                     restart needed)"
+                ),
+            };
             for (reason, n) in &o.restarts {
                 note.push_str("; ");
                 note.push_str(&restart_note(*reason, *n));
@@ -613,6 +736,58 @@ impl Tally {
                 action: "Backfill".into(),
                 note,
             }
+        })
+    }
+
+    /// One Warning per workload whose objects contradict it.
+    fn warnings(&self, policy: &LabelPolicy) -> impl Iterator<Item = (String, EventRequest)> + '_ {
+        let policy = policy.clone();
+        self.contradictions.iter().map(move |((key, code), c)| {
+            let r = &c.regarding;
+            let (namespace, kind, name) = (
+                r.namespace.as_deref().unwrap_or_default(),
+                r.kind.as_deref().unwrap_or_default(),
+                r.name.as_deref().unwrap_or_default(),
+            );
+            let mut pods = c.pods.clone();
+            let shown = pods.len().min(3);
+            let more = pods.len() - shown;
+            pods.truncate(shown);
+            let list = if more > 0 {
+                format!("{} and {more} more", pods.join(", "))
+            } else {
+                pods.join(", ")
+            };
+            let normal = format!("{}={}", policy.stage, policy.normal_stage);
+            let note = match &c.contradiction {
+                Contradiction::CanaryLabelledNormal { tag } => format!(
+                    "{list}: labelled {normal}, but this {kind} asks for canary {tag}: canary \
+                     code in the normal subset, serving requests without the header. Labels are \
+                     never overwritten; fix: {}",
+                    c.contradiction.fix(namespace, kind, name)
+                ),
+                Contradiction::NormalLabelledCanary { tag } => format!(
+                    "{list}: labelled canary {tag}, but neither they nor this {kind} ask for a \
+                     canary (no {} annotation): out of the normal subset. Labels are never \
+                     overwritten; fix: {}",
+                    policy.tag_annotation,
+                    c.contradiction.fix(namespace, kind, name)
+                ),
+            };
+            let reason = match c.contradiction {
+                Contradiction::CanaryLabelledNormal { .. } => "CanaryLabelledNormal",
+                Contradiction::NormalLabelledCanary { .. } => "NormalLabelledCanary",
+            };
+            (
+                format!("{key}/{code}"),
+                EventRequest {
+                    regarding: r.clone(),
+                    type_: EventType::Warning,
+                    reason: reason.into(),
+                    action: "Backfill".into(),
+                    note,
+                },
+            )
         })
     }
 }
@@ -658,6 +833,10 @@ async fn label_one(
     let mut attempts = 0;
     let mut whole = false;
     while attempts < ATTEMPTS {
+        let owner_tag = read
+            .view
+            .controller()
+            .and_then(|c| ctx.settings.cluster.owner_tag(namespace, c));
         let patch = match plan::plan(
             kind,
             namespace,
@@ -665,8 +844,13 @@ async fn label_one(
             &read.resource_version,
             policy,
             &cluster,
+            owner_tag.as_ref(),
         ) {
             Plan::Nothing(_) => return Ok(Done::Next),
+            Plan::Contradicts(c) => {
+                contradicts(objects, namespace, &read, c, ctx, tally).await?;
+                return Ok(Done::Next);
+            }
             Plan::Refused(deny) => {
                 warn!(namespace, kind = kind.name(), name = %read.name, error = %deny,
                       "not labelled: admission would refuse this object");
@@ -703,7 +887,30 @@ async fn label_one(
                 }
                 debug!(namespace, kind = kind.name(), name = %read.name,
                        labels = %patch.added.join(","), "labelled");
-                tally.add(namespace, kind, objects.api_version(), &read, &patch);
+                // The workload whose own metadata carries the tag: up
+                // the chain from where it was found (a ReplicaSet's copy
+                // is its Deployment's).
+                let found = match &patch.tag_from {
+                    Some(TagFrom::Owner(o)) => Some(OwnerRef {
+                        api_version: o.api_version.clone(),
+                        kind: o.kind.clone(),
+                        name: o.name.clone(),
+                        uid: o.uid.clone(),
+                        controller: Some(true),
+                    }),
+                    Some(TagFrom::Controller) => read.view.controller().cloned(),
+                    None => None,
+                };
+                let workload = found.map(|f| ctx.settings.cluster.workload(namespace, &f));
+                tally.add(
+                    namespace,
+                    kind,
+                    objects.api_version(),
+                    &read,
+                    &patch,
+                    &ctx.settings.rules.labels,
+                    workload.as_ref(),
+                );
                 return Ok(Done::Next);
             }
             Err(e) if is_status(&e, &[404]) => return Ok(Done::Next),
@@ -742,6 +949,60 @@ async fn label_one(
     warn!(namespace, kind = kind.name(), name = %read.name,
           "object keeps changing; left for the next pass");
     Ok(Done::Next)
+}
+
+/// Notes an object whose labels contradict its workload, for the Warning
+/// on that workload. A pod labelled a canary that nothing asks for is no
+/// contradiction when its ReplicaSet's pod template labels it so (read
+/// once per pass).
+async fn contradicts(
+    objects: &Objects,
+    namespace: &str,
+    read: &Read,
+    contradiction: Contradiction,
+    ctx: &Context,
+    tally: &mut Tally,
+) -> Result<(), BackfillError> {
+    let controller = read.view.controller();
+    if let (Contradiction::NormalLabelledCanary { .. }, Objects::Pods(_), Some(rs)) =
+        (&contradiction, objects, controller)
+        && rs.kind == "ReplicaSet"
+    {
+        let canary = match tally.templates.get(&rs.name) {
+            Some(canary) => *canary,
+            None => {
+                let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), namespace);
+                let labels = &ctx.settings.rules.labels;
+                let canary = match api.get_opt(&rs.name).await {
+                    Ok(found) => found.as_ref().and_then(template_meta).is_some_and(|m| {
+                        m.labels.as_ref().and_then(|l| l.get(&labels.stage))
+                            == Some(&labels.gray_stage)
+                    }),
+                    Err(e) => return Err(BackfillError::Read(e)),
+                };
+                tally.templates.insert(rs.name.clone(), canary);
+                canary
+            }
+        };
+        if canary {
+            return Ok(());
+        }
+    }
+    let own = OwnerRef {
+        api_version: objects.api_version().into(),
+        kind: objects.kind().name().into(),
+        name: read.name.clone(),
+        uid: read.uid.clone().unwrap_or_default(),
+        controller: None,
+    };
+    let workload = match controller {
+        Some(c) => ctx.settings.cluster.workload(namespace, c),
+        None => own,
+    };
+    debug!(namespace, name = %read.name, workload = %workload.name,
+           contradiction = contradiction.code(), "labels contradict the workload");
+    tally.contradicted(namespace, &workload, &read.name, contradiction);
+    Ok(())
 }
 
 /// Counts and reports labels the apiserver refused (a 422 that is not a
@@ -801,6 +1062,12 @@ async fn backfill_namespace(
         debug!(namespace, "namespace is terminating");
         return Ok(Action::await_change());
     }
+    // A pass before the owner cache has listed could label a pod normal
+    // that its Deployment's metadata asks to be a canary, for good.
+    if !ctx.settings.cluster.owners_synced() {
+        debug!(namespace, "owner cache not synced yet; pass postponed");
+        return Ok(Action::requeue(OWNERS_NOT_SYNCED));
+    }
     let mut tally = Tally::default();
     let result = async {
         for objects in [
@@ -816,6 +1083,19 @@ async fn backfill_namespace(
     .await;
     for event in tally.events() {
         ctx.events.emit(event);
+    }
+    let policy = &ctx.settings.rules.labels;
+    for (key, event) in tally.warnings(policy) {
+        let first = ctx
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        if first {
+            warn!(namespace, workload = ?event.regarding.name, reason = %event.reason,
+                  "labels contradict what the workload asks for; never overwritten");
+            ctx.events.emit(event);
+        }
     }
     if tally.pods + tally.replicasets > 0 {
         info!(
@@ -865,6 +1145,7 @@ pub async fn run_backfill(
         metrics,
         events,
         shutdown: shutdown.clone(),
+        warned: Mutex::new(BTreeSet::new()),
     });
     info!(
         patches_per_second = ctx.settings.patches_per_second,

@@ -555,6 +555,7 @@ fn check_namespace(
             namespace: &ns.name,
             sub_resource: "",
             mode: Mode::Admission,
+            owner_tag: None,
         };
         let Ok(decision) = crate::mutate::decide(&subject, &view, policy, &cluster) else {
             continue;

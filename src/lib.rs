@@ -40,6 +40,7 @@ pub mod istio;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod owners;
 pub mod routes;
 pub mod server;
 

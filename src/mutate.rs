@@ -41,7 +41,10 @@ use bootstrap::PodTarget;
 pub use bootstrap::{
     Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip, KeepaliveForm, Version,
 };
-pub use decision::{Decision, Intent, Label, LabelTarget, TemplateTag, Warning};
+pub use decision::{
+    Contradiction, Decision, Intent, Label, LabelTarget, OwnerTag, RequestedTag, TagSource,
+    TemplateTag, Warning,
+};
 pub use kinds::{KINDS, Kind, KindInfo, Location, Scope};
 pub use policy::{
     BootstrapPolicy, IstioPolicy, Keepalive, LabelPolicy, NamespacePolicy, Policy, PolicyError,
@@ -109,6 +112,10 @@ pub struct Subject<'a> {
     pub sub_resource: &'a str,
     /// Admission or offline.
     pub mode: Mode,
+    /// The tag a workload that owns the object asks for on its own
+    /// metadata, when the adapter knows one (its caches; offline, the
+    /// manifests): the last place the intent is looked for.
+    pub owner_tag: Option<&'a OwnerTag>,
 }
 
 /// The few fields of an object the core reads. Everything else in the JSON
@@ -431,7 +438,7 @@ pub fn pre_skip(subject: &Subject<'_>, policy: Policy<'_>) -> Option<SkipReason>
 
 /// Decides what `object` needs. See the module docs for the rules.
 pub fn decide<'a>(
-    subject: &Subject<'_>,
+    subject: &Subject<'a>,
     object: &'a ObjectView,
     policy: Policy<'a>,
     cluster: &ClusterView,
@@ -500,15 +507,31 @@ pub fn decide<'a>(
         let tag_key = &policy.labels.tag_annotation;
         let tag_of = |m: Option<&'a MetaView>| m?.annotations.as_ref()?.get(tag_key);
         let (own_tag, template_tag) = (tag_of(own), tag_of(template_meta));
-        // The tag annotation: from an owned template only (never from the
-        // object's own annotations alone, which a Deployment copies onto
-        // its ReplicaSets while their pods lack it); else on the object or
-        // its pod template.
-        let annotation = if owned {
-            template_tag
-        } else {
-            own_tag.or(template_tag)
+        // The tag annotation: the first of the object's own, its pod
+        // template's, and the owner chain's (a workload's metadata). An
+        // owned template comes first: the object is labelled as the pods
+        // created from it are (a pod's own annotations are its template's,
+        // and the owner chain starts at this object's metadata).
+        let from = |value: Option<&'a String>, source| {
+            value.map(|v| RequestedTag {
+                value: v.as_str(),
+                source,
+            })
         };
+        let owner = subject.owner_tag.map(|o| RequestedTag {
+            value: o.value.as_str(),
+            source: TagSource::Owner(o),
+        });
+        let (own_req, template_req) = (
+            from(own_tag, TagSource::Object),
+            from(template_tag, TagSource::Template),
+        );
+        decision.requested = if owned {
+            template_req.or(own_req).or(owner)
+        } else {
+            own_req.or(template_req).or(owner)
+        };
+        let annotation = decision.requested.map(|r| r.value);
         let intent = match policy.labels.resolve(
             existing(&policy.labels.canary_tag),
             existing(&policy.labels.stage),
@@ -531,6 +554,30 @@ pub fn decide<'a>(
                 });
                 return Ok(decision);
             }
+            // A tag the object did not ask for itself (its owner's, or a
+            // copy of its Deployment's on an owned ReplicaSet) never
+            // refuses it: a controller creates it, and refusing would stop
+            // the workload. It gets no labels (in no subset, never in
+            // `normal`) until the tag is fixed.
+            Err(Deny::UnusableTag {
+                annotation, value, ..
+            }) if decision.requested.is_some_and(|r| match r.source {
+                TagSource::Owner(_) => true,
+                TagSource::Object => owned,
+                TagSource::Template => false,
+            }) =>
+            {
+                let on = match decision.requested.map(|r| r.source) {
+                    Some(TagSource::Owner(o)) => format!("{} {}", o.kind, o.name),
+                    _ => "this object's own metadata".to_owned(),
+                };
+                decision.warnings.push(Warning::OwnerTagUnusable {
+                    annotation,
+                    value,
+                    on,
+                });
+                return Ok(decision);
+            }
             Err(deny) => return Err(deny),
         };
         decision.targets = holders
@@ -548,18 +595,30 @@ pub fn decide<'a>(
                 }
             })
             .collect();
+
+        if intent.stage() == policy.labels.gray_stage && intent.tag().is_none() {
+            decision.warnings.push(Warning::GrayWithoutTag {
+                stage: format!("{}={}", policy.labels.stage, policy.labels.gray_stage),
+                label: policy.labels.canary_tag.clone(),
+                annotation: tag_key.clone(),
+            });
+        }
         decision.intent = Some(intent);
 
         match own_tag.filter(|&value| template_tag != Some(value)) {
-            // (Its text names the controller: the backfill's standalone
-            // ReplicaSets have none, and the backfill reports no warning.)
-            Some(value) if owned && object.has_controller() => {
+            // The template has another tag: labels follow it. (Its text
+            // names the controller: the backfill's standalone ReplicaSets
+            // have none, and the backfill reports no warning.)
+            Some(value) if owned && object.has_controller() && template_tag.is_some() => {
                 decision.warnings.push(Warning::TemplateTagDiffers {
                     annotation: tag_key.clone(),
                     value: value.clone(),
                     template: template_tag.cloned(),
                 });
             }
+            // Its own tag alone: labels follow it (its pods' owner chain
+            // finds it too); an owned template is never changed.
+            Some(_) if owned && object.has_controller() => {}
             // A workload at admission: its tag annotation reaches its pods
             // through the template (the rule `mutate -f` applies with
             // labels). The workload's own annotation wins, so a changed

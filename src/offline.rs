@@ -242,6 +242,7 @@ fn mutate_one(
         namespace: &namespace,
         sub_resource: "",
         mode: Mode::Offline,
+        owner_tag: None,
     };
     let decision = match mutate::decide(&subject, &object, cfg.policy(), &ClusterView::OFFLINE) {
         Ok(decision) => decision,

@@ -440,6 +440,78 @@ async fn the_detected_injector_version_reaches_admission() {
     );
 }
 
+/// A Deployment created before its namespace opted in, tagged on its own
+/// metadata only: the next pod its old ReplicaSet creates (a pod deleted,
+/// a node drained) is admitted a canary, though its template carries no
+/// tag: every replica learns the owners from its cache, never from the API
+/// on the review path.
+#[tokio::test]
+async fn a_new_pod_of_a_deployment_tagged_on_its_metadata_is_admitted_a_canary() {
+    let f = fixture();
+    let api = apiserver(None);
+    api.put(
+        "/apis/apps/v1/namespaces/shop/deployments/web",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "web", "namespace": "shop", "uid": "d-uid",
+                            "annotations": {"canary-injector.io/tag": "beta",
+                                            "deployment.kubernetes.io/revision": "4"}}}),
+    );
+    api.put(
+        "/apis/apps/v1/namespaces/shop/replicasets/web-abc",
+        json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+               "metadata": {"name": "web-abc", "namespace": "shop", "uid": "rs-uid",
+                            "annotations": {"deployment.kubernetes.io/revision": "4"},
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                "name": "web", "uid": "d-uid", "controller": true}]}}),
+    );
+    let (https, shutdown, running) = serve_ready(&f, &api).await;
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-2", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "shop", "operation": "CREATE",
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"generateName": "web-abc-", "labels": {"app": "web"},
+                                    "ownerReferences": [{"apiVersion": "apps/v1",
+                                        "kind": "ReplicaSet", "name": "web-abc", "uid": "rs-uid",
+                                        "controller": true}]},
+                       "spec": {"containers": [{"name": "web", "image": "nginx"}]}},
+        },
+    });
+    let reads_before = api.seen().len();
+    let answer = post_json(https, &f.ca_pem, "/mutate", &review)
+        .await
+        .expect("a review answer");
+    use base64::Engine as _;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    assert_eq!(
+        pod["metadata"]["labels"],
+        json!({"app": "web", "canarytag": "beta", "stage": "gray"})
+    );
+    let review_calls: Vec<String> = calls(&api)[reads_before..]
+        .iter()
+        .filter(|c| c.contains("replicasets") || c.contains("deployments"))
+        .filter(|c| !c.ends_with("?watch"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        review_calls,
+        Vec::<String>::new(),
+        "no API call on the review path"
+    );
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn with_leader_election_off_the_replica_copies_without_a_lease() {
     let f = fixture();

@@ -39,8 +39,8 @@ use serde_json::Value;
 
 use crate::mutate::bootstrap::ISTIO_STATUS;
 use crate::mutate::{
-    self, Availability, BootstrapDecision, BootstrapSkip, ClusterView, Deny, Kind, Mode,
-    ObjectView, Operation, Policy, SkipReason, Subject,
+    self, Availability, BootstrapDecision, BootstrapSkip, ClusterView, Contradiction, Deny, Kind,
+    Mode, ObjectView, Operation, OwnerTag, Policy, SkipReason, Subject, TagSource,
 };
 
 /// What the backfill does with one running object.
@@ -53,6 +53,22 @@ pub enum Plan {
     Refused(Deny),
     /// Labels to add.
     Label(LabelPatch),
+    /// Its labels say the opposite of what its workload asks for (never
+    /// overwritten): to report. For a pod labelled a canary, the caller
+    /// still has to rule out a pod template that labels it so.
+    Contradicts(Contradiction),
+}
+
+/// Where the tag a patch follows was asked for, when not on the object or
+/// its pod template: the workload to tell about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagFrom {
+    /// On the object's own metadata, though a controller owns it (a
+    /// Deployment copies its annotations onto its ReplicaSets): its
+    /// controller's.
+    Controller,
+    /// On the metadata of this owner up the chain.
+    Owner(OwnerTag),
 }
 
 /// The patch for one object and what it means.
@@ -66,6 +82,9 @@ pub struct LabelPatch {
     /// the webhook (the keepalive is set only at pod creation); `None`: no
     /// sidecar, nothing to gain, the fix is off or not set up.
     pub restart: Option<Restart>,
+    /// The tag came from a workload's metadata, not the object's own pod
+    /// template (say so on that workload).
+    pub tag_from: Option<TagFrom>,
 }
 
 /// Why an Istio pod the backfill labelled is reported: what restarting it
@@ -99,9 +118,11 @@ impl Restart {
 
 /// Decides what `object` (a `kind` read in `namespace` at
 /// `resource_version`) lacks, with the admission `cluster` view of
-/// `namespace`. Only labels are written; with `policy.bootstrap.enabled`
-/// the bootstrap decision for a running Istio pod says what a restart
-/// would give it (read from its spec: see [`needs_pod_spec`]).
+/// `namespace` and the tag its owner chain asks for (`owner_tag`, from
+/// admission's owner cache). Only labels are written; with
+/// `policy.bootstrap.enabled` the bootstrap decision for a running Istio
+/// pod says what a restart would give it (read from its spec: see
+/// [`needs_pod_spec`]).
 pub fn plan(
     kind: Kind,
     namespace: &str,
@@ -109,6 +130,7 @@ pub fn plan(
     resource_version: &str,
     policy: Policy<'_>,
     cluster: &ClusterView,
+    owner_tag: Option<&OwnerTag>,
 ) -> Plan {
     // Being deleted: nothing to gain, and its patch would race the delete.
     if object
@@ -124,6 +146,7 @@ pub fn plan(
         namespace,
         sub_resource: "",
         mode: Mode::Backfill,
+        owner_tag,
     };
     let cluster = restart_view(cluster);
     let decision = match mutate::decide(&subject, object, policy, &cluster) {
@@ -132,8 +155,31 @@ pub fn plan(
     };
     let labels = decision.object_labels_patch();
     if labels.is_empty() {
+        if decision.skipped.is_none() {
+            let meta = object.metadata.as_ref();
+            let template_canary = object
+                .template_at(kind.info().pod)
+                .and_then(|t| t.metadata.as_ref()?.labels.as_ref())
+                .is_some_and(|l| l.get(&policy.labels.stage) == Some(&policy.labels.gray_stage));
+            if let Some(c) = policy.labels.contradiction(
+                meta.and_then(|m| m.labels.as_ref()),
+                decision.requested.map(|r| r.value),
+                template_canary,
+            ) {
+                return Plan::Contradicts(c);
+            }
+        }
         return Plan::Nothing(decision.skipped);
     }
+    let tag_from = match decision.requested.map(|r| r.source) {
+        Some(TagSource::Owner(o)) if decision.intent.as_ref().is_some_and(|i| i.tag.is_some()) => {
+            Some(TagFrom::Owner(o.clone()))
+        }
+        Some(TagSource::Object) if kind != Kind::Pod && object.has_controller() => {
+            Some(TagFrom::Controller)
+        }
+        _ => None,
+    };
     let added = decision
         .intent
         .iter()
@@ -167,6 +213,7 @@ pub fn plan(
         ops,
         added,
         restart,
+        tag_from,
     })
 }
 
@@ -272,6 +319,7 @@ mod tests {
             "4711",
             s.policy(),
             &present(),
+            None,
         );
         assert_eq!(
             patch_of(&p),
@@ -299,6 +347,7 @@ mod tests {
             "9",
             s.policy(),
             &present(),
+            None,
         );
         assert_eq!(
             patch_of(&p),
@@ -315,6 +364,7 @@ mod tests {
             "9",
             s.policy(),
             &present(),
+            None,
         );
         assert_eq!(
             patch_of(&p),
@@ -325,7 +375,7 @@ mod tests {
         );
         let done = pod(json!({"stage": "normal"}), json!({}));
         assert_eq!(
-            plan(Kind::Pod, "shop", &done, "9", s.policy(), &present()),
+            plan(Kind::Pod, "shop", &done, "9", s.policy(), &present(), None),
             Plan::Nothing(None)
         );
     }
@@ -345,7 +395,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                plan(Kind::Pod, ns, object, "1", s.policy(), &present()),
+                plan(Kind::Pod, ns, object, "1", s.policy(), &present(), None),
                 Plan::Nothing(Some(reason))
             );
         }
@@ -353,18 +403,39 @@ mod tests {
         deleting.metadata.as_mut().unwrap().deletion_timestamp =
             Some("2024-05-02T10:00:00Z".into());
         assert_eq!(
-            plan(Kind::Pod, "shop", &deleting, "1", s.policy(), &present()),
+            plan(
+                Kind::Pod,
+                "shop",
+                &deleting,
+                "1",
+                s.policy(),
+                &present(),
+                None
+            ),
             Plan::Nothing(None)
         );
         let refused = pod(json!({}), json!({"canary-injector.io/tag": "~~"}));
         assert!(matches!(
-            plan(Kind::Pod, "shop", &refused, "1", s.policy(), &present()),
+            plan(
+                Kind::Pod,
+                "shop",
+                &refused,
+                "1",
+                s.policy(),
+                &present(),
+                None
+            ),
             Plan::Refused(Deny::UnusableTag { .. })
         ));
     }
 
+    /// A ReplicaSet of a Deployment tagged on its own metadata only (before
+    /// its namespace opted in): the Deployment copied the annotation onto
+    /// it, its template lacks it. It and its pods (whose owner chain finds
+    /// the tag on it) are canaries, and the patch says where the tag came
+    /// from, for the Event on the Deployment.
     #[test]
-    fn an_owned_replicaset_gets_metadata_labels_from_its_template_only() {
+    fn a_replicaset_tagged_by_its_deployment_is_a_canary_as_its_pods_are() {
         let s = Sections::new();
         let rs = view(json!({"metadata": {"name": "web-abc",
                 "labels": {"app": "web", "pod-template-hash": "abc"},
@@ -372,28 +443,85 @@ mod tests {
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": "web", "uid": "d", "controller": true}]},
             "spec": {"template": {"metadata": {"labels": {"app": "web"}}}}}));
+        let planned = plan(
+            Kind::ReplicaSet,
+            "shop",
+            &rs,
+            "5",
+            s.policy(),
+            &present(),
+            None,
+        );
         assert_eq!(
-            patch_of(&plan(
-                Kind::ReplicaSet,
-                "shop",
-                &rs,
-                "5",
-                s.policy(),
-                &present()
-            )),
+            patch_of(&planned),
             json!([
                 {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
-                {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "feature-x"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
             ])
+        );
+        let Plan::Label(p) = planned else {
+            unreachable!()
+        };
+        assert_eq!(p.tag_from, Some(TagFrom::Controller));
+        let owner = OwnerTag {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: "web-abc".into(),
+            uid: "r".into(),
+            value: "feature-x".into(),
+        };
+        let its_pod = pod(json!({"app": "web"}), json!({}));
+        let planned = plan(
+            Kind::Pod,
+            "shop",
+            &its_pod,
+            "6",
+            s.policy(),
+            &present(),
+            Some(&owner),
+        );
+        assert_eq!(
+            patch_of(&planned),
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "6"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "feature-x"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
+            ])
+        );
+        let Plan::Label(p) = planned else {
+            unreachable!()
+        };
+        assert_eq!(p.tag_from, Some(TagFrom::Owner(owner.clone())));
+        // Already labelled normal (by hand, or by an older release): never
+        // overwritten, but a contradiction to report.
+        let normal = pod(json!({"app": "web", "stage": "normal"}), json!({}));
+        assert_eq!(
+            plan(
+                Kind::Pod,
+                "shop",
+                &normal,
+                "7",
+                s.policy(),
+                &present(),
+                Some(&owner)
+            ),
+            Plan::Contradicts(Contradiction::CanaryLabelledNormal {
+                tag: "feature-x".into()
+            })
+        );
+        // Labelled a canary with nothing asking for one: the reverse.
+        let gray = pod(json!({"stage": "gray", "canarytag": "old"}), json!({}));
+        assert_eq!(
+            plan(Kind::Pod, "shop", &gray, "8", s.policy(), &present(), None),
+            Plan::Contradicts(Contradiction::NormalLabelledCanary { tag: "old".into() })
         );
     }
 
-    /// A standalone ReplicaSet tagged on its own metadata only: its running
-    /// pods came from its template, which has no tag (the backfill labels
-    /// them `stage=normal`), and the backfill cannot change the template.
-    /// So the ReplicaSet is labelled as its pods are, never gray.
+    /// A standalone ReplicaSet tagged on its own metadata only: its pods
+    /// find the tag up their owner chain (on it), so both are canaries.
     #[test]
-    fn a_standalone_replicaset_follows_its_template_as_its_pods_do() {
+    fn a_standalone_replicaset_and_its_pods_follow_its_tag() {
         let s = Sections::new();
         let standalone = view(
             json!({"metadata": {"name": "web-gray", "labels": {"app": "web"},
@@ -407,12 +535,14 @@ mod tests {
             "5",
             s.policy(),
             &present(),
+            None,
         );
         assert_eq!(
             patch_of(&rs),
             json!([
                 {"op": "test", "path": "/metadata/resourceVersion", "value": "5"},
-                {"op": "add", "path": "/metadata/labels/stage", "value": "normal"},
+                {"op": "add", "path": "/metadata/labels/canarytag", "value": "v9"},
+                {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
             ])
         );
         // One of its pods, created from that template (no tag): the same.
@@ -421,7 +551,22 @@ mod tests {
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                                  "name": "web-gray", "uid": "r", "controller": true}]}}),
         );
-        let pod = plan(Kind::Pod, "shop", &its_pod, "6", s.policy(), &present());
+        let owner = OwnerTag {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: "web-gray".into(),
+            uid: "r".into(),
+            value: "v9".into(),
+        };
+        let pod = plan(
+            Kind::Pod,
+            "shop",
+            &its_pod,
+            "6",
+            s.policy(),
+            &present(),
+            Some(&owner),
+        );
         let (Plan::Label(rs), Plan::Label(pod)) = (rs, pod) else {
             unreachable!()
         };
@@ -440,7 +585,8 @@ mod tests {
                 &tagged,
                 "7",
                 s.policy(),
-                &present()
+                &present(),
+                None
             )),
             json!([
                 {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
@@ -462,7 +608,8 @@ mod tests {
                 &labelled,
                 "8",
                 s.policy(),
-                &present()
+                &present(),
+                None
             )),
             json!([
                 {"op": "test", "path": "/metadata/resourceVersion", "value": "8"},
@@ -524,6 +671,7 @@ mod tests {
             "1",
             s.policy(),
             cluster,
+            None,
         ) {
             Plan::Label(p) => p.restart,
             other => panic!("{other:?}"),
@@ -644,6 +792,7 @@ mod tests {
             "1",
             s.policy(),
             &present(),
+            None,
         ) else {
             unreachable!()
         };

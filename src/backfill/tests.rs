@@ -14,6 +14,7 @@ use crate::cluster::watches::Shared;
 use crate::metrics::{ControllerMetrics, new_registry};
 use crate::testing::{FakeApiServer, Hook, MockApi, WAIT, mock_client, scraped};
 use kube::runtime::watcher;
+use std::time::Duration;
 
 const RS_UID: &str = "5c1b1e2a-7f3d-4e8a-9b6c-1d2e3f4a5b6c";
 const DEPLOYMENT_UID: &str = "9a8b7c6d-5e4f-4321-8fed-cba987654321";
@@ -56,14 +57,12 @@ fn pod(name: &str, labels: Value, annotations: Value) -> Value {
         "status": {"phase": "Running"}})
 }
 
-/// A ReplicaSet of the Deployment `web`, tagged on its own metadata (the
-/// Deployment's annotation, copied) but not in its template.
+/// A ReplicaSet of the Deployment `web` (no tag anywhere).
 fn replicaset(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
         "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
             "resourceVersion": "200", "labels": labels,
-            "annotations": {"canary-injector.io/tag": "feature-x",
-                            "deployment.kubernetes.io/revision": "1"},
+            "annotations": {"deployment.kubernetes.io/revision": "1"},
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
                 "uid": DEPLOYMENT_UID, "controller": true, "blockOwnerDeletion": true}]},
         "spec": {"replicas": 2,
@@ -121,6 +120,7 @@ fn harness(client: Client, cfg: &Config) -> Harness {
         metrics,
         events,
         shutdown: CancellationToken::new(),
+        warned: Default::default(),
     });
     Harness {
         ctx,
@@ -219,8 +219,7 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
     );
     call.ok(&list("ReplicaSet", &[owned, complete]));
 
-    // Owned, tagged on its own metadata only: labelled as its pods are
-    // (from its template), never gray; its template untouched.
+    // Owned: labelled as its pods are; its template untouched.
     let call = api
         .expect(Method::PATCH, &format!("{REPLICASETS}/web-abc"))
         .await;
@@ -267,8 +266,8 @@ async fn a_pass_sends_label_only_patches_with_a_resource_version_test() {
     assert_eq!(rs.action, "Backfill");
     assert_eq!(
         rs.note,
-        "added stage=normal to 1 Pod created before the webhook could label them (no restart \
-         needed); 1 of them runs an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
+        "added stage=normal to 1 Pod that lacked them (created before the namespace opted in or \
+         before the webhook ran, or their labels were removed since; no restart needed); 1 of them runs an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
          template: restart it to mount it"
     );
     let deployment = on("Deployment");
@@ -345,74 +344,291 @@ async fn an_object_that_keeps_changing_is_left_for_the_next_pass() {
 
 // === outcomes, on a stateful apiserver ===
 
-#[tokio::test]
-async fn a_touch_between_read_and_patch_is_kept_and_the_labels_still_land() {
-    let path = format!("{PODS}/web-1");
-    let fake = FakeApiServer::with(&[(
-        path.as_str(),
-        pod("web-1", json!({"app": "web"}), json!({})),
-    )]);
-    fake.hook(Method::PATCH, &path, Hook::Touch);
-    let (client, server) = fake.client();
-    let h = harness(client, &config());
-    backfill_namespace(namespace("shop"), h.ctx.clone())
-        .await
-        .unwrap();
-    assert_eq!(
-        labels(&fake, &path),
-        json!({"app": "web", "touched-by": "someone-else", "stage": "normal"})
-    );
-    let sent = patches(&fake);
-    assert_eq!(sent.len(), 2, "refused once, then patched: {sent:?}");
-    assert_ne!(
-        sent[0].1[0]["value"], sent[1].1[0]["value"],
-        "a new resourceVersion"
-    );
-    drop(h);
-    server.await.unwrap();
+// === tags on workloads: the owner chain ===
+
+/// The owner cache admission keeps, filled from `fake` by its own watches
+/// (metadata only), as the lookup the backfill decides with.
+struct Owners(crate::owners::OwnerCache);
+
+impl crate::admission::ClusterLookup for Owners {
+    fn view(&self, _: &str) -> ClusterView {
+        ClusterView::UNKNOWN
+    }
+    fn owner_tag(&self, ns: &str, controller: &OwnerRef) -> Option<crate::mutate::OwnerTag> {
+        self.0.owner_tag(ns, controller)
+    }
+    fn workload(&self, ns: &str, controller: &OwnerRef) -> OwnerRef {
+        self.0.workload(ns, controller)
+    }
+    fn owners_synced(&self) -> bool {
+        self.0.is_synced()
+    }
 }
 
-/// A ReplicaSet without an owner (what a release platform creates per
-/// version), tagged on its own metadata only, and a pod it created from its
-/// template (which has no tag): after a pass both are `stage=normal`, so
-/// the ReplicaSet and its pods never split.
-#[tokio::test]
-async fn a_standalone_replicaset_tagged_on_its_metadata_only_agrees_with_its_pods() {
-    let rs_path = format!("{REPLICASETS}/web-v9");
-    let pod_path = format!("{PODS}/web-v9-x1");
-    let mut rs = replicaset("web-v9", json!({"app": "web", "release": "v9"}));
-    rs["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("ownerReferences");
-    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "v9"});
-    rs["spec"]["template"]["metadata"]["labels"] = json!({"app": "web", "release": "v9"});
-    let mut its_pod = pod(
-        "web-v9-x1",
-        json!({"app": "web", "release": "v9"}),
-        json!({}),
+/// A harness whose backfill finds owners' tags through an owner cache
+/// watching `fake` (synced before it returns).
+async fn harness_with_owners(fake: &FakeApiServer) -> (Harness, CancellationToken) {
+    let (client, _served) = fake.client();
+    let cfg = config();
+    let (cache, watch) = crate::owners::cache(
+        client.clone(),
+        cfg.labels.tag_annotation.clone(),
+        cfg.namespaces.clone(),
     );
-    its_pod["metadata"]["ownerReferences"][0]["name"] = json!("web-v9");
-    let fake = FakeApiServer::with(&[(rs_path.as_str(), rs), (pod_path.as_str(), its_pod)]);
-    let (client, server) = fake.client();
-    let h = harness(client, &config());
+    let stop = CancellationToken::new();
+    tokio::spawn(watch.run(stop.clone()));
+    for _ in 0..200 {
+        if cache.is_synced() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cache.is_synced(), "the owner cache lists");
+    let mut h = harness(client, &cfg);
+    let settings = BackfillSettings::from_config(&cfg)
+        .unwrap()
+        .with_cluster_view(Arc::new(Owners(cache)));
+    let ctx = Arc::get_mut(&mut h.ctx).unwrap();
+    ctx.settings = settings;
+    (h, stop)
+}
+
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
+
+/// A Deployment created before its namespace opted in, tagged on its own
+/// metadata only (so the webhook never copied the tag into its template),
+/// its ReplicaSet (the Deployment's annotations copied, as the Deployment
+/// controller does) and two pods of it.
+fn tagged_deployment() -> FakeApiServer {
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop", "uid": DEPLOYMENT_UID,
+            "annotations": {"canary-injector.io/tag": "beta",
+                            "deployment.kubernetes.io/revision": "1"}},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
+    let mut rs = replicaset("web-abc", json!({"app": "web", "pod-template-hash": "abc"}));
+    rs["metadata"]["uid"] = json!(RS_UID);
+    rs["metadata"]["annotations"] = json!({"canary-injector.io/tag": "beta",
+        "deployment.kubernetes.io/revision": "1"});
+    FakeApiServer::with(&[
+        (&format!("{DEPLOYMENTS}/web"), deployment),
+        (&format!("{REPLICASETS}/web-abc"), rs),
+        (
+            &format!("{PODS}/web-1"),
+            pod("web-1", json!({"app": "web"}), json!({})),
+        ),
+        (
+            &format!("{PODS}/web-2"),
+            pod("web-2", json!({"app": "web"}), json!({})),
+        ),
+    ])
+}
+
+/// The label patches sent, by path, in order.
+fn label_patches(fake: &FakeApiServer) -> Vec<(String, Value)> {
+    patches(fake)
+        .into_iter()
+        .map(|(path, mut body)| {
+            // The resourceVersion the fake assigned: not the point here.
+            body[0]["value"] = json!("<rv>");
+            (path, body)
+        })
+        .collect()
+}
+
+fn gray_beta() -> Value {
+    json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "<rv>"},
+        {"op": "add", "path": "/metadata/labels/canarytag", "value": "beta"},
+        {"op": "add", "path": "/metadata/labels/stage", "value": "gray"},
+    ])
+}
+
+/// The issue's case: a Deployment tagged on its metadata before its
+/// namespace opted in. Its pods and ReplicaSet become canaries (never
+/// `stage=normal`), and the Deployment gets an Event saying so and why.
+#[tokio::test]
+async fn a_tag_on_a_deployments_metadata_makes_its_pods_canaries() {
+    let fake = tagged_deployment();
+    let (mut h, stop) = harness_with_owners(&fake).await;
     backfill_namespace(namespace("shop"), h.ctx.clone())
         .await
         .unwrap();
-    let normal = json!({"app": "web", "release": "v9", "stage": "normal"});
-    assert_eq!(labels(&fake, &pod_path), normal);
     assert_eq!(
-        labels(&fake, &rs_path),
-        normal,
-        "never gray while its pods are normal"
+        label_patches(&fake),
+        [
+            (format!("{PODS}/web-1"), gray_beta()),
+            (format!("{PODS}/web-2"), gray_beta()),
+            (format!("{REPLICASETS}/web-abc"), gray_beta()),
+        ]
     );
+    // One Event, on the Deployment, for its pods and its ReplicaSet (whose
+    // copy of the annotation the pods' owner chain found).
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("Deployment"));
+    assert_eq!(events[0].regarding.name.as_deref(), Some("web"));
+    assert_eq!(events[0].regarding.uid.as_deref(), Some(DEPLOYMENT_UID));
     assert_eq!(
-        fake.get(&rs_path).unwrap()["spec"]["template"]["metadata"]["labels"],
-        json!({"app": "web", "release": "v9"}),
-        "its template untouched"
+        events[0].note,
+        "added canarytag=beta, stage=gray to 2 Pods and 1 ReplicaSet: the annotation \
+         canary-injector.io/tag=beta on this Deployment's own metadata asks for a canary (its \
+         pod template does not carry it), so its pods are labelled as canaries, and new ones \
+         are admitted the same way (no restart needed); put the annotation in the pod template \
+         to make it explicit"
     );
-    drop(h);
-    server.await.unwrap();
+    assert!(events.iter().all(|e| e.type_ == EventType::Normal));
+    stop.cancel();
+}
+
+/// Pod -> StatefulSet: the StatefulSet's own metadata.
+#[tokio::test]
+async fn a_tag_on_a_statefulsets_metadata_makes_its_pods_canaries() {
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": "shop", "uid": "sts-uid",
+                     "annotations": {"canary-injector.io/tag": "beta"}},
+        "spec": {"selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}}}}});
+    let mut db0 = pod("db-0", json!({"app": "db"}), json!({}));
+    db0["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+        "kind": "StatefulSet", "name": "db", "uid": "sts-uid", "controller": true}]);
+    let fake = FakeApiServer::with(&[
+        ("/apis/apps/v1/namespaces/shop/statefulsets/db", sts),
+        (&format!("{PODS}/db-0"), db0),
+    ]);
+    let (mut h, stop) = harness_with_owners(&fake).await;
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        label_patches(&fake),
+        [(format!("{PODS}/db-0"), gray_beta())]
+    );
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("StatefulSet"));
+    assert_eq!(events[0].regarding.uid.as_deref(), Some("sts-uid"));
+    assert!(
+        events[0]
+            .note
+            .contains("on this StatefulSet's own metadata")
+    );
+    stop.cancel();
+}
+
+/// Pod -> Job -> CronJob: the CronJob's own metadata (a CronJob copies
+/// its job template's metadata onto its Jobs, not its own).
+#[tokio::test]
+async fn a_tag_on_a_cronjobs_metadata_makes_the_pods_of_its_jobs_canaries() {
+    let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": "nightly", "namespace": "shop", "uid": "cj-uid",
+                     "annotations": {"canary-injector.io/tag": "beta"}},
+        "spec": {"schedule": "0 2 * * *", "jobTemplate": {"spec": {"template": {"spec": {}}}}}});
+    let job = json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "nightly-29000", "namespace": "shop", "uid": "job-uid",
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob",
+                         "name": "nightly", "uid": "cj-uid", "controller": true}]},
+        "spec": {"template": {"spec": {}}}});
+    let mut run = pod(
+        "nightly-29000-x",
+        json!({"job-name": "nightly-29000"}),
+        json!({}),
+    );
+    run["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job",
+        "name": "nightly-29000", "uid": "job-uid", "controller": true}]);
+    let fake = FakeApiServer::with(&[
+        ("/apis/batch/v1/namespaces/shop/cronjobs/nightly", cronjob),
+        ("/apis/batch/v1/namespaces/shop/jobs/nightly-29000", job),
+        (&format!("{PODS}/nightly-29000-x"), run),
+    ]);
+    let (mut h, stop) = harness_with_owners(&fake).await;
+    backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        label_patches(&fake),
+        [(format!("{PODS}/nightly-29000-x"), gray_beta())]
+    );
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("CronJob"));
+    assert_eq!(events[0].regarding.name.as_deref(), Some("nightly"));
+    stop.cancel();
+}
+
+/// A pod already labelled `stage=normal` whose Deployment asks for a
+/// canary: its labels are never overwritten; one Warning on the Deployment
+/// (not one per pod, and not again on the next pass) names the pods and
+/// the command that fixes it.
+#[tokio::test]
+async fn a_pod_labelled_normal_that_its_workload_wants_a_canary_is_warned_about_once() {
+    let fake = tagged_deployment();
+    for name in ["web-1", "web-2"] {
+        let path = format!("{PODS}/{name}");
+        let mut p = fake.get(&path).unwrap();
+        p["metadata"]["labels"]["stage"] = json!("normal");
+        fake.put(&path, p);
+    }
+    let (mut h, stop) = harness_with_owners(&fake).await;
+    for _ in 0..2 {
+        backfill_namespace(namespace("shop"), h.ctx.clone())
+            .await
+            .unwrap();
+    }
+    let patched: Vec<String> = label_patches(&fake).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched,
+        [format!("{REPLICASETS}/web-abc")],
+        "no pod is touched"
+    );
+    for name in ["web-1", "web-2"] {
+        assert_eq!(labels(&fake, &format!("{PODS}/{name}"))["stage"], "normal");
+    }
+    let warnings: Vec<EventRequest> = h
+        .queue
+        .drain()
+        .into_iter()
+        .filter(|e| e.type_ == EventType::Warning)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0];
+    assert_eq!(w.reason, "CanaryLabelledNormal");
+    assert_eq!(w.regarding.kind.as_deref(), Some("Deployment"));
+    assert_eq!(w.regarding.name.as_deref(), Some("web"));
+    assert_eq!(
+        w.note,
+        "web-1, web-2: labelled stage=normal, but this Deployment asks for canary beta: canary \
+         code in the normal subset, serving requests without the header. Labels are never \
+         overwritten; fix: kubectl -n shop rollout restart deployment/web"
+    );
+    stop.cancel();
+}
+
+/// The backfill waits for the owner cache: a pass before it has listed
+/// could label a canary's pods `stage=normal` for good.
+#[tokio::test]
+async fn no_pass_before_the_owner_cache_has_listed() {
+    let fake = tagged_deployment();
+    let (client, _served) = fake.client();
+    let cfg = config();
+    let (cache, _watch) = crate::owners::cache(
+        client.clone(),
+        cfg.labels.tag_annotation.clone(),
+        cfg.namespaces.clone(),
+    );
+    let mut h = harness(client, &cfg);
+    Arc::get_mut(&mut h.ctx).unwrap().settings = BackfillSettings::from_config(&cfg)
+        .unwrap()
+        .with_cluster_view(Arc::new(Owners(cache)));
+    let action = backfill_namespace(namespace("shop"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(OWNERS_NOT_SYNCED));
+    assert!(
+        fake.seen().iter().all(|c| !c.path.starts_with(PODS)),
+        "nothing listed"
+    );
 }
 
 /// A running pod of `tests/fixtures/bootstrap-pods/` (a review's object:
@@ -512,8 +728,8 @@ async fn istio_pods_are_reported_by_what_a_restart_would_give_them() {
         .unwrap();
     assert_eq!(
         on_rs.note,
-        "added stage=normal to 6 Pods created before the webhook could label them (no restart \
-         needed); 2 of them run an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
+        "added stage=normal to 6 Pods that lacked them (created before the namespace opted in or \
+         before the webhook ran, or their labels were removed since; no restart needed); 2 of them run an Istio 1.5-1.7 sidecar without the bootstrap keepalive \
          template: restart them to mount it; 2 of them run an Istio 1.18+ sidecar without \
          GRPC_KEEPALIVE_INTERVAL and GRPC_KEEPALIVE_TIMEOUT: restart them to set the agent \
          keepalive; the Istio version of 1 of them is unknown (no version in the proxy image \

@@ -93,7 +93,7 @@ impl LabelPolicy {
         &'a self,
         existing_tag: Option<&'a String>,
         existing_stage: Option<&'a String>,
-        annotation: Option<&'a String>,
+        annotation: Option<&'a str>,
         warnings: &mut Vec<Warning>,
     ) -> Result<Intent<'a>, Deny> {
         let tag: Option<Cow<'a, str>> = match (existing_tag, annotation) {
@@ -120,14 +120,14 @@ impl LabelPolicy {
                 let Some(sanitized) = sanitize_tag(requested) else {
                     return Err(Deny::UnusableTag {
                         annotation: self.tag_annotation.clone(),
-                        value: requested.clone(),
+                        value: requested.to_owned(),
                         label: self.canary_tag.clone(),
                     });
                 };
                 if sanitized.changed {
                     warnings.push(Warning::TagRewritten {
                         annotation: self.tag_annotation.clone(),
-                        requested: requested.clone(),
+                        requested: requested.to_owned(),
                         value: sanitized.value.clone(),
                     });
                 }
@@ -265,11 +265,33 @@ pub enum Warning {
         /// The template's value, if it has one.
         template: Option<String>,
     },
+    /// A tag the object did not ask for itself (its owner's, or a copy of
+    /// its Deployment's on an owned ReplicaSet) has nothing usable as a
+    /// label value: the object is admitted without labels.
+    OwnerTagUnusable {
+        /// The annotation key.
+        annotation: String,
+        /// The value given.
+        value: String,
+        /// Where it is: `Deployment web`, or this object's own metadata.
+        on: String,
+    },
+    /// Labelled `<stage>: <grayStage>` with no canary tag at all: no
+    /// subset selects it (gray subsets select a tag too, `normal` selects
+    /// the normal stage), so no route reaches it.
+    GrayWithoutTag {
+        /// The stage label, as `key=value`.
+        stage: String,
+        /// The tag label key.
+        label: String,
+        /// The tag annotation key.
+        annotation: String,
+    },
 }
 
 impl Warning {
     /// Every reason code, for documentation and tests.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 10] = [
         "tag-ignored",
         "tag-rewritten",
         "configmap-missing",
@@ -278,6 +300,8 @@ impl Warning {
         "tag-unusable",
         "template-tag-copied",
         "template-tag-differs",
+        "gray-without-tag",
+        "owner-tag-unusable",
     ];
 
     /// Stable kebab-case code: an Event reason and a metric label value.
@@ -291,6 +315,8 @@ impl Warning {
             Self::TagUnusable { .. } => Self::REASONS[5],
             Self::TemplateTagCopied { .. } => Self::REASONS[6],
             Self::TemplateTagDiffers { .. } => Self::REASONS[7],
+            Self::GrayWithoutTag { .. } => Self::REASONS[8],
+            Self::OwnerTagUnusable { .. } => Self::REASONS[9],
         }
     }
 }
@@ -372,7 +398,147 @@ impl fmt::Display for Warning {
                      in the controller's pod template"
                 )
             }
+            Self::OwnerTagUnusable {
+                annotation,
+                value,
+                on,
+            } => write!(
+                f,
+                "annotation {annotation}: {value:?} on {on} has no letters or digits to use as a \
+                 canary tag: these pods get no labels (no subset selects them) until it is set \
+                 to a name made of [A-Za-z0-9._-]"
+            ),
+            Self::GrayWithoutTag {
+                stage,
+                label,
+                annotation,
+            } => write!(
+                f,
+                "label {stage} without a {label} label: no subset selects these pods, so no \
+                 route reaches them; set the annotation {annotation} on the pod template (or \
+                 remove the label {stage})"
+            ),
         }
+    }
+}
+
+/// The canary tag the workload that owns an object asks for on its own
+/// metadata: the nearest owner up the chain (Pod -> ReplicaSet ->
+/// Deployment; Pod -> StatefulSet / DaemonSet / Job -> CronJob) whose
+/// metadata carries the tag annotation, as the adapter's caches know it.
+/// The core never looks it up itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerTag {
+    /// The owner's API version, e.g. `apps/v1`.
+    pub api_version: String,
+    /// Its kind, e.g. `Deployment`.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its uid (for Events about it).
+    pub uid: String,
+    /// The tag annotation's value, as written.
+    pub value: String,
+}
+
+/// Where the tag annotation an object's intent came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagSource<'a> {
+    /// The object's own metadata.
+    Object,
+    /// Its pod template.
+    Template,
+    /// The metadata of a workload that owns it.
+    Owner(&'a OwnerTag),
+}
+
+/// The tag annotation an intent was resolved from, and where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestedTag<'a> {
+    /// The value as written.
+    pub value: &'a str,
+    /// Where it was found.
+    pub source: TagSource<'a>,
+}
+
+/// Labels that say the opposite of what the object's workload asks for.
+/// Labels are never overwritten, so the object stays in the wrong subset
+/// until its pods are replaced: `check` reports it and the backfill warns
+/// on the workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Contradiction {
+    /// Labelled `<stage>: <normalStage>` while its tag annotation (its
+    /// own, its template's or its owner's) asks for canary `tag`: canary
+    /// code in the normal subset.
+    CanaryLabelledNormal {
+        /// The tag asked for, as a label value.
+        tag: String,
+    },
+    /// Labelled a canary of `tag` while no tag annotation asks for one and
+    /// its pod template does not label it so: out of the normal subset.
+    NormalLabelledCanary {
+        /// The tag it is labelled with.
+        tag: String,
+    },
+}
+
+impl Contradiction {
+    /// Stable kebab-case code (a `check` finding, an Event reason).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::CanaryLabelledNormal { .. } => "canary-labelled-normal",
+            Self::NormalLabelledCanary { .. } => "normal-labelled-canary",
+        }
+    }
+
+    /// The command that fixes it for pods of the workload `kind`/`name` in
+    /// `namespace` (a pod without one: `kind` `Pod`): labels are never
+    /// overwritten, so the pods must be created again, and new ones are
+    /// admitted with the labels their workload asks for.
+    pub fn fix(&self, namespace: &str, kind: &str, name: &str) -> String {
+        match kind {
+            "Deployment" | "StatefulSet" | "DaemonSet" => format!(
+                "kubectl -n {namespace} rollout restart {}/{name}",
+                kind.to_ascii_lowercase()
+            ),
+            "ReplicaSet" | "Job" => format!(
+                "delete its pods so the {kind} creates them again: kubectl -n {namespace} delete \
+                 pods -l <the {kind}'s selector>"
+            ),
+            "CronJob" => format!(
+                "the next Job of CronJob {name} gets the right labels; delete the running pods to \
+                 have them created again (kubectl -n {namespace} delete pod <name>)"
+            ),
+            _ => format!(
+                "delete the pod and create it again (kubectl -n {namespace} delete pod {name})"
+            ),
+        }
+    }
+}
+
+impl LabelPolicy {
+    /// Whether `labels` (an object's, as they are) contradict `requested`
+    /// (the tag annotation its intent was resolved from, if any; see
+    /// [`Decision::requested`]). `template_labels_canary`: its pod template
+    /// itself labels its pods a canary (then canary labels are the
+    /// workload's own definition, not a contradiction).
+    pub fn contradiction(
+        &self,
+        labels: Option<&BTreeMap<String, String>>,
+        requested: Option<&str>,
+        template_labels_canary: bool,
+    ) -> Option<Contradiction> {
+        let get = |key: &str| labels.and_then(|l| l.get(key));
+        let stage = get(&self.stage)?;
+        if *stage == self.normal_stage {
+            let tag = sanitize_tag(requested?)?.value;
+            return Some(Contradiction::CanaryLabelledNormal { tag });
+        }
+        if *stage == self.gray_stage && requested.is_none() && !template_labels_canary {
+            let tag = get(&self.canary_tag)?.clone();
+            return Some(Contradiction::NormalLabelledCanary { tag });
+        }
+        None
     }
 }
 
@@ -393,6 +559,9 @@ pub struct Decision<'a> {
     pub bootstrap: Option<BootstrapDecision<'a>>,
     /// Messages for the user.
     pub warnings: Vec<Warning>,
+    /// The tag annotation the intent was resolved from (whether or not
+    /// existing labels won over it), when there was one.
+    pub requested: Option<RequestedTag<'a>>,
 }
 
 impl Decision<'_> {
@@ -459,6 +628,38 @@ mod tests {
         assert_eq!((i.tag(), i.stage()), (Some("v2"), "beta"));
         let pairs: Vec<(&str, &str)> = i.labels().map(|l| (l.key, &*l.value)).collect();
         assert_eq!(pairs, [("canarytag", "v2"), ("stage", "beta")]);
+    }
+
+    #[test]
+    fn labels_that_say_the_opposite_of_the_tag_asked_for_are_contradictions() {
+        let policy = LabelPolicy::default();
+        let normal = labels(&[("app", "web"), ("stage", "normal")]);
+        let gray = labels(&[("stage", "gray"), ("canarytag", "beta")]);
+        assert_eq!(
+            policy.contradiction(Some(&normal), Some("feature/beta"), false),
+            Some(Contradiction::CanaryLabelledNormal {
+                tag: "feature-beta".into()
+            })
+        );
+        assert_eq!(policy.contradiction(Some(&normal), None, false), None);
+        // A tag with nothing usable asks for nothing a subset could select.
+        assert_eq!(
+            policy.contradiction(Some(&normal), Some("///"), false),
+            None
+        );
+        assert_eq!(
+            policy.contradiction(Some(&gray), None, false),
+            Some(Contradiction::NormalLabelledCanary { tag: "beta".into() })
+        );
+        assert_eq!(policy.contradiction(Some(&gray), None, true), None);
+        assert_eq!(policy.contradiction(Some(&gray), Some("beta"), false), None);
+        // Unlabelled: nothing to contradict (the backfill labels it).
+        assert_eq!(policy.contradiction(None, Some("beta"), false), None);
+        let codes = [
+            Contradiction::CanaryLabelledNormal { tag: "a".into() }.code(),
+            Contradiction::NormalLabelledCanary { tag: "a".into() }.code(),
+        ];
+        assert_eq!(codes, ["canary-labelled-normal", "normal-labelled-canary"]);
     }
 
     #[test]
@@ -555,6 +756,28 @@ mod tests {
                 "annotation canary-injector.io/tag: \"feature-x\" is on this object but not on \
                  its pod template, which its controller owns: labels follow the pod template; \
                  set the tag in the controller's pod template",
+            ),
+            (
+                Warning::OwnerTagUnusable {
+                    annotation: "canary-injector.io/tag".into(),
+                    value: "///".into(),
+                    on: "Deployment web".into(),
+                },
+                "owner-tag-unusable",
+                "annotation canary-injector.io/tag: \"///\" on Deployment web has no letters or \
+                 digits to use as a canary tag: these pods get no labels (no subset selects them) \
+                 until it is set to a name made of [A-Za-z0-9._-]",
+            ),
+            (
+                Warning::GrayWithoutTag {
+                    stage: "stage=gray".into(),
+                    label: "canarytag".into(),
+                    annotation: "canary-injector.io/tag".into(),
+                },
+                "gray-without-tag",
+                "label stage=gray without a canarytag label: no subset selects these pods, so no \
+                 route reaches them; set the annotation canary-injector.io/tag on the pod \
+                 template (or remove the label stage=gray)",
             ),
         ];
         for (warning, reason, text) in &cases {

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
+use jiff::Timestamp;
 
 use super::objects::{DestinationRuleSpec, Observed, REMOVAL_DUE_ANNOTATION, VirtualServiceSpec};
 use super::{

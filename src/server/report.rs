@@ -50,16 +50,22 @@ fn counts_tag(reviewed: &Reviewed) -> bool {
         && (reviewed.operation == "CREATE" || reviewed.mutations.contains(&"template-tag"))
 }
 
+/// Warnings worth an Event on the object itself when no controller owns
+/// it (its creator may never read an admission warning, say an apply in a
+/// pipeline): what leaves it out of every route.
+const SELF_REPORTED: &[&str] = &["gray-without-tag"];
+
 /// One Event per warning and one for a deny, on the object's managing
-/// controller; none for an object without one (its creator saw the
-/// warnings in the API response).
+/// controller. An object without one gets Events only for the warnings of
+/// [`SELF_REPORTED`], on itself (its creator saw the others in the API
+/// response).
 pub(crate) fn owner_events(reviewed: &Reviewed) -> Vec<EventRequest> {
-    let Some(owner) = &reviewed.owner else {
-        return Vec::new();
-    };
     if reviewed.warnings.is_empty() && reviewed.deny_reason.is_none() {
         return Vec::new();
     }
+    let Some(owner) = &reviewed.owner else {
+        return self_events(reviewed);
+    };
     let regarding = ObjectReference {
         api_version: Some(owner.api_version.clone()),
         kind: Some(owner.kind.clone()),
@@ -88,6 +94,34 @@ pub(crate) fn owner_events(reviewed: &Reviewed) -> Vec<EventRequest> {
             reason,
             action: action.into(),
             note,
+        })
+        .collect()
+}
+
+/// The Events of [`SELF_REPORTED`] warnings, on the object itself (when it
+/// has a name: a controller's pods have one only after admission).
+fn self_events(reviewed: &Reviewed) -> Vec<EventRequest> {
+    if reviewed.name.is_empty() || reviewed.name.ends_with('*') {
+        return Vec::new();
+    }
+    let regarding = ObjectReference {
+        api_version: Some(reviewed.api_version.clone()),
+        kind: Some(reviewed.kind.clone()),
+        name: Some(reviewed.name.clone()),
+        namespace: Some(reviewed.namespace.clone()).filter(|ns| !ns.is_empty()),
+        ..ObjectReference::default()
+    };
+    reviewed
+        .warning_reasons
+        .iter()
+        .zip(&reviewed.warnings)
+        .filter(|(reason, _)| SELF_REPORTED.contains(reason))
+        .map(|(reason, text)| EventRequest {
+            regarding: regarding.clone(),
+            type_: EventType::Warning,
+            reason: pascal_case("", reason),
+            action: "Admit".into(),
+            note: text.clone(),
         })
         .collect()
 }
