@@ -48,6 +48,7 @@ fn bench(c: &mut Criterion) {
     let present = |_: &str| ClusterView {
         bootstrap_configmap: Availability::Present,
         injector_version: Some(Version { major: 1, minor: 5 }),
+        mesh: Default::default(),
     };
     group.bench_function("istio-pod (labels + bootstrap mount)", |b| {
         b.iter(|| admission::review(black_box(&istio), &cfg, &present).unwrap())

@@ -459,6 +459,7 @@ impl ClusterLookup for Caches {
         ClusterView {
             bootstrap_configmap: self.bootstrap.availability(namespace),
             injector_version: self.versions.get(),
+            mesh: self.owners.mesh(namespace),
         }
     }
 

@@ -538,6 +538,7 @@ fn check_namespace(
     let cluster = ClusterView {
         bootstrap_configmap: availability,
         injector_version: None,
+        mesh: Default::default(),
     };
     let replicasets: BTreeMap<&str, &Value> = ns
         .replicasets

@@ -168,6 +168,13 @@ impl Metrics {
         self.mutations.with_label_values(&[kind]).inc();
     }
 
+    /// Counts a failed or timed-out TLS handshake: in `errors_total`
+    /// only, not as a review (a scanner or a health check speaking plain
+    /// TCP is no failing admission review and must not trip its alert).
+    pub fn tls_handshake_failed(&self) {
+        self.errors.with_label_values(&["tls-handshake"]).inc();
+    }
+
     /// Counts `n` rewritten canary tags.
     pub fn tags_rewritten(&self, n: u64) {
         self.tags_rewritten.inc_by(n);

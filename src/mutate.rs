@@ -388,6 +388,38 @@ pub struct ClusterView {
     /// injected yet, after the pod's own proxy image and config
     /// `istio.proxyVersion`.
     pub injector_version: Option<Version>,
+    /// How the namespace joins the mesh, from its labels, when known.
+    pub mesh: NamespaceMesh,
+}
+
+/// How a namespace joins the Istio mesh, from its labels: what decides
+/// whether a pod not injected yet will get a sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NamespaceMesh {
+    /// Not known (no cluster, or the cache has not seen the namespace).
+    #[default]
+    Unknown,
+    /// Sidecar injection: `istio-injection: enabled` or `istio.io/rev`.
+    Sidecar,
+    /// Ambient mode: `istio.io/dataplane-mode: ambient` (no sidecars).
+    Ambient,
+    /// Neither: pods get a sidecar only when they ask
+    /// (`sidecar.istio.io/inject: "true"` label).
+    NoInjection,
+}
+
+impl NamespaceMesh {
+    /// The mode a namespace's labels say.
+    pub fn of(labels: Option<&BTreeMap<String, String>>) -> Self {
+        let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+        if get("istio.io/dataplane-mode") == Some("ambient") {
+            Self::Ambient
+        } else if get("istio-injection") == Some("enabled") || get("istio.io/rev").is_some() {
+            Self::Sidecar
+        } else {
+            Self::NoInjection
+        }
+    }
 }
 
 impl ClusterView {
@@ -397,12 +429,14 @@ impl ClusterView {
     pub const OFFLINE: Self = Self {
         bootstrap_configmap: Availability::Present,
         injector_version: None,
+        mesh: NamespaceMesh::Unknown,
     };
 
     /// No cluster: nothing known.
     pub const UNKNOWN: Self = Self {
         bootstrap_configmap: Availability::Unknown,
         injector_version: None,
+        mesh: NamespaceMesh::Unknown,
     };
 }
 

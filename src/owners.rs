@@ -17,6 +17,8 @@
 //!       --> OwnerIndex: rows only for what a chain can use: objects that
 //!           carry the tag annotation, and the links ReplicaSet -> Deployment
 //!           (with its revision) and Job -> CronJob
+//!     opted-in Namespaces --> how each joins the mesh (sidecar injection,
+//!           ambient, none): whether a pod not injected yet gets a sidecar
 //!  admission / backfill: owner_tag(namespace, controller ref)
 //!       Pod -> ReplicaSet -> Deployment   (the Deployment's tag only for
 //!                                          its current ReplicaSet)
@@ -35,6 +37,7 @@ use std::sync::{Arc, RwLock};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::Api;
@@ -45,11 +48,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::app::TaskError;
-use crate::mutate::{NamespacePolicy, OwnerRef, OwnerTag};
+use crate::mutate::{NamespaceMesh, NamespacePolicy, OwnerRef, OwnerTag};
 
 pub mod index;
 
-pub use index::{Change, OwnerIndex, REVISION_ANNOTATION, Row, WorkloadKind};
+pub use index::{Change, NamespaceChange, OwnerIndex, REVISION_ANNOTATION, Row, WorkloadKind};
 
 // === the cache every replica keeps ===
 
@@ -105,6 +108,15 @@ impl OwnerCache {
             .unwrap_or_else(|| controller.clone())
     }
 
+    /// How `namespace` joins the mesh (its labels), for the keepalive
+    /// decision of pods not injected yet.
+    pub fn mesh(&self, namespace: &str) -> NamespaceMesh {
+        match &self.inner {
+            Some(i) => i.read().unwrap_or_else(|e| e.into_inner()).mesh(namespace),
+            None => NamespaceMesh::Unknown,
+        }
+    }
+
     /// Number of rows held.
     pub fn len(&self) -> usize {
         self.inner
@@ -146,13 +158,20 @@ pub fn cache(
     (cache, watch)
 }
 
-/// One watch event of one kind, its objects' metadata.
-type Update = (WorkloadKind, watcher::Result<watcher::Event<ObjectMeta>>);
+/// One watch event of one kind (`None`: Namespaces), its objects' metadata.
+type Update = (
+    Option<WorkloadKind>,
+    watcher::Result<watcher::Event<ObjectMeta>>,
+);
 
 /// A metadata-only watch of `K` in every namespace.
-fn stream<K>(client: &Client, kind: WorkloadKind) -> futures::stream::BoxStream<'static, Update>
+fn stream<K>(
+    api: Api<PartialObjectMeta<K>>,
+    config: watcher::Config,
+    kind: Option<WorkloadKind>,
+) -> futures::stream::BoxStream<'static, Update>
 where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -167,13 +186,10 @@ where
         watcher::Event::Apply(o) => watcher::Event::Apply(o.metadata),
         watcher::Event::Delete(o) => watcher::Event::Delete(o.metadata),
     };
-    watcher(
-        Api::<PartialObjectMeta<K>>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(move |r| (kind, r.map(meta)))
-    .boxed()
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| (kind, r.map(meta)))
+        .boxed()
 }
 
 impl OwnerWatch {
@@ -181,19 +197,26 @@ impl OwnerWatch {
     /// logged once until it recovers; a kind the apiserver does not serve
     /// (404) counts as listed, with nothing in it.
     pub async fn run(self, stop: CancellationToken) -> Result<(), TaskError> {
-        let client = &self.client;
+        let all = || watcher::Config::default();
+        let c = &self.client;
+        let mut namespaces = all();
+        let selector = self.namespaces.opt_in_selector();
+        if !selector.is_empty() {
+            namespaces = namespaces.labels(&selector);
+        }
         let mut updates = futures::stream::select_all([
-            stream::<ReplicaSet>(client, WorkloadKind::ReplicaSet),
-            stream::<Deployment>(client, WorkloadKind::Deployment),
-            stream::<StatefulSet>(client, WorkloadKind::StatefulSet),
-            stream::<DaemonSet>(client, WorkloadKind::DaemonSet),
-            stream::<Job>(client, WorkloadKind::Job),
-            stream::<CronJob>(client, WorkloadKind::CronJob),
+            stream::<ReplicaSet>(Api::all(c.clone()), all(), Some(WorkloadKind::ReplicaSet)),
+            stream::<Deployment>(Api::all(c.clone()), all(), Some(WorkloadKind::Deployment)),
+            stream::<StatefulSet>(Api::all(c.clone()), all(), Some(WorkloadKind::StatefulSet)),
+            stream::<DaemonSet>(Api::all(c.clone()), all(), Some(WorkloadKind::DaemonSet)),
+            stream::<Job>(Api::all(c.clone()), all(), Some(WorkloadKind::Job)),
+            stream::<CronJob>(Api::all(c.clone()), all(), Some(WorkloadKind::CronJob)),
+            stream::<Namespace>(Api::all(c.clone()), namespaces, None),
         ]);
         let Some(index) = self.cache.inner.clone() else {
             return Ok(());
         };
-        let mut failing = [false; 6];
+        let mut failing = [false; 7];
         loop {
             let (kind, result) = tokio::select! {
                 biased;
@@ -203,23 +226,28 @@ impl OwnerWatch {
                     None => return Ok(()),
                 },
             };
+            let slot = kind.map_or(6, |k| k as usize);
+            let name = kind.map_or("Namespace", WorkloadKind::name);
             let mut index = index.write().unwrap_or_else(|e| e.into_inner());
-            match result {
-                Ok(event) => {
-                    if std::mem::take(&mut failing[kind as usize]) {
-                        info!(kind = kind.name(), "owner watch recovered");
+            match (result, kind) {
+                (Ok(event), kind) => {
+                    if std::mem::take(&mut failing[slot]) {
+                        info!(kind = name, "owner watch recovered");
                     }
-                    index.apply(kind, self.change(kind, event));
+                    match kind {
+                        Some(kind) => index.apply(kind, self.change(kind, event)),
+                        None => index.apply_namespace(namespace_change(event)),
+                    }
                 }
-                Err(error) if is_not_found(&error) => {
+                (Err(error), Some(kind)) if is_not_found(&error) => {
                     if !index.is_listed(kind) {
-                        info!(kind = kind.name(), "not served; no owner of this kind");
+                        info!(kind = name, "not served; no owner of this kind");
                     }
                     index.not_served(kind);
                 }
-                Err(error) => {
-                    if !std::mem::replace(&mut failing[kind as usize], true) {
-                        warn!(kind = kind.name(), %error, "owner watch failed; retrying with backoff");
+                (Err(error), _) => {
+                    if !std::mem::replace(&mut failing[slot], true) {
+                        warn!(kind = name, %error, "owner watch failed; retrying with backoff");
                     }
                 }
             }
@@ -272,6 +300,29 @@ impl OwnerWatch {
                 Change::Deleted(ns, name)
             }
         }
+    }
+}
+
+/// A Namespace watch event as a change of its mesh mode.
+fn namespace_change(event: watcher::Event<ObjectMeta>) -> NamespaceChange {
+    let of = |m: &ObjectMeta| {
+        (
+            m.name.clone().unwrap_or_default(),
+            NamespaceMesh::of(m.labels.as_ref()),
+        )
+    };
+    match event {
+        watcher::Event::Init => NamespaceChange::Init,
+        watcher::Event::InitDone => NamespaceChange::InitDone,
+        watcher::Event::InitApply(m) => {
+            let (name, mesh) = of(&m);
+            NamespaceChange::Listed(name, mesh)
+        }
+        watcher::Event::Apply(m) => {
+            let (name, mesh) = of(&m);
+            NamespaceChange::Applied(name, mesh)
+        }
+        watcher::Event::Delete(m) => NamespaceChange::Deleted(of(&m).0),
     }
 }
 

@@ -727,12 +727,12 @@ async fn serve_tls(
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
             debug!(%peer, %error, "tls handshake failed");
-            state.metrics.error("tls-handshake", false, 0.0);
+            state.metrics.tls_handshake_failed();
             return;
         }
         Err(_) => {
             debug!(%peer, "tls handshake timed out");
-            state.metrics.error("tls-handshake", false, 0.0);
+            state.metrics.tls_handshake_failed();
             return;
         }
     };

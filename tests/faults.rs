@@ -177,6 +177,20 @@ async fn garbage_plain_http_and_old_tls_are_refused_cleanly() {
         assert!(n == 0 || buf[0] == 0x15, "unexpected reply {:?}", &buf[..n]);
         still_serves(&server).await;
     }
+    // Counted as handshake failures, never as failing reviews: a scanner
+    // does not trip the admission error alert.
+    let scrape = |line: &str| {
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&server.registry.gather())
+            .unwrap();
+        text.lines().any(|l| l.starts_with(line))
+    };
+    assert!(scrape(
+        r#"canary_injector_errors_total{reason="tls-handshake"} 5"#
+    ));
+    assert!(!scrape(
+        r#"canary_injector_admission_reviews_total{kind="",operation="",outcome="invalid"}"#
+    ));
 }
 
 #[tokio::test]

@@ -129,6 +129,7 @@ async fn bootstrap_fixtures_match_golden_outputs_and_are_idempotent() {
         ClusterView {
             bootstrap_configmap,
             injector_version,
+            mesh: Default::default(),
         }
     });
     let server = start_full(Config::default(), Limits::default(), lookup).await;

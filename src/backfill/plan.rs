@@ -284,6 +284,7 @@ mod tests {
         ClusterView {
             bootstrap_configmap: Availability::Present,
             injector_version: None,
+            mesh: Default::default(),
         }
     }
 

@@ -1025,6 +1025,7 @@ fn settings_follow_the_config() {
     let s = s.with_cluster_view(Arc::new(move |_: &str| crate::mutate::ClusterView {
         bootstrap_configmap: crate::mutate::Availability::Present,
         injector_version: Some(version),
+        mesh: Default::default(),
     }));
     assert_eq!(s.cluster_view("shop").injector_version, Some(version));
     cfg.labels.opt_out_label = "example.com/skip".into();

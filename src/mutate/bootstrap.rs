@@ -35,7 +35,7 @@ use serde_json::{Map, Value, json};
 use super::decision::Warning;
 use super::kinds::Location;
 use super::policy::{Keepalive, Policy};
-use super::{ClusterView, MetaView, SpecView};
+use super::{ClusterView, MetaView, NamespaceMesh, SpecView};
 
 /// Where Istio's proxy reads its bootstrap template.
 pub const TEMPLATE_PATH: &str = "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json";
@@ -325,8 +325,11 @@ pub enum BootstrapSkip {
     OptedOut,
     /// `hostNetwork: true`: Istio does not inject it.
     HostNetwork,
-    /// Injection is off for the pod, or it was injected without a proxy.
+    /// Injection is off for the pod or its namespace, or it was injected
+    /// without a proxy.
     NoSidecarExpected,
+    /// Its namespace is in Istio's ambient mode: no sidecar, no bootstrap.
+    Ambient,
     /// Istio 1.8-1.17: the agent's fixed gRPC keepalive (30 s / 10 s)
     /// already notices a dead istiod; nothing to set.
     AgentKeepalive,
@@ -350,10 +353,11 @@ pub enum BootstrapSkip {
 
 impl BootstrapSkip {
     /// Every skip, for documentation and tests.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::OptedOut,
         Self::HostNetwork,
         Self::NoSidecarExpected,
+        Self::Ambient,
         Self::AgentKeepalive,
         Self::VersionUnknown,
         Self::ConfigMapMissing,
@@ -369,6 +373,7 @@ impl BootstrapSkip {
             Self::OptedOut => "opted-out",
             Self::HostNetwork => "host-network",
             Self::NoSidecarExpected => "no-sidecar-expected",
+            Self::Ambient => "ambient",
             Self::AgentKeepalive => "agent-keepalive",
             Self::VersionUnknown => "istio-version-unknown",
             Self::ConfigMapMissing => "configmap-missing",
@@ -585,12 +590,24 @@ pub fn decide<'a>(
     }
 
     let proxy = find_proxy(spec);
+    let inject_label = labels.and_then(|l| l.get(ISTIO_INJECT)).map(String::as_str);
     if proxy.is_none()
         && (annotation(ISTIO_INJECT) == Some("false")
-            || labels.and_then(|l| l.get(ISTIO_INJECT)).map(String::as_str) == Some("false")
+            || inject_label == Some("false")
             || annotation(ISTIO_STATUS).is_some())
     {
         return Skipped(BootstrapSkip::NoSidecarExpected);
+    }
+    // Not injected yet, in a namespace that will not inject it: no sidecar
+    // is coming, whatever its version would be.
+    if proxy.is_none() {
+        match cluster.mesh {
+            NamespaceMesh::Ambient => return Skipped(BootstrapSkip::Ambient),
+            NamespaceMesh::NoInjection if inject_label != Some("true") => {
+                return Skipped(BootstrapSkip::NoSidecarExpected);
+            }
+            _ => {}
+        }
     }
 
     let Some(version) = pod_version(

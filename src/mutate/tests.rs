@@ -1009,6 +1009,7 @@ fn present() -> ClusterView {
     ClusterView {
         bootstrap_configmap: Availability::Present,
         injector_version: None,
+        mesh: Default::default(),
     }
 }
 
@@ -1016,6 +1017,7 @@ fn with_configmap(availability: Availability) -> ClusterView {
     ClusterView {
         bootstrap_configmap: availability,
         injector_version: None,
+        mesh: Default::default(),
     }
 }
 
@@ -1157,6 +1159,67 @@ fn unknown_cluster_skips_quietly_and_missing_configmap_warns() {
     assert!(plan.ops.is_empty());
 }
 
+/// A pod not injected yet gets the keepalive fix only where a sidecar is
+/// coming: its namespace injects (or it asks itself); an ambient namespace
+/// has no sidecars. Those are quiet skips, never `istio-version-unknown`.
+#[test]
+fn a_pod_not_injected_is_skipped_where_no_sidecar_is_coming() {
+    let cfg = istio_cfg(Some("1.20"));
+    let with_mesh = |mesh| ClusterView { mesh, ..present() };
+    let skipped = |mesh, labels: Value| {
+        let (_, plan) = plan_with(&pod(labels, json!({})), &cfg, with_mesh(mesh));
+        plan.bootstrap
+    };
+    use BootstrapSkip::{Ambient, NoSidecarExpected};
+    assert_eq!(
+        skipped(NamespaceMesh::NoInjection, json!({})),
+        Some(BootstrapOutcome::Skipped(NoSidecarExpected))
+    );
+    assert_eq!(
+        skipped(NamespaceMesh::Ambient, json!({})),
+        Some(BootstrapOutcome::Skipped(Ambient))
+    );
+    // Injected all the same: the pod asks, or the namespace injects.
+    for (mesh, labels) in [
+        (
+            NamespaceMesh::NoInjection,
+            json!({"sidecar.istio.io/inject": "true"}),
+        ),
+        (NamespaceMesh::Sidecar, json!({})),
+        (NamespaceMesh::Unknown, json!({})),
+    ] {
+        assert_eq!(
+            skipped(mesh, labels),
+            Some(BootstrapOutcome::ProxyConfig),
+            "{mesh:?}: the agent keepalive, by annotation before injection"
+        );
+    }
+    // The namespace's labels say which.
+    let labels = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        NamespaceMesh::of(Some(&labels(&[("istio-injection", "enabled")]))),
+        NamespaceMesh::Sidecar
+    );
+    assert_eq!(
+        NamespaceMesh::of(Some(&labels(&[("istio.io/rev", "1-22")]))),
+        NamespaceMesh::Sidecar
+    );
+    assert_eq!(
+        NamespaceMesh::of(Some(&labels(&[("istio.io/dataplane-mode", "ambient")]))),
+        NamespaceMesh::Ambient
+    );
+    assert_eq!(
+        NamespaceMesh::of(Some(&labels(&[("istio-injection", "disabled")]))),
+        NamespaceMesh::NoInjection
+    );
+    assert_eq!(NamespaceMesh::of(None), NamespaceMesh::NoInjection);
+}
+
 #[test]
 fn pod_with_annotations_and_mount_is_left_alone() {
     // What Istio's injector makes of our annotations, re-admitted.
@@ -1231,6 +1294,7 @@ fn detected(version: Option<Version>) -> ClusterView {
     ClusterView {
         bootstrap_configmap: Availability::Missing,
         injector_version: version,
+        mesh: Default::default(),
     }
 }
 
@@ -1541,6 +1605,7 @@ fn version_precedence_before_injection() {
         ClusterView {
             bootstrap_configmap: Availability::Present,
             injector_version: Some(v(1, 7)),
+            mesh: Default::default(),
         },
     );
     assert_eq!(plan.bootstrap, Some(BootstrapOutcome::Annotated));
@@ -2182,7 +2247,7 @@ proptest! {
         let mut p = istio_cfg(proxy_version);
         p.bootstrap.enabled = bootstrap_enabled;
         p.bootstrap.keepalive = Keepalive { time: keepalive.0, probes: keepalive.1, interval: keepalive.2 };
-        let cluster = ClusterView { bootstrap_configmap: availability, injector_version };
+        let cluster = ClusterView { bootstrap_configmap: availability, injector_version, mesh: Default::default() };
         let s = Subject { operation, ..subject(kind, "shop", mode) };
         let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
         let first = match decide(&s, &view, p.policy(), &cluster) {

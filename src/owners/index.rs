@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::mutate::{OwnerRef, OwnerTag};
+use crate::mutate::{NamespaceMesh, OwnerRef, OwnerTag};
 
 /// The annotation a Deployment and its ReplicaSets carry with the
 /// Deployment's rollout revision: equal on the Deployment's current
@@ -171,13 +171,62 @@ pub enum Change {
     Deleted(String, String),
 }
 
-/// The owner rows of every kind, and the chain rules (no I/O).
+/// A change to the namespaces' mesh modes, from a watch event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NamespaceChange {
+    /// A (re)list starts.
+    Init,
+    /// A listed namespace and its mode.
+    Listed(String, NamespaceMesh),
+    /// The list is complete.
+    InitDone,
+    /// A namespace was added or changed.
+    Applied(String, NamespaceMesh),
+    /// A namespace was deleted (or no longer opted in).
+    Deleted(String),
+}
+
+/// The owner rows of every kind, the chain rules, and how each opted-in
+/// namespace joins the mesh (no I/O).
 #[derive(Debug, Default)]
 pub struct OwnerIndex {
     kinds: [Rows; 6],
+    mesh: HashMap<String, NamespaceMesh>,
+    mesh_relist: Option<HashMap<String, NamespaceMesh>>,
+    mesh_synced: bool,
 }
 
 impl OwnerIndex {
+    /// Applies a change to the opted-in namespaces' mesh modes.
+    pub fn apply_namespace(&mut self, change: NamespaceChange) {
+        match change {
+            NamespaceChange::Init => self.mesh_relist = Some(HashMap::new()),
+            NamespaceChange::Listed(name, mesh) => match &mut self.mesh_relist {
+                Some(relist) => {
+                    relist.insert(name, mesh);
+                }
+                None => {
+                    self.mesh.insert(name, mesh);
+                }
+            },
+            NamespaceChange::InitDone => {
+                self.mesh = self.mesh_relist.take().unwrap_or_default();
+                self.mesh_synced = true;
+            }
+            NamespaceChange::Applied(name, mesh) => {
+                self.mesh.insert(name, mesh);
+            }
+            NamespaceChange::Deleted(name) => {
+                self.mesh.remove(&name);
+            }
+        }
+    }
+
+    /// How `namespace` joins the mesh, as its labels say.
+    pub fn mesh(&self, namespace: &str) -> NamespaceMesh {
+        self.mesh.get(namespace).copied().unwrap_or_default()
+    }
+
     /// Applies a change to the rows of `kind`.
     pub fn apply(&mut self, kind: WorkloadKind, change: Change) {
         let rows = &mut self.kinds[kind as usize];
@@ -210,9 +259,9 @@ impl OwnerIndex {
         self.kinds[kind as usize].synced
     }
 
-    /// True once every kind has listed.
+    /// True once every kind, and the namespaces, have listed.
     pub fn is_synced(&self) -> bool {
-        self.kinds.iter().all(|r| r.synced)
+        self.kinds.iter().all(|r| r.synced) && self.mesh_synced
     }
 
     /// Number of rows held (all kinds).

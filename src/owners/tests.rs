@@ -232,7 +232,16 @@ fn a_relist_replaces_the_rows_of_its_kind_and_marks_it_synced() {
     for kind in WorkloadKind::ALL {
         index.not_served(kind);
     }
+    assert!(!index.is_synced(), "the namespaces have not listed");
+    index.apply_namespace(NamespaceChange::Init);
+    index.apply_namespace(NamespaceChange::Listed(
+        "shop".into(),
+        NamespaceMesh::Ambient,
+    ));
+    index.apply_namespace(NamespaceChange::InitDone);
     assert!(index.is_synced());
+    assert_eq!(index.mesh("shop"), NamespaceMesh::Ambient);
+    assert_eq!(index.mesh("elsewhere"), NamespaceMesh::Unknown);
     assert!(index.is_empty());
 }
 
