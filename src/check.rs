@@ -21,8 +21,10 @@ use serde_json::{Value, json};
 use crate::certs::plan::{bundle_trusts, not_after};
 use crate::mutate::bootstrap::BootstrapDecision;
 use crate::mutate::{
-    Availability, ClusterView, Kind, LabelPolicy, Mode, ObjectView, Operation, Policy, Subject,
+    Availability, ClusterView, Contradiction, Kind, LabelPolicy, Mode, NamespaceMesh, ObjectView,
+    Operation, Policy, Subject,
 };
+use crate::owners::index::{Change, OwnerIndex, Row, WorkloadKind};
 
 /// Every finding code; README "check" documents each (a test checks).
 pub const CODES: &[&str] = &[
@@ -41,6 +43,8 @@ pub const CODES: &[&str] = &[
     "pod-without-stage",
     "gray-without-tag",
     "pod-replicaset-disagree",
+    "canary-labelled-normal",
+    "normal-labelled-canary",
     "tag-rewritten",
     "bootstrap-configmap-missing",
     "bootstrap-configmap-stale",
@@ -50,6 +54,9 @@ pub const CODES: &[&str] = &[
     "live-tag-without-route",
     "duplicate-rules",
     "routes-conflict",
+    "host-not-found",
+    "no-normal-pod",
+    "webhook-url",
 ];
 
 /// Certificates expiring sooner than this are a warning.
@@ -99,6 +106,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// Namespaces looked at.
     pub namespaces: usize,
+    /// Their names, sorted.
+    pub namespace_names: Vec<String>,
     /// Pods looked at (workloads with `check -f`).
     pub pods: usize,
     /// What `pods` counts: `pod`, or `workload` with `check -f`.
@@ -106,13 +115,13 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(findings: Vec<Finding>, namespaces: usize, pods: usize) -> Self {
+    fn new(findings: Vec<Finding>, namespaces: Vec<String>, pods: usize) -> Self {
         Self::counting(findings, namespaces, pods, "pod")
     }
 
     fn counting(
         mut findings: Vec<Finding>,
-        namespaces: usize,
+        mut namespaces: Vec<String>,
         pods: usize,
         unit: &'static str,
     ) -> Self {
@@ -120,9 +129,12 @@ impl Report {
             (a.severity, &a.place, a.code, &a.message)
                 .cmp(&(b.severity, &b.place, b.code, &b.message))
         });
+        namespaces.sort();
+        namespaces.dedup();
         Self {
             findings,
-            namespaces,
+            namespaces: namespaces.len(),
+            namespace_names: namespaces,
             pods,
             unit,
         }
@@ -137,7 +149,11 @@ impl Report {
     pub fn to_json(&self) -> Value {
         json!({
             "sound": self.is_sound(),
-            "checked": {"namespaces": self.namespaces, format!("{}s", self.unit): self.pods},
+            "checked": {
+                "namespaces": self.namespaces,
+                "namespaceNames": self.namespace_names,
+                format!("{}s", self.unit): self.pods,
+            },
             "findings": self.findings.iter().map(|f| json!({
                 "severity": f.severity.as_str(),
                 "code": f.code,
@@ -170,8 +186,13 @@ impl Report {
             let _ = writeln!(out, "        fix: {}", f.fix);
         }
         let count = |s: Severity| self.findings.iter().filter(|f| f.severity == s).count();
+        let names = if self.namespace_names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.namespace_names.join(", "))
+        };
         let summary = format!(
-            "{} namespace(s), {} {}(s) checked: {} error(s), {} warning(s), {} info",
+            "{} namespace(s){names}, {} {}(s) checked: {} error(s), {} warning(s), {} info",
             self.namespaces,
             self.pods,
             self.unit,
@@ -199,6 +220,21 @@ pub struct WebhookEntry {
     pub ca_bundle: Option<Vec<u8>>,
     /// `namespaceSelector.matchLabels`.
     pub namespace_selector: BTreeMap<String, String>,
+    /// `clientConfig.url`: called outside the cluster, not by Service.
+    pub url: Option<String>,
+}
+
+/// Where the webhook's CA and serving certificate come from: what fixes a
+/// caBundle that does not verify the certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CaSource {
+    /// The certgen Job and its renewal CronJob (the default install).
+    #[default]
+    Certgen,
+    /// cert-manager (`cert-manager.io/inject-ca-from` on the configuration).
+    CertManager,
+    /// A certificate of the user's own.
+    Own,
 }
 
 /// What the webhook side looks like.
@@ -216,6 +252,10 @@ pub struct WebhookView {
     pub ready_endpoints: Option<usize>,
     /// `namespace/name` of the Service, for messages.
     pub service: String,
+    /// Where the CA comes from.
+    pub ca_source: CaSource,
+    /// The webhook's namespace, for commands.
+    pub namespace: String,
 }
 
 /// One namespace to check: an opted-in one, or the one `check -n` names.
@@ -240,6 +280,9 @@ pub struct NamespaceView {
     /// Its DestinationRules and VirtualServices (any version), when Istio's
     /// API is served.
     pub rules: Vec<Value>,
+    /// Its Deployments, StatefulSets, DaemonSets, Jobs and CronJobs
+    /// (metadata only: `kind` and `metadata`), for the owner chains.
+    pub workloads: Vec<Value>,
 }
 
 /// Everything `check` looks at.
@@ -284,7 +327,8 @@ pub fn check(snapshot: &Snapshot, policy: Policy<'_>) -> Report {
             check_namespace(ns, snapshot, policy, &mut findings);
         }
     }
-    Report::new(findings, snapshot.namespaces.len(), pods)
+    let names = snapshot.namespaces.iter().map(|n| n.name.clone()).collect();
+    Report::new(findings, names, pods)
 }
 
 pub(crate) fn finding(
@@ -345,7 +389,7 @@ fn check_webhook(w: &WebhookView, policy: Policy<'_>, now: i64, out: &mut Vec<Fi
                         "ca-bundle-mismatch",
                         "webhook",
                         format!("the caBundle of webhook {} does not verify the serving certificate: pod creation fails with x509 errors", hook.name),
-                        "re-run the certgen Job (kubectl -n canary-injector create job --from=cronjob/canary-injector-cert-renew certgen-now); with cert-manager check the inject-ca-from annotation",
+                        ca_fix(w),
                     )),
                     Some(_) => {}
                 }
@@ -376,6 +420,22 @@ fn check_webhook(w: &WebhookView, policy: Policy<'_>, now: i64, out: &mut Vec<Fi
             }
         }
     }
+    for hook in webhooks {
+        if let Some(url) = &hook.url {
+            out.push(finding(
+                Severity::Info,
+                "webhook-url",
+                "webhook",
+                format!(
+                    "webhook {} is called at {url} (clientConfig.url, outside the cluster): \
+                     whether it answers is not checked",
+                    hook.name
+                ),
+                "nothing, if this is a development setup; in a cluster use the Service \
+                 (kubectl apply -f deploy/install.yaml)",
+            ));
+        }
+    }
     if w.ready_endpoints == Some(0) {
         out.push(finding(
             Error,
@@ -401,6 +461,29 @@ fn check_webhook(w: &WebhookView, policy: Policy<'_>, now: i64, out: &mut Vec<Fi
                 "make namespaces.optIn in the webhook's config.yaml equal the webhook configuration's namespaceSelector.matchLabels",
             ));
         }
+    }
+}
+
+/// What makes the caBundle verify the serving certificate again, for the
+/// install method in use.
+fn ca_fix(w: &WebhookView) -> String {
+    let ns = &w.namespace;
+    match w.ca_source {
+        CaSource::Certgen => format!(
+            "run the certgen Job again, which fills the caBundle from the CA it keeps: kubectl -n \
+             {ns} create job --from=cronjob/canary-injector-cert-renew certgen-now"
+        ),
+        CaSource::CertManager => format!(
+            "check the Certificate that the annotation cert-manager.io/inject-ca-from names and \
+             cert-manager's cainjector (kubectl -n {ns} describe certificate \
+             canary-injector-serving; kubectl -n cert-manager logs deploy/cert-manager-cainjector)"
+        ),
+        CaSource::Own => format!(
+            "put the CA that signed your certificate into every webhook's clientConfig.caBundle \
+             (base64 of the PEM: kubectl patch mutatingwebhookconfiguration {} --type=json ...; \
+             see certs/README.md)",
+            w.configuration_name
+        ),
     }
 }
 
@@ -538,25 +621,42 @@ fn check_namespace(
     let cluster = ClusterView {
         bootstrap_configmap: availability,
         injector_version: None,
-        mesh: Default::default(),
+        mesh: NamespaceMesh::of(Some(&ns.labels)),
     };
     let replicasets: BTreeMap<&str, &Value> = ns
         .replicasets
         .iter()
         .filter_map(|rs| Some((rs["metadata"]["name"].as_str()?, rs)))
         .collect();
+    let owners = owner_index(ns, &labels.tag_annotation);
+    let mut contradicted: BTreeMap<(String, &'static str), (Contradiction, Vec<String>)> =
+        BTreeMap::new();
     for pod in &ns.pods {
         let Ok(view) = serde_json::from_value::<ObjectView>(pod.clone()) else {
             continue;
         };
         let at = place(&ns.name, "Pod", pod);
+        let pod_name = pod["metadata"]["name"].as_str().unwrap_or("<unnamed>");
+        let controller = view.controller();
+        let owner_tag = controller.and_then(|c| {
+            let kind = WorkloadKind::of(&c.api_version, &c.kind)?;
+            owners.owner_tag(&ns.name, kind, &c.name)
+        });
+        // The workload to restart or fix: the top of the pod's chain.
+        let (wl_kind, wl_name) = match controller {
+            Some(c) => WorkloadKind::of(&c.api_version, &c.kind)
+                .and_then(|k| owners.workload(&ns.name, k, &c.name))
+                .map_or((c.kind.clone(), c.name.clone()), |w| (w.kind, w.name)),
+            None => ("Pod".to_owned(), pod_name.to_owned()),
+        };
+        let restart = restart_fix(&ns.name, &wl_kind, &wl_name);
         let subject = Subject {
             kind: Some(Kind::Pod),
             operation: Operation::Create,
             namespace: &ns.name,
             sub_resource: "",
             mode: Mode::Admission,
-            owner_tag: None,
+            owner_tag: owner_tag.as_ref(),
         };
         let Ok(decision) = crate::mutate::decide(&subject, &view, policy, &cluster) else {
             continue;
@@ -571,9 +671,35 @@ fn check_namespace(
                 Error,
                 "pod-without-stage",
                 at.clone(),
-                format!("no {} label: the pod is in no DestinationRule subset (503s)", labels.stage),
-                "let serve's backfill label it (backfill.enabled), or restart its workload: kubectl rollout restart",
+                format!(
+                    "no {} label: the pod is in no DestinationRule subset (503s)",
+                    labels.stage
+                ),
+                format!(
+                    "let serve's backfill label it (it passes over every opted-in namespace when \
+                     its leader starts and every 30 minutes; backfill.enabled), or restart its \
+                     workload: {restart}"
+                ),
             ));
+            continue;
+        }
+        let rs_template_canary = controller
+            .filter(|c| c.kind == "ReplicaSet")
+            .and_then(|c| replicasets.get(c.name.as_str()))
+            .is_some_and(|rs| {
+                rs["spec"]["template"]["metadata"]["labels"][&labels.stage]
+                    == labels.gray_stage.as_str()
+            });
+        if let Some(c) = labels.contradiction(
+            pod_labels,
+            decision.requested.map(|r| r.value),
+            rs_template_canary,
+        ) {
+            contradicted
+                .entry((format!("{}/{wl_kind}/{wl_name}", ns.name), c.code()))
+                .or_insert_with(|| (c, Vec::new()))
+                .1
+                .push(pod_name.to_owned());
             continue;
         }
         let intent = labels.intent(pod_labels);
@@ -627,9 +753,32 @@ fn check_namespace(
                 "sidecar-without-template",
                 at.clone(),
                 "an Istio 1.5-1.7 sidecar without the patched bootstrap template (created before it was available): it notices a dead istiod after ~16 minutes",
-                "restart the workload so its new pods get the template: kubectl rollout restart",
+                format!("restart the workload so its new pods get the template: {restart}"),
             ));
         }
+    }
+    for ((workload, code), (c, pods)) in contradicted {
+        let kind = workload.split('/').nth(1).unwrap_or_default();
+        let name = workload.rsplit('/').next().unwrap_or_default();
+        let normal = format!("{}={}", labels.stage, labels.normal_stage);
+        let message = match &c {
+            Contradiction::CanaryLabelledNormal { tag } => format!(
+                "pod(s) {} labelled {normal}, but this {kind} asks for canary {tag} (annotation \
+                 {}): canary code in the normal subset, serving requests without the header \
+                 (labels are never overwritten)",
+                pods.join(", "),
+                labels.tag_annotation
+            ),
+            Contradiction::NormalLabelledCanary { tag } => format!(
+                "pod(s) {} labelled canary {tag}, but neither they nor this {kind} ask for a \
+                 canary (no {} annotation): out of the normal subset (labels are never \
+                 overwritten)",
+                pods.join(", "),
+                labels.tag_annotation
+            ),
+        };
+        let fix = c.fix(&ns.name, kind, name);
+        out.push(finding(Error, code, workload.clone(), message, fix));
     }
     let services = services_with_ready_pods(ns);
     routing::check_routing(
@@ -638,10 +787,64 @@ fn check_namespace(
             services: &services,
             rules: &ns.rules,
             backend: "ready pod",
+            all_services: true,
         },
         labels,
         out,
     );
+}
+
+/// The owner chains of `ns`'s pods, from its ReplicaSets and workloads
+/// as read.
+fn owner_index(ns: &NamespaceView, tag_annotation: &str) -> OwnerIndex {
+    let mut index = OwnerIndex::default();
+    let objects = ns
+        .replicasets
+        .iter()
+        .map(|o| (Some("ReplicaSet"), o))
+        .chain(ns.workloads.iter().map(|o| (o["kind"].as_str(), o)));
+    for (kind, object) in objects {
+        let Some(kind) = kind.and_then(|k| WorkloadKind::ALL.into_iter().find(|w| w.name() == k))
+        else {
+            continue;
+        };
+        let Ok(view) =
+            serde_json::from_value::<ObjectView>(json!({"metadata": object["metadata"]}))
+        else {
+            continue;
+        };
+        let Some(meta) = view.metadata.as_ref() else {
+            continue;
+        };
+        let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+        let row = Row::of(
+            kind,
+            uid,
+            meta.annotations.as_ref(),
+            meta.controller(),
+            tag_annotation,
+        );
+        let name = meta.name.clone().unwrap_or_default();
+        index.apply(kind, Change::Applied(ns.name.clone(), name, row));
+    }
+    index
+}
+
+/// The command that restarts the pods of `kind`/`name` in `namespace`.
+fn restart_fix(namespace: &str, kind: &str, name: &str) -> String {
+    match kind {
+        "Deployment" | "StatefulSet" | "DaemonSet" => format!(
+            "kubectl -n {namespace} rollout restart {}/{name}",
+            kind.to_ascii_lowercase()
+        ),
+        "Pod" => {
+            format!("delete and create the pod again (kubectl -n {namespace} delete pod {name})")
+        }
+        _ => format!(
+            "delete its pods so the {kind} {name} creates them again (kubectl -n {namespace} \
+             delete pod <name>)"
+        ),
+    }
 }
 
 /// Each Service of `ns` with the labels of the pods behind its ready

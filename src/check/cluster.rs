@@ -5,13 +5,17 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 
-use super::{NamespaceView, Report, Snapshot, WebhookEntry, WebhookView};
+use super::{CaSource, NamespaceView, Report, Snapshot, WebhookEntry, WebhookView};
+
+/// The annotation cert-manager's cainjector fills a webhook's caBundle by.
+const CERT_MANAGER_INJECT: &str = "cert-manager.io/inject-ca-from";
 use crate::config::Config;
 use crate::routes::controller::{Discovered, discover};
 
@@ -45,19 +49,34 @@ impl Default for Target {
     }
 }
 
-/// A read that failed for another reason than "not found".
+/// Why `check` could not read what it needs.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {what}: {source}")]
-pub struct GatherError {
-    /// What was being read.
-    pub what: String,
-    /// The API error.
-    #[source]
-    pub source: kube::Error,
+pub enum GatherError {
+    /// A read failed for another reason than "not found".
+    #[error("cannot read {what}: {}", brief(source))]
+    Read {
+        /// What was being read.
+        what: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// `check -n` names a namespace that does not exist.
+    #[error("namespace {0:?} not found")]
+    NamespaceNotFound(String),
+}
+
+/// An API error as `message (Reason, code)`: kube's own text embeds the
+/// whole `Status` in Rust's debug form.
+fn brief(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(s) => format!("{} ({}, {})", s.message, s.reason, s.code),
+        other => other.to_string(),
+    }
 }
 
 fn read<T>(what: impl Into<String>, r: Result<T, kube::Error>) -> Result<T, GatherError> {
-    r.map_err(|source| GatherError {
+    r.map_err(|source| GatherError::Read {
         what: what.into(),
         source,
     })
@@ -97,7 +116,13 @@ async fn webhook(client: &Client, target: &Target) -> Result<WebhookView, Gather
         ),
         configs.get_opt(&target.webhook_configuration).await,
     )?;
-    let webhooks = configuration.map(|c| {
+    let cert_manager = configuration.as_ref().is_some_and(|c| {
+        c.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(CERT_MANAGER_INJECT))
+    });
+    let webhooks: Option<Vec<WebhookEntry>> = configuration.map(|c| {
         c.webhooks
             .unwrap_or_default()
             .into_iter()
@@ -112,21 +137,32 @@ async fn webhook(client: &Client, target: &Target) -> Result<WebhookView, Gather
                     .namespace_selector
                     .and_then(|s| s.match_labels)
                     .unwrap_or_default(),
+                url: w.client_config.url,
             })
             .collect()
     });
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &target.namespace);
+    let mut certgen = false;
     let (serving_certificate, serving_certificate_error) = match secrets
         .get_opt(&target.tls_secret)
         .await
     {
-        Ok(Some(s)) => match s.data.and_then(|mut d| d.remove("tls.crt")) {
-            Some(crt) => (Some(crt.0), None),
-            None => (
-                None,
-                Some(format!("Secret {} has no tls.crt", target.tls_secret)),
-            ),
-        },
+        Ok(Some(s)) => {
+            // The certgen Job's Secrets carry its field manager's name.
+            certgen = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+                .is_some_and(|m| m.starts_with("canary-injector"));
+            match s.data.and_then(|mut d| d.remove("tls.crt")) {
+                Some(crt) => (Some(crt.0), None),
+                None => (
+                    None,
+                    Some(format!("Secret {} has no tls.crt", target.tls_secret)),
+                ),
+            }
+        }
         Ok(None) => (
             None,
             Some(format!(
@@ -139,27 +175,89 @@ async fn webhook(client: &Client, target: &Target) -> Result<WebhookView, Gather
             return Err(read::<()>(format!("Secret {}", target.tls_secret), Err(e)).unwrap_err());
         }
     };
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &target.namespace);
-    let selector = format!("kubernetes.io/service-name={}", target.service);
-    let slices = read(
-        format!("EndpointSlices of Service {}", target.service),
-        slices.list(&ListParams::default().labels(&selector)).await,
-    )?;
-    let ready = slices
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        // A missing condition means "unknown", which consumers treat as ready.
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .count();
+    // Webhooks called at a URL (out of the cluster) use no Service: its
+    // endpoints say nothing about them.
+    let uses_service = webhooks
+        .as_ref()
+        .is_none_or(|w| w.iter().any(|w| w.url.is_none()));
+    let ready_endpoints = if uses_service {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &target.namespace);
+        let selector = format!("kubernetes.io/service-name={}", target.service);
+        let slices = read(
+            format!("EndpointSlices of Service {}", target.service),
+            slices.list(&ListParams::default().labels(&selector)).await,
+        )?;
+        Some(
+            slices
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter().flatten())
+                // A missing condition means "unknown", which consumers treat as ready.
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                .count(),
+        )
+    } else {
+        None
+    };
+    let ca_source = if cert_manager {
+        CaSource::CertManager
+    } else if certgen {
+        CaSource::Certgen
+    } else {
+        CaSource::Own
+    };
     Ok(WebhookView {
         configuration_name: target.webhook_configuration.clone(),
         webhooks,
         serving_certificate,
         serving_certificate_error,
-        ready_endpoints: Some(ready),
+        ready_endpoints,
         service: format!("{}/{}", target.namespace, target.service),
+        ca_source,
+        namespace: target.namespace.clone(),
     })
+}
+
+/// The metadata of the workloads of `namespace` (`kind` and `metadata`):
+/// where a pod's owner chain leads and what tag it carries. A kind the
+/// apiserver does not serve (CronJobs before 1.21) has none.
+async fn workloads(
+    client: &Client,
+    namespace: &str,
+) -> Result<Vec<serde_json::Value>, GatherError> {
+    async fn list<K>(
+        client: &Client,
+        namespace: &str,
+        out: &mut Vec<serde_json::Value>,
+    ) -> Result<(), GatherError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        let kind = K::kind(&());
+        match api.list_metadata(&ListParams::default()).await {
+            Ok(list) => out.extend(
+                list.items
+                    .iter()
+                    .map(|o| serde_json::json!({"kind": kind, "metadata": json(&o.metadata)})),
+            ),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(read::<()>(format!("{kind}s in {namespace}"), Err(e)).unwrap_err());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    list::<Deployment>(client, namespace, &mut out).await?;
+    list::<StatefulSet>(client, namespace, &mut out).await?;
+    list::<DaemonSet>(client, namespace, &mut out).await?;
+    list::<Job>(client, namespace, &mut out).await?;
+    list::<CronJob>(client, namespace, &mut out).await?;
+    Ok(out)
 }
 
 /// Reads everything the rules need. Only reads.
@@ -175,7 +273,8 @@ pub async fn gather(
     // opted in (the rules say so when it has not).
     let named: Vec<(String, BTreeMap<String, String>)> = match &target.only_namespace {
         Some(ns) => {
-            let found = read(format!("Namespace {ns}"), namespaces.get(ns).await)?;
+            let found = read(format!("Namespace {ns}"), namespaces.get_opt(ns).await)?
+                .ok_or_else(|| GatherError::NamespaceNotFound(ns.clone()))?;
             vec![(ns.clone(), found.metadata.labels.unwrap_or_default())]
         }
         None => {
@@ -268,6 +367,7 @@ pub async fn gather(
         } else {
             None
         };
+        let workloads = workloads(&client, &name).await?;
         views.push(NamespaceView {
             name,
             labels,
@@ -277,6 +377,7 @@ pub async fn gather(
             services: services.items.iter().map(json).collect(),
             endpoint_slices: slices,
             rules,
+            workloads,
         });
     }
     let snapshot = Snapshot {

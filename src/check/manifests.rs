@@ -93,6 +93,7 @@ pub fn check_documents(
                 services: services.get(*ns).map_or(&[], Vec::as_slice),
                 rules: rules.get(*ns).map_or(&[], Vec::as_slice),
                 backend: BACKEND,
+                all_services: false,
             },
             &cfg.labels,
             &mut findings,
@@ -100,7 +101,7 @@ pub fn check_documents(
     }
     Ok(Report::counting(
         findings,
-        namespaces.len(),
+        namespaces.into_iter().cloned().collect(),
         workloads.len(),
         "workload",
     ))

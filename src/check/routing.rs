@@ -36,6 +36,9 @@ pub struct RoutingInput<'a> {
     /// What a backend is, for messages: `ready pod`, or `pod (from the
     /// workloads in the files)`.
     pub backend: &'a str,
+    /// `services` are all the namespace has (a cluster), not only those in
+    /// some files: a host that names none of them is a finding.
+    pub all_services: bool,
 }
 
 /// A rule's kind, name and whether it is ours.
@@ -131,6 +134,44 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
             rule["metadata"]["name"].as_str().unwrap_or("<unnamed>")
         )
     };
+
+    // Rules whose host names a Service of this namespace that is not there.
+    if input.all_services {
+        for rule in input.rules {
+            let Some((kind, _, _)) = head(rule) else {
+                continue;
+            };
+            for host in hosts(rule) {
+                let Some(missing) =
+                    routes::host_service(&host, ns).filter(|s| !by_name.contains_key(s))
+                else {
+                    continue;
+                };
+                let subsets: Vec<&str> = rule["spec"]["subsets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["name"].as_str())
+                    .collect();
+                let what = match kind {
+                    RuleKind::DestinationRule if !subsets.is_empty() => {
+                        format!("its subsets {} select nothing", subsets.join(", "))
+                    }
+                    RuleKind::DestinationRule => "it applies to nothing".to_owned(),
+                    RuleKind::VirtualService => "its routes apply to nothing".to_owned(),
+                };
+                out.push(finding(
+                    Warning,
+                    "host-not-found",
+                    place(kind, rule),
+                    format!("host {host} names Service {missing}, which namespace {ns} does not have: {what}"),
+                    format!(
+                        "create Service {missing}, or fix the host (a Service of another namespace is <name>.<namespace>), or delete the {kind}"
+                    ),
+                ));
+            }
+        }
+    }
 
     for service in input.services {
         let drs = rules_of
@@ -244,6 +285,37 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                 format!(
                     "annotate the Service {}: \"true\" to have the routes generated, or add a header route for {tag}",
                     routes::ROUTES_ANNOTATION
+                ),
+            ));
+        }
+        // A routed Service without a normal pod: requests without the
+        // header go to every pod, canaries included (what `routes -f`
+        // warns about, and the controller's RouteNoNormalPod).
+        let normal = labels.normal_stage.as_str();
+        if routes::wants_routes(Some(&service.annotations))
+            && !service.backends.is_empty()
+            && !service
+                .backends
+                .iter()
+                .any(|b| b.get(&labels.stage).map(String::as_str) == Some(normal))
+        {
+            out.push(finding(
+                Warning,
+                "no-normal-pod",
+                format!("{ns}/Service/{}", service.name),
+                format!(
+                    "Service {} asks for routes but no {} of it is labelled {}={normal}: requests \
+                     without a canary header go to all of them (canaries included) instead of \
+                     subset {}",
+                    service.name,
+                    input.backend,
+                    labels.stage,
+                    routes::NORMAL_SUBSET
+                ),
+                format!(
+                    "deploy the normal release, or label its pods {}={normal} (the backfill does \
+                     for pods created before the namespace opted in)",
+                    labels.stage
                 ),
             ));
         }

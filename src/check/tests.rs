@@ -45,11 +45,14 @@ fn healthy_webhook(t: &Tls) -> WebhookView {
             name: "labels.canary-injector.io".into(),
             ca_bundle: Some(t.ca_pem.clone().into_bytes()),
             namespace_selector: opt_in(),
+            url: None,
         }]),
         serving_certificate: Some(t.cert_pem.clone().into_bytes()),
         serving_certificate_error: None,
         ready_endpoints: Some(2),
         service: "canary-injector/canary-injector".into(),
+        ca_source: CaSource::Certgen,
+        namespace: "canary-injector".into(),
     }
 }
 
@@ -158,8 +161,31 @@ fn a_ca_bundle_that_does_not_verify_the_certificate_is_an_error() {
     let other = tls(365);
     let mut s = sound(&t);
     s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].ca_bundle =
-        Some(other.ca_pem.into_bytes());
+        Some(other.ca_pem.clone().into_bytes());
     assert_eq!(only(&s).code, "ca-bundle-mismatch");
+    // The fix fits the install method in use.
+    for (source, fix) in [
+        (
+            CaSource::Certgen,
+            "run the certgen Job again, which fills the caBundle from the CA it keeps: kubectl -n \
+             canary-injector create job --from=cronjob/canary-injector-cert-renew certgen-now",
+        ),
+        (
+            CaSource::CertManager,
+            "check the Certificate that the annotation cert-manager.io/inject-ca-from names and \
+             cert-manager's cainjector (kubectl -n canary-injector describe certificate \
+             canary-injector-serving; kubectl -n cert-manager logs deploy/cert-manager-cainjector)",
+        ),
+        (
+            CaSource::Own,
+            "put the CA that signed your certificate into every webhook's clientConfig.caBundle \
+             (base64 of the PEM: kubectl patch mutatingwebhookconfiguration canary-injector \
+             --type=json ...; see certs/README.md)",
+        ),
+    ] {
+        s.webhook.as_mut().unwrap().ca_source = source;
+        assert_eq!(only(&s).fix, fix, "{source:?}");
+    }
     s.webhook.as_mut().unwrap().webhooks.as_mut().unwrap()[0].ca_bundle = None;
     assert_eq!(only(&s).code, "ca-bundle-missing");
     // Old and new CA published together (a CA switch in progress): fine.
@@ -470,7 +496,7 @@ error   no-ready-endpoints           webhook
 info    tag-rewritten                shop/Pod/pay-1
         annotation canary-injector.io/tag=\"feature/x\" became label canarytag=feature-x
         fix: send the header with \"feature-x\", or use a tag of [A-Za-z0-9._-] only
-needs fixing: 1 namespace(s), 3 pod(s) checked: 1 error(s), 0 warning(s), 1 info
+needs fixing: 1 namespace(s) (shop), 3 pod(s) checked: 1 error(s), 0 warning(s), 1 info
 "
     );
     let coloured = two_findings().render(true);
@@ -478,7 +504,7 @@ needs fixing: 1 namespace(s), 3 pod(s) checked: 1 error(s), 0 warning(s), 1 info
     let t = tls(365);
     assert_eq!(
         report(&sound(&t)).render(false),
-        "sound: 1 namespace(s), 2 pod(s) checked: 0 error(s), 0 warning(s), 0 info\n"
+        "sound: 1 namespace(s) (shop), 2 pod(s) checked: 0 error(s), 0 warning(s), 0 info\n"
     );
 }
 
@@ -486,7 +512,10 @@ needs fixing: 1 namespace(s), 3 pod(s) checked: 1 error(s), 0 warning(s), 1 info
 fn the_json_output_has_every_field() {
     let out = two_findings().to_json();
     assert_eq!(out["sound"], false);
-    assert_eq!(out["checked"], json!({"namespaces": 1, "pods": 3}));
+    assert_eq!(
+        out["checked"],
+        json!({"namespaces": 1, "namespaceNames": ["shop"], "pods": 3})
+    );
     assert_eq!(
         out["findings"][1],
         json!({
@@ -529,7 +558,7 @@ fn the_readme_describes_the_json_both_modes_print() {
         assert!(section.contains(&checked), "README lacks {checked}");
         assert_eq!(keys(out), ["\"sound\"", "\"checked\"", "\"findings\""]);
     }
-    assert_eq!(keys(&manifests["checked"])[1], "\"workloads\"");
+    assert_eq!(keys(&manifests["checked"])[2], "\"workloads\"");
     let finding = keys(&two_findings().to_json()["findings"][0]).join(", ");
     assert!(
         section.contains(&format!("[{{{finding}}}]")),
@@ -684,10 +713,7 @@ async fn check_n_on_a_namespace_that_has_not_opted_in_reads_nothing_there() {
         ..cluster::Target::default()
     };
     let err = cluster::run(client, &target, 0).await.unwrap_err();
-    assert!(
-        err.to_string().starts_with("cannot read Namespace nope:"),
-        "{err}"
-    );
+    assert_eq!(err.to_string(), "namespace \"nope\" not found");
 }
 
 #[tokio::test]
@@ -793,7 +819,8 @@ async fn a_recorded_sound_namespace_has_no_findings() {
     let report = check_recorded(&[INSTALL, SOUND], &cluster::Target::default()).await;
     assert_eq!(
         report.to_json(),
-        json!({"sound": true, "checked": {"namespaces": 1, "pods": 2}, "findings": []})
+        json!({"sound": true, "checked": {"namespaces": 1, "namespaceNames": ["shop"], "pods": 2},
+               "findings": []})
     );
     assert!(report.is_sound(), "exit code 0");
     // The namespace that has not opted in, named with -n.
@@ -803,6 +830,69 @@ async fn a_recorded_sound_namespace_has_no_findings() {
     };
     let report = check_recorded(&[INSTALL, SOUND], &target).await;
     assert_eq!(codes(&report), ["namespace-not-opted-in"]);
+}
+
+/// `shop`: a Deployment tagged on its own metadata before the namespace
+/// opted in, whose pods (and ReplicaSet) are labelled `stage=normal`, and a
+/// DestinationRule whose host names no Service.
+const CONTRADICTIONS: &str = include_str!("../../tests/fixtures/check/cluster/contradictions.json");
+/// What `check -o json` prints for [`CONTRADICTIONS`].
+const CONTRADICTIONS_OUT: &str =
+    include_str!("../../tests/fixtures/check/cluster/contradictions.out.json");
+
+#[tokio::test]
+async fn a_recorded_canary_labelled_normal_and_a_rule_for_no_service() {
+    let report = check_recorded(&[INSTALL, CONTRADICTIONS], &cluster::Target::default()).await;
+    let expected: Value = serde_json::from_str(CONTRADICTIONS_OUT).unwrap();
+    assert_eq!(report.to_json(), expected, "{:#}", report.to_json());
+    assert!(!report.is_sound(), "exit code 1");
+}
+
+/// A webhook called at a URL (out of the cluster, in development) has no
+/// Service: one info finding naming the URL, never `no-ready-endpoints`,
+/// and the Service's endpoints are not even read.
+#[tokio::test]
+async fn a_recorded_webhook_called_at_a_url_is_information_not_an_outage() {
+    let mut install: Value = serde_json::from_str(INSTALL).unwrap();
+    for item in install["items"].as_array_mut().unwrap() {
+        if item["kind"] == "MutatingWebhookConfiguration" {
+            for hook in item["webhooks"].as_array_mut().unwrap() {
+                let config = hook["clientConfig"].as_object_mut().unwrap();
+                config.remove("service");
+                config.insert("url".into(), json!("https://192.168.49.1:8443/mutate"));
+            }
+        }
+    }
+    install["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|i| i["kind"] != "EndpointSlice");
+    let install = install.to_string();
+    let api = state(&[&install, SOUND]);
+    let (client, served) = api.client();
+    let report = cluster::run(client, &cluster::Target::default(), RECORDED_NOW)
+        .await
+        .unwrap();
+    served.await.unwrap();
+    let webhook: Vec<(&str, &str)> = report
+        .findings
+        .iter()
+        .filter(|f| f.place == "webhook")
+        .map(|f| (f.severity.as_str(), f.code))
+        .collect();
+    assert_eq!(webhook, [("info", "webhook-url")], "{:#?}", report.findings);
+    assert_eq!(
+        report.findings[0].message,
+        "webhook labels.canary-injector.io is called at https://192.168.49.1:8443/mutate \
+         (clientConfig.url, outside the cluster): whether it answers is not checked"
+    );
+    assert!(report.is_sound(), "information only: exit code 0");
+    assert!(
+        api.calls().iter().all(
+            |c| c.path != "/apis/discovery.k8s.io/v1/namespaces/canary-injector/endpointslices"
+        ),
+        "no Service, no endpoints to read"
+    );
 }
 
 #[tokio::test]
@@ -1043,4 +1133,64 @@ fn a_routed_service_with_a_hand_written_rule_is_a_conflict() {
             "{text}"
         );
     }
+}
+
+/// `check -f` and `routes -f` read the same input the same way: a routed
+/// Service whose workloads in the files are all canaries is a finding in
+/// one and a warning in the other.
+#[test]
+fn check_f_and_routes_f_agree_on_a_routed_service_without_a_normal_workload() {
+    let input = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, annotations: {canary-injector.io/routes: "true"}}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-beta, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web, track: beta}}
+  template:
+    metadata: {labels: {app: web, track: beta}, annotations: {canary-injector.io/tag: beta}}
+    spec: {containers: [{name: web, image: web:2}]}
+"#;
+    let cfg = Config::default();
+    let report = manifests::check_documents(input, "web.yaml", &cfg).unwrap();
+    assert_eq!(codes(&report), ["no-normal-pod"], "{:#?}", report.findings);
+    assert_eq!(report.findings[0].place, "shop/Service/web");
+    let routed =
+        crate::routes::offline::routes_documents(input, "web.yaml", &cfg, "networking.istio.io/v1")
+            .unwrap();
+    assert!(
+        routed
+            .warnings
+            .iter()
+            .any(|w| w.contains("(Service web): no workload in the input is a normal pod")),
+        "{:?}",
+        routed.warnings
+    );
+    // With the normal release in the input, neither says anything.
+    let both = format!(
+        "{input}---\n{}",
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web, track: stable}}
+  template:
+    metadata: {labels: {app: web, track: stable}}
+    spec: {containers: [{name: web, image: web:1}]}
+"#
+    );
+    let report = manifests::check_documents(&both, "web.yaml", &cfg).unwrap();
+    assert!(
+        !codes(&report).contains(&"no-normal-pod"),
+        "{:#?}",
+        report.findings
+    );
+    let routed =
+        crate::routes::offline::routes_documents(&both, "web.yaml", &cfg, "networking.istio.io/v1")
+            .unwrap();
+    assert!(routed.warnings.iter().all(|w| !w.contains("normal pod")));
 }
