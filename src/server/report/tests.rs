@@ -169,6 +169,54 @@ async fn an_object_without_an_owner_gets_no_event() {
     assert!(h.queue.drain().is_empty());
 }
 
+/// A Deployment created `stage=gray` in its pod template without a tag: no
+/// subset selects its pods. The creator sees the warning, and the
+/// Deployment gets an Event of its own (no controller owns it).
+#[tokio::test]
+async fn a_workload_labelled_gray_without_a_tag_is_warned_about_with_an_event_on_itself() {
+    let mut h = harness(8);
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "e1a2b3c4-0000-4000-8000-000000000002",
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "name": "web", "namespace": "shop", "operation": "CREATE",
+            "object": {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web", "stage": "gray"}},
+                        "spec": {"containers": [{"name": "web", "image": "web:2"}]}}}}}});
+    let out = answer_at_once(&h.state, &review).await;
+    let text = "label stage=gray without a canarytag label: no subset selects these pods, so \
+                no route reaches them; set the annotation canary-injector.io/tag on the pod \
+                template (or remove the label stage=gray)";
+    assert_eq!(out["response"]["warnings"], json!([text]));
+    let events = h.queue.drain();
+    assert_eq!(
+        events,
+        [EventRequest {
+            regarding: ObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: Some("Deployment".into()),
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                ..ObjectReference::default()
+            },
+            type_: EventType::Warning,
+            reason: "GrayWithoutTag".into(),
+            action: "Admit".into(),
+            note: text.into(),
+        }]
+    );
+    // A pod its ReplicaSet creates so: on the ReplicaSet, as every warning.
+    let mut pod = owned_pod_review(json!({}));
+    pod["request"]["object"]["metadata"]["labels"]["stage"] = json!("gray");
+    answer_at_once(&h.state, &pod).await;
+    let events = h.queue.drain();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, "GrayWithoutTag");
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("ReplicaSet"));
+}
+
 #[tokio::test]
 async fn a_full_event_queue_never_holds_a_review_back() {
     // Nobody drains the queue (a publisher stuck on a slow or failing API
