@@ -25,6 +25,9 @@ const PURE: &[&str] = &[
     "src/check/routing.rs",
     // The backfill decision; its controller (src/backfill.rs) is an adapter.
     "src/backfill/plan.rs",
+    // The native admission policy generated from the configuration.
+    "src/policy.rs",
+    "src/policy",
 ];
 
 /// Pure modules that live inside adapter modules: naming them is fine.
