@@ -8,7 +8,9 @@ supports. Custom resources have no schema there: they are validated against
 the strict schemas of .ci/crd_schemas.py (the fields our manifests may use).
 Any other object without a schema fails. The expressions of the optional
 ValidatingAdmissionPolicy (deploy/label-guard) are evaluated with cel-python
-on sample updates,.
+on sample updates, and those of the native admission policy
+(deploy/native-policy) on the corpus the webhook is tested on
+(.ci/native_policy.py).
 
 Usage: validate_manifests.py SCHEMA_ROOT
 """
@@ -25,6 +27,7 @@ import referencing.jsonschema
 import yaml
 
 import crd_schemas
+import native_policy
 
 
 def minors(first, last):
@@ -234,8 +237,8 @@ def check_label_guard():
 
 def check_native_policy(schemas):
     """The native policy: what `policy --api-version v1beta1` prints (the
-    same objects in v1beta1) against the 1.34-1.37 schemas. Returns the
-    number of failures."""
+    same objects in v1beta1) against the 1.34-1.37 schemas, and its CEL on
+    the shared corpus. Returns the number of failures."""
     built = objects("deploy/native-policy")
     failures = 0
     beta = [dict(o, apiVersion="admissionregistration.k8s.io/v1beta1") for o in built
@@ -250,7 +253,7 @@ def check_native_policy(schemas):
                 failures += 1
     print("%s deploy/native-policy: the mutating policy and binding as v1beta1 checked against "
           "Kubernetes %s to %s (strict)" % ("FAIL" if failures else "ok  ", NATIVE_BETA[0], NATIVE_BETA[-1]))
-    return failures
+    return failures + native_policy.check(built)
 
 
 def listed_kustomizations():

@@ -1,12 +1,29 @@
 //! The native admission policy (`canary-injector policy`,
-//! deploy/native-policy): `policy` prints exactly the checked-in deploy/native-policy/policy.yaml
+//! deploy/native-policy) against the webhook.
+//!
+//! The shared corpus `tests/fixtures/native-policy/corpus.json` holds
+//! admission cases and, for each, the webhook's answer (`expect`: its JSON
+//! Patch, or its refusal). This file checks that answer against the webhook
+//! itself: the shipped webhook configuration's rules and selectors decide
+//! whether the apiserver would call it at all, then
+//! `canary_injector::admission::review` answers, and the patch is applied as
+//! an apiserver would (re-admitting the result must patch nothing).
+//! `.ci/native_policy.py` checks the same cases against the policy's CEL
+//! (cel-python), so the two agree case by case. `BLESS=1 cargo test --test
+//! native_policy` rewrites the expectations from the webhook; review the diff.
+//!
+//! Also: `policy` prints exactly the checked-in deploy/native-policy/policy.yaml
 //! for deploy/base/config.yaml, refuses bad options and configurations with
 //! exit code 2, and deploy/native-policy leaves the webhook only what the
 //! policy cannot do.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
+use base64::Engine as _;
+use canary_injector::admission::{self, no_cluster};
 use canary_injector::config::Config;
+use canary_injector::mutate::Kind;
 use canary_injector::policy::{self, Options};
 use k8s_openapi::api::admissionregistration::{v1, v1beta1};
 use serde::Serialize;
@@ -14,6 +31,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const CORPUS: &str = "tests/fixtures/native-policy/corpus.json";
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/{path}")).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -38,6 +56,294 @@ fn kustomize(dir: &str) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     yaml_docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn labels_of(object: &Value) -> BTreeMap<String, String> {
+    object["metadata"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+/// A Kubernetes label selector (`matchLabels`, `matchExpressions` with
+/// In, NotIn, Exists, DoesNotExist) against a label set; absent selects all.
+fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let match_labels = selector["matchLabels"].as_object().into_iter().flatten();
+    let expressions = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    match_labels
+        .into_iter()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+        && expressions.into_iter().all(|e| {
+            let value = labels.get(e["key"].as_str().unwrap());
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            match e["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(|v| values.contains(&v.as_str())),
+                "NotIn" => value.is_none_or(|v| !values.contains(&v.as_str())),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("operator {other}"),
+            }
+        })
+}
+
+/// One corpus case as an admission request.
+struct Request<'a> {
+    case: &'a Value,
+    group: &'static str,
+    version: &'static str,
+    resource: &'static str,
+    kind: &'static str,
+}
+
+impl<'a> Request<'a> {
+    fn new(case: &'a Value) -> Self {
+        let object = &case["object"];
+        let kind = Kind::from_api_version(
+            object["apiVersion"].as_str().unwrap(),
+            object["kind"].as_str().unwrap(),
+        )
+        .unwrap_or_else(|| panic!("{}: not a kind the webhook knows", case["name"]));
+        let info = kind.info();
+        Self {
+            case,
+            group: info.group,
+            version: info.version,
+            resource: info.resource,
+            kind: info.name,
+        }
+    }
+
+    fn namespace(&self) -> &str {
+        self.case["namespace"].as_str().unwrap()
+    }
+
+    fn operation(&self) -> &str {
+        self.case["operation"].as_str().unwrap()
+    }
+
+    /// The namespace's labels, with the name label the apiserver sets.
+    fn namespace_labels(&self, corpus: &Value) -> BTreeMap<String, String> {
+        let mut labels: BTreeMap<String, String> =
+            serde_json::from_value(corpus["namespaces"][self.namespace()].clone())
+                .unwrap_or_else(|_| panic!("namespace {} not in the corpus", self.namespace()));
+        labels.insert(
+            "kubernetes.io/metadata.name".into(),
+            self.namespace().into(),
+        );
+        labels
+    }
+
+    /// Whether the apiserver calls `webhook` (one entry of a
+    /// MutatingWebhookConfiguration) for this request: a rule, the
+    /// namespace selector, and the object selector on the new or old object.
+    fn calls(&self, webhook: &Value, corpus: &Value) -> bool {
+        let has = |list: &Value, item: &str| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == item || v == "*")
+        };
+        let ruled = webhook["rules"].as_array().unwrap().iter().any(|r| {
+            has(&r["operations"], self.operation())
+                && has(&r["apiGroups"], self.group)
+                && has(&r["apiVersions"], self.version)
+                && has(&r["resources"], self.resource)
+        });
+        let objects = [&self.case["object"], &self.case["oldObject"]];
+        ruled
+            && selects(
+                &webhook["namespaceSelector"],
+                &self.namespace_labels(corpus),
+            )
+            && objects
+                .iter()
+                .filter(|o| o.is_object())
+                .any(|o| selects(&webhook["objectSelector"], &labels_of(o)))
+    }
+
+    fn review(&self, object: &Value) -> Value {
+        let mut request = json!({
+            "uid": "b3f1e0a2-0000-4000-8000-00000000c0de",
+            "kind": {"group": self.group, "version": self.version, "kind": self.kind},
+            "resource": {"group": self.group, "version": self.version, "resource": self.resource},
+            "requestKind": {"group": self.group, "version": self.version, "kind": self.kind},
+            "namespace": self.namespace(),
+            "operation": self.operation(),
+            "userInfo": {"username": "alice@example.com"},
+            "object": object,
+            "dryRun": false,
+        });
+        if let Some(name) = object["metadata"]["name"].as_str() {
+            request["name"] = name.into();
+        }
+        if self.case["oldObject"].is_object() {
+            request["oldObject"] = self.case["oldObject"].clone();
+        }
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request})
+    }
+}
+
+/// The webhook's configuration for the labels (the bootstrap keepalive
+/// off: the corpus is about labels), in the webhook's own namespace.
+fn webhook_config() -> Config {
+    let mut cfg = Config::from_yaml("bootstrap: {enabled: false}\n").unwrap();
+    cfg.namespaces.own = Some("canary-injector".into());
+    cfg
+}
+
+/// The webhook's answer to `review`: `{"patch": [...]}` or `{"refused": msg}`.
+fn answer(review: &Value, cfg: &Config) -> Value {
+    let body = serde_json::to_vec(review).unwrap();
+    let reviewed = admission::review(&body, cfg, &no_cluster).unwrap();
+    let response: Value = serde_json::from_slice(&reviewed.body).unwrap();
+    let r = &response["response"];
+    assert_eq!(r["uid"], review["request"]["uid"]);
+    if r["allowed"] == false {
+        assert_eq!(r["status"]["code"], 403, "{r}");
+        return json!({"refused": r["status"]["message"]});
+    }
+    let patch = match r.get("patch") {
+        None => json!([]),
+        Some(p) => {
+            assert_eq!(r["patchType"], "JSONPatch");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(p.as_str().unwrap())
+                .unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        }
+    };
+    json!({ "patch": patch })
+}
+
+fn apply(object: &Value, patch: &Value) -> Value {
+    let mut object = object.clone();
+    let patch: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+    json_patch::patch(&mut object, &patch).expect("the patch applies");
+    object
+}
+
+/// What the webhook does with one case: the object as stored (unchanged
+/// when the apiserver does not call it), or its refusal.
+fn webhook_outcome(corpus: &Value, case: &Value, cfg: &Config) -> Value {
+    let request = Request::new(case);
+    let hooks: Value = serde_saphyr::from_str(&read("deploy/base/webhook.yaml")).unwrap();
+    let called = hooks["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| request.calls(w, corpus))
+        .count();
+    assert!(called <= 1, "{}: two webhooks for one kind", case["name"]);
+    if called == 0 {
+        return json!({"patch": []});
+    }
+    let answer = answer(&request.review(&case["object"]), cfg);
+    if answer.get("patch").is_some() {
+        // Re-admitting the result patches nothing (reinvocation, idempotence).
+        let patched = apply(&case["object"], &answer["patch"]);
+        assert_eq!(
+            self::answer(&request.review(&patched), cfg),
+            json!({"patch": []}),
+            "{}: admitting the result again patches it",
+            case["name"]
+        );
+    }
+    answer
+}
+
+#[test]
+fn the_webhook_gives_what_the_corpus_expects() {
+    let mut corpus: Value = serde_json::from_str(&read(CORPUS)).unwrap();
+    let cfg = webhook_config();
+    let bless = std::env::var_os("BLESS").is_some();
+    let mut wrong = Vec::new();
+    let mut refused = 0;
+    let cases = corpus["cases"].as_array().unwrap().clone();
+    for (i, case) in cases.iter().enumerate() {
+        let name = case["name"].as_str().unwrap();
+        let actual = webhook_outcome(&corpus, case, &cfg);
+        if bless {
+            corpus["cases"][i]["expect"] = actual;
+            continue;
+        }
+        let expect = &case["expect"];
+        let same = match (expect.get("patch"), actual.get("patch")) {
+            // Patches agree when they make the same object.
+            (Some(e), Some(a)) => apply(&case["object"], e) == apply(&case["object"], a),
+            _ => expect == &actual,
+        };
+        if !same {
+            wrong.push(format!(
+                "{name}: expected {expect}, the webhook gives {actual}"
+            ));
+        }
+        refused += usize::from(actual.get("refused").is_some());
+    }
+    if bless {
+        let text = serde_json::to_string_pretty(&corpus).unwrap() + "\n";
+        std::fs::write(format!("{ROOT}/{CORPUS}"), text).unwrap();
+        return;
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The corpus covers refusals and cases the webhook is never called for.
+    assert!(refused >= 3, "{refused} refusals");
+}
+
+/// A property of a corpus case.
+type CaseTest = fn(&Value) -> bool;
+
+/// Every kind the webhook admits, every operation it acts on and every skip
+/// is in the corpus, so a rule cannot be left out of the comparison.
+#[test]
+fn the_corpus_covers_every_kind_operation_and_skip() {
+    let corpus: Value = serde_json::from_str(&read(CORPUS)).unwrap();
+    let cases = corpus["cases"].as_array().unwrap();
+    let seen = |f: &dyn Fn(&Value) -> bool| cases.iter().any(f);
+    for kind in Kind::ALL {
+        for op in kind.info().operations() {
+            assert!(
+                seen(&|c| c["object"]["kind"] == kind.name() && c["operation"] == *op),
+                "no {op} of {} in the corpus",
+                kind.name()
+            );
+        }
+    }
+    let checks: [(&str, CaseTest); 9] = [
+        ("a refusal", |c| c["expect"].get("refused").is_some()),
+        ("an unchanged object", |c| c["expect"]["patch"] == json!([])),
+        ("a namespace not opted in", |c| c["namespace"] == "legacy"),
+        ("an excluded namespace", |c| c["namespace"] == "kube-system"),
+        ("the webhook's namespace", |c| {
+            c["namespace"] == "canary-injector"
+        }),
+        ("an opted-out object", |c| {
+            c["object"]["metadata"]["labels"]["canary-injector.io/inject"] == "false"
+        }),
+        ("a mirror pod", |c| {
+            c["object"]["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_string()
+        }),
+        ("a workload being deleted", |c| {
+            c["object"]["metadata"]["deletionTimestamp"].is_string()
+        }),
+        ("a tag longer than a label value", |c| {
+            serde_json::to_string(&c["object"])
+                .unwrap()
+                .contains(&"a".repeat(64))
+        }),
+    ];
+    for (what, test) in checks {
+        assert!(seen(&test), "the corpus has no case with {what}");
+    }
 }
 
 /// Deserialises into the k8s-openapi type and back: a field the type does
