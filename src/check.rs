@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod manifests;
+pub mod native;
 pub mod routing;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,8 @@ pub const CODES: &[&str] = &[
     "live-tag-without-route",
     "duplicate-rules",
     "routes-conflict",
+    "native-policy-incomplete",
+    "native-policy-stale",
 ];
 
 /// Certificates expiring sooner than this are a warning.
@@ -256,6 +259,8 @@ pub struct Snapshot {
     /// Why the webhook's deployed configuration is unusable, when it is
     /// (the check then uses the built-in defaults).
     pub config_error: Option<String>,
+    /// The native admission policy's objects, when installed.
+    pub native: native::NativeView,
 }
 
 // === the rules ===
@@ -277,6 +282,7 @@ pub fn check(snapshot: &Snapshot, policy: Policy<'_>) -> Report {
     if let Some(webhook) = &snapshot.webhook {
         check_webhook(webhook, policy, snapshot.now, &mut findings);
     }
+    native::check_native(&snapshot.native, policy, &mut findings);
     let mut pods = 0;
     for ns in &snapshot.namespaces {
         if check_scope(ns, policy, &mut findings) {

@@ -23,6 +23,7 @@ const PURE: &[&str] = &[
     // check's rules; its cluster reader and -f front end are adapters.
     "src/check.rs",
     "src/check/routing.rs",
+    "src/check/native.rs",
     // The backfill decision; its controller (src/backfill.rs) is an adapter.
     "src/backfill/plan.rs",
     // The native admission policy generated from the configuration.
