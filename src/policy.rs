@@ -45,7 +45,7 @@ use std::fmt;
 
 use serde_json::{Map, Value, json};
 
-pub use cel::{TAG_FITS, pointer_token, quote};
+pub use cel::TAG_FITS;
 
 use crate::mutate::{KINDS, LabelPolicy, Policy};
 
