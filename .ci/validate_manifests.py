@@ -8,7 +8,9 @@ supports. Custom resources have no schema there: they are validated against
 the strict schemas of .ci/crd_schemas.py (the fields our manifests may use).
 Any other object without a schema fails. The expressions of the optional
 ValidatingAdmissionPolicy (deploy/label-guard) are evaluated with cel-python
-on sample updates.
+on sample updates, and those of the native admission policy
+(deploy/native-policy) on the corpus the webhook is tested on
+(.ci/native_policy.py).
 
 Usage: validate_manifests.py SCHEMA_ROOT
 """
@@ -25,6 +27,7 @@ import referencing.jsonschema
 import yaml
 
 import crd_schemas
+import native_policy
 
 
 def minors(first, last):
@@ -39,6 +42,10 @@ SUPPORTED = minors(21, 37)
 LEGACY = minors(16, 20)
 # ValidatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) from 1.30.
 POLICIES = minors(30, 37)
+# MutatingAdmissionPolicy is GA (v1) from 1.36; v1beta1 (behind a feature gate)
+# is served from 1.34, and `canary-injector policy --api-version v1beta1` writes it.
+NATIVE = minors(36, 37)
+NATIVE_BETA = minors(34, 37)
 
 # Every kustomization under deploy/ must be listed here, with the versions
 # it is checked against.
@@ -53,6 +60,7 @@ ENTRY_POINTS = {
     "deploy/monitoring": LEGACY + SUPPORTED,
     "deploy/examples": LEGACY + SUPPORTED,
     "deploy/label-guard": POLICIES,
+    "deploy/native-policy": NATIVE,
     # Files outside any kustomization (Istio objects: custom resources only).
     "deploy/examples/generated/routes.yaml": LEGACY + SUPPORTED,
     "deploy/examples/manual/destinationrule.yaml": LEGACY + SUPPORTED,
@@ -227,6 +235,27 @@ def check_label_guard():
     return wrong
 
 
+def check_native_policy(schemas):
+    """The native policy: what `policy --api-version v1beta1` prints (the
+    same objects in v1beta1) against the 1.34-1.37 schemas, and its CEL on
+    the shared corpus. Returns the number of failures."""
+    built = objects("deploy/native-policy")
+    failures = 0
+    beta = [dict(o, apiVersion="admissionregistration.k8s.io/v1beta1") for o in built
+            if o["kind"] in ("MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")]
+    if len(beta) != 2:
+        print("FAIL deploy/native-policy: expected a MutatingAdmissionPolicy and its binding")
+        return 1
+    for doc in beta:
+        for version in NATIVE_BETA:
+            for e in validate(doc, schemas[version]):
+                print("FAIL deploy/native-policy %s v1beta1 (Kubernetes %s): %s" % (doc["kind"], version, e))
+                failures += 1
+    print("%s deploy/native-policy: the mutating policy and binding as v1beta1 checked against "
+          "Kubernetes %s to %s (strict)" % ("FAIL" if failures else "ok  ", NATIVE_BETA[0], NATIVE_BETA[-1]))
+    return failures + native_policy.check(built)
+
+
 def listed_kustomizations():
     missing = []
     for dirpath, _, files in os.walk("deploy"):
@@ -247,7 +276,7 @@ def main():
     # The check must be able to fail: an unknown field is refused in every
     # version used (else the schemas are not the strict ones).
     probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "probe"}, "unknownField": 1}
-    for version in sorted({v for vs in ENTRY_POINTS.values() for v in vs}):
+    for version in sorted({v for vs in ENTRY_POINTS.values() for v in vs} | set(NATIVE_BETA)):
         if version not in schemas:
             raise SystemExit("no schemas for Kubernetes %s; installed: %s"
                              % (version, ", ".join(sorted(schemas))))
@@ -282,6 +311,7 @@ def main():
         print("%s %s: %d objects checked against Kubernetes %s to %s (strict)"
               % ("FAIL" if failures > before else "ok  ", entry, len(checked), versions[0], versions[-1]))
     failures += check_label_guard()
+    failures += check_native_policy(schemas)
     if failures:
         print("manifests: %d failed" % failures)
         sys.exit(1)

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod manifests;
+pub mod native;
 pub mod routing;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,8 @@ pub const CODES: &[&str] = &[
     "host-not-found",
     "no-normal-pod",
     "webhook-url",
+    "native-policy-incomplete",
+    "native-policy-stale",
 ];
 
 /// Certificates expiring sooner than this are a warning.
@@ -299,6 +302,8 @@ pub struct Snapshot {
     /// Why the webhook's deployed configuration is unusable, when it is
     /// (the check then uses the built-in defaults).
     pub config_error: Option<String>,
+    /// The native admission policy's objects, when installed.
+    pub native: native::NativeView,
 }
 
 // === the rules ===
@@ -320,6 +325,7 @@ pub fn check(snapshot: &Snapshot, policy: Policy<'_>) -> Report {
     if let Some(webhook) = &snapshot.webhook {
         check_webhook(webhook, policy, snapshot.now, &mut findings);
     }
+    native::check_native(&snapshot.native, policy, &mut findings);
     let mut pods = 0;
     for ns in &snapshot.namespaces {
         if check_scope(ns, policy, &mut findings) {

@@ -15,6 +15,7 @@ mod bootstrap_template;
 mod certs;
 mod check;
 mod mutate;
+mod policy;
 mod routes;
 mod serve;
 
@@ -67,6 +68,10 @@ enum Command {
     /// annotated canary-injector.io/routes: "true", from the workloads in the
     /// same manifests.
     Routes(routes::RoutesArgs),
+    /// Print the label rules of the configuration as a native
+    /// MutatingAdmissionPolicy (Kubernetes 1.36+), with a
+    /// ValidatingAdmissionPolicy for the tags it refuses, and their bindings.
+    Policy(policy::PolicyArgs),
 }
 
 /// Why a subcommand failed; decides the exit code (see the module docs).
@@ -142,6 +147,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Certs(args) => certs::run(args),
         Command::Check(args) => check::run(args),
         Command::Routes(args) => routes::run(args),
+        Command::Policy(args) => policy::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,8 @@
 //!  check, check::routing            <---  check::cluster (reads a cluster), check::manifests (-f)
 //!  certs::plan, certs::ca           <---  certs (files, Secrets, caBundle)
 //!  envoy_template                   <---  cli bootstrap-template
+//!  policy: the native admission     <---  cli policy, check (compares the cluster's)
+//!    policy, from the same config
 //!                                         copier (ConfigMap cache: every replica; copies: leader)
 //!                                         istio (injector version: every replica)
 //!                                         cluster (client, Lease, shared watches, events)
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod mutate;
 pub mod offline;
 pub mod owners;
+pub mod policy;
 pub mod routes;
 pub mod server;
 

@@ -23,11 +23,15 @@ const PURE: &[&str] = &[
     // check's rules; its cluster reader and -f front end are adapters.
     "src/check.rs",
     "src/check/routing.rs",
+    "src/check/native.rs",
     // The backfill decision; its controller (src/backfill.rs) is an adapter.
     "src/backfill/plan.rs",
     // The owner chains; the cache that fills them (src/owners.rs) is an
     // adapter.
     "src/owners/index.rs",
+    // The native admission policy generated from the configuration.
+    "src/policy.rs",
+    "src/policy",
 ];
 
 /// Pure modules that live inside adapter modules: naming them is fine.

@@ -11,7 +11,8 @@ use canary_injector::config::Config;
 use canary_injector::metrics::{self, Metrics};
 use canary_injector::offline;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding, MutatingWebhookConfiguration,
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -88,6 +89,7 @@ const ENTRY_POINTS: &[&str] = &[
     "deploy/monitoring",
     "deploy/examples",
     "deploy/label-guard",
+    "deploy/native-policy",
 ];
 
 /// Checks every object of a build; returns them.
@@ -126,6 +128,10 @@ fn check_all(yaml: &str) -> Vec<Value> {
             "ValidatingAdmissionPolicy" => drop(round_trip::<ValidatingAdmissionPolicy>(doc)),
             "ValidatingAdmissionPolicyBinding" => {
                 drop(round_trip::<ValidatingAdmissionPolicyBinding>(doc))
+            }
+            "MutatingAdmissionPolicy" => drop(round_trip::<MutatingAdmissionPolicy>(doc)),
+            "MutatingAdmissionPolicyBinding" => {
+                drop(round_trip::<MutatingAdmissionPolicyBinding>(doc))
             }
             _ => assert!(
                 CUSTOM_KINDS.contains(&(api, kind)),

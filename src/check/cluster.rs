@@ -12,6 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 
+use super::native::NativeView;
 use super::{CaSource, NamespaceView, Report, Snapshot, WebhookEntry, WebhookView};
 
 /// The annotation cert-manager's cainjector fills a webhook's caBundle by.
@@ -260,6 +261,73 @@ async fn workloads(
     Ok(out)
 }
 
+/// One object of the native admission policy, in the first of `versions`
+/// that has it; `None` when none does (not installed, the API not served)
+/// or it may not be read (403: the native-mode checks need `get` on it).
+async fn native_object(
+    client: &Client,
+    versions: &[&str],
+    (kind, plural): (&str, &str),
+    name: &str,
+) -> Result<Option<serde_json::Value>, GatherError> {
+    for version in versions {
+        let gvk = kube::api::GroupVersionKind::gvk(crate::policy::GROUP, version, kind);
+        let api: Api<DynamicObject> = Api::all_with(
+            client.clone(),
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        );
+        match api.get_opt(name).await {
+            Ok(Some(o)) => return Ok(Some(json(&o))),
+            Ok(None) => {}
+            Err(kube::Error::Api(s)) if s.code == 403 => return Ok(None),
+            Err(e) => return Err(read::<()>(format!("{kind} {name}"), Err(e)).unwrap_err()),
+        }
+    }
+    Ok(None)
+}
+
+/// The native admission policy's objects (`canary-injector policy`).
+async fn native(client: &Client) -> Result<NativeView, GatherError> {
+    use crate::policy::{MUTATING_NAME, VALIDATING_NAME};
+    let mutating = ["v1", "v1beta1"];
+    Ok(NativeView {
+        mutating_policy: native_object(
+            client,
+            &mutating,
+            ("MutatingAdmissionPolicy", "mutatingadmissionpolicies"),
+            MUTATING_NAME,
+        )
+        .await?,
+        mutating_binding: native_object(
+            client,
+            &mutating,
+            (
+                "MutatingAdmissionPolicyBinding",
+                "mutatingadmissionpolicybindings",
+            ),
+            MUTATING_NAME,
+        )
+        .await?,
+        validating_policy: native_object(
+            client,
+            &["v1"],
+            ("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+            VALIDATING_NAME,
+        )
+        .await?,
+        validating_binding: native_object(
+            client,
+            &["v1"],
+            (
+                "ValidatingAdmissionPolicyBinding",
+                "validatingadmissionpolicybindings",
+            ),
+            VALIDATING_NAME,
+        )
+        .await?,
+    })
+}
+
 /// Reads everything the rules need. Only reads.
 pub async fn gather(
     client: Client,
@@ -268,6 +336,7 @@ pub async fn gather(
 ) -> Result<(Snapshot, Config), GatherError> {
     let (cfg, config_error) = deployed_config(&client, target).await?;
     let webhook = webhook(&client, target).await?;
+    let native = native(&client).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     // Each namespace with its labels: `-n` names one whether or not it
     // opted in (the rules say so when it has not).
@@ -386,6 +455,7 @@ pub async fn gather(
         namespaces: views,
         now,
         config_error,
+        native,
     };
     Ok((snapshot, cfg))
 }

@@ -118,6 +118,7 @@ fn sound(t: &Tls) -> Snapshot {
         }],
         now: t.not_after - 300 * DAY,
         config_error: None,
+        native: Default::default(),
     }
 }
 
