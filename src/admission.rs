@@ -313,26 +313,33 @@ pub fn review(
     configmaps: &ConfigMapLookup,
 ) -> Result<Reviewed, ReviewError> {
     // Fast path: one pass over the body, the object read straight into the
-    // core's view (unknown fields skipped once).
-    let (api_version, req): (String, RequestIn<ObjectIn<'_>>) =
-        match serde_json::from_slice::<ReviewIn<ObjectView>>(body) {
-            Ok(parsed) => {
-                check_envelope(&parsed.api_version, &parsed.kind)?;
-                let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
-                (
-                    parsed.api_version,
-                    req.map_object(|o| ObjectIn::Parsed(Box::new(o))),
-                )
-            }
-            // Fallback: keep the object raw, so a malformed object is a
-            // deny (or a skip) rather than a malformed review.
-            Err(_) => {
-                let parsed = parse_raw(body)?;
-                check_envelope(&parsed.api_version, &parsed.kind)?;
-                let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
-                (parsed.api_version, req.map_object(ObjectIn::Raw))
-            }
-        };
+    // core's view (unknown fields skipped once). A body that is UTF-8 (every
+    // real review: JSON is UTF-8) is checked once, here, and read as `str`,
+    // so serde_json does not check each key and string it reads again;
+    // other bytes are read as they always were (only the strings read are
+    // checked).
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<ReviewIn<ObjectView>>(text),
+        Err(_) => serde_json::from_slice::<ReviewIn<ObjectView>>(body),
+    };
+    let (api_version, req): (String, RequestIn<ObjectIn<'_>>) = match parsed {
+        Ok(parsed) => {
+            check_envelope(&parsed.api_version, &parsed.kind)?;
+            let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+            (
+                parsed.api_version,
+                req.map_object(|o| ObjectIn::Parsed(Box::new(o))),
+            )
+        }
+        // Fallback: keep the object raw, so a malformed object is a
+        // deny (or a skip) rather than a malformed review.
+        Err(_) => {
+            let parsed = parse_raw(body)?;
+            check_envelope(&parsed.api_version, &parsed.kind)?;
+            let req = parsed.request.ok_or(ReviewError::MissingRequest)?;
+            (parsed.api_version, req.map_object(ObjectIn::Raw))
+        }
+    };
 
     // The kind is only ours when the group matches too (a CRD may reuse
     // the name `Pod`).
@@ -630,6 +637,24 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Patched);
         assert!(r.warnings.is_empty() && r.deny_reason.is_none());
         assert!(r.owner.is_none());
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_in_fields_not_read_are_tolerated_as_before() {
+        let v = pod_review("admission.k8s.io/v1", json!({"app": "web", "tier": "é"}));
+        let text = String::from_utf8(body(&v)).unwrap();
+        let utf8 = review(text.as_bytes(), &Config::default(), &no_cluster).unwrap();
+        assert_eq!(utf8.outcome, Outcome::Patched);
+        // A string the webhook skips holds a byte that is not UTF-8: read
+        // through the fallback, with the same answer.
+        let skipped = text.replacen("\"resource\":{", "\"junk\":\"\u{1}\",\"resource\":{", 1);
+        let mut bytes = skipped.into_bytes();
+        let at = bytes.iter().position(|&b| b == 1).unwrap();
+        bytes[at] = 0xff;
+        assert!(std::str::from_utf8(&bytes).is_err());
+        let r = review(&bytes, &Config::default(), &no_cluster).unwrap();
+        assert_eq!(r.outcome, Outcome::Patched);
+        assert_eq!(r.body, utf8.body);
     }
 
     #[test]

@@ -117,7 +117,8 @@ impl<T, E: Into<anyhow::Error>> OrFail<T> for Result<T, E> {
 }
 
 /// Sets up the `tracing` subscriber: `RUST_LOG` filter (default `info`),
-/// lines to stderr through [`crate::logging`]'s buffer.
+/// lines to stderr through [`crate::logging`]'s buffer; JSON lines are
+/// written by [`crate::logging::JsonLine`].
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -126,7 +127,10 @@ pub fn init_tracing(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(crate::logging::BatchedStderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(crate::logging::JsonLine::new())
+            .init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

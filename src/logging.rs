@@ -11,6 +11,12 @@
 //! Nothing is lost on the ways this process ends: a normal return and the
 //! second-signal exit call [`flush`], and a panic flushes before the panic
 //! message is printed.
+//!
+//! What a JSON line holds is written by [`JsonLine`] (module `json`).
+
+mod json;
+
+pub use json::JsonLine;
 
 use std::io::{self, BufWriter, Stderr, Write};
 use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
