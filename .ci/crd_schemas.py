@@ -116,6 +116,9 @@ VIRTUAL_SERVICE = obj(
             destination=obj(("host",), host=STR, subset=STR, port=PORT),
             weight=INT,
         )),
+        # Istio's Duration fields are strings ("5s", "0.5s").
+        timeout=STR,
+        retries=obj(attempts=INT, perTryTimeout=STR, retryOn=STR),
     )),
 )
 

@@ -63,6 +63,8 @@ ENTRY_POINTS = {
     "deploy/native-policy": NATIVE,
     # Files outside any kustomization (Istio objects: custom resources only).
     "deploy/examples/generated/routes.yaml": LEGACY + SUPPORTED,
+    "deploy/examples/generated/routes-weighted.yaml": LEGACY + SUPPORTED,
+    "deploy/examples/weighted-gray-stage.yaml": LEGACY + SUPPORTED,
     "deploy/examples/manual/destinationrule.yaml": LEGACY + SUPPORTED,
     "deploy/examples/manual/virtualservice.yaml": LEGACY + SUPPORTED,
 }

@@ -77,6 +77,7 @@ fn bench(c: &mut Criterion) {
                     due: &empty,
                     now,
                     grace: Duration::from_secs(60),
+                    settings: &Default::default(),
                 });
                 steps += usize::from(p.step.is_some());
             }
@@ -98,6 +99,7 @@ fn bench(c: &mut Criterion) {
                     &cfg.routes.header,
                     &index.live(key),
                     &cfg.labels,
+                    &Default::default(),
                 ));
             }
         })
@@ -116,6 +118,7 @@ fn bench(c: &mut Criterion) {
     let client = rt.block_on(async { kube::Client::new(service, "default") });
     let registry = prometheus::Registry::new();
     let writer = RoutesWriter {
+        owners: Default::default(),
         clock: Default::default(),
         settings: RoutesSettings::from_config(&cfg).unwrap(),
         metrics: RouteMetrics::register(&registry).unwrap(),

@@ -279,26 +279,6 @@ impl App {
                  namespace is unknown (set POD_NAMESPACE or namespaces.own)"
             ),
         }
-        if cluster.is_some()
-            && let Some(settings) = RoutesSettings::from_config(&cfg)
-        {
-            writers.routes = Some(RoutesWriter {
-                settings,
-                metrics: RouteMetrics::register(&registry).map_err(AppError::Metrics)?,
-                counters: controller_metrics.controller(routes::CONTROLLER, &RouteError::REASONS),
-                events: events.clone(),
-                clock: crate::routes::controller::Clock::new(),
-            });
-        }
-        let mut versions = InjectorVersion::disabled();
-        if let (Some(cluster), Some(settings)) = (&cluster, DetectSettings::from_config(&cfg)) {
-            let (version, watch) = istio::watch(cluster.client.clone(), settings);
-            versions = version;
-            tasks.spawn(
-                "istio-version",
-                watch.run(stop_rest.clone()).instrument(info_span!("istio")),
-            );
-        }
         let mut owners = OwnerCache::disabled();
         if let Some(cluster) = &cluster {
             let (cache, watch) = crate::owners::cache(
@@ -312,6 +292,27 @@ impl App {
                 watch
                     .run(stop_rest.clone())
                     .instrument(info_span!("owners")),
+            );
+        }
+        if cluster.is_some()
+            && let Some(settings) = RoutesSettings::from_config(&cfg)
+        {
+            writers.routes = Some(RoutesWriter {
+                settings,
+                metrics: RouteMetrics::register(&registry).map_err(AppError::Metrics)?,
+                counters: controller_metrics.controller(routes::CONTROLLER, &RouteError::REASONS),
+                events: events.clone(),
+                owners: owners.clone(),
+                clock: crate::routes::controller::Clock::new(),
+            });
+        }
+        let mut versions = InjectorVersion::disabled();
+        if let (Some(cluster), Some(settings)) = (&cluster, DetectSettings::from_config(&cfg)) {
+            let (version, watch) = istio::watch(cluster.client.clone(), settings);
+            versions = version;
+            tasks.spawn(
+                "istio-version",
+                watch.run(stop_rest.clone()).instrument(info_span!("istio")),
             );
         }
         // What admission knows of the cluster, from the caches: the review

@@ -58,6 +58,9 @@ pub const CODES: &[&str] = &[
     "host-not-found",
     "no-normal-pod",
     "webhook-url",
+    "route-weight-invalid",
+    "route-weights-invalid",
+    "route-settings-invalid",
     "native-policy-incomplete",
     "native-policy-stale",
 ];
@@ -786,7 +789,7 @@ fn check_namespace(
         let fix = c.fix(&ns.name, kind, name);
         out.push(finding(Error, code, workload.clone(), message, fix));
     }
-    let services = services_with_ready_pods(ns);
+    let services = services_with_ready_pods(ns, labels);
     routing::check_routing(
         &routing::RoutingInput {
             namespace: &ns.name,
@@ -854,23 +857,32 @@ fn restart_fix(namespace: &str, kind: &str, name: &str) -> String {
 }
 
 /// Each Service of `ns` with the labels of the pods behind its ready
-/// endpoints.
-fn services_with_ready_pods(ns: &NamespaceView) -> Vec<routing::ServiceInfo> {
-    let labels_of: BTreeMap<&str, BTreeMap<String, String>> = ns
+/// endpoints, and the weights its canaries ask for.
+fn services_with_ready_pods(ns: &NamespaceView, labels: &LabelPolicy) -> Vec<routing::ServiceInfo> {
+    // Each pod's labels and annotations, by name.
+    type Meta = (BTreeMap<String, String>, BTreeMap<String, String>);
+    let labels_of: BTreeMap<&str, Meta> = ns
         .pods
         .iter()
         .filter_map(|p| {
             Some((
                 p["metadata"]["name"].as_str()?,
-                string_map(&p["metadata"]["labels"]),
+                (
+                    string_map(&p["metadata"]["labels"]),
+                    string_map(&p["metadata"]["annotations"]),
+                ),
             ))
         })
+        .collect();
+    let weights: BTreeMap<&str, Option<crate::routes::PodWeight>> = labels_of
+        .iter()
+        .map(|(name, (_, a))| (*name, crate::routes::shape::pod_weight(Some(a))))
         .collect();
     ns.services
         .iter()
         .filter_map(|svc| {
             let name = svc["metadata"]["name"].as_str()?;
-            let backends = ns
+            let ready: Vec<&str> = ns
                 .endpoint_slices
                 .iter()
                 .filter(|s| s["metadata"]["labels"]["kubernetes.io/service-name"] == name)
@@ -878,12 +890,24 @@ fn services_with_ready_pods(ns: &NamespaceView) -> Vec<routing::ServiceInfo> {
                 // An unset condition counts as ready, as the API says.
                 .filter(|e| e["conditions"]["ready"] != false)
                 .filter(|e| e["targetRef"]["kind"] == "Pod")
-                .filter_map(|e| labels_of.get(e["targetRef"]["name"].as_str()?).cloned())
+                .filter_map(|e| e["targetRef"]["name"].as_str())
+                .filter(|p| labels_of.contains_key(p))
                 .collect();
+            let live = crate::routes::live(
+                ready.iter().map(|p| crate::routes::EndpointView {
+                    pod: Some(p),
+                    ready: true,
+                }),
+                |p| {
+                    let stage = crate::routes::pod_stage(labels, &labels_of.get(p)?.0)?;
+                    Some((stage, weights.get(p)?.as_ref()))
+                },
+            );
             Some(routing::ServiceInfo {
                 name: name.to_owned(),
                 annotations: string_map(&svc["metadata"]["annotations"]),
-                backends,
+                backends: ready.iter().map(|p| labels_of[p].0.clone()).collect(),
+                weights: live.weights,
             })
         })
         .collect()

@@ -201,6 +201,15 @@ pub struct RoutesConfig {
     /// `RouteNoNormalPod` Warning says so, in seconds (a Service whose pods
     /// are still becoming ready is no news).
     pub no_normal_pod_warning_seconds: u32,
+    /// The timeout of every generated route (a Go duration), unless the
+    /// Service's `canary-injector.io/route-timeout` says otherwise; unset:
+    /// Istio's default (none).
+    pub timeout: Option<String>,
+    /// The retries of every generated route, `<attempts>` or
+    /// `<attempts>/<per-try timeout>`, unless the Service's
+    /// `canary-injector.io/route-retries` says otherwise; unset: Istio's
+    /// default.
+    pub retries: Option<String>,
 }
 
 impl Default for RoutesConfig {
@@ -210,6 +219,8 @@ impl Default for RoutesConfig {
             header: "x-canary-tag".into(),
             removal_grace_seconds: 60,
             no_normal_pod_warning_seconds: 30,
+            timeout: None,
+            retries: None,
         }
     }
 }
@@ -238,7 +249,25 @@ impl RoutesConfig {
             self.no_normal_pod_warning_seconds,
             0,
             3600,
-        )
+        )?;
+        self.route_settings().map(drop)
+    }
+
+    /// `timeout` and `retries` as every generated route gets them (unless a
+    /// Service's annotations say otherwise).
+    pub fn route_settings(&self) -> Result<crate::routes::RouteSettings, ConfigError> {
+        use crate::routes::shape::{istio_duration, parse_retries};
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(|t| istio_duration(t).map_err(|e| invalid("routes.timeout", format!("{t:?} {e}"))))
+            .transpose()?;
+        let retries = self
+            .retries
+            .as_deref()
+            .map(|r| parse_retries(r).map_err(|e| invalid("routes.retries", format!("{r:?} {e}"))))
+            .transpose()?;
+        Ok(crate::routes::RouteSettings { timeout, retries })
     }
 }
 
@@ -497,6 +526,8 @@ mod tests {
                 header: "x-canary-tag".into(),
                 removal_grace_seconds: 60,
                 no_normal_pod_warning_seconds: 30,
+                timeout: None,
+                retries: None,
             }
         );
         assert_eq!(
@@ -681,6 +712,14 @@ mod tests {
                 "routes.removalGraceSeconds",
             ),
             (
+                "routes: {noNormalPodWarningSeconds: 3601}\n",
+                "routes.noNormalPodWarningSeconds",
+            ),
+            ("routes: {timeout: soon}\n", "routes.timeout"),
+            ("routes: {timeout: 10us}\n", "routes.timeout"),
+            ("routes: {retries: many}\n", "routes.retries"),
+            ("routes: {retries: 3/x}\n", "routes.retries"),
+            (
                 "backfill: {patchesPerSecond: 0}\n",
                 "backfill.patchesPerSecond",
             ),
@@ -712,6 +751,26 @@ mod tests {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn route_settings_are_read_as_istio_writes_them() {
+        let cfg = Config::from_yaml("routes: {timeout: 1m30s, retries: 3/500ms}\n").unwrap();
+        let settings = cfg.routes.route_settings().unwrap();
+        assert_eq!(settings.timeout.as_deref(), Some("90s"));
+        let retries = settings.retries.unwrap();
+        assert_eq!(
+            (retries.attempts, retries.per_try_timeout.as_deref()),
+            (3, Some("0.5s"))
+        );
+        let err = Config::from_yaml("routes: {retries: many}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"many\" is not <attempts>"), "{err}");
+        assert_eq!(
+            Config::default().routes.route_settings().unwrap(),
+            crate::routes::RouteSettings::default()
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl MetaView {
 
 /// One `ownerReferences` entry: enough to tell the managing controller and
 /// to point an Event at it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnerRef {
     /// API version of the owner, e.g. `apps/v1`.

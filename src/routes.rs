@@ -41,6 +41,7 @@ pub mod names;
 pub mod objects;
 pub mod offline;
 pub mod plan;
+pub mod shape;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,6 +49,7 @@ use std::fmt;
 
 pub use names::{NORMAL_SUBSET, assign_names, subset_name};
 pub use objects::{DestinationRule, Observed, VirtualService};
+pub use shape::{PodWeight, RouteSettings, TagWeight};
 
 use crate::mutate::LabelPolicy;
 use objects::{
@@ -171,6 +173,9 @@ pub struct Live {
     pub normal: bool,
     /// The canary tags among them: each gets a subset and a header route.
     pub tags: BTreeSet<String>,
+    /// The weights their pods ask for ([`shape::WEIGHT_ANNOTATION`]), by
+    /// tag: a share of the requests without a header.
+    pub weights: BTreeMap<String, TagWeight>,
 }
 
 impl Live {
@@ -179,7 +184,14 @@ impl Live {
         Self {
             normal,
             tags: tags.into_iter().map(Into::into).collect(),
+            weights: BTreeMap::new(),
         }
+    }
+
+    /// The same, `tag` asking for `weight`.
+    pub fn with_weight(mut self, tag: &str, weight: TagWeight) -> Self {
+        self.weights.insert(tag.to_owned(), weight);
+        self
     }
 
     /// Where the default route goes: [`DefaultRoute::Normal`] only with a
@@ -194,15 +206,17 @@ impl Live {
 }
 
 /// What is live for a Service ([`Live`]): the stages of the pods behind
-/// its **ready** endpoints. `stage_of` gives a pod's stage ([`pod_stage`]
-/// of its labels; `None` for a pod that is neither normal nor a canary, or
-/// not known). The result does not depend on the order of `endpoints`.
+/// its **ready** endpoints, and the weights their canaries ask for.
+/// `stage_of` gives a pod's stage ([`pod_stage`] of its labels; `None` for
+/// a pod that is neither normal nor a canary, or not known) and its weight
+/// annotation. The result does not depend on the order of `endpoints`.
 pub fn live<'a, F>(endpoints: impl IntoIterator<Item = EndpointView<'a>>, stage_of: F) -> Live
 where
-    F: Fn(&str) -> Option<PodStage<'a>>,
+    F: Fn(&str) -> Option<(PodStage<'a>, Option<&'a PodWeight>)>,
 {
     let mut live = Live::default();
-    for stage in endpoints
+    let mut tallies: BTreeMap<&str, shape::WeightTally> = BTreeMap::new();
+    for (stage, weight) in endpoints
         .into_iter()
         .filter(|e| e.ready)
         .filter_map(|e| stage_of(e.pod?))
@@ -213,9 +227,14 @@ where
                 if !live.tags.contains(tag) {
                     live.tags.insert(tag.to_owned());
                 }
+                tallies.entry(tag).or_default().add(weight);
             }
         }
     }
+    live.weights = tallies
+        .into_iter()
+        .filter_map(|(tag, t)| Some((tag.to_owned(), t.weight()?)))
+        .collect();
     live
 }
 
@@ -254,12 +273,39 @@ pub struct Desired {
 /// per live tag (subset names from [`assign_names`] with nothing written
 /// before), the default route last ([`Live::default_route`]). What the
 /// controller converges to, and what `routes -f` prints.
-pub fn desired(service: &ServiceRef, header: &str, live: &Live, labels: &LabelPolicy) -> Desired {
+pub fn desired(
+    service: &ServiceRef,
+    header: &str,
+    live: &Live,
+    labels: &LabelPolicy,
+    settings: &RouteSettings,
+) -> Desired {
     let names = assign_names(live.tags.iter().map(String::as_str), &BTreeMap::new());
+    let default = live.default_route();
+    let split = weighted(&names, live, default).unwrap_or_default();
     Desired {
         destination_rule: destination_rule(service, &names, labels),
-        virtual_service: virtual_service(service, header, &names, live.default_route()),
+        virtual_service: virtual_service(service, header, &names, default, &split, settings),
     }
+}
+
+/// The weighted part of the default route: for routed tags (tag -> subset)
+/// with a weight, their subset and percent. Only while it goes to
+/// `normal` (a normal pod is ready). `Err(sum)` when the weights add up to
+/// more than 100.
+pub(crate) fn weighted(
+    routed: &BTreeMap<String, String>,
+    live: &Live,
+    default: DefaultRoute,
+) -> Result<Vec<(String, u8)>, u32> {
+    if default != DefaultRoute::Normal {
+        return Ok(Vec::new());
+    }
+    let shares = shape::split(routed.keys().map(String::as_str), &live.weights)?;
+    Ok(shares
+        .into_iter()
+        .map(|(tag, p)| (routed[tag].clone(), p))
+        .collect())
 }
 
 fn meta(service: &ServiceRef) -> Meta {
@@ -321,23 +367,26 @@ pub(crate) fn destination_rule(
 
 /// The VirtualService with one header route per entry of `routes` (tag ->
 /// subset name), in tag order, then the default route: named
-/// [`NORMAL_SUBSET`] to that subset, or unnamed to the Service host (a name
+/// [`NORMAL_SUBSET`] to that subset (split with the subsets of `split`
+/// by percent, when there are any), or unnamed to the Service host (a name
 /// could collide with a tag route's, and there is no subset to name it
-/// after).
+/// after). Every route gets `settings`.
 pub(crate) fn virtual_service(
     service: &ServiceRef,
     header: &str,
     routes: &BTreeMap<String, String>,
     default: DefaultRoute,
+    split: &[(String, u8)],
+    settings: &RouteSettings,
 ) -> VirtualService {
-    let to = |subset: Option<&str>| {
-        vec![RouteDestination {
-            destination: Destination {
-                host: service.name.clone(),
-                subset: subset.map(str::to_owned),
-            },
-        }]
+    let dest = |subset: Option<&str>, weight: Option<u32>| RouteDestination {
+        destination: Destination {
+            host: service.name.clone(),
+            subset: subset.map(str::to_owned),
+        },
+        weight,
     };
+    let to = |subset: Option<&str>| vec![dest(subset, None)];
     let mut http: Vec<HttpRoute> = routes
         .iter()
         .map(|(tag, subset)| HttpRoute {
@@ -351,20 +400,43 @@ pub(crate) fn virtual_service(
                 )]),
             }],
             route: to(Some(subset)),
+            ..HttpRoute::default()
         })
         .collect();
     http.push(match default {
+        DefaultRoute::Normal if !split.is_empty() => {
+            let canaries: u32 = split.iter().map(|(_, p)| u32::from(*p)).sum();
+            let normal = 100 - canaries;
+            let mut route = Vec::with_capacity(split.len() + 1);
+            if normal > 0 {
+                route.push(dest(Some(NORMAL_SUBSET), Some(normal)));
+            }
+            route.extend(
+                split
+                    .iter()
+                    .map(|(subset, p)| dest(Some(subset), Some(u32::from(*p)))),
+            );
+            HttpRoute {
+                name: Some(NORMAL_SUBSET.into()),
+                route,
+                ..HttpRoute::default()
+            }
+        }
         DefaultRoute::Normal => HttpRoute {
             name: Some(NORMAL_SUBSET.into()),
-            matches: Vec::new(),
             route: to(Some(NORMAL_SUBSET)),
+            ..HttpRoute::default()
         },
         DefaultRoute::Service => HttpRoute {
             name: None,
-            matches: Vec::new(),
             route: to(None),
+            ..HttpRoute::default()
         },
     });
+    for route in &mut http {
+        route.timeout.clone_from(&settings.timeout);
+        route.retries.clone_from(&settings.retries);
+    }
     VirtualService {
         metadata: meta(service),
         spec: VirtualServiceSpec {

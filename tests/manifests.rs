@@ -720,6 +720,46 @@ fn examples_route_to_what_the_webhook_labels() {
     }
 }
 
+/// The weighted gray stage example: valid, and `generated/routes-weighted.yaml`
+/// is what the routes controller makes of the examples with it: the
+/// default route splits 90/10 between normal and beta.
+#[test]
+fn the_weighted_gray_stage_example_splits_the_default_route() {
+    let weighted =
+        std::fs::read_to_string(format!("{ROOT}/deploy/examples/weighted-gray-stage.yaml"))
+            .unwrap();
+    check_all(&weighted);
+    let yaml = format!("{}---\n{weighted}", kustomize("deploy/examples"));
+    let generated = canary_injector::routes::offline::routes_documents(
+        &yaml,
+        "deploy/examples",
+        &Config::default(),
+        "networking.istio.io/v1beta1",
+    )
+    .unwrap();
+    assert!(generated.warnings.is_empty(), "{:?}", generated.warnings);
+    let committed = std::fs::read_to_string(format!(
+        "{ROOT}/deploy/examples/generated/routes-weighted.yaml"
+    ))
+    .unwrap();
+    assert_eq!(
+        docs(&committed),
+        docs(&generated.text),
+        "deploy/examples/generated/routes-weighted.yaml is stale: see the command in it"
+    );
+    let vs = docs(&generated.text)
+        .into_iter()
+        .find(|o| o["kind"] == "VirtualService")
+        .unwrap();
+    assert_eq!(
+        vs["spec"]["http"].as_array().unwrap().last().unwrap()["route"],
+        serde_json::json!([
+            {"destination": {"host": "checkout", "subset": "normal"}, "weight": 90},
+            {"destination": {"host": "checkout", "subset": "beta"}, "weight": 10},
+        ])
+    );
+}
+
 #[test]
 fn monitoring_uses_only_metrics_the_webhook_exports() {
     let objects = check_all(&kustomize("deploy/monitoring"));

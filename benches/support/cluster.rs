@@ -174,7 +174,13 @@ impl Shape {
             name: self.app(s),
             uid: self.service(s).uid,
         };
-        let d = desired(&service, &cfg.routes.header, &live, &cfg.labels);
+        let d = desired(
+            &service,
+            &cfg.routes.header,
+            &live,
+            &cfg.labels,
+            &Default::default(),
+        );
         let rule = |mut json: serde_json::Value, salt: &str| {
             json["metadata"]["resourceVersion"] = json!("42");
             json["metadata"]["uid"] =

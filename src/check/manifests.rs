@@ -14,7 +14,7 @@ use super::Report;
 use super::routing::{RoutingInput, ServiceInfo, check_routing};
 use crate::config::Config;
 use crate::offline::{self, OfflineError};
-use crate::routes::offline::{documents, routes_documents, string_map, workload};
+use crate::routes::offline::{documents, routes_documents, string_map, workload, workloads_live};
 use crate::routes::wants_routes;
 
 /// What `backend` means in this mode's messages.
@@ -54,19 +54,20 @@ pub fn check_documents(
                 let selector = string_map(doc.pointer("/spec/selector"));
                 let annotations = string_map(doc.pointer("/metadata/annotations"));
                 generate |= wants_routes(Some(&annotations));
-                let backends = workloads
+                let matching: Vec<_> = workloads
                     .iter()
                     .filter(|w| w.namespace == ns && !selector.is_empty())
                     .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                    .map(|w| w.labels.clone())
                     .collect();
+                let live = workloads_live(&workloads, &ns, &selector, &cfg.labels);
                 services.entry(ns).or_default().push(ServiceInfo {
                     name: doc["metadata"]["name"]
                         .as_str()
                         .unwrap_or_default()
                         .to_owned(),
                     annotations,
-                    backends,
+                    backends: matching.iter().map(|w| w.labels.clone()).collect(),
+                    weights: live.weights,
                 });
             }
             Some("DestinationRule" | "VirtualService")

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::{Finding, Severity, finding};
 use crate::mutate::LabelPolicy;
-use crate::routes::{self, RuleHead, RuleKind, ServiceRef};
+use crate::routes::shape;
+use crate::routes::{self, RouteSettings, RuleHead, RuleKind, ServiceRef, TagWeight};
 
 /// A Service and the pods that back it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +23,9 @@ pub struct ServiceInfo {
     pub annotations: BTreeMap<String, String>,
     /// The labels of each pod that serves it.
     pub backends: Vec<BTreeMap<String, String>>,
+    /// The weights its canaries ask for (their pods' weight annotations),
+    /// by tag.
+    pub weights: BTreeMap<String, TagWeight>,
 }
 
 /// One namespace's Services and rules.
@@ -318,6 +322,59 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                     labels.stage
                 ),
             ));
+        }
+        // A routed Service's weights and settings, as the controller reads
+        // them.
+        if routes::wants_routes(Some(&service.annotations)) {
+            let at = format!("{ns}/Service/{}", service.name);
+            for (tag, w) in &service.weights {
+                if let TagWeight::Invalid(problem) = w {
+                    out.push(finding(
+                        Warning,
+                        "route-weight-invalid",
+                        at.clone(),
+                        format!("canary {tag}: {problem}; it counts as 0"),
+                        format!(
+                            "set {} to one integer from 0 to 100 in the canary's pod template",
+                            shape::WEIGHT_ANNOTATION
+                        ),
+                    ));
+                }
+            }
+            let live: Vec<&str> = service.weights.keys().map(String::as_str).collect();
+            if let Err(sum) = shape::split(live, &service.weights) {
+                let each: Vec<String> = service
+                    .weights
+                    .iter()
+                    .filter(|(_, w)| w.percent() > 0)
+                    .map(|(t, w)| format!("{t} {}", w.percent()))
+                    .collect();
+                out.push(finding(
+                    Warning,
+                    "route-weights-invalid",
+                    at.clone(),
+                    format!(
+                        "the weights of its canaries add up to {sum} ({}), more than 100: the \
+                         routes controller keeps the split it had",
+                        each.join(", ")
+                    ),
+                    format!("lower the {} annotations", shape::WEIGHT_ANNOTATION),
+                ));
+            }
+            let (_, invalid) =
+                shape::route_settings(Some(&service.annotations), &RouteSettings::default());
+            for bad in invalid {
+                out.push(finding(
+                    Warning,
+                    "route-settings-invalid",
+                    at.clone(),
+                    format!("{bad}; the routes are written without it"),
+                    format!(
+                        "fix the annotation {} (see README \"Shaping routes\")",
+                        bad.annotation
+                    ),
+                ));
+            }
         }
         // Services that ask for routes but have hand-written rules in the way.
         if routes::wants_routes(Some(&service.annotations)) {

@@ -1195,3 +1195,110 @@ spec:
             .unwrap();
     assert!(routed.warnings.iter().all(|w| !w.contains("normal pod")));
 }
+
+/// `routes -f` writes the weights and settings the annotations ask for,
+/// and `check -f` reports the ones that cannot be used, as the controller
+/// would read them.
+#[test]
+fn weights_and_route_settings_offline_and_in_check() {
+    let input = |weight_b: &str, timeout: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {{canary-injector.io/routes: "true", canary-injector.io/route-timeout: "{timeout}",
+                canary-injector.io/route-retries: "2/500ms"}}
+spec: {{selector: {{app: web}}, ports: [{{port: 80}}]}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web, track: stable}}}}
+  template:
+    metadata: {{labels: {{app: web, track: stable}}}}
+    spec: {{containers: [{{name: web, image: web:1}}]}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web-a, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web, track: a}}}}
+  template:
+    metadata: {{labels: {{app: web, track: a}},
+               annotations: {{canary-injector.io/tag: a, canary-injector.io/weight: "70"}}}}
+    spec: {{containers: [{{name: web, image: web:2}}]}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web-b, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web, track: b}}}}
+  template:
+    metadata: {{labels: {{app: web, track: b}},
+               annotations: {{canary-injector.io/tag: b, canary-injector.io/weight: "{weight_b}"}}}}
+    spec: {{containers: [{{name: web, image: web:3}}]}}
+"#
+        )
+    };
+    let cfg = Config::default();
+    let api = "networking.istio.io/v1";
+    let vs = |text: &str| {
+        let out = crate::routes::offline::routes_documents(text, "web.yaml", &cfg, api).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&out.text).unwrap();
+        (docs[1].clone(), out.warnings)
+    };
+    // Usable: the split and the settings, as the controller writes them.
+    let (good, warnings) = vs(&input("20", "3s"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let http = good["spec"]["http"].as_array().unwrap();
+    assert_eq!(
+        http.last().unwrap()["route"],
+        json!([{"destination": {"host": "web", "subset": "normal"}, "weight": 10},
+               {"destination": {"host": "web", "subset": "a"}, "weight": 70},
+               {"destination": {"host": "web", "subset": "b"}, "weight": 20}])
+    );
+    for route in http {
+        assert_eq!(route["timeout"], "3s");
+        assert_eq!(
+            route["retries"],
+            json!({"attempts": 2, "perTryTimeout": "0.5s"})
+        );
+    }
+    let report = manifests::check_documents(&input("20", "3s"), "web.yaml", &cfg).unwrap();
+    assert!(report.is_sound(), "{:#?}", report.findings);
+    // 70 + 40 = 110, and a timeout that does not read.
+    let (over, warnings) = vs(&input("40", "soon"));
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("add up to 110"), "{warnings:?}");
+    assert!(
+        over["spec"]["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.get("timeout").is_none())
+    );
+    let report = manifests::check_documents(&input("40", "soon"), "web.yaml", &cfg).unwrap();
+    assert_eq!(
+        codes(&report),
+        ["route-settings-invalid", "route-weights-invalid"],
+        "{:#?}",
+        report.findings
+    );
+    assert_eq!(
+        report.findings[1].message,
+        "the weights of its canaries add up to 110 (a 70, b 40), more than 100: the routes \
+         controller keeps the split it had"
+    );
+    // A weight that is no percent: counts as 0, reported.
+    let report = manifests::check_documents(&input("half", "3s"), "web.yaml", &cfg).unwrap();
+    assert_eq!(
+        codes(&report),
+        ["route-weight-invalid"],
+        "{:#?}",
+        report.findings
+    );
+}

@@ -53,14 +53,16 @@ use tracing::{debug, info, warn};
 use super::index::{Change, Index, Key, SERVICE_NAME_LABEL};
 use super::objects::{self, DestinationRuleSpec, Observed, Spec, VirtualServiceSpec};
 use super::plan::{self, DefaultChange, PlanInput, Removal, Step, Write};
+use super::shape::{InvalidSetting, WEIGHT_ANNOTATION, route_settings};
 use super::{
-    Conflict, DefaultRoute, InvalidHeader, NORMAL_SUBSET, RuleKind, ServiceRef, conflicts,
-    route_header,
+    Conflict, DefaultRoute, InvalidHeader, Live, NORMAL_SUBSET, RouteSettings, RuleKind,
+    ServiceRef, TagWeight, conflicts, route_header,
 };
 use crate::cluster::events::{EventRequest, EventSink, is_namespace_terminating};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
 use crate::mutate::{LabelPolicy, NamespacePolicy};
+use crate::owners::OwnerCache;
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "routes";
@@ -109,6 +111,9 @@ pub struct RoutesSettings {
     /// How long a Service may lack a ready normal pod before a Warning
     /// (`routes.noNormalPodWarningSeconds`).
     pub no_normal_pod_warning: Duration,
+    /// Every route's timeout and retries unless a Service's annotations
+    /// say otherwise (`routes.timeout`, `routes.retries`).
+    pub defaults: RouteSettings,
 }
 
 impl RoutesSettings {
@@ -122,6 +127,8 @@ impl RoutesSettings {
             no_normal_pod_warning: Duration::from_secs(
                 cfg.routes.no_normal_pod_warning_seconds.into(),
             ),
+            // Checked when the configuration was loaded.
+            defaults: cfg.routes.route_settings().unwrap_or_default(),
         })
     }
 }
@@ -280,8 +287,12 @@ pub struct RoutesWriter {
     pub metrics: RouteMetrics,
     /// `reconcile_*{controller="routes"}`.
     pub counters: ControllerCounters,
-    /// Events on Services (route added / removed / conflict).
+    /// Events on Services (route added / removed / conflict), and on the
+    /// workloads of canaries whose weight does not read.
     pub events: EventSink,
+    /// The owner chains (every replica keeps them), to report on a pod's
+    /// workload.
+    pub owners: OwnerCache,
     /// Wall-clock time (subsets' removal times are written on the objects).
     pub clock: Clock,
 }
@@ -601,6 +612,9 @@ pub struct Routes {
     without_normal: HashMap<Key, Instant>,
     /// Those of them warned about (`RouteNoNormalPod`).
     warned_no_normal: BTreeSet<Key>,
+    /// What was last reported about a Service's settings, weights and
+    /// weight sum (said again only when it changes).
+    reported: HashMap<Key, Reported>,
     memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
     memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
     /// The spec each of our objects was left with (our write's, or as seen
@@ -629,6 +643,7 @@ impl Routes {
             blocked: HashMap::new(),
             without_normal: HashMap::new(),
             warned_no_normal: BTreeSet::new(),
+            reported: HashMap::new(),
             memo_dr: HashMap::new(),
             memo_vs: HashMap::new(),
             left_dr: HashMap::new(),
@@ -966,6 +981,7 @@ impl Routes {
         self.due.remove(key);
         self.without_normal.remove(key);
         self.warned_no_normal.remove(key);
+        self.reported.remove(key);
         self.failures.remove(key);
         self.left_dr.remove(key);
         self.left_vs.remove(key);
@@ -1005,6 +1021,10 @@ impl Routes {
         }
         let live = self.index.live(key);
         let warn_at = self.no_normal_pod(&service, live.normal);
+        let (settings, invalid) =
+            route_settings(Some(&entry.annotations), &self.writer.settings.defaults);
+        self.report_settings(&service, invalid);
+        self.report_weights(&service, &live);
         for _ in 0..MAX_STEPS {
             let (dr, vs) = self.observed(key);
             let empty = BTreeMap::new();
@@ -1019,7 +1039,9 @@ impl Routes {
                 due: self.due.get(key).unwrap_or(&empty),
                 now: self.writer.clock.wall(now),
                 grace: self.writer.settings.grace,
+                settings: &settings,
             });
+            self.report_weight_sum(&service, plan.weights_over);
             if plan.due.is_empty() {
                 self.due.remove(key);
             } else {
@@ -1054,6 +1076,11 @@ impl Routes {
                 }
                 Step::VirtualService(w) => {
                     let restored = changed_since(self.left_vs.get(key), vs.as_ref());
+                    let split_before = vs
+                        .as_ref()
+                        .and_then(|o| o.spec.as_ref())
+                        .map(plan::split_of)
+                        .unwrap_or_default();
                     let prior = vs.and_then(|o| o.resource_version);
                     let json = w.object.to_json(&self.apis.virtual_services.api_version);
                     let result: Observed<VirtualServiceSpec> = self
@@ -1061,6 +1088,10 @@ impl Routes {
                         .await?;
                     if let Some(was) = restored {
                         self.report_restored(&service, RuleKind::VirtualService, was);
+                    }
+                    let split_after = plan::split_of(&w.object.spec);
+                    if split_after != split_before {
+                        self.report_split(&service, &split_after);
                     }
                     self.left_vs.insert(key.clone(), result.spec.clone());
                     self.memo_vs.insert(
@@ -1296,6 +1327,116 @@ impl Routes {
         }
     }
 
+    /// Route settings that do not read: a Warning on the Service (once per
+    /// change), the routes written without them.
+    fn report_settings(&mut self, service: &ServiceRef, invalid: Vec<InvalidSetting>) {
+        let key = (service.namespace.clone(), service.name.clone());
+        let texts: Vec<String> = invalid.iter().map(ToString::to_string).collect();
+        let reported = self.reported.entry(key).or_default();
+        if reported.settings == texts {
+            return;
+        }
+        reported.settings = texts.clone();
+        if texts.is_empty() {
+            return;
+        }
+        warn!(namespace = %service.namespace, service = %service.name,
+              error = %texts.join("; "), "invalid route settings; routes written without them");
+        self.event(
+            service,
+            EventType::Warning,
+            "RouteSettingsInvalid",
+            format!("{}; the routes are written without it", texts.join("; ")),
+        );
+    }
+
+    /// Canaries whose weight annotation does not read: a Warning on their
+    /// workload (once per problem); they count as 0.
+    fn report_weights(&mut self, service: &ServiceRef, live: &Live) {
+        let key = (service.namespace.clone(), service.name.clone());
+        let problems: BTreeMap<String, String> = live
+            .weights
+            .iter()
+            .filter_map(|(tag, w)| match w {
+                TagWeight::Invalid(p) => Some((tag.clone(), p.to_string())),
+                TagWeight::Percent(_) => None,
+            })
+            .collect();
+        let before = std::mem::take(&mut self.reported.entry(key.clone()).or_default().weights);
+        for (tag, problem) in &problems {
+            if before.get(tag) == Some(problem) {
+                continue;
+            }
+            warn!(namespace = %service.namespace, service = %service.name, %tag,
+                  error = %problem, "canary weight unusable; it counts as 0");
+            for owner in self.index.weight_owners(&key, tag) {
+                let workload = self.writer.owners.workload(&service.namespace, &owner);
+                self.writer.events.emit(EventRequest {
+                    regarding: ObjectReference {
+                        api_version: Some(workload.api_version.clone()),
+                        kind: Some(workload.kind.clone()),
+                        name: Some(workload.name.clone()),
+                        namespace: Some(service.namespace.clone()),
+                        uid: Some(workload.uid.clone()).filter(|u| !u.is_empty()),
+                        ..ObjectReference::default()
+                    },
+                    type_: EventType::Warning,
+                    reason: "RouteWeightInvalid".into(),
+                    action: "Route".into(),
+                    note: format!(
+                        "{problem}: canary {tag} gets no share of the requests to Service {} \
+                         without a header (it counts as 0)",
+                        service.name
+                    ),
+                });
+            }
+        }
+        self.reported.entry(key).or_default().weights = problems;
+    }
+
+    /// Weights adding up to more than 100: a Warning on the Service (once
+    /// per sum); the split written before stands.
+    fn report_weight_sum(&mut self, service: &ServiceRef, sum: Option<u32>) {
+        let key = (service.namespace.clone(), service.name.clone());
+        let reported = self.reported.entry(key).or_default();
+        if reported.sum == sum {
+            return;
+        }
+        reported.sum = sum;
+        let Some(sum) = sum else {
+            return;
+        };
+        warn!(namespace = %service.namespace, service = %service.name, sum,
+              "canary weights add up to more than 100; the default route keeps its split");
+        self.event(
+            service,
+            EventType::Warning,
+            "RouteWeightsInvalid",
+            format!(
+                "the {WEIGHT_ANNOTATION} annotations of this Service's live canaries add up to \
+                 {sum}, more than 100: requests without a header keep the split they had; lower \
+                 the weights"
+            ),
+        );
+    }
+
+    /// The default route's split changed: where requests without a header
+    /// go now.
+    fn report_split(&self, service: &ServiceRef, split: &BTreeMap<String, u8>) {
+        let canaries: u32 = split.values().map(|p| u32::from(*p)).sum();
+        let mut parts = vec![format!("{}% to {NORMAL_SUBSET}", 100 - canaries.min(100))];
+        parts.extend(split.iter().map(|(subset, p)| format!("{p}% to {subset}")));
+        let text = parts.join(", ");
+        info!(namespace = %service.namespace, service = %service.name, split = %text,
+              "default route split");
+        self.event(
+            service,
+            EventType::Normal,
+            "RouteWeights",
+            format!("requests without a canary header now go {text}"),
+        );
+    }
+
     /// Someone else changed or deleted one of our objects, and our write
     /// just put it back: a log line, an Event on the Service, a count.
     fn report_restored(&self, service: &ServiceRef, kind: RuleKind, was: Edit) {
@@ -1401,6 +1542,14 @@ impl Routes {
         }
         None
     }
+}
+
+/// What was last said about a Service's route settings and weights.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Reported {
+    settings: Vec<String>,
+    weights: BTreeMap<String, String>,
+    sum: Option<u32>,
 }
 
 /// How someone else changed one of our objects.

@@ -16,9 +16,12 @@ use kube::runtime::watcher;
 use serde::Deserialize;
 
 use super::objects::{DestinationRuleSpec, Observed, ObservedMeta, Spec, VirtualServiceSpec};
+use super::shape::pod_weight;
 use super::{
-    EndpointView, Live, PodStage, RuleHead, RuleKind, host_service, live, pod_stage, wants_routes,
+    EndpointView, Live, PodStage, PodWeight, RuleHead, RuleKind, host_service, live, pod_stage,
+    wants_routes,
 };
+use crate::mutate::OwnerRef;
 use crate::mutate::{LabelPolicy, NamespacePolicy};
 
 /// `(namespace, name)`; a namespace's own key is `(name, "")`.
@@ -189,7 +192,8 @@ pub struct NamespaceRow {
 pub struct ServiceEntry {
     /// Its uid.
     pub uid: Option<String>,
-    /// Its annotations that matter here: the header override, if any.
+    /// Its annotations that matter here: the header override and the route
+    /// settings, if any.
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -217,7 +221,17 @@ pub enum PodRow {
     /// Labelled `<stage>: <normalStage>`.
     Normal,
     /// A canary of this tag.
-    Canary(String),
+    Canary(Canary),
+}
+
+/// A canary pod as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canary {
+    /// Its tag.
+    pub tag: String,
+    /// Its weight annotation, if any, and (then only) its managing
+    /// controller, where a bad weight is reported.
+    pub weight: Option<(PodWeight, Option<Box<OwnerRef>>)>,
 }
 
 /// The index (see the module docs).
@@ -312,7 +326,14 @@ impl Index {
             annotations: annotations
                 .into_iter()
                 .flatten()
-                .filter(|(k, _)| *k == super::HEADER_ANNOTATION)
+                .filter(|(k, _)| {
+                    [
+                        super::HEADER_ANNOTATION,
+                        super::shape::TIMEOUT_ANNOTATION,
+                        super::shape::RETRIES_ANNOTATION,
+                    ]
+                    .contains(&k.as_str())
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         });
@@ -328,9 +349,50 @@ impl Index {
             .and_then(|l| pod_stage(&self.labels, l))
             .map(|stage| match stage {
                 PodStage::Normal => PodRow::Normal,
-                PodStage::Canary(tag) => PodRow::Canary(tag.to_owned()),
+                PodStage::Canary(tag) => PodRow::Canary(Canary {
+                    tag: tag.to_owned(),
+                    weight: pod_weight(meta.annotations.as_ref()).map(|w| {
+                        let controller = meta
+                            .owner_references
+                            .iter()
+                            .flatten()
+                            .find(|o| o.controller == Some(true))
+                            .map(|o| {
+                                Box::new(OwnerRef {
+                                    api_version: o.api_version.clone(),
+                                    kind: o.kind.clone(),
+                                    name: o.name.clone(),
+                                    uid: o.uid.clone(),
+                                    controller: o.controller,
+                                })
+                            });
+                        (w, controller)
+                    }),
+                }),
             });
         (key_of(meta), row)
+    }
+
+    /// The ready canary pods of `key` whose weight annotation does not read,
+    /// by tag: (the problem, the pods' controller).
+    pub fn weight_owners(&self, key: &Key, tag: &str) -> Vec<OwnerRef> {
+        let Some(slices) = self.slices_by_service.get(key) else {
+            return Vec::new();
+        };
+        let mut owners: Vec<OwnerRef> = slices
+            .iter()
+            .filter_map(|s| self.slices.get(&(key.0.clone(), s.clone())))
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.ready)
+            .filter_map(|e| self.pods.get(&(key.0.clone(), e.pod.clone()?)))
+            .filter_map(|row| match row {
+                PodRow::Canary(c) if c.tag == tag => c.weight.as_ref()?.1.as_deref().cloned(),
+                _ => None,
+            })
+            .collect();
+        owners.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
+        owners.dedup_by(|a, b| a.kind == b.kind && a.name == b.name);
+        owners
     }
 
     /// The row of an EndpointSlice (`discovery.k8s.io` `v1` or `v1beta1`:
@@ -519,8 +581,10 @@ impl Index {
             self.pods
                 .get(&(key.0.clone(), pod.to_owned()))
                 .map(|row| match row {
-                    PodRow::Normal => PodStage::Normal,
-                    PodRow::Canary(tag) => PodStage::Canary(tag),
+                    PodRow::Normal => (PodStage::Normal, None),
+                    PodRow::Canary(c) => {
+                        (PodStage::Canary(&c.tag), c.weight.as_ref().map(|(w, _)| w))
+                    }
                 })
         })
     }

@@ -121,9 +121,16 @@ pub struct HttpRoute {
     /// The header match (none on the default route).
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<HttpMatch>,
-    /// Exactly one destination.
+    /// One destination, or (the default route of a weighted gray stage)
+    /// several with weights adding up to 100.
     #[serde(default)]
     pub route: Vec<RouteDestination>,
+    /// `timeout` (the Service's route settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// `retries` (the Service's route settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<super::shape::Retries>,
 }
 
 /// One match of a route.
@@ -148,6 +155,9 @@ pub struct RouteDestination {
     /// Where requests go.
     #[serde(default)]
     pub destination: Destination,
+    /// Its share in percent, when the route has several destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 /// Host and subset of a destination (no `port`: see [`super`]).

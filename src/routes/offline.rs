@@ -21,9 +21,12 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{Live, PodStage, ServiceRef, desired, pod_stage, route_header, wants_routes};
+use super::shape::{self, WeightTally, route_settings};
+use super::{
+    Live, PodStage, ServiceRef, TagWeight, desired, pod_stage, route_header, wants_routes,
+};
 use crate::config::Config;
-use crate::mutate::{Kind, Location, ObjectView};
+use crate::mutate::{Kind, LabelPolicy, Location, ObjectView};
 use crate::offline::{self, OfflineError, Output};
 
 /// A Service of the input that asks for routes.
@@ -40,6 +43,43 @@ pub(crate) struct Workload {
     pub(crate) namespace: String,
     /// The labels its pods get.
     pub(crate) labels: BTreeMap<String, String>,
+    /// The annotations its pods get (the canary weight is one).
+    pub(crate) annotations: BTreeMap<String, String>,
+}
+
+/// What is live for a Service of `namespace` with `selector` among
+/// `workloads`: each matching workload stands for its pods, all ready
+/// (their stages, and the weights its canaries ask for).
+pub(crate) fn workloads_live(
+    workloads: &[Workload],
+    namespace: &str,
+    selector: &BTreeMap<String, String>,
+    labels: &LabelPolicy,
+) -> Live {
+    let mut live = Live::default();
+    let mut tallies: BTreeMap<&str, WeightTally> = BTreeMap::new();
+    for w in workloads
+        .iter()
+        .filter(|w| w.namespace == namespace && !selector.is_empty())
+        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    {
+        match pod_stage(labels, &w.labels) {
+            Some(PodStage::Normal) => live.normal = true,
+            Some(PodStage::Canary(tag)) => {
+                live.tags.insert(tag.to_owned());
+                tallies
+                    .entry(tag)
+                    .or_default()
+                    .add(shape::pod_weight(Some(&w.annotations)).as_ref());
+            }
+            None => {}
+        }
+    }
+    live.weights = tallies
+        .into_iter()
+        .filter_map(|(tag, t)| Some((tag.to_owned(), t.weight()?)))
+        .collect();
+    live
 }
 
 fn text<'a>(doc: &'a Value, pointer: &str) -> Option<&'a str> {
@@ -88,20 +128,16 @@ pub(crate) fn workload(doc: &Value) -> Option<Workload> {
         return None;
     }
     let view: ObjectView = serde_json::from_value(doc.clone()).ok()?;
-    let labels = match kind.info().pod {
-        Location::Object => view.metadata.as_ref()?.labels.clone(),
-        location => view
-            .template_at(location)?
-            .metadata
-            .as_ref()?
-            .labels
-            .clone(),
-    }?;
+    let meta = match kind.info().pod {
+        Location::Object => view.metadata.as_ref()?,
+        location => view.template_at(location)?.metadata.as_ref()?,
+    };
     Some(Workload {
         namespace: text(doc, "/metadata/namespace")
             .unwrap_or_default()
             .to_owned(),
-        labels,
+        labels: meta.labels.clone()?,
+        annotations: meta.annotations.clone().unwrap_or_default(),
     })
 }
 
@@ -168,6 +204,7 @@ pub fn routes_documents(
     }
     services.sort_by(|a, b| a.service.cmp(&b.service));
 
+    let defaults = cfg.routes.route_settings().unwrap_or_default();
     let mut out = Vec::new();
     for s in &services {
         let name = &s.service.name;
@@ -201,19 +238,31 @@ pub fn routes_documents(
                 cfg.namespaces.opt_in_selector()
             ));
         }
-        let mut live = Live::default();
-        for stage in workloads
-            .iter()
-            .filter(|w| w.namespace == s.service.namespace && !s.selector.is_empty())
-            .filter(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .filter_map(|w| pod_stage(&cfg.labels, &w.labels))
-        {
-            match stage {
-                PodStage::Normal => live.normal = true,
-                PodStage::Canary(tag) => {
-                    live.tags.insert(tag.to_owned());
-                }
+        let mut live = workloads_live(&workloads, &s.service.namespace, &s.selector, &cfg.labels);
+        for (tag, w) in &live.weights {
+            if let TagWeight::Invalid(problem) = w {
+                warnings.push(format!(
+                    "document {} (Service {name}): canary {tag}: {problem}; it counts as 0",
+                    s.index
+                ));
             }
+        }
+        let routed: BTreeMap<String, String> =
+            live.tags.iter().map(|t| (t.clone(), t.clone())).collect();
+        if let Err(sum) = super::weighted(&routed, &live, live.default_route()) {
+            warnings.push(format!(
+                "document {} (Service {name}): the weights of its canaries add up to {sum}, more \
+                 than 100; written without weights (the controller keeps the split it had)",
+                s.index
+            ));
+            live.weights.clear();
+        }
+        let (settings, invalid) = route_settings(Some(&s.annotations), &defaults);
+        for bad in invalid {
+            warnings.push(format!(
+                "document {} (Service {name}): {bad}; the routes are written without it",
+                s.index
+            ));
         }
         if !live.normal && !s.selector.is_empty() {
             warnings.push(format!(
@@ -223,7 +272,7 @@ pub fn routes_documents(
                 s.index, cfg.labels.stage, cfg.labels.normal_stage
             ));
         }
-        let d = desired(&s.service, header, &live, &cfg.labels);
+        let d = desired(&s.service, header, &live, &cfg.labels, &settings);
         out.push(d.destination_rule.to_json(api_version));
         out.push(d.virtual_service.to_json(api_version));
     }

@@ -29,8 +29,8 @@ use jiff::Timestamp;
 
 use super::objects::{DestinationRuleSpec, Observed, REMOVAL_DUE_ANNOTATION, VirtualServiceSpec};
 use super::{
-    DefaultRoute, DestinationRule, Live, NORMAL_SUBSET, ServiceRef, VirtualService, assign_names,
-    destination_rule, virtual_service,
+    DefaultRoute, DestinationRule, Live, NORMAL_SUBSET, RouteSettings, ServiceRef, VirtualService,
+    assign_names, destination_rule, virtual_service, weighted,
 };
 use crate::mutate::LabelPolicy;
 
@@ -59,6 +59,8 @@ pub struct PlanInput<'a> {
     pub now: Timestamp,
     /// How long a subset outlives its tag (`routes.removalGraceSeconds`).
     pub grace: Duration,
+    /// The Service's route settings (timeout, retries) for every route.
+    pub settings: &'a RouteSettings,
 }
 
 /// A write of one object.
@@ -108,6 +110,9 @@ pub struct Plan {
     pub due: BTreeMap<String, Timestamp>,
     /// When to plan again even if nothing changes (a grace period ends).
     pub wake_at: Option<Timestamp>,
+    /// The live canaries' weights add up to this, more than 100: the
+    /// default route keeps the split it has (to report).
+    pub weights_over: Option<u32>,
 }
 
 /// Reads [`REMOVAL_DUE_ANNOTATION`]: tag -> time. Entries that do not read
@@ -184,17 +189,39 @@ pub fn routes(
 /// canary-injector writes.
 pub fn default_route(spec: &VirtualServiceSpec, host: &str) -> Option<DefaultRoute> {
     let last = spec.http.last().filter(|r| r.matches.is_empty())?;
-    let [only] = last.route.as_slice() else {
-        return None;
-    };
-    if only.destination.host != host {
+    if last.route.iter().any(|d| d.destination.host != host) {
         return None;
     }
-    match only.destination.subset.as_deref() {
-        Some(NORMAL_SUBSET) => Some(DefaultRoute::Normal),
-        None => Some(DefaultRoute::Service),
-        Some(_) => None,
+    let weighted =
+        |d: &super::objects::RouteDestination| d.destination.subset.is_some() && d.weight.is_some();
+    match last.route.as_slice() {
+        [only] => match only.destination.subset.as_deref() {
+            Some(NORMAL_SUBSET) => Some(DefaultRoute::Normal),
+            None => Some(DefaultRoute::Service),
+            Some(_) if only.weight == Some(100) => Some(DefaultRoute::Normal),
+            Some(_) => None,
+        },
+        [] => None,
+        // A weighted gray stage: the split of the normal default route.
+        many if many.iter().all(weighted) => Some(DefaultRoute::Normal),
+        _ => None,
     }
+}
+
+/// The weighted split of a VirtualService spec's default route: subset ->
+/// percent, for the subsets other than `normal`.
+pub fn split_of(spec: &VirtualServiceSpec) -> BTreeMap<String, u8> {
+    spec.http
+        .last()
+        .filter(|r| r.matches.is_empty())
+        .into_iter()
+        .flat_map(|r| &r.route)
+        .filter_map(|d| {
+            let subset = d.destination.subset.as_ref()?;
+            let weight = u8::try_from(d.weight?).ok()?;
+            (subset != NORMAL_SUBSET).then(|| (subset.clone(), weight))
+        })
+        .collect()
 }
 
 fn changes(
@@ -287,7 +314,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
     // The VirtualService: routes only to subsets the DestinationRule holds
     // and that have a ready pod; the default route to `normal` only while a
-    // normal pod is ready, else to the whole Service.
+    // normal pod is ready (split by the canaries' weights), else to the
+    // whole Service.
+    let mut weights_over = None;
     let vs_step = has_normal
         .then(|| {
             let targets: BTreeMap<String, String> = written
@@ -296,7 +325,29 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 .map(|(t, n)| (t.clone(), n.clone()))
                 .collect();
             let to = input.live.default_route();
-            let vs = virtual_service(input.service, input.header, &targets, to);
+            let split = match weighted(&targets, input.live, to) {
+                Ok(split) => split,
+                // Over 100: the split written before stands, for the
+                // canaries it still routes to.
+                Err(sum) => {
+                    weights_over = Some(sum);
+                    let kept: BTreeSet<&String> = targets.values().collect();
+                    vs_spec
+                        .map(split_of)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|(subset, _)| kept.contains(subset))
+                        .collect()
+                }
+            };
+            let vs = virtual_service(
+                input.service,
+                input.header,
+                &targets,
+                to,
+                &split,
+                input.settings,
+            );
             match input.virtual_service {
                 Some(o) if o.holds(&vs.metadata, &vs.spec) => None,
                 observed => {
@@ -325,6 +376,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         step: vs_step.or(dr_step),
         due,
         wake_at,
+        weights_over,
     }
 }
 

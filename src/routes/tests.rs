@@ -56,6 +56,7 @@ fn desired_objects_for_two_canaries() {
         "x-canary-tag",
         &live(&["feature-login", "Feature_X"]),
         &labels(),
+        &RouteSettings::default(),
     );
     let fx = subset_name("Feature_X");
     assert!(fx.starts_with("feature-x--"), "{fx}");
@@ -107,6 +108,119 @@ fn desired_objects_for_two_canaries() {
     );
 }
 
+/// The weighted gray stage: requests without a header split between
+/// `normal` and the canaries that ask for a share; header routes as
+/// always; every route gets the Service's timeout and retries.
+#[test]
+fn canaries_with_a_weight_share_the_default_route_and_every_route_has_the_settings() {
+    let live = live(&["a", "b", "c"])
+        .with_weight("a", TagWeight::Percent(10))
+        .with_weight("b", TagWeight::Percent(5))
+        .with_weight(
+            "c",
+            TagWeight::Invalid(shape::WeightProblem::NotAPercent("x".into())),
+        );
+    let settings = RouteSettings {
+        timeout: Some("5s".into()),
+        retries: Some(shape::Retries {
+            attempts: 3,
+            per_try_timeout: Some("2s".into()),
+        }),
+    };
+    let d = desired(&service(), "x-canary-tag", &live, &labels(), &settings);
+    let http = d.virtual_service.to_json(API)["spec"]["http"].clone();
+    let retries = json!({"attempts": 3, "perTryTimeout": "2s"});
+    assert_eq!(
+        http[3],
+        json!({"name": "normal",
+               "route": [{"destination": {"host": "checkout", "subset": "normal"}, "weight": 85},
+                         {"destination": {"host": "checkout", "subset": "a"}, "weight": 10},
+                         {"destination": {"host": "checkout", "subset": "b"}, "weight": 5}],
+               "timeout": "5s", "retries": retries})
+    );
+    for route in http.as_array().unwrap() {
+        assert_eq!(route["timeout"], "5s");
+        assert_eq!(route["retries"], retries);
+    }
+    assert_eq!(
+        http[0]["route"],
+        json!([{"destination": {"host": "checkout", "subset": "a"}}]),
+        "header routes unchanged"
+    );
+    assert_eq!(
+        super::plan::default_route(&d.virtual_service.spec, "checkout"),
+        Some(DefaultRoute::Normal)
+    );
+    // All of it: normal gets nothing and is left out.
+    let all = live_with(&["a"], &[("a", 100)]);
+    let d = desired(&service(), "h", &all, &labels(), &RouteSettings::default());
+    assert_eq!(
+        d.virtual_service.to_json(API)["spec"]["http"][1]["route"],
+        json!([{"destination": {"host": "checkout", "subset": "a"}, "weight": 100}])
+    );
+    // No normal pod ready: no split (the default route goes to the Service).
+    let mut gray = live_with(&["a"], &[("a", 30)]);
+    gray.normal = false;
+    let d = desired(&service(), "h", &gray, &labels(), &RouteSettings::default());
+    assert_eq!(
+        d.virtual_service.to_json(API)["spec"]["http"][1]["route"],
+        json!([{"destination": {"host": "checkout"}}])
+    );
+}
+
+/// Live tags with these weights (and a ready normal pod).
+fn live_with(tags: &[&str], weights: &[(&str, u8)]) -> Live {
+    weights.iter().fold(live(tags), |l, (t, p)| {
+        l.with_weight(t, TagWeight::Percent(*p))
+    })
+}
+
+#[test]
+fn a_weight_goes_live_with_one_write_after_its_subset_and_over_100_keeps_the_split() {
+    let mut c = Cluster::new();
+    let t0 = t0();
+    // A new weighted canary: its subset first, then its route and its share
+    // in one VirtualService write.
+    let steps = c.converge(&live_with(&["a"], &[("a", 10)]), t0);
+    assert_eq!(
+        steps,
+        [("dr", owned(&["a"]), vec![]), ("vs", owned(&["a"]), vec![])]
+    );
+    let split = |c: &Cluster| super::plan::split_of(c.vs.as_ref().unwrap().spec.as_ref().unwrap());
+    assert_eq!(split(&c), BTreeMap::from([("a".to_owned(), 10)]));
+    // The weight changes: one VirtualService write.
+    let steps = c.converge(&live_with(&["a"], &[("a", 30)]), t0);
+    assert_eq!(steps, [("vs", vec![], vec![])]);
+    assert_eq!(split(&c), BTreeMap::from([("a".to_owned(), 30)]));
+    // A second canary would make it 130: the split written before stands.
+    let over = live_with(&["a", "b"], &[("a", 30), ("b", 100)]);
+    let plan = c.plan(&over, t0);
+    assert_eq!(plan.weights_over, None, "b has no subset yet");
+    c.converge(&over, t0);
+    assert_eq!(c.plan(&over, t0).weights_over, Some(130));
+    assert_eq!(split(&c), BTreeMap::from([("a".to_owned(), 30)]));
+    assert!(
+        c.routes().contains_key("b"),
+        "its header route all the same"
+    );
+    // The annotation removed (a new rollout): back to normal.
+    c.converge(&live(&["a", "b"]), t0);
+    assert!(split(&c).is_empty());
+    assert_eq!(
+        c.vs.as_ref()
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+            .http
+            .last()
+            .unwrap()
+            .route
+            .len(),
+        1
+    );
+}
+
 #[test]
 fn without_a_ready_normal_pod_the_default_route_goes_to_the_whole_service() {
     let d = desired(
@@ -114,6 +228,7 @@ fn without_a_ready_normal_pod_the_default_route_goes_to_the_whole_service() {
         "x-canary-tag",
         &gray_only(&["feature-login"]),
         &labels(),
+        &RouteSettings::default(),
     );
     // The normal subset stays (no route names it), so routing back to it
     // needs no DestinationRule write.
@@ -140,7 +255,13 @@ fn without_a_ready_normal_pod_the_default_route_goes_to_the_whole_service() {
     );
     assert_eq!(super::plan::default_route(spec, "cart"), None);
     // Nothing ready at all: the Service host only.
-    let d = desired(&service(), "x-canary-tag", &gray_only(&[]), &labels());
+    let d = desired(
+        &service(),
+        "x-canary-tag",
+        &gray_only(&[]),
+        &labels(),
+        &RouteSettings::default(),
+    );
     assert_eq!(
         d.virtual_service.to_json(API)["spec"]["http"],
         json!([{"route": [{"destination": {"host": "checkout"}}]}])
@@ -149,7 +270,13 @@ fn without_a_ready_normal_pod_the_default_route_goes_to_the_whole_service() {
 
 #[test]
 fn without_canaries_everything_goes_to_normal() {
-    let d = desired(&service(), "x-canary-tag", &live(&[]), &labels());
+    let d = desired(
+        &service(),
+        "x-canary-tag",
+        &live(&[]),
+        &labels(),
+        &RouteSettings::default(),
+    );
     assert_eq!(
         super::plan::default_route(&d.virtual_service.spec, "checkout"),
         Some(DefaultRoute::Normal)
@@ -173,7 +300,13 @@ fn configured_label_keys_and_values_make_the_selectors() {
         normal_stage: "stable".into(),
         ..LabelPolicy::default()
     };
-    let d = desired(&service(), "x-version", &live(&["v2"]), &custom);
+    let d = desired(
+        &service(),
+        "x-version",
+        &live(&["v2"]),
+        &custom,
+        &RouteSettings::default(),
+    );
     let subsets = &d.destination_rule.spec.subsets;
     assert_eq!(subsets[0].labels, map(&[("example.com/stage", "stable")]));
     assert_eq!(
@@ -197,7 +330,13 @@ fn without_a_uid_there_is_no_owner_and_without_a_namespace_none_is_written() {
         uid: None,
         ..service()
     };
-    let d = desired(&offline, "x-canary-tag", &live(&["a"]), &labels());
+    let d = desired(
+        &offline,
+        "x-canary-tag",
+        &live(&["a"]),
+        &labels(),
+        &RouteSettings::default(),
+    );
     let json = d.destination_rule.to_json(API);
     assert!(json["metadata"].get("ownerReferences").is_none());
     assert!(json["metadata"].get("namespace").is_none());
@@ -284,8 +423,8 @@ fn only_ready_endpoints_make_tags_and_the_normal_stage_live() {
     ]);
     let stage_of = |pod: &str| {
         pods.get(pod).map(|t| match t.as_str() {
-            "" => PodStage::Normal,
-            tag => PodStage::Canary(tag),
+            "" => (PodStage::Normal, None),
+            tag => (PodStage::Canary(tag), None),
         })
     };
     let e = |pod: Option<&'static str>, ready| EndpointView { pod, ready };
@@ -461,6 +600,7 @@ impl Cluster {
             due: &self.due,
             now,
             grace: GRACE,
+            settings: &RouteSettings::default(),
         })
     }
 
@@ -544,14 +684,35 @@ impl Cluster {
             .and_then(|o| o.spec.as_ref())
             .expect("a VirtualService only after its DestinationRule");
         let names: BTreeSet<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
+        let (last, header_routes) = vs.http.split_last().unwrap();
+        for route in header_routes {
+            assert_eq!(route.route.len(), 1, "one destination per header route");
+        }
         for route in &vs.http {
-            assert_eq!(route.route.len(), 1, "one destination per route");
-            if let Some(subset) = route.route[0].destination.subset.as_deref() {
-                assert!(names.contains(subset), "route to missing subset {subset}");
+            for d in &route.route {
+                if let Some(subset) = d.destination.subset.as_deref() {
+                    assert!(names.contains(subset), "route to missing subset {subset}");
+                }
             }
         }
-        let last = vs.http.last().unwrap();
         assert!(last.matches.is_empty());
+        // A weighted default route: weights add up to 100, each canary's
+        // share goes to a live tag's subset.
+        if last.route.len() > 1 || last.route[0].weight.is_some() {
+            let sum: u32 = last.route.iter().map(|d| d.weight.unwrap()).sum();
+            assert_eq!(sum, 100);
+            let (_, by_tag) = subsets(dr, &labels());
+            for d in &last.route {
+                let subset = d.destination.subset.as_deref().unwrap();
+                if subset != NORMAL_SUBSET {
+                    let tag = by_tag.iter().find(|(_, n)| *n == subset).unwrap().0;
+                    assert!(
+                        live.tags.contains(tag),
+                        "a share of {tag}, which has no ready pod"
+                    );
+                }
+            }
+        }
         assert_eq!(
             super::plan::default_route(vs, "checkout"),
             Some(live.default_route()),
@@ -585,7 +746,13 @@ fn from_nothing_the_subsets_come_before_the_routes() {
             ("vs", owned(&["a", "b"]), vec![]),
         ]
     );
-    let d = desired(&service(), "x-canary-tag", &live, &labels());
+    let d = desired(
+        &service(),
+        "x-canary-tag",
+        &live,
+        &labels(),
+        &RouteSettings::default(),
+    );
     assert!(
         c.dr.as_ref()
             .unwrap()
@@ -860,7 +1027,7 @@ proptest! {
         normal in any::<bool>(),
     ) {
         let l = labels();
-        let d = desired(&service(), "x-canary-tag", &Live { normal, tags: live.clone() }, &l);
+        let d = desired(&service(), "x-canary-tag", &Live::new(normal, live.clone()), &l, &RouteSettings::default());
         let subsets = &d.destination_rule.spec.subsets;
         // Subset names: unique DNS-1123 labels, normal first and only once.
         let names: BTreeSet<&str> = subsets.iter().map(|s| s.name.as_str()).collect();
@@ -914,9 +1081,59 @@ proptest! {
         let set = Live::new(true, live);
         let shuffled_set = Live::new(true, shuffled);
         prop_assert_eq!(
-            desired(&service(), "h", &set, &labels()),
-            desired(&service(), "h", &shuffled_set, &labels())
+            desired(&service(), "h", &set, &labels(), &RouteSettings::default()),
+            desired(&service(), "h", &shuffled_set, &labels(), &RouteSettings::default())
         );
+    }
+
+    /// Random histories of weighted canaries: after every single write the
+    /// default route's weights add up to 100 and name only subsets the
+    /// DestinationRule holds; without weights the routes carry none.
+    #[test]
+    fn weights_always_add_up_and_name_only_existing_subsets(
+        history in prop::collection::vec(
+            (
+                prop::collection::btree_map(
+                    prop::sample::select(vec!["a", "b", "c", "d"]),
+                    prop::option::of(0u8..=60),
+                    0..4,
+                ),
+                any::<bool>(),
+            ),
+            1..10,
+        ),
+    ) {
+        let mut c = Cluster::new();
+        let t0 = t0();
+        for (set, normal) in history {
+            let mut live = Live::new(normal, set.keys().copied());
+            for (tag, w) in &set {
+                if let Some(w) = w {
+                    live = live.with_weight(tag, TagWeight::Percent(*w));
+                }
+            }
+            for _ in 0..10 {
+                if c.step(&live, t0).is_none() {
+                    break;
+                }
+                let vs = c.vs.as_ref().and_then(|o| o.spec.as_ref());
+                let dr = c.dr.as_ref().and_then(|o| o.spec.as_ref());
+                let (Some(vs), Some(dr)) = (vs, dr) else { continue };
+                let names: BTreeSet<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
+                let last = vs.http.last().unwrap();
+                if last.route.len() > 1 || last.route[0].weight.is_some() {
+                    let sum: u32 = last.route.iter().map(|d| d.weight.unwrap()).sum();
+                    prop_assert_eq!(sum, 100);
+                    for d in &last.route {
+                        let subset = d.destination.subset.as_deref().unwrap();
+                        prop_assert!(names.contains(subset), "{} not in the DR", subset);
+                    }
+                }
+                if set.values().all(Option::is_none) {
+                    prop_assert!(vs.http.iter().all(|r| r.route.iter().all(|d| d.weight.is_none())));
+                }
+            }
+        }
     }
 
     /// Random histories of live sets (tags, and whether a normal pod is
@@ -965,7 +1182,7 @@ proptest! {
         }
         now += GRACE;
         c.converge(&live, now);
-        let d = desired(&service(), "x-canary-tag", &live, &labels());
+        let d = desired(&service(), "x-canary-tag", &live, &labels(), &RouteSettings::default());
         let dr = c.dr.as_ref().unwrap();
         let vs = c.vs.as_ref().unwrap();
         // Same tags, same shape (names may be older ones: compare by tag).

@@ -245,6 +245,7 @@ fn start_with_clock(api: &Apiserver, clock: Clock) -> Running {
     let mut cfg = Config::default();
     cfg.routes.removal_grace_seconds = GRACE.as_secs() as u32;
     let writer = RoutesWriter {
+        owners: Default::default(),
         clock,
         settings: RoutesSettings::from_config(&cfg).unwrap(),
         metrics: metrics.clone(),
@@ -1103,6 +1104,217 @@ async fn a_namespace_whose_deletion_is_seen_late_gets_one_refused_create_and_no_
     r.stop().await;
 }
 
+/// The gray pod, asking for `weight` of the requests without a header.
+fn weighted_gray_pod(weight: &str) -> Value {
+    let mut p = gray_pod();
+    p["metadata"]["annotations"] = json!({"canary-injector.io/weight": weight});
+    p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": "checkout-gray-7d9f", "uid": "rs-gray", "controller": true}]);
+    p
+}
+
+/// The default route's destinations as (subset, weight).
+fn default_split(api: &Apiserver) -> Vec<(String, Option<u64>)> {
+    let vs = api.get(VS).unwrap();
+    vs["spec"]["http"].as_array().unwrap().last().unwrap()["route"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["destination"]["subset"].as_str().unwrap_or("").to_owned(),
+                d["weight"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+fn split(pairs: &[(&str, Option<u64>)]) -> Vec<(String, Option<u64>)> {
+    pairs.iter().map(|(s, w)| ((*s).to_owned(), *w)).collect()
+}
+
+/// A weighted gray stage: added (the subset first, then route and share in
+/// one write), changed (one write), removed (one write, back to normal),
+/// each said with an Event on the Service.
+#[tokio::test(start_paused = true)]
+async fn a_weight_is_added_changed_and_removed_with_one_write_each() {
+    let api = cluster(false);
+    api.put(GRAY_POD, weighted_gray_pod("10"));
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    assert_eq!(default_split(&api), split(&[("normal", None)]));
+    // The canary turns ready: its subset, then its route and its share.
+    api.put(SLICE, slice(true));
+    r.until("the share", |a| a.writes().len() == 4).await;
+    assert_eq!(
+        api.write_lines()[2..],
+        [format!("PATCH {DR}"), format!("PATCH {VS}")]
+    );
+    assert_eq!(
+        default_split(&api),
+        split(&[("normal", Some(90)), ("feature-login", Some(10))])
+    );
+    // Changed: one VirtualService write.
+    api.put(GRAY_POD, weighted_gray_pod("25"));
+    r.until("the new share", |a| a.writes().len() == 5).await;
+    assert_eq!(api.write_lines()[4], format!("PATCH {VS}"));
+    assert_eq!(
+        default_split(&api),
+        split(&[("normal", Some(75)), ("feature-login", Some(25))])
+    );
+    // Removed (a new rollout without it): back to normal, one write.
+    api.put(GRAY_POD, gray_pod());
+    r.until("back to normal", |a| a.writes().len() == 6).await;
+    assert_eq!(default_split(&api), split(&[("normal", None)]));
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 6, "steady: {:#?}", api.write_lines());
+    r.until("events", |a| {
+        a.events().iter().filter(|e| e.0 == "RouteWeights").count() == 3
+    })
+    .await;
+    let notes: Vec<String> = api
+        .seen()
+        .into_iter()
+        .filter(|c| c.method == Method::POST && c.path == EVENTS)
+        .filter(|c| c.body["reason"] == "RouteWeights")
+        .map(|c| c.body["note"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "requests without a canary header now go 90% to normal, 10% to feature-login",
+            "requests without a canary header now go 75% to normal, 25% to feature-login",
+            "requests without a canary header now go 100% to normal",
+        ]
+    );
+    r.stop().await;
+}
+
+/// Weights over 100: the split written before stands, and a Warning on the
+/// Service says why; an unusable weight counts as 0, with a Warning on
+/// the workload of its pods.
+#[tokio::test(start_paused = true)]
+async fn weights_over_100_keep_the_split_and_a_bad_weight_counts_as_0() {
+    let api = two_canaries(true, true);
+    let annotate = |path: &str, weight: &str| {
+        let mut p = api.get(path).unwrap();
+        p["metadata"]["annotations"] = json!({"canary-injector.io/weight": weight});
+        p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+            "kind": "ReplicaSet", "name": "checkout-rs", "uid": "rs", "controller": true}]);
+        api.put(path, p);
+    };
+    annotate("/api/v1/namespaces/shop/pods/checkout-a-1", "60");
+    let r = start(&api);
+    r.until("converged", |a| {
+        a.get(VS)
+            .is_some_and(|v| v["spec"]["http"].as_array().unwrap().len() == 3)
+    })
+    .await;
+    r.idle(Duration::from_secs(5)).await;
+    assert_eq!(
+        default_split(&api),
+        split(&[("normal", Some(40)), ("feat-a", Some(60))])
+    );
+    let writes = api.writes().len();
+    // feat-b asks for 50 more: 110.
+    annotate("/api/v1/namespaces/shop/pods/checkout-b-1", "50");
+    r.until("the warning", |a| {
+        a.events().iter().any(|e| e.0 == "RouteWeightsInvalid")
+    })
+    .await;
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), writes, "the split stands");
+    assert_eq!(
+        default_split(&api),
+        split(&[("normal", Some(40)), ("feat-a", Some(60))])
+    );
+    let invalid: Vec<_> = api
+        .events()
+        .into_iter()
+        .filter(|e| e.0 == "RouteWeightsInvalid")
+        .collect();
+    assert_eq!(
+        invalid,
+        [(
+            "RouteWeightsInvalid".to_owned(),
+            "Warning".to_owned(),
+            "checkout".to_owned()
+        )]
+    );
+    // feat-b's weight turns unreadable: it counts as 0, so 60 fits again.
+    annotate("/api/v1/namespaces/shop/pods/checkout-b-1", "lots");
+    r.until("the warning on the workload", |a| {
+        a.events().iter().any(|e| e.0 == "RouteWeightInvalid")
+    })
+    .await;
+    let bad = api
+        .seen()
+        .into_iter()
+        .find(|c| {
+            c.method == Method::POST && c.path == EVENTS && c.body["reason"] == "RouteWeightInvalid"
+        })
+        .unwrap();
+    assert_eq!(bad.body["regarding"]["kind"], "ReplicaSet");
+    assert_eq!(bad.body["regarding"]["name"], "checkout-rs");
+    assert_eq!(
+        bad.body["note"],
+        "annotation canary-injector.io/weight: \"lots\" is not an integer from 0 to 100: canary \
+         feat-b gets no share of the requests to Service checkout without a header (it counts \
+         as 0)"
+    );
+    r.stop().await;
+}
+
+/// Timeout and retries from the Service's annotations on every route; a
+/// value that does not read is left out, with a Warning on the Service.
+#[tokio::test(start_paused = true)]
+async fn route_settings_reach_every_route_and_a_bad_one_is_left_out() {
+    let api = cluster(true);
+    api.put(
+        SERVICE,
+        service(json!({"canary-injector.io/routes": "true",
+                       "canary-injector.io/route-timeout": "2500ms",
+                       "canary-injector.io/route-retries": "3/1s"})),
+    );
+    let r = start(&api);
+    r.until("converged", |a| a.writes().len() == 2).await;
+    let http = api.get(VS).unwrap()["spec"]["http"].clone();
+    for route in http.as_array().unwrap() {
+        assert_eq!(route["timeout"], "2.5s");
+        assert_eq!(
+            route["retries"],
+            json!({"attempts": 3, "perTryTimeout": "1s"})
+        );
+    }
+    api.put(
+        SERVICE,
+        service(json!({"canary-injector.io/routes": "true",
+                       "canary-injector.io/route-timeout": "soon",
+                       "canary-injector.io/route-retries": "3/1s"})),
+    );
+    r.until("rewritten", |a| a.writes().len() == 3).await;
+    let http = api.get(VS).unwrap()["spec"]["http"].clone();
+    for route in http.as_array().unwrap() {
+        assert!(route.get("timeout").is_none(), "{route}");
+        assert_eq!(route["retries"]["attempts"], 3);
+    }
+    r.until("the warning", |a| {
+        a.events().iter().any(|e| e.0 == "RouteSettingsInvalid")
+    })
+    .await;
+    r.idle(RESYNC).await;
+    assert_eq!(api.writes().len(), 3);
+    assert_eq!(
+        api.events()
+            .iter()
+            .filter(|e| e.0 == "RouteSettingsInvalid")
+            .count(),
+        1,
+        "said once"
+    );
+    r.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_write_that_finds_the_object_changed_reads_again() {
     let api = cluster(false);
@@ -1334,6 +1546,7 @@ async fn a_follower_makes_no_call_at_all() {
     let (client, _served) = api.serve();
     let registry = Registry::new();
     let writer = RoutesWriter {
+        owners: Default::default(),
         clock: Default::default(),
         settings: RoutesSettings::from_config(&Config::default()).unwrap(),
         metrics: RouteMetrics::register(&registry).unwrap(),
