@@ -36,6 +36,7 @@
 //! Service's uid is known, an ownerReference to it.
 
 pub mod controller;
+pub mod gateway;
 pub mod index;
 pub mod names;
 pub mod objects;
@@ -448,22 +449,52 @@ pub(crate) fn virtual_service(
 
 // === conflicts ===
 
-/// Which of the two kinds.
+/// A kind of object the routes controller writes or reads for a routed
+/// Service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RuleKind {
-    /// `DestinationRule`.
+    /// Istio's `DestinationRule`.
     DestinationRule,
-    /// `VirtualService`.
+    /// Istio's `VirtualService`.
     VirtualService,
+    /// The Gateway API's `HTTPRoute`.
+    HttpRoute,
+    /// The Gateway API's `GRPCRoute` (read only: a foreign one conflicts).
+    GrpcRoute,
+    /// A version `Service` (Gateway API backend).
+    Service,
 }
 
 impl RuleKind {
+    /// Every kind, in the order of [`RuleKind::index`].
+    pub const ALL: [Self; 5] = [
+        Self::DestinationRule,
+        Self::VirtualService,
+        Self::HttpRoute,
+        Self::GrpcRoute,
+        Self::Service,
+    ];
+
     /// The kind name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DestinationRule => "DestinationRule",
             Self::VirtualService => "VirtualService",
+            Self::HttpRoute => "HTTPRoute",
+            Self::GrpcRoute => "GRPCRoute",
+            Self::Service => "Service",
         }
+    }
+
+    /// Its position in [`RuleKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True for the Gateway API's route kinds, whose "hosts" are the
+    /// Services they have as parents.
+    pub fn is_gateway_route(self) -> bool {
+        matches!(self, Self::HttpRoute | Self::GrpcRoute)
     }
 }
 
@@ -482,8 +513,18 @@ pub enum Conflict {
         /// Its kind.
         kind: RuleKind,
     },
+    /// An object not labelled as ours has the name of one we would create
+    /// (an HTTPRoute `<service>-<port>`, a version Service).
+    Named {
+        /// Its kind.
+        kind: RuleKind,
+        /// Its name.
+        name: String,
+    },
     /// An object not labelled as ours in the namespace names the Service as
-    /// a host: Istio does not merge two of them for one host.
+    /// a host (Istio does not merge two of them for one host), or as its
+    /// parent (a Gateway API route: the mesh would merge its rules with
+    /// ours).
     SameHost {
         /// Its kind.
         kind: RuleKind,
@@ -500,6 +541,14 @@ impl fmt::Display for Conflict {
             Self::SameName { kind } => write!(
                 f,
                 "a {kind} of the same name exists and is not managed by canary-injector"
+            ),
+            Self::Named { kind, name } => write!(
+                f,
+                "{kind} {name} exists and is not managed by canary-injector"
+            ),
+            Self::SameHost { kind, name, host } if kind.is_gateway_route() => write!(
+                f,
+                "{kind} {name} (not managed by canary-injector) has Service {host} as a parent"
             ),
             Self::SameHost { kind, name, host } => write!(
                 f,

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::gateway::RouteStatus;
 use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, RuleKind};
 
 /// Annotation on our DestinationRule: when each subset kept only for its
@@ -267,8 +268,14 @@ pub struct Observed<S> {
     pub owner_uids: Vec<String>,
     /// [`REMOVAL_DUE_ANNOTATION`] as written (ours only).
     pub removal_due: Option<String>,
-    /// The hosts it names (`spec.host` / `spec.hosts`).
+    /// [`super::gateway::ROUTE_OF_LABEL`] (ours only): the Service it is for.
+    pub route_of: Option<String>,
+    /// The hosts it names (`spec.host` / `spec.hosts`; a Gateway API
+    /// route's Service parents).
     pub hosts: Vec<String>,
+    /// What implementations say of it (a Gateway API route's
+    /// `status.parents`; empty otherwise).
+    pub status: RouteStatus,
     /// The spec; `None` when it does not have the expected shape, and for
     /// objects that are not ours.
     pub spec: Option<S>,
@@ -290,6 +297,12 @@ impl<S: Spec> Observed<S> {
         };
         Self {
             removal_due: meta.removal_due.filter(|_| managed),
+            route_of: meta
+                .labels
+                .get(super::gateway::ROUTE_OF_LABEL)
+                .filter(|_| managed)
+                .cloned(),
+            status: RouteStatus::default(),
             managed,
             name: meta.name,
             namespace: meta.namespace,
@@ -299,6 +312,15 @@ impl<S: Spec> Observed<S> {
             hosts,
             spec,
         }
+    }
+
+    /// The same, with what implementations say of it (`status`; read for
+    /// Gateway API routes only).
+    pub fn with_status(mut self, status: Option<&Value>) -> Self {
+        if S::KIND.is_gateway_route() {
+            self.status = RouteStatus::from_json(status);
+        }
+        self
     }
 
     /// True when this object already is `metadata` + `spec` as far as our
@@ -311,6 +333,7 @@ impl<S: Spec> Observed<S> {
                 .owner_references
                 .iter()
                 .all(|o| self.owner_uids.contains(&o.uid))
+            && self.route_of.as_ref() == metadata.labels.get(super::gateway::ROUTE_OF_LABEL)
             && self.removal_due.as_deref()
                 == metadata
                     .annotations
@@ -338,7 +361,7 @@ pub fn observe_json<S: Spec>(object: &Value) -> Observed<S> {
         .filter(|o| o["kind"] == "Service")
         .filter_map(|o| text(&o["uid"]))
         .collect();
-    Observed::new(
+    let observed = Observed::new(
         ObservedMeta {
             name: text(&meta["name"]).unwrap_or_default(),
             namespace: text(&meta["namespace"]).unwrap_or_default(),
@@ -349,7 +372,8 @@ pub fn observe_json<S: Spec>(object: &Value) -> Observed<S> {
             owner_uids,
         },
         object.get("spec"),
-    )
+    );
+    observed.with_status(object.get("status"))
 }
 
 impl<S: Spec> Observed<S> {
