@@ -22,7 +22,7 @@ use canary_injector::cluster::events::EventSink;
 use canary_injector::config::Config;
 use canary_injector::metrics::ControllerMetrics;
 use canary_injector::routes::controller::{
-    Apis, RouteError, RouteMetrics, Routes, RoutesSettings, RoutesWriter,
+    Apis, IstioApis, RouteError, RouteMetrics, Routes, RoutesSettings, RoutesWriter,
 };
 use canary_injector::routes::index::Index;
 use canary_injector::routes::plan::{PlanInput, plan};
@@ -131,18 +131,21 @@ fn bench(c: &mut Criterion) {
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), p)
     };
     let apis = Apis {
-        destination_rules: resource(
-            "networking.istio.io",
-            "v1",
-            "DestinationRule",
-            "destinationrules",
-        ),
-        virtual_services: resource(
-            "networking.istio.io",
-            "v1",
-            "VirtualService",
-            "virtualservices",
-        ),
+        istio: Some(IstioApis {
+            destination_rules: resource(
+                "networking.istio.io",
+                "v1",
+                "DestinationRule",
+                "destinationrules",
+            ),
+            virtual_services: resource(
+                "networking.istio.io",
+                "v1",
+                "VirtualService",
+                "virtualservices",
+            ),
+        }),
+        gateway: None,
         endpoint_slices: resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     };
     let mut routes = Routes::new(client, writer.clone(), apis);

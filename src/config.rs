@@ -188,8 +188,12 @@ impl ServerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct RoutesConfig {
-    /// Generate Istio routes for canary versions.
+    /// Generate routes for canary versions.
     pub enabled: bool,
+    /// The route API of Services without the annotation
+    /// `canary-injector.io/route-api`: `auto` (Istio's when served, else
+    /// the Gateway API's HTTPRoute), `istio` or `gateway-api`.
+    pub api: crate::routes::gateway::ApiChoice,
     /// The HTTP request header whose value selects a canary tag
     /// (`x-canary-tag`); a lowercase header name.
     pub header: String,
@@ -216,6 +220,7 @@ impl Default for RoutesConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            api: crate::routes::gateway::ApiChoice::Auto,
             header: "x-canary-tag".into(),
             removal_grace_seconds: 60,
             no_normal_pod_warning_seconds: 30,
@@ -523,6 +528,7 @@ mod tests {
             cfg.routes,
             RoutesConfig {
                 enabled: true,
+                api: crate::routes::gateway::ApiChoice::Auto,
                 header: "x-canary-tag".into(),
                 removal_grace_seconds: 60,
                 no_normal_pod_warning_seconds: 30,

@@ -335,6 +335,8 @@ struct FakeState {
 ///   `test` or path gives 422) and merge patch (RFC 7386);
 /// - `DELETE` (200 with the object, 404, or 409 when a `uid` or
 ///   `resourceVersion` precondition does not hold);
+/// - the defaults the apiserver gives Services and HTTPRoutes (see
+///   `defaults`), applied to every stored object;
 /// - discovery of the groups a test declares ([`FakeApiServer::serve_group`]):
 ///   while a group is not served, its discovery and every path under it
 ///   are 404, as when a CRD is not installed.
@@ -506,6 +508,7 @@ impl FakeState {
         let version = self.version;
         let old = self.objects.get(path).cloned();
         let new = object.map(|mut o| {
+            defaults(path, &mut o, version);
             o["metadata"]["resourceVersion"] = json!(version.to_string());
             if o["metadata"].get("uid").is_none() {
                 o["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{version:012}"));
@@ -623,7 +626,13 @@ impl FakeState {
         } else {
             METADATA_LIST_ACCEPT
         };
-        if collection && self.metadata_only.contains(&call.path) && call.accept != wanted {
+        // canary-injector's own version Services are read whole, selected
+        // by its label: the only whole reads of Services it makes.
+        let ours = call
+            .query
+            .get("labelSelector")
+            .is_some_and(|l| l.contains("canary-injector.io/route-of"));
+        if collection && self.metadata_only.contains(&call.path) && call.accept != wanted && !ours {
             self.full_reads.push(format!(
                 "{} {}{} with Accept {:?}",
                 call.method,
@@ -899,6 +908,88 @@ impl FakeState {
                 call.path, call.content_type
             ),
         }
+    }
+}
+
+/// The defaults the apiserver gives the kinds the routes controller writes
+/// (what a read then shows, so a writer that compares what it wrote with
+/// what it reads must write them out): a Service's `type`, `clusterIP`,
+/// `sessionAffinity` and ports' `protocol` and `targetPort`; an
+/// HTTPRoute's (the Gateway API CRD's schema defaults) parentRef and
+/// backendRef `group` and `kind`, backendRef `weight`, the `/` path prefix
+/// of every match (and a rule without matches gets one), header match
+/// `type`.
+fn defaults(path: &str, o: &mut Value, version: u64) {
+    let kind = path.rsplit('/').nth(1).unwrap_or_default();
+    let set = |v: &mut Value, key: &str, default: Value| {
+        if v.get(key).is_none_or(Value::is_null) {
+            v[key] = default;
+        }
+    };
+    // The items of an array field; never adds the field (`IndexMut` would
+    // add a `null`, which the apiserver never stores).
+    fn each<'a>(v: &'a mut Value, key: &str) -> impl Iterator<Item = &'a mut Value> {
+        v.get_mut(key)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+    }
+    let Some(spec) = o.get_mut("spec").filter(|s| s.is_object()) else {
+        return;
+    };
+    match kind {
+        "services" if path.starts_with("/api/v1/namespaces/") => {
+            set(spec, "type", json!("ClusterIP"));
+            if spec["type"] != "ExternalName" {
+                set(
+                    spec,
+                    "clusterIP",
+                    json!(format!(
+                        "10.96.{}.{}",
+                        version / 250 % 250,
+                        version % 250 + 1
+                    )),
+                );
+                set(spec, "sessionAffinity", json!("None"));
+            }
+            for port in each(spec, "ports") {
+                set(port, "protocol", json!("TCP"));
+                let number = port["port"].clone();
+                set(port, "targetPort", number);
+            }
+        }
+        "httproutes" => {
+            for parent in each(spec, "parentRefs") {
+                set(parent, "group", json!("gateway.networking.k8s.io"));
+                set(parent, "kind", json!("Gateway"));
+            }
+            set(
+                spec,
+                "rules",
+                json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]),
+            );
+            for rule in each(spec, "rules") {
+                set(
+                    rule,
+                    "matches",
+                    json!([{"path": {"type": "PathPrefix", "value": "/"}}]),
+                );
+                for m in each(rule, "matches") {
+                    set(m, "path", json!({"type": "PathPrefix", "value": "/"}));
+                    set(&mut m["path"], "type", json!("PathPrefix"));
+                    set(&mut m["path"], "value", json!("/"));
+                    for h in each(m, "headers") {
+                        set(h, "type", json!("Exact"));
+                    }
+                }
+                for b in each(rule, "backendRefs") {
+                    set(b, "group", json!(""));
+                    set(b, "kind", json!("Service"));
+                    set(b, "weight", json!(1));
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1,21 +1,34 @@
-//! The routes controller: keeps one DestinationRule and one VirtualService
-//! per routed Service in step with the Service's live canary tags. Runs on
-//! the leader only (a field of the app's writers), one instance per
-//! leadership term; a thin adapter around [`super::plan`].
+//! The routes controller: keeps each routed Service's routes in step with
+//! its live canary tags, on Istio's API (one DestinationRule and one
+//! VirtualService, [`super::plan`]) or on the Gateway API (version Services
+//! and HTTPRoutes, [`super::gateway`]), per Service. Runs on the leader only
+//! (a field of the app's writers), one instance per leadership term; a thin
+//! adapter around the two planners.
 //!
 //! ```text
-//!  discover: networking.istio.io (v1 > v1beta1 > v1alpha3), discovery.k8s.io
-//!            absent -> idle, re-check every 30 s (routes_crds_present 0)
+//!  discover: networking.istio.io (v1 > v1beta1 > v1alpha3),
+//!            gateway.networking.k8s.io/v1 httproutes (grpcroutes), discovery.k8s.io
+//!            no route API or no EndpointSlices -> idle, re-check every 30 s
+//!            (routes_crds_present 0); while one route API is missing, look
+//!            again every 30 s and start over when it appears
 //!  watches:  metadata only (PartialObjectMetadata lists and watches):
 //!              Namespaces (opt-in selector), Services, normal and canary pods
 //!              (<stage> in (<normal>,<gray>));
 //!            whole objects: EndpointSlices (kubernetes.io/service-name: readiness
-//!              and pods are in the body), DestinationRules, VirtualServices
+//!              and pods are in the body); DestinationRules, VirtualServices
+//!              (Istio); HTTPRoutes, GRPCRoutes, and our own version Services
+//!              (label-selected) (Gateway API)
 //!              --> Index (small rows) --> dirty Services
-//!  reconcile: conflicts? -> report, write nothing
+//!  reconcile: which API (annotation canary-injector.io/route-api, else routes.api);
+//!             the other API's objects of ours for the Service are deleted first
+//!             conflicts? -> report, write nothing
 //!             plan() -> one write -> read the answer back -> plan() again ...
-//!             not routed any more -> delete our VirtualService, then our DestinationRule
+//!             not routed any more -> delete our routes, then what they route to
 //! ```
+//!
+//! On the Gateway API the routed Service's selector and ports are read with
+//! a `GET` of the Service (its watch is metadata only), again whenever its
+//! `resourceVersion` changes.
 //!
 //! Writes: a create is a `POST` (it fails if anyone else's object took the
 //! name meanwhile); a change is a server-side apply (field manager
@@ -50,6 +63,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::gateway::{
+    self, ApiChoice, HttpRouteSpec, InvalidRouteApi, ObservedService, RouteApi, ShapeProblem,
+};
 use super::index::{Change, Index, Key, SERVICE_NAME_LABEL};
 use super::objects::{self, DestinationRuleSpec, Observed, Spec, VirtualServiceSpec};
 use super::plan::{self, DefaultChange, PlanInput, Removal, Step, Write};
@@ -114,6 +130,9 @@ pub struct RoutesSettings {
     /// Every route's timeout and retries unless a Service's annotations
     /// say otherwise (`routes.timeout`, `routes.retries`).
     pub defaults: RouteSettings,
+    /// The route API of Services without the route API annotation
+    /// (`routes.api`).
+    pub api: ApiChoice,
 }
 
 impl RoutesSettings {
@@ -129,6 +148,7 @@ impl RoutesSettings {
             ),
             // Checked when the configuration was loaded.
             defaults: cfg.routes.route_settings().unwrap_or_default(),
+            api: cfg.routes.api,
         })
     }
 }
@@ -141,41 +161,62 @@ pub struct RouteMetrics {
     changes: IntCounterVec,
     restored: IntCounterVec,
     watch_errors: IntCounterVec,
-    /// 1 while `networking.istio.io` and EndpointSlices are served (on the
-    /// leader; 0 elsewhere).
+    api_served: IntGaugeVec,
+    /// 1 while a route API and EndpointSlices are served (on the leader; 0
+    /// elsewhere).
     pub crds_present: IntGauge,
 }
 
 impl RouteMetrics {
     /// Values of the `state` label of `routes_services`.
-    pub const STATES: [&'static str; 4] =
-        ["routed", "without-normal", "conflict", "invalid-header"];
+    pub const STATES: [&'static str; 6] = [
+        "routed",
+        "without-normal",
+        "conflict",
+        "invalid-header",
+        "unroutable",
+        "not-accepted",
+    ];
 
     /// Values of the `change` label of `routes_changes_total`.
-    pub const CHANGES: [&'static str; 5] = [
+    pub const CHANGES: [&'static str; 7] = [
         "route-added",
         "route-removed",
         "subset-added",
         "subset-removed",
+        "service-added",
+        "service-removed",
         "objects-deleted",
     ];
 
     /// Values of the `kind` label of `routes_restored_total`.
-    pub const KINDS: [RuleKind; 2] = [RuleKind::DestinationRule, RuleKind::VirtualService];
+    pub const KINDS: [RuleKind; 4] = [
+        RuleKind::DestinationRule,
+        RuleKind::VirtualService,
+        RuleKind::HttpRoute,
+        RuleKind::Service,
+    ];
 
     /// Values of the `watch` label of `routes_watch_errors_total`.
-    pub const WATCHES: [&'static str; 6] = [
+    pub const WATCHES: [&'static str; 9] = [
         "namespaces",
         "services",
         "endpointslices",
         "pods",
         "destinationrules",
         "virtualservices",
+        "httproutes",
+        "grpcroutes",
+        "versionservices",
     ];
+
+    /// Values of the `api` label of `routes_api_served`.
+    pub const APIS: [RouteApi; 2] = [RouteApi::Istio, RouteApi::GatewayApi];
 
     /// Creates and registers `routes_services{state}`,
     /// `routes_changes_total{change}`, `routes_restored_total{kind}`,
-    /// `routes_watch_errors_total{watch}` and `routes_crds_present`.
+    /// `routes_watch_errors_total{watch}`, `routes_api_served{api}` and
+    /// `routes_crds_present`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let services = IntGaugeVec::new(
             Opts::new(
@@ -184,22 +225,27 @@ impl RouteMetrics {
                  without-normal (routed, but no ready endpoint is a normal pod: requests \
                  without a canary header go to every ready endpoint of the Service), \
                  conflict (an object not managed by canary-injector is in the way), \
-                 invalid-header. Set by the leader.",
+                 invalid-header, unroutable (the route API annotation is invalid, the API \
+                 is not served, or the Service cannot be split on the Gateway API), \
+                 not-accepted (Gateway API: no implementation has accepted its HTTPRoute). \
+                 Set by the leader.",
             ),
             &["state"],
         )?;
         let changes = IntCounterVec::new(
             Opts::new(
                 "routes_changes_total",
-                "Changes written to DestinationRules and VirtualServices, by change.",
+                "Changes written to the routes (DestinationRules and VirtualServices, or \
+                 version Services and HTTPRoutes), by change.",
             ),
             &["change"],
         )?;
         let restored = IntCounterVec::new(
             Opts::new(
                 "routes_restored_total",
-                "DestinationRules and VirtualServices of canary-injector that someone else \
-                 changed or deleted and the routes controller put back, by kind.",
+                "Routing objects of canary-injector (DestinationRules, VirtualServices, \
+                 HTTPRoutes, version Services) that someone else changed or deleted and the \
+                 routes controller put back, by kind.",
             ),
             &["kind"],
         )?;
@@ -214,9 +260,20 @@ impl RouteMetrics {
         )?;
         let crds_present = IntGauge::new(
             "routes_crds_present",
-            "1 while the leader finds networking.istio.io and EndpointSlices served; 0 while \
-             the routes controller idles (or on a replica that does not lead).",
+            "1 while the leader finds a route API (networking.istio.io or the Gateway API's \
+             HTTPRoute) and EndpointSlices served; 0 while the routes controller idles (or on \
+             a replica that does not lead).",
         )?;
+        let api_served = IntGaugeVec::new(
+            Opts::new(
+                "routes_api_served",
+                "1 for each route API the leader finds served (istio, gateway-api).",
+            ),
+            &["api"],
+        )?;
+        for api in Self::APIS {
+            api_served.with_label_values(&[api.as_str()]);
+        }
         for state in Self::STATES {
             services.with_label_values(&[state]);
         }
@@ -234,11 +291,13 @@ impl RouteMetrics {
         registry.register(Box::new(restored.clone()))?;
         registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(crds_present.clone()))?;
+        registry.register(Box::new(api_served.clone()))?;
         Ok(Self {
             services,
             changes,
             restored,
             watch_errors,
+            api_served,
             crds_present,
         })
     }
@@ -269,12 +328,27 @@ impl RouteMetrics {
         self.watch_errors.with_label_values(&[watch]).get()
     }
 
+    /// 1 while the leader finds `api` served.
+    pub fn api_served(&self, api: RouteApi) -> i64 {
+        self.api_served.with_label_values(&[api.as_str()]).get()
+    }
+
+    fn serving(&self, apis: Option<&Apis>) {
+        for api in Self::APIS {
+            let served = apis.is_some_and(|a| a.serves(api));
+            self.api_served
+                .with_label_values(&[api.as_str()])
+                .set(i64::from(served));
+        }
+        self.crds_present.set(i64::from(apis.is_some()));
+    }
+
     /// Zero every gauge (the term ended: another replica reports now).
     fn reset(&self) {
         for state in Self::STATES {
             self.services.with_label_values(&[state]).set(0);
         }
-        self.crds_present.set(0);
+        self.serving(None);
     }
 }
 
@@ -368,6 +442,18 @@ pub enum RouteError {
         /// Name.
         name: String,
     },
+    /// The routed Service could not be read (Gateway API: its selector
+    /// and ports).
+    #[error("cannot read Service {namespace}/{name}: {source}")]
+    Read {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// The namespace is being deleted: the apiserver refuses anything new
     /// there. Not a fault: nothing more is written into it.
     #[error("namespace {namespace} is being deleted")]
@@ -379,7 +465,7 @@ pub enum RouteError {
 
 impl RouteError {
     /// Every `reason` label value, exported at 0 from the start.
-    pub const REASONS: [&'static str; 2] = ["write", "stale"];
+    pub const REASONS: [&'static str; 3] = ["write", "stale", "read"];
 
     /// Bounded metric label for this error; `None` for what is no error
     /// (a namespace being deleted).
@@ -387,6 +473,7 @@ impl RouteError {
         match self {
             Self::Write { .. } => Some(Self::REASONS[0]),
             Self::Stale { .. } => Some(Self::REASONS[1]),
+            Self::Read { .. } => Some(Self::REASONS[2]),
             Self::NamespaceTerminating { .. } => None,
         }
     }
@@ -419,22 +506,50 @@ impl RouteError {
 /// cluster serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Apis {
+    /// Istio's, when served.
+    pub istio: Option<IstioApis>,
+    /// The Gateway API's, when HTTPRoutes are served.
+    pub gateway: Option<GatewayApis>,
+    /// `endpointslices`.
+    pub endpoint_slices: ApiResource,
+}
+
+/// `networking.istio.io` at the version served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IstioApis {
     /// `destinationrules`.
     pub destination_rules: ApiResource,
     /// `virtualservices`.
     pub virtual_services: ApiResource,
-    /// `endpointslices`.
-    pub endpoint_slices: ApiResource,
+}
+
+/// `gateway.networking.k8s.io/v1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayApis {
+    /// `httproutes`.
+    pub http_routes: ApiResource,
+    /// `grpcroutes`, when served (read for conflicts only).
+    pub grpc_routes: Option<ApiResource>,
+}
+
+impl Apis {
+    /// True when `api` is served.
+    pub fn serves(&self, api: RouteApi) -> bool {
+        match api {
+            RouteApi::Istio => self.istio.is_some(),
+            RouteApi::GatewayApi => self.gateway.is_some(),
+        }
+    }
 }
 
 /// What discovery found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Discovered {
-    /// Everything is served.
+    /// EndpointSlices and at least one route API are served.
     Ready(Box<Apis>),
-    /// `networking.istio.io` with DestinationRules and VirtualServices is
-    /// not served (Istio not installed yet).
-    NoIstio,
+    /// Neither `networking.istio.io` (DestinationRules and VirtualServices)
+    /// nor the Gateway API's HTTPRoute is served.
+    NoRouteApi,
     /// EndpointSlices are not served (Kubernetes 1.16).
     NoEndpointSlices,
 }
@@ -477,6 +592,12 @@ async fn served(
     Ok(None)
 }
 
+/// Core `v1` Services, as a dynamic resource (our version Services are
+/// read and written as JSON).
+fn core_services() -> ApiResource {
+    resource("", "v1", "Service", "services")
+}
+
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &kube::api::GroupVersionKind::gvk(group, version, kind),
@@ -484,20 +605,38 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     )
 }
 
-/// Finds the versions the cluster serves: `networking.istio.io` `v1`, else
-/// `v1beta1`, else `v1alpha3`; EndpointSlices `v1`, else `v1beta1`.
+/// Finds what the cluster serves: `networking.istio.io` `v1`, else
+/// `v1beta1`, else `v1alpha3`; `gateway.networking.k8s.io/v1` HTTPRoutes
+/// (and GRPCRoutes); EndpointSlices `v1`, else `v1beta1`.
 pub async fn discover(client: &Client) -> Result<Discovered, kube::Error> {
     let rules = ["destinationrules", "virtualservices"];
-    let Some(istio) = served(client, objects::GROUP, &objects::VERSIONS, &rules).await? else {
-        return Ok(Discovered::NoIstio);
+    let istio = served(client, objects::GROUP, &objects::VERSIONS, &rules)
+        .await?
+        .map(|v| IstioApis {
+            destination_rules: resource(objects::GROUP, &v, "DestinationRule", rules[0]),
+            virtual_services: resource(objects::GROUP, &v, "VirtualService", rules[1]),
+        });
+    let versions = [gateway::VERSION];
+    let gateway = match served(client, gateway::GROUP, &versions, &["httproutes"]).await? {
+        Some(v) => {
+            let grpc = served(client, gateway::GROUP, &versions, &["grpcroutes"]).await?;
+            Some(GatewayApis {
+                http_routes: resource(gateway::GROUP, &v, "HTTPRoute", "httproutes"),
+                grpc_routes: grpc.map(|v| resource(gateway::GROUP, &v, "GRPCRoute", "grpcroutes")),
+            })
+        }
+        None => None,
     };
+    if istio.is_none() && gateway.is_none() {
+        return Ok(Discovered::NoRouteApi);
+    }
     let Some(slices) = served(client, SLICE_GROUP, &SLICE_VERSIONS, &["endpointslices"]).await?
     else {
         return Ok(Discovered::NoEndpointSlices);
     };
     Ok(Discovered::Ready(Box::new(Apis {
-        destination_rules: resource(objects::GROUP, &istio, "DestinationRule", rules[0]),
-        virtual_services: resource(objects::GROUP, &istio, "VirtualService", rules[1]),
+        istio,
+        gateway,
         endpoint_slices: resource(SLICE_GROUP, &slices, "EndpointSlice", "endpointslices"),
     })))
 }
@@ -513,23 +652,30 @@ pub async fn run(client: Client, writer: RoutesWriter, term: CancellationToken) 
         match discover(&client).await {
             Ok(Discovered::Ready(apis)) => {
                 idle_reason = None;
-                writer.metrics.crds_present.set(1);
+                writer.metrics.serving(Some(&apis));
+                let version = |r: Option<&ApiResource>| {
+                    r.map_or_else(|| "not served".to_owned(), |r| r.api_version.clone())
+                };
                 info!(
-                    istio = %apis.destination_rules.api_version,
+                    istio = %version(apis.istio.as_ref().map(|i| &i.destination_rules)),
+                    gateway_api = %version(apis.gateway.as_ref().map(|g| &g.http_routes)),
                     endpoint_slices = %apis.endpoint_slices.api_version,
+                    default_api = %writer
+                        .settings
+                        .api
+                        .resolve(apis.istio.is_some(), apis.gateway.is_some())
+                        .map_or("none", RouteApi::as_str),
                     "routes controller started"
                 );
                 let routes = Routes::new(client.clone(), writer.clone(), *apis);
                 if routes.run(&term).await == Exit::Stopped {
                     break;
                 }
-                writer.metrics.crds_present.set(0);
-                warn!(
-                    "DestinationRules or VirtualServices no longer served; routes controller idle"
-                );
+                writer.metrics.serving(None);
+                info!("route APIs served changed; discovering again");
             }
             Ok(missing) => {
-                writer.metrics.crds_present.set(0);
+                writer.metrics.serving(None);
                 if idle_reason.as_ref() != Some(&missing) {
                     match missing {
                         Discovered::NoEndpointSlices => info!(
@@ -538,16 +684,17 @@ pub async fn run(client: Client, writer: RoutesWriter, term: CancellationToken) 
                         ),
                         _ => info!(
                             recheck_seconds = RECHECK.as_secs(),
-                            "networking.istio.io DestinationRules/VirtualServices not served \
-                             (Istio not installed?); routes controller idle"
+                            "neither networking.istio.io DestinationRules/VirtualServices nor \
+                             gateway.networking.k8s.io/v1 HTTPRoutes are served (no Istio, no \
+                             Gateway API CRDs?); routes controller idle"
                         ),
                     }
                     idle_reason = Some(missing);
                 }
             }
             Err(error) => {
-                writer.metrics.crds_present.set(0);
-                warn!(%error, "cannot discover the Istio API; retrying");
+                writer.metrics.serving(None);
+                warn!(%error, "cannot discover the route APIs; retrying");
             }
         }
         tokio::select! {
@@ -565,7 +712,7 @@ pub async fn run(client: Client, writer: RoutesWriter, term: CancellationToken) 
 enum Exit {
     /// The term ended.
     Stopped,
-    /// The Istio API went away: discover again.
+    /// A route API went away or appeared: discover again.
     Rediscover,
 }
 
@@ -577,6 +724,9 @@ enum Update {
     Pod(watcher::Result<watcher::Event<PartialObjectMeta<Pod>>>),
     DestinationRule(watcher::Result<watcher::Event<DynamicObject>>),
     VirtualService(watcher::Result<watcher::Event<DynamicObject>>),
+    HttpRoute(watcher::Result<watcher::Event<DynamicObject>>),
+    GrpcRoute(watcher::Result<watcher::Event<DynamicObject>>),
+    Version(watcher::Result<watcher::Event<DynamicObject>>),
 }
 
 /// Why a Service gets no writes.
@@ -584,6 +734,9 @@ enum Update {
 enum Blocked {
     Conflict(Vec<Conflict>),
     Header(InvalidHeader),
+    RouteApi(InvalidRouteApi),
+    NotServed(RouteApi),
+    Shape(ShapeProblem),
 }
 
 /// Our latest write to an object, standing in for the watch cache until the
@@ -591,9 +744,33 @@ enum Blocked {
 /// the `resourceVersion` the write started from (`None`: it was absent),
 /// `result` the object as the API answered (`None`: deleted).
 #[derive(Debug, Clone)]
-struct Memo<S> {
+struct Memo<T> {
     prior: Option<String>,
-    result: Option<Observed<S>>,
+    result: Option<T>,
+    /// The routed Service it is for (Gateway API objects, whose names
+    /// are not the Service's).
+    of: Option<String>,
+}
+
+/// An object as read back, with its `resourceVersion`.
+trait Versioned: Clone {
+    /// The kind (logs, and which watch's progress to compare with).
+    const KIND: RuleKind;
+    fn version(&self) -> Option<&str>;
+}
+
+impl<S: Spec + Clone> Versioned for Observed<S> {
+    const KIND: RuleKind = S::KIND;
+    fn version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
+}
+
+impl Versioned for ObservedService {
+    const KIND: RuleKind = RuleKind::Service;
+    fn version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
 }
 
 /// One leadership term's state (see the module docs).
@@ -615,21 +792,42 @@ pub struct Routes {
     /// What was last reported about a Service's settings, weights and
     /// weight sum (said again only when it changes).
     reported: HashMap<Key, Reported>,
-    memo_dr: HashMap<Key, Memo<DestinationRuleSpec>>,
-    memo_vs: HashMap<Key, Memo<VirtualServiceSpec>>,
+    memo_dr: HashMap<Key, Memo<Observed<DestinationRuleSpec>>>,
+    memo_vs: HashMap<Key, Memo<Observed<VirtualServiceSpec>>>,
     /// The spec each of our objects was left with (our write's, or as seen
     /// in step; `None`: absent): a difference later is someone else's edit.
     left_dr: HashMap<Key, Option<DestinationRuleSpec>>,
     left_vs: HashMap<Key, Option<VirtualServiceSpec>>,
+    /// Gateway API: our latest writes of HTTPRoutes and version Services,
+    /// by the object's key.
+    memo_routes: HashMap<Key, Memo<Observed<HttpRouteSpec>>>,
+    memo_versions: HashMap<Key, Memo<ObservedService>>,
+    /// Gateway API: the spec each of a routed Service's HTTPRoutes and
+    /// version Services was left with, by object name.
+    left_routes: HashMap<Key, BTreeMap<String, Option<HttpRouteSpec>>>,
+    left_versions: HashMap<Key, BTreeMap<String, Option<gateway::VersionSpec>>>,
+    /// Gateway API: each routed Service's selector and ports, at the
+    /// resourceVersion read.
+    shapes: HashMap<Key, (Option<String>, Result<gateway::ServiceShape, ShapeProblem>)>,
+    /// Gateway API: routed Services whose HTTPRoutes are not (yet) taken up
+    /// by an implementation, since when; and what was said about it.
+    unaccepted: HashMap<Key, Instant>,
+    said_acceptance: HashMap<Key, String>,
     failing: BTreeSet<&'static str>,
 }
 
 impl Routes {
     /// A controller with an empty index.
     pub fn new(client: Client, writer: RoutesWriter, apis: Apis) -> Self {
-        let index = Index::new(
+        let mut index = Index::new(
             writer.settings.labels.clone(),
             writer.settings.namespaces.clone(),
+        );
+        let gateway = apis.gateway.as_ref();
+        index.watching(
+            apis.istio.is_some(),
+            gateway.is_some(),
+            gateway.is_some_and(|g| g.grpc_routes.is_some()),
         );
         Self {
             client,
@@ -648,6 +846,13 @@ impl Routes {
             memo_vs: HashMap::new(),
             left_dr: HashMap::new(),
             left_vs: HashMap::new(),
+            memo_routes: HashMap::new(),
+            memo_versions: HashMap::new(),
+            left_routes: HashMap::new(),
+            left_versions: HashMap::new(),
+            shapes: HashMap::new(),
+            unaccepted: HashMap::new(),
+            said_acceptance: HashMap::new(),
             failing: BTreeSet::new(),
         }
     }
@@ -681,7 +886,7 @@ impl Routes {
         // nor get decoded. (kube-runtime's `metadata_watcher` does the same
         // and is deprecated since kube 3.1 for this.) The tests' apiserver
         // model fails any other read of these kinds.
-        futures::stream::select_all([
+        let mut streams: Vec<BoxStream<'static, Update>> = vec![
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
                 namespaces,
@@ -710,29 +915,66 @@ impl Routes {
             .default_backoff()
             .map(Update::Pod)
             .boxed(),
+        ];
+        let whole = |resource: &ApiResource, config: watcher::Config| {
             watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &self.apis.destination_rules),
-                all(),
+                Api::<DynamicObject>::all_with(client.clone(), resource),
+                config,
             )
             .default_backoff()
-            .map(Update::DestinationRule)
-            .boxed(),
-            watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &self.apis.virtual_services),
-                all(),
-            )
-            .default_backoff()
-            .map(Update::VirtualService)
-            .boxed(),
-        ])
+        };
+        if let Some(istio) = &self.apis.istio {
+            streams.push(
+                whole(&istio.destination_rules, all())
+                    .map(Update::DestinationRule)
+                    .boxed(),
+            );
+            streams.push(
+                whole(&istio.virtual_services, all())
+                    .map(Update::VirtualService)
+                    .boxed(),
+            );
+        }
+        if let Some(gateway) = &self.apis.gateway {
+            streams.push(
+                whole(&gateway.http_routes, all())
+                    .map(Update::HttpRoute)
+                    .boxed(),
+            );
+            if let Some(grpc) = &gateway.grpc_routes {
+                streams.push(whole(grpc, all()).map(Update::GrpcRoute).boxed());
+            }
+            // Our version Services, whole (their selector and ports): the
+            // only Services read in full, selected by our labels.
+            let ours = format!(
+                "{}={},{}",
+                super::MANAGED_BY_LABEL,
+                super::MANAGED_BY_VALUE,
+                gateway::ROUTE_OF_LABEL
+            );
+            streams.push(
+                whole(&core_services(), all().labels(&ours))
+                    .map(Update::Version)
+                    .boxed(),
+            );
+        }
+        futures::stream::select_all(streams)
     }
 
-    /// Watches and reconciles until `term` is cancelled or the Istio API
-    /// goes away. Reconciles nothing before every watch has listed once (a
-    /// half-filled index would make tags look gone and conflicts absent).
+    /// Watches and reconciles until `term` is cancelled or a route API
+    /// goes away (or, while one is missing, appears). Reconciles nothing
+    /// before every watch has listed once (a half-filled index would make
+    /// tags look gone and conflicts absent).
     async fn run(mut self, term: &CancellationToken) -> Exit {
         let mut updates = self.watches();
         let mut resync = tokio::time::interval_at(Instant::now() + RESYNC, RESYNC);
+        let mut recheck = tokio::time::interval_at(Instant::now() + RECHECK, RECHECK);
+        let partial = self.apis.istio.is_none()
+            || self
+                .apis
+                .gateway
+                .as_ref()
+                .is_none_or(|g| g.grpc_routes.is_none());
         let exit = loop {
             let next = self.timers.values().min().copied();
             tokio::select! {
@@ -744,6 +986,11 @@ impl Routes {
                 },
                 () = sleep_until(next) => {}
                 _ = resync.tick() => self.dirty.extend(self.index.all_keys()),
+                _ = recheck.tick(), if partial => {
+                    if self.apis_changed().await {
+                        break Exit::Rediscover;
+                    }
+                }
             }
             // Take in what else is waiting before reconciling.
             let mut rediscover = false;
@@ -765,8 +1012,21 @@ impl Routes {
         exit
     }
 
-    /// Takes one watch event into the index; `Rediscover` when the Istio
-    /// API is gone.
+    /// True when discovery finds other route APIs served than this term
+    /// started with (a missing one was installed).
+    async fn apis_changed(&self) -> bool {
+        match discover(&self.client).await {
+            Ok(Discovered::Ready(apis)) => *apis != self.apis,
+            Ok(_) => true,
+            Err(error) => {
+                debug!(%error, "cannot discover the route APIs; looking again later");
+                false
+            }
+        }
+    }
+
+    /// Takes one watch event into the index; `Rediscover` when a route API
+    /// is gone.
     fn apply(&mut self, update: Update) -> Option<Exit> {
         let index = &mut self.index;
         let dirty = &mut self.dirty;
@@ -781,10 +1041,14 @@ impl Routes {
             Update::Service(r) => (
                 "services",
                 r.map(|e| {
+                    index.apply_dashed(
+                        Change::from_event(e.clone(), |o| Index::dashed_row(&o.metadata)),
+                        dirty,
+                    );
                     index.apply_service(
                         Change::from_event(e, |o| Index::service_row(&o.metadata)),
                         dirty,
-                    )
+                    );
                 }),
             ),
             Update::Slice(r) => (
@@ -812,6 +1076,24 @@ impl Routes {
                     index.apply_virtual_service(Change::from_event(e, Index::rule_row), dirty)
                 }),
             ),
+            Update::HttpRoute(r) => (
+                "httproutes",
+                r.map(|e| {
+                    index.saw_rule_version(RuleKind::HttpRoute, event_version(&e));
+                    index.apply_http_route(Change::from_event(e, Index::rule_row), dirty)
+                }),
+            ),
+            Update::GrpcRoute(r) => (
+                "grpcroutes",
+                r.map(|e| index.apply_grpc_route(Change::from_event(e, Index::rule_row), dirty)),
+            ),
+            Update::Version(r) => (
+                "versionservices",
+                r.map(|e| {
+                    index.saw_rule_version(RuleKind::Service, event_version(&e));
+                    index.apply_version(Change::from_event(e, Index::version_row), dirty)
+                }),
+            ),
         };
         match result {
             Ok(()) => {
@@ -829,8 +1111,11 @@ impl Routes {
                 if self.failing.insert(watch) {
                     warn!(watch, %error, "watch failed; retrying with backoff");
                 }
-                let istio = matches!(watch, "destinationrules" | "virtualservices");
-                (istio && is_not_found(&error)).then_some(Exit::Rediscover)
+                let api = matches!(
+                    watch,
+                    "destinationrules" | "virtualservices" | "httproutes" | "grpcroutes"
+                );
+                (api && is_not_found(&error)).then_some(Exit::Rediscover)
             }
         }
     }
@@ -872,7 +1157,7 @@ impl Routes {
                             debug!(%error, "read again");
                             STALE_RETRY
                         }
-                        RouteError::Write { .. } => {
+                        RouteError::Write { .. } | RouteError::Read { .. } => {
                             let n = self.failures.entry(key.clone()).or_insert(0);
                             *n += 1;
                             let delay = FIRST_RETRY
@@ -899,10 +1184,12 @@ impl Routes {
                 continue;
             }
             let i = match self.blocked.get(key) {
+                None if self.said_acceptance.contains_key(key) => 5,
                 None if self.without_normal.contains_key(key) => 1,
                 None => 0,
                 Some(Blocked::Conflict(_)) => 2,
                 Some(Blocked::Header(_)) => 3,
+                Some(Blocked::RouteApi(_) | Blocked::NotServed(_) | Blocked::Shape(_)) => 4,
             };
             counts[i] += 1;
         }
@@ -917,28 +1204,26 @@ impl Routes {
 
     /// The view of one object to plan from: the cache once it has caught
     /// up with our latest write to it, else that write's answer.
-    fn observe<S: Spec + Clone>(
-        cached: Option<&Observed<S>>,
-        memo: &mut HashMap<Key, Memo<S>>,
+    fn observe<T: Versioned>(
+        cached: Option<&T>,
+        memo: &mut HashMap<Key, Memo<T>>,
         key: &Key,
         newest: u64,
-    ) -> Option<Observed<S>> {
-        let cached_version = cached.and_then(|c| c.resource_version.as_deref());
+    ) -> Option<T> {
+        let cached_version = cached.and_then(Versioned::version);
         match memo.get(key) {
             Some(m)
                 if !super::index::caught_up(
-                    cached.map(|c| c.resource_version.as_deref().unwrap_or_default()),
+                    cached.map(|c| c.version().unwrap_or_default()),
                     m.prior.as_deref(),
-                    m.result
-                        .as_ref()
-                        .map(|r| r.resource_version.as_deref().unwrap_or_default()),
+                    m.result.as_ref().map(|r| r.version().unwrap_or_default()),
                     newest,
                 ) =>
             {
                 debug!(
                     namespace = %key.0,
                     name = %key.1,
-                    kind = %S::KIND,
+                    kind = %T::KIND,
                     cached = cached_version.unwrap_or("absent"),
                     "watch cache behind our last write; planning from the write's answer"
                 );
@@ -985,6 +1270,11 @@ impl Routes {
         self.failures.remove(key);
         self.left_dr.remove(key);
         self.left_vs.remove(key);
+        self.shapes.remove(key);
+        self.left_routes.remove(key);
+        self.left_versions.remove(key);
+        self.unaccepted.remove(key);
+        self.said_acceptance.remove(key);
     }
 
     /// Brings one Service in step; the time to look again, if any.
@@ -997,6 +1287,7 @@ impl Routes {
         }
         let Some(entry) = self.index.routed(key).cloned() else {
             self.forget(key);
+            self.remove_gateway(key).await?;
             return self.remove(key).await.map(|()| None);
         };
         let service = ServiceRef {
@@ -1004,6 +1295,34 @@ impl Routes {
             name: key.1.clone(),
             uid: entry.uid.clone(),
         };
+        let api = match gateway::route_api(Some(&entry.annotations)) {
+            Ok(Some(api)) => api,
+            Ok(None) => match self
+                .writer
+                .settings
+                .api
+                .resolve(self.apis.istio.is_some(), self.apis.gateway.is_some())
+            {
+                Some(api) => api,
+                None => return Ok(None),
+            },
+            Err(invalid) => {
+                self.block(&service, Blocked::RouteApi(invalid));
+                return Ok(None);
+            }
+        };
+        if !self.apis.serves(api) {
+            self.block(&service, Blocked::NotServed(api));
+            return Ok(None);
+        }
+        // One API per Service: what we wrote on the other goes first.
+        match api {
+            RouteApi::Istio => self.remove_gateway(key).await?,
+            RouteApi::GatewayApi => {
+                self.remove(key).await?;
+                return self.reconcile_gateway(key, &entry, service).await;
+            }
+        }
         let found = conflicts(&service, self.index.rules_in(&key.0));
         if !found.is_empty() {
             self.block(&service, Blocked::Conflict(found));
@@ -1057,12 +1376,19 @@ impl Routes {
                 Step::DestinationRule(w) => {
                     let restored = changed_since(self.left_dr.get(key), dr.as_ref());
                     let prior = dr.and_then(|o| o.resource_version);
-                    let json = w.object.to_json(&self.apis.destination_rules.api_version);
+                    let json = w
+                        .object
+                        .to_json(&self.istio_version(RuleKind::DestinationRule));
                     let result: Observed<DestinationRuleSpec> = self
                         .write(RuleKind::DestinationRule, &service, json, &w)
                         .await?;
                     if let Some(was) = restored {
-                        self.report_restored(&service, RuleKind::DestinationRule, was);
+                        self.report_restored(
+                            &service,
+                            RuleKind::DestinationRule,
+                            &service.name,
+                            was,
+                        );
                     }
                     self.left_dr.insert(key.clone(), result.spec.clone());
                     self.memo_dr.insert(
@@ -1070,6 +1396,7 @@ impl Routes {
                         Memo {
                             prior,
                             result: Some(result),
+                            of: None,
                         },
                     );
                     self.report_subsets(&service, &w);
@@ -1082,12 +1409,19 @@ impl Routes {
                         .map(plan::split_of)
                         .unwrap_or_default();
                     let prior = vs.and_then(|o| o.resource_version);
-                    let json = w.object.to_json(&self.apis.virtual_services.api_version);
+                    let json = w
+                        .object
+                        .to_json(&self.istio_version(RuleKind::VirtualService));
                     let result: Observed<VirtualServiceSpec> = self
                         .write(RuleKind::VirtualService, &service, json, &w)
                         .await?;
                     if let Some(was) = restored {
-                        self.report_restored(&service, RuleKind::VirtualService, was);
+                        self.report_restored(
+                            &service,
+                            RuleKind::VirtualService,
+                            &service.name,
+                            was,
+                        );
                     }
                     let split_after = plan::split_of(&w.object.spec);
                     if split_after != split_before {
@@ -1099,6 +1433,7 @@ impl Routes {
                         Memo {
                             prior,
                             result: Some(result),
+                            of: None,
                         },
                     );
                     self.report_routes(&service, &w);
@@ -1110,24 +1445,61 @@ impl Routes {
         Ok(Some(Instant::now() + STALE_RETRY))
     }
 
-    fn api(&self, kind: RuleKind, namespace: &str) -> Api<DynamicObject> {
-        let resource = match kind {
-            RuleKind::DestinationRule => &self.apis.destination_rules,
-            RuleKind::VirtualService => &self.apis.virtual_services,
-        };
-        Api::namespaced_with(self.client.clone(), namespace, resource)
+    /// The apiVersion Istio's objects are written at.
+    fn istio_version(&self, kind: RuleKind) -> String {
+        let istio = self.apis.istio.as_ref();
+        match kind {
+            RuleKind::DestinationRule => istio.map(|i| i.destination_rules.api_version.clone()),
+            _ => istio.map(|i| i.virtual_services.api_version.clone()),
+        }
+        .unwrap_or_default()
     }
 
-    /// Creates or applies one object; its state as the API answered.
-    async fn write<T, S: Spec>(
+    /// The API of `kind` in `namespace`; `None` when it is not served.
+    fn api(&self, kind: RuleKind, namespace: &str) -> Option<Api<DynamicObject>> {
+        let istio = self.apis.istio.as_ref();
+        let resource = match kind {
+            RuleKind::DestinationRule => istio.map(|i| i.destination_rules.clone()),
+            RuleKind::VirtualService => istio.map(|i| i.virtual_services.clone()),
+            RuleKind::HttpRoute => self.apis.gateway.as_ref().map(|g| g.http_routes.clone()),
+            RuleKind::GrpcRoute => self
+                .apis
+                .gateway
+                .as_ref()
+                .and_then(|g| g.grpc_routes.clone()),
+            RuleKind::Service => Some(core_services()),
+        }?;
+        Some(Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &resource,
+        ))
+    }
+
+    /// Creates (`POST`: fails if anyone else's object took the name) or
+    /// applies (forced, with the `resourceVersion` read as a precondition)
+    /// one object; the object as the API answered.
+    async fn send(
         &self,
         kind: RuleKind,
-        service: &ServiceRef,
+        namespace: &str,
+        name: &str,
         mut json: serde_json::Value,
-        w: &Write<T>,
-    ) -> Result<Observed<S>, RouteError> {
-        let api = self.api(kind, &service.namespace);
-        let result = if w.create {
+        create: bool,
+        resource_version: Option<&str>,
+    ) -> Result<DynamicObject, RouteError> {
+        let Some(api) = self.api(kind, namespace) else {
+            return Err(RouteError::of(
+                kind,
+                namespace,
+                name,
+                kube::Error::Api(Box::new(
+                    kube::core::Status::failure(&format!("{kind} is not served"), "NotFound")
+                        .with_code(404),
+                )),
+            ));
+        };
+        let result = if create {
             match serde_json::from_value::<DynamicObject>(json) {
                 Ok(object) => {
                     let params = PostParams {
@@ -1139,11 +1511,11 @@ impl Routes {
                 Err(e) => Err(kube::Error::SerdeError(e)),
             }
         } else {
-            if let Some(rv) = &w.resource_version {
-                json["metadata"]["resourceVersion"] = rv.clone().into();
+            if let Some(rv) = resource_version {
+                json["metadata"]["resourceVersion"] = rv.into();
             }
             api.patch(
-                &service.name,
+                name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&json),
             )
@@ -1152,14 +1524,61 @@ impl Routes {
         match result {
             Ok(object) => {
                 self.writer.counters.applied();
-                Ok(Index::observe_rule(&object))
+                Ok(object)
             }
-            Err(source) => Err(RouteError::of(
+            Err(source) => Err(RouteError::of(kind, namespace, name, source)),
+        }
+    }
+
+    /// Writes one DestinationRule or VirtualService; its state as the API
+    /// answered.
+    async fn write<T, S: Spec>(
+        &self,
+        kind: RuleKind,
+        service: &ServiceRef,
+        json: serde_json::Value,
+        w: &Write<T>,
+    ) -> Result<Observed<S>, RouteError> {
+        let object = self
+            .send(
                 kind,
                 &service.namespace,
                 &service.name,
-                source,
-            )),
+                json,
+                w.create,
+                w.resource_version.as_deref(),
+            )
+            .await?;
+        Ok(Index::observe_rule(&object))
+    }
+
+    /// Deletes one object with uid and `resourceVersion` preconditions; a
+    /// 404 is success (gone already).
+    async fn delete(
+        &self,
+        kind: RuleKind,
+        namespace: &str,
+        name: &str,
+        uid: Option<String>,
+        resource_version: Option<String>,
+    ) -> Result<bool, RouteError> {
+        let Some(api) = self.api(kind, namespace) else {
+            return Ok(false);
+        };
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid,
+                resource_version,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => {
+                self.writer.counters.applied();
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(source) => Err(RouteError::of(kind, namespace, name, source)),
         }
     }
 
@@ -1176,21 +1595,12 @@ impl Routes {
             else {
                 return Ok(());
             };
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid,
-                    resource_version: resource_version.clone(),
-                }),
-                ..DeleteParams::default()
-            };
-            match self.api(kind, &key.0).delete(&key.1, &params).await {
-                Ok(_) => {
-                    self.writer.counters.applied();
-                    self.writer.metrics.count("objects-deleted", 1);
-                    info!(namespace = %key.0, service = %key.1, %kind, "routing object deleted: the Service no longer asks for routes");
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => return Err(RouteError::of(kind, &key.0, &key.1, source)),
+            if self
+                .delete(kind, &key.0, &key.1, uid, resource_version.clone())
+                .await?
+            {
+                self.writer.metrics.count("objects-deleted", 1);
+                info!(namespace = %key.0, service = %key.1, %kind, "routing object deleted: the Service no longer asks for routes (on this route API)");
             }
             match kind {
                 RuleKind::DestinationRule => {
@@ -1199,15 +1609,17 @@ impl Routes {
                         Memo {
                             prior: resource_version,
                             result: None,
+                            of: None,
                         },
                     );
                 }
-                RuleKind::VirtualService => {
+                _ => {
                     self.memo_vs.insert(
                         key.clone(),
                         Memo {
                             prior: resource_version,
                             result: None,
+                            of: None,
                         },
                     );
                 }
@@ -1248,6 +1660,47 @@ impl Routes {
                 );
                 ("RouteHeaderInvalid", invalid.to_string())
             }
+            Blocked::RouteApi(invalid) => {
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    error = %invalid,
+                    "invalid route API annotation; writing nothing"
+                );
+                ("RouteApiInvalid", invalid.to_string())
+            }
+            Blocked::NotServed(api) => {
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    %api,
+                    "the route API this Service uses is not served; writing nothing"
+                );
+                (
+                    "RouteApiNotServed",
+                    format!(
+                        "this Service's routes use the {api} API ({}), which the cluster does not \
+                         serve: install it, or choose the other with the annotation \
+                         {} or routes.api",
+                        api.group(),
+                        gateway::ROUTE_API_ANNOTATION
+                    ),
+                )
+            }
+            Blocked::Shape(problem) => {
+                warn!(
+                    namespace = %service.namespace,
+                    service = %service.name,
+                    %problem,
+                    "the Service cannot be routed on the Gateway API; writing nothing"
+                );
+                (
+                    "RouteServiceUnsupported",
+                    format!(
+                        "canary-injector cannot route this Service on the Gateway API: {problem}"
+                    ),
+                )
+            }
         };
         self.event(service, EventType::Warning, reason, note);
         self.blocked.insert(key, why);
@@ -1286,9 +1739,6 @@ impl Routes {
     }
 
     fn report_routes(&self, service: &ServiceRef, w: &Write<super::VirtualService>) {
-        let metrics = &self.writer.metrics;
-        metrics.count("route-added", w.added.len());
-        metrics.count("route-removed", w.removed.len());
         if w.create {
             info!(namespace = %service.namespace, service = %service.name, "virtual service created");
         }
@@ -1301,7 +1751,23 @@ impl Routes {
             .next()
             .cloned()
             .unwrap_or_default();
-        for tag in &w.added {
+        self.report_route_changes(service, &header, &w.added, &w.removed, w.default);
+    }
+
+    /// Tags that gained or lost their route, and a change of where the
+    /// default route goes: counts, logs and Events on the Service.
+    fn report_route_changes(
+        &self,
+        service: &ServiceRef,
+        header: &str,
+        added: &[String],
+        removed: &[String],
+        default: Option<DefaultChange>,
+    ) {
+        let metrics = &self.writer.metrics;
+        metrics.count("route-added", added.len());
+        metrics.count("route-removed", removed.len());
+        for tag in added {
             info!(namespace = %service.namespace, service = %service.name, %tag, %header, "canary route added");
             self.event(
                 service,
@@ -1310,7 +1776,7 @@ impl Routes {
                 format!("requests with {header}: {tag} now go to the ready pods of canary {tag}"),
             );
         }
-        for tag in &w.removed {
+        for tag in removed {
             info!(namespace = %service.namespace, service = %service.name, %tag, "canary route removed");
             self.event(
                 service,
@@ -1322,7 +1788,7 @@ impl Routes {
                 ),
             );
         }
-        if let Some(change) = w.default {
+        if let Some(change) = default {
             self.report_default(service, change);
         }
     }
@@ -1439,7 +1905,7 @@ impl Routes {
 
     /// Someone else changed or deleted one of our objects, and our write
     /// just put it back: a log line, an Event on the Service, a count.
-    fn report_restored(&self, service: &ServiceRef, kind: RuleKind, was: Edit) {
+    fn report_restored(&self, service: &ServiceRef, kind: RuleKind, name: &str, was: Edit) {
         let what = match was {
             Edit::Changed => "changed",
             Edit::Deleted => "deleted",
@@ -1448,6 +1914,7 @@ impl Routes {
             namespace = %service.namespace,
             service = %service.name,
             %kind,
+            %name,
             edit = what,
             "routing object restored after someone else's edit"
         );
@@ -1459,15 +1926,17 @@ impl Routes {
         let owned = match kind {
             RuleKind::DestinationRule => "host and subsets",
             RuleKind::VirtualService => "hosts and http routes",
+            RuleKind::HttpRoute => "parentRefs and rules",
+            RuleKind::GrpcRoute => "parentRefs and rules",
+            RuleKind::Service => "selector and ports",
         };
         self.event(
             service,
             EventType::Normal,
             "RoutesRestored",
             format!(
-                "{kind} {} was {what} by someone else; canary-injector put back its {owned}, \
-                 which it owns (add other fields with your own field manager)",
-                service.name
+                "{kind} {name} was {what} by someone else; canary-injector put back its \
+                 {owned}, which it owns (add other fields with your own field manager)"
             ),
         );
     }
@@ -1550,6 +2019,7 @@ struct Reported {
     settings: Vec<String>,
     weights: BTreeMap<String, String>,
     sum: Option<u32>,
+    over: Vec<String>,
 }
 
 /// How someone else changed one of our objects.
@@ -1570,6 +2040,16 @@ fn changed_since<S: PartialEq>(
     match observed {
         None => Some(Edit::Deleted),
         Some(o) if o.spec.as_ref() != Some(left) => Some(Edit::Changed),
+        Some(_) => None,
+    }
+}
+
+/// The same for a spec read without [`Observed`] (a version Service's).
+fn restored_edit<S: PartialEq>(left: Option<&Option<S>>, observed: Option<&S>) -> Option<Edit> {
+    let left = left?.as_ref()?;
+    match observed {
+        None => Some(Edit::Deleted),
+        Some(o) if o != left => Some(Edit::Changed),
         Some(_) => None,
     }
 }
@@ -1603,5 +2083,6 @@ fn is_not_found(error: &watcher::Error) -> bool {
     }
 }
 
+mod gateway_api;
 #[cfg(test)]
 mod tests;

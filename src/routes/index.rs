@@ -15,6 +15,7 @@ use kube::api::DynamicObject;
 use kube::runtime::watcher;
 use serde::Deserialize;
 
+use super::gateway::{GrpcRouteSpec, HttpRouteSpec, ObservedService, ROUTE_OF_LABEL};
 use super::objects::{DestinationRuleSpec, Observed, ObservedMeta, Spec, VirtualServiceSpec};
 use super::shape::pod_weight;
 use super::{
@@ -192,9 +193,22 @@ pub struct NamespaceRow {
 pub struct ServiceEntry {
     /// Its uid.
     pub uid: Option<String>,
-    /// Its annotations that matter here: the header override and the route
-    /// settings, if any.
+    /// Its resourceVersion: the Gateway API backend reads the Service's
+    /// selector and ports again when it changes.
+    pub resource_version: Option<String>,
+    /// Its annotations that matter here: the header override, the route
+    /// settings and the route API, if any.
     pub annotations: BTreeMap<String, String>,
+}
+
+/// A Service whose name holds `--`, as every version Service's does: who
+/// holds the names the Gateway API backend would give its Services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashedRow {
+    /// Labelled as ours.
+    pub managed: bool,
+    /// [`ROUTE_OF_LABEL`], when ours.
+    pub route_of: Option<String>,
 }
 
 /// An EndpointSlice: its Service and, per endpoint, the pod and readiness.
@@ -246,9 +260,15 @@ pub struct Index {
     pods: Table<PodRow>,
     destination_rules: Table<Observed<DestinationRuleSpec>>,
     virtual_services: Table<Observed<VirtualServiceSpec>>,
-    /// The newest `resourceVersion` each of the two rule watches has
+    http_routes: Table<Observed<HttpRouteSpec>>,
+    grpc_routes: Table<Observed<GrpcRouteSpec>>,
+    /// Our version Services (whole objects, from their own watch).
+    versions: Table<ObservedService>,
+    /// Every Service whose name holds `--` (from the metadata watch).
+    dashed: Table<DashedRow>,
+    /// The newest `resourceVersion` each watch of a kind we write has
     /// delivered (deletes included): how far that view has come.
-    newest_rule_versions: [u64; 2],
+    newest_rule_versions: [u64; RuleKind::ALL.len()],
 }
 
 impl Index {
@@ -264,7 +284,28 @@ impl Index {
             pods: Table::default(),
             destination_rules: Table::default(),
             virtual_services: Table::default(),
-            newest_rule_versions: [0; 2],
+            http_routes: Table::default(),
+            grpc_routes: Table::default(),
+            versions: Table::default(),
+            dashed: Table::default(),
+            newest_rule_versions: [0; RuleKind::ALL.len()],
+        }
+    }
+
+    /// Declares which route APIs are watched: the tables of the others
+    /// count as listed (empty), so [`Index::is_synced`] waits only for
+    /// what is watched.
+    pub fn watching(&mut self, istio: bool, gateway: bool, grpc: bool) {
+        if !istio {
+            self.destination_rules.apply(Change::InitDone, |_, _, _| {});
+            self.virtual_services.apply(Change::InitDone, |_, _, _| {});
+        }
+        if !gateway {
+            self.http_routes.apply(Change::InitDone, |_, _, _| {});
+            self.versions.apply(Change::InitDone, |_, _, _| {});
+        }
+        if !(gateway && grpc) {
+            self.grpc_routes.apply(Change::InitDone, |_, _, _| {});
         }
     }
 
@@ -272,7 +313,7 @@ impl Index {
     /// delete or list item) at `resource_version`.
     pub fn saw_rule_version(&mut self, kind: RuleKind, resource_version: Option<&str>) {
         if let Some(v) = resource_version.and_then(|v| v.parse::<u64>().ok()) {
-            let newest = &mut self.newest_rule_versions[kind as usize];
+            let newest = &mut self.newest_rule_versions[kind.index()];
             *newest = (*newest).max(v);
         }
     }
@@ -280,7 +321,7 @@ impl Index {
     /// The newest `resourceVersion` the watch of `kind` delivered (0: none
     /// that reads as a number).
     pub fn newest_rule_version(&self, kind: RuleKind) -> u64 {
-        self.newest_rule_versions[kind as usize]
+        self.newest_rule_versions[kind.index()]
     }
 
     /// The label vocabulary.
@@ -296,6 +337,9 @@ impl Index {
             && self.pods.is_synced()
             && self.destination_rules.is_synced()
             && self.virtual_services.is_synced()
+            && self.http_routes.is_synced()
+            && self.grpc_routes.is_synced()
+            && self.versions.is_synced()
     }
 
     // === rows from objects ===
@@ -323,6 +367,7 @@ impl Index {
         let annotations = meta.annotations.as_ref();
         let entry = wants_routes(annotations).then(|| ServiceEntry {
             uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
             annotations: annotations
                 .into_iter()
                 .flatten()
@@ -331,6 +376,7 @@ impl Index {
                         super::HEADER_ANNOTATION,
                         super::shape::TIMEOUT_ANNOTATION,
                         super::shape::RETRIES_ANNOTATION,
+                        super::gateway::ROUTE_API_ANNOTATION,
                     ]
                     .contains(&k.as_str())
                 })
@@ -338,6 +384,32 @@ impl Index {
                 .collect(),
         });
         (key, entry)
+    }
+
+    /// The row of a Service for [`Index::apply_dashed`]: present when its
+    /// name holds `--`.
+    pub fn dashed_row(meta: &ObjectMeta) -> (Key, Option<DashedRow>) {
+        let key = key_of(meta);
+        let row = key.1.contains("--").then(|| {
+            let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
+            let managed =
+                label(super::MANAGED_BY_LABEL).map(String::as_str) == Some(super::MANAGED_BY_VALUE);
+            DashedRow {
+                managed,
+                route_of: label(ROUTE_OF_LABEL).filter(|_| managed).cloned(),
+            }
+        });
+        (key, row)
+    }
+
+    /// The row of one of our version Services.
+    pub fn version_row(object: DynamicObject) -> (Key, Option<ObservedService>) {
+        let key = key_of(&object.metadata);
+        let json = serde_json::json!({
+            "metadata": object.metadata,
+            "spec": object.data.get("spec"),
+        });
+        (key, Some(ObservedService::from_json(&json)))
     }
 
     /// The row of a pod: present when it is a normal pod or a canary
@@ -436,6 +508,7 @@ impl Index {
     /// A DestinationRule or VirtualService as observed.
     pub fn observe_rule<S: Spec>(object: &DynamicObject) -> Observed<S> {
         Observed::new(observed_meta(&object.metadata), object.data.get("spec"))
+            .with_status(object.data.get("status"))
     }
 
     // === changes ===
@@ -462,6 +535,9 @@ impl Index {
     /// concerned.
     pub fn apply_slice(&mut self, change: Change<SliceEntry>, dirty: &mut BTreeSet<Key>) {
         let by_service = &mut self.slices_by_service;
+        let mut concerned = BTreeSet::new();
+        let dirty_in = dirty;
+        let dirty = &mut concerned;
         self.slices.apply(change, |k, old, new| {
             if let Some(old) = old {
                 let service = (k.0.clone(), old.service.clone());
@@ -482,6 +558,13 @@ impl Index {
                 dirty.insert(service);
             }
         });
+        // A version Service's endpoints concern the Service it is for.
+        for key in concerned {
+            match self.versions.get(&key).and_then(|v| v.route_of.as_ref()) {
+                Some(of) => dirty_in.insert((key.0.clone(), of.clone())),
+                None => dirty_in.insert(key),
+            };
+        }
     }
 
     /// Applies a pod change: the routed Services of its namespace are
@@ -517,6 +600,52 @@ impl Index {
             .apply(change, |k, old, new| concerned(k, old, new, dirty));
     }
 
+    /// Applies an HTTPRoute change: the Services it has as parents and the
+    /// one it is for (ours) are concerned.
+    pub fn apply_http_route(
+        &mut self,
+        change: Change<Observed<HttpRouteSpec>>,
+        dirty: &mut BTreeSet<Key>,
+    ) {
+        self.http_routes
+            .apply(change, |k, old, new| gateway_concerned(k, old, new, dirty));
+    }
+
+    /// Applies a GRPCRoute change (as for an HTTPRoute).
+    pub fn apply_grpc_route(
+        &mut self,
+        change: Change<Observed<GrpcRouteSpec>>,
+        dirty: &mut BTreeSet<Key>,
+    ) {
+        self.grpc_routes
+            .apply(change, |k, old, new| gateway_concerned(k, old, new, dirty));
+    }
+
+    /// Applies a change of one of our version Services: the Service it is
+    /// for is concerned.
+    pub fn apply_version(&mut self, change: Change<ObservedService>, dirty: &mut BTreeSet<Key>) {
+        self.versions.apply(change, |k, old, new| {
+            for s in old.into_iter().chain(new) {
+                if let Some(of) = &s.route_of {
+                    dirty.insert((k.0.clone(), of.clone()));
+                }
+            }
+        });
+    }
+
+    /// Applies a change of a Service whose name holds `--`: the routed
+    /// Services of its namespace are concerned (it may hold a name one of
+    /// them wants).
+    pub fn apply_dashed(&mut self, change: Change<DashedRow>, dirty: &mut BTreeSet<Key>) {
+        let mut touched = BTreeSet::new();
+        self.dashed.apply(change, |k, _, _| {
+            touched.insert(k.0.clone());
+        });
+        for ns in touched {
+            dirty.extend(self.services.in_namespace(&ns).map(|(k, _)| k.clone()));
+        }
+    }
+
     fn everything_in(&self, namespace: &str, dirty: &mut BTreeSet<Key>) {
         dirty.extend(
             self.services
@@ -533,6 +662,14 @@ impl Index {
                 .in_namespace(namespace)
                 .map(|(k, _)| k.clone()),
         );
+        for (k, o) in self.http_routes.in_namespace(namespace) {
+            gateway_concerned(k, None, Some(o), dirty);
+        }
+        for (k, o) in self.versions.in_namespace(namespace) {
+            if let Some(of) = &o.route_of {
+                dirty.insert((k.0.clone(), of.clone()));
+            }
+        }
     }
 
     // === queries ===
@@ -611,6 +748,87 @@ impl Index {
             )
     }
 
+    /// Our HTTPRoutes for the Service `key`, by name.
+    pub fn http_routes_of<'a>(
+        &'a self,
+        key: &'a Key,
+    ) -> BTreeMap<String, &'a Observed<HttpRouteSpec>> {
+        self.http_routes
+            .in_namespace(&key.0)
+            .filter(|(_, o)| o.managed && o.route_of.as_ref() == Some(&key.1))
+            .map(|(k, o)| (k.1.clone(), o))
+            .collect()
+    }
+
+    /// The HTTPRoute named `key`.
+    pub fn http_route(&self, key: &Key) -> Option<&Observed<HttpRouteSpec>> {
+        self.http_routes.get(key)
+    }
+
+    /// Our version Services for the Service `key`, by name.
+    pub fn versions_of<'a>(&'a self, key: &'a Key) -> BTreeMap<String, &'a ObservedService> {
+        self.versions
+            .in_namespace(&key.0)
+            .filter(|(_, o)| o.is_version_of(&key.1))
+            .map(|(k, o)| (k.1.clone(), o))
+            .collect()
+    }
+
+    /// The version Service named `key`.
+    pub fn version(&self, key: &Key) -> Option<&ObservedService> {
+        self.versions.get(key)
+    }
+
+    /// Every HTTPRoute and GRPCRoute of a namespace.
+    pub fn gateway_routes_in<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = RuleHead<'a>> {
+        self.http_routes
+            .in_namespace(namespace)
+            .map(|(_, o)| o.head())
+            .chain(
+                self.grpc_routes
+                    .in_namespace(namespace)
+                    .map(|(_, o)| o.head()),
+            )
+    }
+
+    /// Service names of the namespace that the Service `key` must not give
+    /// its version Services: those other routed Services' version Services
+    /// hold.
+    pub fn names_taken(&self, key: &Key) -> BTreeSet<String> {
+        self.dashed
+            .in_namespace(&key.0)
+            .filter(|(_, row)| row.managed && row.route_of.as_ref() != Some(&key.1))
+            .map(|(k, _)| k.1.clone())
+            .chain(
+                self.versions
+                    .in_namespace(&key.0)
+                    .filter(|(_, o)| o.route_of.as_ref() != Some(&key.1))
+                    .map(|(k, _)| k.1.clone()),
+            )
+            .collect()
+    }
+
+    /// True when a Service named `key` exists that is not one of our
+    /// version Services of `service` (only names holding `--` are known).
+    pub fn foreign_service(&self, key: &Key, service: &str) -> bool {
+        self.dashed
+            .get(key)
+            .is_some_and(|row| !row.managed || row.route_of.as_deref() != Some(service))
+    }
+
+    /// True when the Service `key` has a ready endpoint.
+    pub fn has_ready_endpoint(&self, key: &Key) -> bool {
+        self.slices_by_service.get(key).is_some_and(|slices| {
+            slices
+                .iter()
+                .filter_map(|s| self.slices.get(&(key.0.clone(), s.clone())))
+                .any(|s| s.endpoints.iter().any(|e| e.ready))
+        })
+    }
+
     /// Every key worth a reconcile: routed Services and our objects (whose
     /// Service may have stopped asking for routes).
     pub fn all_keys(&self) -> BTreeSet<Key> {
@@ -627,6 +845,16 @@ impl Index {
                 self.virtual_services
                     .iter()
                     .filter_map(|(k, o)| ours(k, o.managed)),
+            )
+            .chain(
+                self.http_routes
+                    .iter()
+                    .filter_map(|(k, o)| Some((k.0.clone(), o.route_of.clone()?))),
+            )
+            .chain(
+                self.versions
+                    .iter()
+                    .filter_map(|(k, o)| Some((k.0.clone(), o.route_of.clone()?))),
             )
             .collect()
     }
@@ -701,6 +929,26 @@ fn concerned<S>(
     dirty.insert(key.clone());
     for rule in old.into_iter().chain(new) {
         for host in &rule.hosts {
+            if let Some(service) = host_service(host, &key.0) {
+                dirty.insert((key.0.clone(), service.to_owned()));
+            }
+        }
+    }
+}
+
+/// The Services a change of a Gateway API route concerns: the ones it has
+/// as parents and the one it is for (ours), before and after.
+fn gateway_concerned<S>(
+    key: &Key,
+    old: Option<&Observed<S>>,
+    new: Option<&Observed<S>>,
+    dirty: &mut BTreeSet<Key>,
+) {
+    for route in old.into_iter().chain(new) {
+        if let Some(of) = &route.route_of {
+            dirty.insert((key.0.clone(), of.clone()));
+        }
+        for host in &route.hosts {
             if let Some(service) = host_service(host, &key.0) {
                 dirty.insert((key.0.clone(), service.to_owned()));
             }

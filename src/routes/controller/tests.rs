@@ -1582,3 +1582,5 @@ async fn a_follower_makes_no_call_at_all() {
     shutdown.cancel();
     gate.await.unwrap().unwrap();
 }
+
+mod gateway;
