@@ -26,6 +26,7 @@ use crate::mutate::{
     Operation, Policy, Subject,
 };
 use crate::owners::index::{Change, OwnerIndex, Row, WorkloadKind};
+use crate::routes::gateway::RouteApi;
 
 /// Every finding code; README "check" documents each (a test checks).
 pub const CODES: &[&str] = &[
@@ -56,6 +57,10 @@ pub const CODES: &[&str] = &[
     "duplicate-rules",
     "routes-conflict",
     "host-not-found",
+    "backend-not-found",
+    "backend-selects-no-pod",
+    "route-not-accepted",
+    "ambient-without-waypoint",
     "no-normal-pod",
     "webhook-url",
     "route-weight-invalid",
@@ -307,6 +312,9 @@ pub struct Snapshot {
     pub config_error: Option<String>,
     /// The native admission policy's objects, when installed.
     pub native: native::NativeView,
+    /// The route API of a Service without `canary-injector.io/route-api`
+    /// (`routes.api` and what the cluster serves); `None`: none served.
+    pub route_api: Option<RouteApi>,
 }
 
 // === the rules ===
@@ -797,6 +805,8 @@ fn check_namespace(
             rules: &ns.rules,
             backend: "ready pod",
             all_services: true,
+            default_api: snapshot.route_api.unwrap_or(RouteApi::Istio),
+            namespace_labels: &ns.labels,
         },
         labels,
         out,
@@ -906,6 +916,7 @@ fn services_with_ready_pods(ns: &NamespaceView, labels: &LabelPolicy) -> Vec<rou
             Some(routing::ServiceInfo {
                 name: name.to_owned(),
                 annotations: string_map(&svc["metadata"]["annotations"]),
+                labels: string_map(&svc["metadata"]["labels"]),
                 backends: ready.iter().map(|p| labels_of[p].0.clone()).collect(),
                 weights: live.weights,
             })

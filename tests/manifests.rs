@@ -643,7 +643,7 @@ fn examples_route_to_what_the_webhook_labels() {
         &yaml,
         "deploy/examples",
         &Config::default(),
-        "networking.istio.io/v1beta1",
+        &canary_injector::routes::offline::Target::Istio("networking.istio.io/v1beta1".into()),
     )
     .unwrap();
     let committed =
@@ -734,7 +734,7 @@ fn the_weighted_gray_stage_example_splits_the_default_route() {
         &yaml,
         "deploy/examples",
         &Config::default(),
-        "networking.istio.io/v1beta1",
+        &canary_injector::routes::offline::Target::Istio("networking.istio.io/v1beta1".into()),
     )
     .unwrap();
     assert!(generated.warnings.is_empty(), "{:?}", generated.warnings);

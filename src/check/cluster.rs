@@ -19,6 +19,7 @@ use super::{CaSource, NamespaceView, Report, Snapshot, WebhookEntry, WebhookView
 const CERT_MANAGER_INJECT: &str = "cert-manager.io/inject-ca-from";
 use crate::config::Config;
 use crate::routes::controller::{Discovered, discover};
+use crate::routes::gateway::RouteApi;
 
 /// Where the webhook is installed (the defaults of `deploy/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,11 +372,26 @@ pub async fn gather(
     } else {
         None
     };
-    // Istio's DestinationRules and VirtualServices at the version served.
-    let istio: Option<(ApiResource, ApiResource)> =
+    // The route objects at the versions served: Istio's DestinationRules
+    // and VirtualServices, the Gateway API's HTTPRoutes and GRPCRoutes.
+    let (route_resources, route_api): (Vec<ApiResource>, Option<RouteApi>) =
         match read("the served APIs", discover(&client).await)? {
-            Discovered::Ready(apis) => Some((apis.destination_rules, apis.virtual_services)),
-            Discovered::NoIstio | Discovered::NoEndpointSlices => None,
+            Discovered::Ready(apis) => {
+                let api = cfg
+                    .routes
+                    .api
+                    .resolve(apis.istio.is_some(), apis.gateway.is_some());
+                let mut resources = Vec::new();
+                if let Some(i) = apis.istio {
+                    resources.extend([i.destination_rules, i.virtual_services]);
+                }
+                if let Some(g) = apis.gateway {
+                    resources.push(g.http_routes);
+                    resources.extend(g.grpc_routes);
+                }
+                (resources, api)
+            }
+            Discovered::NoRouteApi | Discovered::NoEndpointSlices => (Vec::new(), None),
         };
     let mut views = Vec::with_capacity(named.len());
     for (name, labels) in named {
@@ -403,19 +419,17 @@ pub async fn gather(
             }
         };
         let mut rules = Vec::new();
-        if let Some((dr, vs)) = &istio {
-            for resource in [dr, vs] {
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &name, resource);
-                let list = read(
-                    format!("{} in {name}", resource.plural),
-                    api.list(&ListParams::default()).await,
-                )?;
-                rules.extend(list.items.iter().map(|o| {
-                    let mut v = json(o);
-                    v["kind"] = serde_json::Value::from(resource.kind.clone());
-                    v
-                }));
-            }
+        for resource in &route_resources {
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &name, resource);
+            let list = read(
+                format!("{} in {name}", resource.plural),
+                api.list(&ListParams::default()).await,
+            )?;
+            rules.extend(list.items.iter().map(|o| {
+                let mut v = json(o);
+                v["kind"] = serde_json::Value::from(resource.kind.clone());
+                v
+            }));
         }
         let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
         let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &name);
@@ -456,6 +470,7 @@ pub async fn gather(
         now,
         config_error,
         native,
+        route_api,
     };
     Ok((snapshot, cfg))
 }

@@ -14,8 +14,14 @@ use super::Report;
 use super::routing::{RoutingInput, ServiceInfo, check_routing};
 use crate::config::Config;
 use crate::offline::{self, OfflineError};
-use crate::routes::offline::{documents, routes_documents, string_map, workload, workloads_live};
+use crate::routes::gateway::RouteApi;
+use crate::routes::offline::{
+    Target, documents, routes_documents, string_map, workload, workloads_live,
+};
 use crate::routes::wants_routes;
+
+/// A namespace not in the files: no labels known.
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// What `backend` means in this mode's messages.
 const BACKEND: &str = "pod (from the workloads in the files)";
@@ -36,24 +42,23 @@ pub fn check_documents(
 
     let mut services: BTreeMap<String, Vec<ServiceInfo>> = BTreeMap::new();
     let mut rules: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut generate = false;
-    let namespace_of = |doc: &Value| {
-        doc["metadata"]["namespace"]
+    let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let generate = std::cell::Cell::new(false);
+    // Takes one document of the input (or of the generated routes).
+    let mut take = |doc: Value| {
+        let ns = doc["metadata"]["namespace"]
             .as_str()
             .unwrap_or_default()
-            .to_owned()
-    };
-    for (_, doc) in documents(input, source_name)? {
+            .to_owned();
         let api = doc["apiVersion"].as_str().unwrap_or_default();
         match doc["kind"].as_str() {
             Some("Service") if matches!(api, "" | "v1") => {
-                let ns = namespace_of(&doc);
                 if cfg.namespaces.is_excluded(&ns) {
-                    continue;
+                    return;
                 }
                 let selector = string_map(doc.pointer("/spec/selector"));
                 let annotations = string_map(doc.pointer("/metadata/annotations"));
-                generate |= wants_routes(Some(&annotations));
+                generate.set(generate.get() || wants_routes(Some(&annotations)));
                 let matching: Vec<_> = workloads
                     .iter()
                     .filter(|w| w.namespace == ns && !selector.is_empty())
@@ -66,22 +71,43 @@ pub fn check_documents(
                         .unwrap_or_default()
                         .to_owned(),
                     annotations,
+                    labels: string_map(doc.pointer("/metadata/labels")),
                     backends: matching.iter().map(|w| w.labels.clone()).collect(),
                     weights: live.weights,
                 });
             }
+            Some("Namespace") if matches!(api, "" | "v1") => {
+                let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+                namespace_labels
+                    .insert(name.to_owned(), string_map(doc.pointer("/metadata/labels")));
+            }
             Some("DestinationRule" | "VirtualService")
                 if api.starts_with("networking.istio.io/") =>
             {
-                rules.entry(namespace_of(&doc)).or_default().push(doc);
+                rules.entry(ns).or_default().push(doc);
+            }
+            Some("HTTPRoute" | "GRPCRoute") if api.starts_with("gateway.networking.k8s.io/") => {
+                rules.entry(ns).or_default().push(doc);
             }
             _ => {}
         }
+    };
+    for (_, doc) in documents(input, source_name)? {
+        take(doc);
     }
-    if generate {
-        let generated = routes_documents(input, source_name, cfg, "networking.istio.io/v1beta1")?;
+    let default_api = cfg
+        .routes
+        .api
+        .resolve(true, true)
+        .unwrap_or(RouteApi::Istio);
+    if generate.get() {
+        let target = match default_api {
+            RouteApi::Istio => Target::Istio("networking.istio.io/v1beta1".into()),
+            RouteApi::GatewayApi => Target::GatewayApi,
+        };
+        let generated = routes_documents(input, source_name, cfg, &target)?;
         for (_, doc) in documents(&generated.text, source_name)? {
-            rules.entry(namespace_of(&doc)).or_default().push(doc);
+            take(doc);
         }
     }
 
@@ -95,6 +121,8 @@ pub fn check_documents(
                 rules: rules.get(*ns).map_or(&[], Vec::as_slice),
                 backend: BACKEND,
                 all_services: false,
+                default_api,
+                namespace_labels: namespace_labels.get(*ns).unwrap_or(&NO_LABELS),
             },
             &cfg.labels,
             &mut findings,

@@ -1,5 +1,6 @@
 //! `check`'s routing rules, pure: do the DestinationRules and VirtualServices
-//! of a namespace (ours or hand-written) route to pods that exist?
+//! (or HTTPRoutes and GRPCRoutes) of a namespace, ours or hand-written,
+//! route to pods that exist, and has a mesh taken them up?
 //!
 //! The same rules serve the cluster (a Service's backends are the pods
 //! behind its ready endpoints) and manifests (`check -f`: the pods the
@@ -11,8 +12,16 @@ use serde_json::Value;
 
 use super::{Finding, Severity, finding};
 use crate::mutate::LabelPolicy;
+use crate::routes::gateway::{self, Acceptance, RouteApi, RouteStatus};
 use crate::routes::shape;
 use crate::routes::{self, RouteSettings, RuleHead, RuleKind, ServiceRef, TagWeight};
+
+/// The namespace label of Istio's ambient mode, and the label (on the
+/// namespace or the Service) that puts a waypoint in front of a Service:
+/// in ambient mode, L7 routes apply only through a waypoint.
+pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+/// See [`AMBIENT_LABEL`].
+pub const WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 
 /// A Service and the pods that back it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +30,8 @@ pub struct ServiceInfo {
     pub name: String,
     /// Its annotations (the routes opt-in).
     pub annotations: BTreeMap<String, String>,
+    /// Its labels (a version Service's `route-of`; a waypoint).
+    pub labels: BTreeMap<String, String>,
     /// The labels of each pod that serves it.
     pub backends: Vec<BTreeMap<String, String>>,
     /// The weights its canaries ask for (their pods' weight annotations),
@@ -35,7 +46,8 @@ pub struct RoutingInput<'a> {
     pub namespace: &'a str,
     /// Its Services.
     pub services: &'a [ServiceInfo],
-    /// Its DestinationRules and VirtualServices, as JSON (any version).
+    /// Its DestinationRules and VirtualServices (any version), HTTPRoutes
+    /// and GRPCRoutes, as JSON.
     pub rules: &'a [Value],
     /// What a backend is, for messages: `ready pod`, or `pod (from the
     /// workloads in the files)`.
@@ -43,6 +55,10 @@ pub struct RoutingInput<'a> {
     /// `services` are all the namespace has (a cluster), not only those in
     /// some files: a host that names none of them is a finding.
     pub all_services: bool,
+    /// The route API of a Service without `canary-injector.io/route-api`.
+    pub default_api: RouteApi,
+    /// The namespace's labels (Istio's ambient mode and waypoint).
+    pub namespace_labels: &'a BTreeMap<String, String>,
 }
 
 /// A rule's kind, name and whether it is ours.
@@ -50,6 +66,8 @@ fn head(rule: &Value) -> Option<(RuleKind, &str, bool)> {
     let kind = match rule["kind"].as_str()? {
         "DestinationRule" => RuleKind::DestinationRule,
         "VirtualService" => RuleKind::VirtualService,
+        "HTTPRoute" => RuleKind::HttpRoute,
+        "GRPCRoute" => RuleKind::GrpcRoute,
         _ => return None,
     };
     let name = rule["metadata"]["name"].as_str()?;
@@ -57,9 +75,21 @@ fn head(rule: &Value) -> Option<(RuleKind, &str, bool)> {
     Some((kind, name, managed))
 }
 
-/// The hosts a rule names: `spec.host` (DestinationRule) or `spec.hosts`.
+/// The hosts a rule names: `spec.host` (DestinationRule) or `spec.hosts`;
+/// for a Gateway API route, the Services among its `parentRefs` (group
+/// `""`, kind `Service`).
 fn hosts(rule: &Value) -> Vec<String> {
     let spec = &rule["spec"];
+    if matches!(rule["kind"].as_str(), Some("HTTPRoute" | "GRPCRoute")) {
+        return spec["parentRefs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["kind"] == "Service" && p["group"].as_str().is_some_and(str::is_empty))
+            .filter(|p| p["namespace"].is_null() || p["namespace"] == rule["metadata"]["namespace"])
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect();
+    }
     let mut out: Vec<String> = spec["hosts"]
         .as_array()
         .into_iter()
@@ -102,6 +132,33 @@ fn destinations(vs: &Value) -> Vec<(String, String, Vec<String>)> {
             let d = &dest["destination"];
             if let (Some(host), Some(subset)) = (d["host"].as_str(), d["subset"].as_str()) {
                 out.push((host.to_owned(), subset.to_owned(), headers.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Every Service a Gateway API route's rules send to (by name, with a
+/// weight above 0), with the exact header values that select it.
+fn backends(route: &Value) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for rule in route["spec"]["rules"].as_array().into_iter().flatten() {
+        let headers: Vec<String> = rule["matches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["headers"].as_array().into_iter().flatten())
+            .filter(|h| h["type"].is_null() || h["type"] == "Exact")
+            .filter_map(|h| h["value"].as_str().map(str::to_owned))
+            .collect();
+        for b in rule["backendRefs"].as_array().into_iter().flatten() {
+            let service = (b["kind"].is_null() || b["kind"] == "Service")
+                && b["group"].as_str().is_none_or(str::is_empty);
+            if service
+                && b["weight"].as_u64() != Some(0)
+                && let Some(name) = b["name"].as_str()
+            {
+                out.push((name.to_owned(), headers.clone()));
             }
         }
     }
@@ -162,7 +219,10 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                         format!("its subsets {} select nothing", subsets.join(", "))
                     }
                     RuleKind::DestinationRule => "it applies to nothing".to_owned(),
-                    RuleKind::VirtualService => "its routes apply to nothing".to_owned(),
+                    k if k.is_gateway_route() => {
+                        "it is the route's parent: the route applies to nothing".to_owned()
+                    }
+                    _ => "its routes apply to nothing".to_owned(),
                 };
                 out.push(finding(
                     Warning,
@@ -178,6 +238,24 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
     }
 
     for service in input.services {
+        // Our version Services are the routes' backends, not routed.
+        if service.labels.contains_key(gateway::ROUTE_OF_LABEL) {
+            continue;
+        }
+        let api = gateway::route_api(Some(&service.annotations))
+            .ok()
+            .flatten()
+            .unwrap_or(input.default_api);
+        let gateway_routes: Vec<&Value> = [RuleKind::HttpRoute, RuleKind::GrpcRoute]
+            .iter()
+            .flat_map(|k| {
+                rules_of
+                    .get(&(service.name.as_str(), *k))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        check_gateway_routes(input, &by_name, service, &gateway_routes, out);
         let drs = rules_of
             .get(&(service.name.as_str(), RuleKind::DestinationRule))
             .cloned()
@@ -271,9 +349,16 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
             .iter()
             .filter_map(|b| routes::pod_tag(labels, b))
             .collect();
+        let gateway_routed: Vec<(String, Vec<String>)> =
+            gateway_routes.iter().flat_map(|r| backends(r)).collect();
         let header_routed: BTreeSet<&str> = routed
             .iter()
             .flat_map(|(_, _, headers)| headers.iter().map(String::as_str))
+            .chain(
+                gateway_routed
+                    .iter()
+                    .flat_map(|(_, h)| h.iter().map(String::as_str)),
+            )
             .collect();
         for tag in live.difference(&header_routed) {
             out.push(finding(
@@ -284,7 +369,7 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                     "canary {tag} has a {} behind Service {} but no header route reaches it{}",
                     input.backend,
                     service.name,
-                    if vss.is_empty() { " (without a VirtualService it gets a share of all traffic)" } else { "" }
+                    if vss.is_empty() && gateway_routes.is_empty() { " (without a route it gets a share of all traffic)" } else { "" }
                 ),
                 format!(
                     "annotate the Service {}: \"true\" to have the routes generated, or add a header route for {tag}",
@@ -378,10 +463,14 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
         }
         // Services that ask for routes but have hand-written rules in the way.
         if routes::wants_routes(Some(&service.annotations)) {
+            // The kinds of the Service's route API: an HTTPRoute is no
+            // conflict for a Service routed by Istio's API, nor a
+            // VirtualService for one on the Gateway API.
             let heads: Vec<(RuleKind, &str, bool, Vec<String>)> = input
                 .rules
                 .iter()
                 .filter_map(|r| head(r).map(|(k, n, m)| (k, n, m, hosts(r))))
+                .filter(|(k, ..)| k.is_gateway_route() == (api == RouteApi::GatewayApi))
                 .collect();
             let conflicts = routes::conflicts(
                 &ServiceRef {
@@ -406,5 +495,100 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                 ));
             }
         }
+    }
+}
+
+/// A Service's Gateway API routes: backends without pods, what the mesh
+/// says of our routes, and ambient mode without a waypoint.
+fn check_gateway_routes(
+    input: &RoutingInput<'_>,
+    by_name: &BTreeMap<&str, &ServiceInfo>,
+    service: &ServiceInfo,
+    found: &[&Value],
+    out: &mut Vec<Finding>,
+) {
+    use Severity::{Error, Warning};
+    let ns = input.namespace;
+    let at = |rule: &Value| {
+        format!(
+            "{ns}/{}/{}",
+            rule["kind"].as_str().unwrap_or_default(),
+            rule["metadata"]["name"].as_str().unwrap_or("<unnamed>")
+        )
+    };
+    for route in found {
+        let mut seen = BTreeSet::new();
+        for (backend, _) in backends(route) {
+            if !seen.insert(backend.clone()) {
+                continue;
+            }
+            match by_name.get(backend.as_str()) {
+                None if input.all_services => out.push(finding(
+                    Error,
+                    "backend-not-found",
+                    at(route),
+                    format!(
+                        "a rule sends Service {}'s requests to Service {backend}, which namespace {ns} does not have: they fail (500)",
+                        service.name
+                    ),
+                    format!("create Service {backend}, or send the rule elsewhere"),
+                )),
+                Some(b) if b.backends.is_empty() => out.push(finding(
+                    Error,
+                    "backend-selects-no-pod",
+                    at(route),
+                    format!(
+                        "a rule sends Service {}'s requests to Service {backend}, which has no {}: they fail (503)",
+                        service.name, input.backend
+                    ),
+                    "deploy pods the Service selects, or send the rule elsewhere",
+                )),
+                _ => {}
+            }
+        }
+        let ours = head(route).is_some_and(|(_, _, managed)| managed);
+        if ours && input.all_services {
+            let why = match RouteStatus::from_json(route.get("status")).acceptance() {
+                Acceptance::Accepted => None,
+                Acceptance::NoImplementation => Some(
+                    "no Gateway API implementation has written a status for it: without a mesh that implements GAMMA (Service parents) the route does nothing"
+                        .to_owned(),
+                ),
+                Acceptance::Rejected(said) => Some(format!("not accepted ({said})")),
+                Acceptance::RefsNotResolved(said) => {
+                    Some(format!("a backend does not resolve ({said})"))
+                }
+            };
+            if let Some(why) = why {
+                out.push(finding(
+                    Warning,
+                    "route-not-accepted",
+                    at(route),
+                    format!("the route of Service {}: {why}", service.name),
+                    "install a mesh that routes HTTPRoutes with Service parents (Istio ambient with a waypoint, Linkerd, Cilium, Kuma), or annotate the Service canary-injector.io/route-api: istio",
+                ));
+            }
+        }
+    }
+    let ambient = input
+        .namespace_labels
+        .get(AMBIENT_LABEL)
+        .map(String::as_str)
+        == Some("ambient");
+    let waypoint = input.namespace_labels.contains_key(WAYPOINT_LABEL)
+        || service.labels.contains_key(WAYPOINT_LABEL);
+    if ambient && !waypoint && !found.is_empty() {
+        out.push(finding(
+            Warning,
+            "ambient-without-waypoint",
+            format!("{ns}/Service/{}", service.name),
+            format!(
+                "namespace {ns} is in Istio's ambient mode ({AMBIENT_LABEL}=ambient) but neither it nor Service {} has {WAYPOINT_LABEL}: ztunnel does not apply HTTPRoutes, so the canary routes do nothing",
+                service.name
+            ),
+            format!(
+                "deploy a waypoint (istioctl waypoint apply -n {ns} --enroll-namespace), or label the namespace or the Service {WAYPOINT_LABEL}=<waypoint>"
+            ),
+        ));
     }
 }

@@ -19,6 +19,10 @@ struct Tls {
     not_after: i64,
 }
 
+fn istio_v1() -> crate::routes::offline::Target {
+    crate::routes::offline::Target::Istio("networking.istio.io/v1".into())
+}
+
 fn tls(validity_days: u64) -> Tls {
     let ca = Ca::generate("check CA", Duration::from_secs(3650 * 86400)).unwrap();
     let b = ca
@@ -119,6 +123,7 @@ fn sound(t: &Tls) -> Snapshot {
         now: t.not_after - 300 * DAY,
         config_error: None,
         native: Default::default(),
+        route_api: None,
     }
 }
 
@@ -1161,8 +1166,7 @@ spec:
     assert_eq!(codes(&report), ["no-normal-pod"], "{:#?}", report.findings);
     assert_eq!(report.findings[0].place, "shop/Service/web");
     let routed =
-        crate::routes::offline::routes_documents(input, "web.yaml", &cfg, "networking.istio.io/v1")
-            .unwrap();
+        crate::routes::offline::routes_documents(input, "web.yaml", &cfg, &istio_v1()).unwrap();
     assert!(
         routed
             .warnings
@@ -1191,8 +1195,7 @@ spec:
         report.findings
     );
     let routed =
-        crate::routes::offline::routes_documents(&both, "web.yaml", &cfg, "networking.istio.io/v1")
-            .unwrap();
+        crate::routes::offline::routes_documents(&both, "web.yaml", &cfg, &istio_v1()).unwrap();
     assert!(routed.warnings.iter().all(|w| !w.contains("normal pod")));
 }
 
@@ -1245,7 +1248,7 @@ spec:
         )
     };
     let cfg = Config::default();
-    let api = "networking.istio.io/v1";
+    let api = &istio_v1();
     let vs = |text: &str| {
         let out = crate::routes::offline::routes_documents(text, "web.yaml", &cfg, api).unwrap();
         let docs: Vec<Value> = serde_saphyr::from_multiple(&out.text).unwrap();
@@ -1301,4 +1304,259 @@ spec:
         "{:#?}",
         report.findings
     );
+}
+
+// === routing on the Gateway API ===
+
+fn version_svc(name: &str, selector: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "shop",
+                        "labels": {"app.kubernetes.io/managed-by": "canary-injector",
+                                   "canary-injector.io/route-of": "checkout"}},
+           "spec": {"selector": selector, "ports": [{"port": 80}]}})
+}
+
+fn http_route(name: &str, parent: &str, rules: Value, managed: bool) -> Value {
+    let labels = if managed {
+        json!({"app.kubernetes.io/managed-by": "canary-injector",
+               "canary-injector.io/route-of": parent})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": "shop", "labels": labels},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                    "rules": rules},
+           "status": {"parents": [{
+               "parentRef": {"group": "", "kind": "Service", "name": parent},
+               "controllerName": "linkerd.io/gateway-controller",
+               "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"},
+                              {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs"}]}]}})
+}
+
+fn gateway_rule(tag: Option<&str>, backend: &str) -> Value {
+    let mut m = json!({"path": {"type": "PathPrefix", "value": "/"}});
+    if let Some(t) = tag {
+        m["headers"] = json!([{"type": "Exact", "name": "x-canary-tag", "value": t}]);
+    }
+    json!({"matches": [m],
+           "backendRefs": [{"group": "", "kind": "Service", "name": backend, "port": 80, "weight": 1}]})
+}
+
+/// `shop` routed on the Gateway API: checkout asks for routes, its version
+/// Services have the normal and the gray pod, our HTTPRoute sends the tag
+/// to its Service and the rest to the normal one, and a mesh accepted it.
+fn gateway_routed(t: &Tls) -> Snapshot {
+    let mut s = routed(t);
+    s.route_api = Some(RouteApi::GatewayApi);
+    let ns = shop(&mut s);
+    ns.services = vec![
+        svc("checkout", json!({"canary-injector.io/routes": "true"})),
+        version_svc(
+            "checkout--normal",
+            json!({"app": "checkout", "stage": "normal"}),
+        ),
+        version_svc(
+            "checkout--feature-login",
+            json!({"app": "checkout", "stage": "gray", "canarytag": "feature-login"}),
+        ),
+    ];
+    ns.endpoint_slices = vec![
+        slice(
+            "checkout",
+            &[("checkout-7d9f-a", true), ("checkout-gray-5c4b-b", true)],
+        ),
+        slice("checkout--normal", &[("checkout-7d9f-a", true)]),
+        slice("checkout--feature-login", &[("checkout-gray-5c4b-b", true)]),
+    ];
+    ns.rules = vec![http_route(
+        "checkout",
+        "checkout",
+        json!([
+            gateway_rule(Some("feature-login"), "checkout--feature-login"),
+            gateway_rule(None, "checkout--normal"),
+        ]),
+        true,
+    )];
+    s
+}
+
+#[test]
+fn gateway_routes_that_reach_every_ready_pod_are_sound() {
+    let t = tls(365);
+    let r = report(&gateway_routed(&t));
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+}
+
+#[test]
+fn a_gateway_rule_to_a_service_without_ready_pods_is_an_error() {
+    let t = tls(365);
+    let mut s = gateway_routed(&t);
+    shop(&mut s).endpoint_slices[2] = slice(
+        "checkout--feature-login",
+        &[("checkout-gray-5c4b-b", false)],
+    );
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Error, "backend-selects-no-pod")
+    );
+    assert_eq!(f.place, "shop/HTTPRoute/checkout");
+    assert!(
+        f.message.contains(
+            "to Service checkout--feature-login, which has no ready pod: they fail (503)"
+        ),
+        "{}",
+        f.message
+    );
+    // A backend that does not exist at all.
+    let mut s = gateway_routed(&t);
+    shop(&mut s).services.remove(2);
+    let codes = codes(&report(&s));
+    assert!(codes.contains(&"backend-not-found"), "{codes:?}");
+}
+
+#[test]
+fn a_gateway_route_no_mesh_accepted_is_a_warning_with_the_reason() {
+    let t = tls(365);
+    let mut s = gateway_routed(&t);
+    shop(&mut s).rules[0]
+        .as_object_mut()
+        .unwrap()
+        .remove("status");
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "route-not-accepted")
+    );
+    assert!(
+        f.message.contains("without a mesh that implements GAMMA"),
+        "{}",
+        f.message
+    );
+    let mut s = gateway_routed(&t);
+    shop(&mut s).rules[0]["status"]["parents"][0]["conditions"][0] =
+        json!({"type": "Accepted", "status": "False", "reason": "NoMatchingParent"});
+    let f = only(&s);
+    assert!(
+        f.message
+            .contains("not accepted (linkerd.io/gateway-controller: NoMatchingParent)"),
+        "{}",
+        f.message
+    );
+    // A hand-written route is the mesh's business and the user's.
+    let mut s = gateway_routed(&t);
+    let route = &mut shop(&mut s).rules[0];
+    route["metadata"]["labels"] = json!({});
+    route.as_object_mut().unwrap().remove("status");
+    assert!(!codes(&report(&s)).contains(&"route-not-accepted"));
+}
+
+#[test]
+fn ambient_mode_without_a_waypoint_is_a_warning() {
+    let t = tls(365);
+    let mut s = gateway_routed(&t);
+    shop(&mut s)
+        .labels
+        .insert("istio.io/dataplane-mode".into(), "ambient".into());
+    let f = only(&s);
+    assert_eq!(
+        (f.severity, f.code),
+        (Severity::Warning, "ambient-without-waypoint")
+    );
+    assert!(
+        f.message.contains("ztunnel does not apply HTTPRoutes"),
+        "{}",
+        f.message
+    );
+    // A waypoint on the namespace, or on the Service, is enough.
+    let mut ns_waypoint = s.clone();
+    shop(&mut ns_waypoint)
+        .labels
+        .insert("istio.io/use-waypoint".into(), "waypoint".into());
+    assert!(report(&ns_waypoint).findings.is_empty());
+    shop(&mut s).services[0]["metadata"]["labels"] = json!({"istio.io/use-waypoint": "waypoint"});
+    assert!(report(&s).findings.is_empty());
+}
+
+#[test]
+fn on_the_gateway_api_a_foreign_route_is_a_conflict_and_a_missing_rule_is_said() {
+    let t = tls(365);
+    let mut s = gateway_routed(&t);
+    shop(&mut s).rules.push(http_route(
+        "by-hand",
+        "checkout",
+        json!([gateway_rule(None, "checkout")]),
+        false,
+    ));
+    let f = only(&s);
+    assert_eq!((f.severity, f.code), (Severity::Error, "routes-conflict"));
+    assert!(
+        f.message.contains(
+            "HTTPRoute by-hand (not managed by canary-injector) has Service checkout as a parent"
+        ),
+        "{}",
+        f.message
+    );
+    // A VirtualService is no conflict for a Service on the Gateway API.
+    let mut s = gateway_routed(&t);
+    shop(&mut s).rules.push(vs(
+        "checkout",
+        "checkout",
+        json!([default_route("checkout", "normal")]),
+    ));
+    assert!(!codes(&report(&s)).contains(&"routes-conflict"));
+    // A live canary without its rule.
+    let mut s = gateway_routed(&t);
+    shop(&mut s).rules[0]["spec"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .remove(0);
+    let codes = codes(&report(&s));
+    assert!(codes.contains(&"live-tag-without-route"), "{codes:?}");
+}
+
+#[test]
+fn check_f_checks_the_gateway_routes_routes_f_would_write() {
+    let input = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {canary-injector.io/enabled: "true", istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {canary-injector.io/routes: "true", canary-injector.io/route-api: gateway-api}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: web:1}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-beta, namespace: shop}
+spec:
+  template:
+    metadata: {labels: {app: web}, annotations: {canary-injector.io/tag: beta}}
+    spec: {containers: [{name: web, image: web:2}]}
+"#;
+    let r = super::manifests::check_documents(input, "web.yaml", &Config::default()).unwrap();
+    // The generated route reaches both versions; ambient mode needs a waypoint.
+    assert_eq!(codes(&r), ["ambient-without-waypoint"], "{:#?}", r.findings);
+    let with_waypoint = input.replace(
+        "istio.io/dataplane-mode: ambient}",
+        "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}",
+    );
+    let r =
+        super::manifests::check_documents(&with_waypoint, "web.yaml", &Config::default()).unwrap();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
 }

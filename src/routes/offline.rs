@@ -16,11 +16,18 @@
 //! ready, so give it the Service's workloads along with the Service.
 //! The objects are [`super::desired`], the function the controller
 //! converges to; without a Service uid they carry no ownerReference.
+//!
+//! On the Gateway API (`--api gateway-api`, or a Service annotated
+//! `canary-injector.io/route-api: gateway-api`) they are
+//! [`super::gateway::desired`] instead: the version Services and the
+//! HTTPRoutes. Offline every version Service counts as having a ready
+//! endpoint, so every live tag gets its rule at once.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use super::gateway::{self, RouteApi, ServiceShape, route_api};
 use super::shape::{self, WeightTally, route_settings};
 use super::{
     Live, PodStage, ServiceRef, TagWeight, desired, pod_stage, route_header, wants_routes,
@@ -35,6 +42,18 @@ struct Routed {
     service: ServiceRef,
     selector: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
+    /// `spec`, for its shape on the Gateway API.
+    spec: Value,
+}
+
+/// Which objects `routes -f` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// DestinationRules and VirtualServices of this `apiVersion`
+    /// (`networking.istio.io/v1beta1`).
+    Istio(String),
+    /// Version Services and HTTPRoutes (`gateway.networking.k8s.io/v1`).
+    GatewayApi,
 }
 
 /// The pod labels of one workload of the input.
@@ -142,16 +161,17 @@ pub(crate) fn workload(doc: &Value) -> Option<Workload> {
 }
 
 /// Prints the routes of `input` (named `source_name` in errors; see the
-/// module docs) as YAML documents, a DestinationRule and a VirtualService
-/// per Service in namespace and name order, at `api_version`
-/// (`networking.istio.io/v1beta1`). A document the label rules refuse is
+/// module docs) as YAML documents, per Service in namespace and name order:
+/// a DestinationRule and a VirtualService for [`Target::Istio`], the
+/// version Services and HTTPRoutes for [`Target::GatewayApi`] (a Service's
+/// `canary-injector.io/route-api` annotation chooses for it). A document the label rules refuse is
 /// reported in [`Output::refused`] (its pods count with the labels they
 /// have), as `mutate -f` does; input that cannot be read is an error.
 pub fn routes_documents(
     input: &str,
     source_name: &str,
     cfg: &Config,
-    api_version: &str,
+    target: &Target,
 ) -> Result<Output, OfflineError> {
     // The label rules, without the sidecar keepalive fix (it changes no label).
     let mut rules = cfg.clone();
@@ -193,6 +213,7 @@ pub fn routes_documents(
                     },
                     selector: string_map(doc.pointer("/spec/selector")),
                     annotations,
+                    spec: doc.get("spec").cloned().unwrap_or(Value::Null),
                 });
             }
             Some("Namespace") if core => {
@@ -208,14 +229,35 @@ pub fn routes_documents(
     let mut out = Vec::new();
     for s in &services {
         let name = &s.service.name;
-        let header = route_header(Some(&s.annotations), &cfg.routes.header).map_err(|e| {
-            OfflineError::Malformed {
-                index: s.index,
-                kind: "Service".into(),
-                name: name.clone(),
-                reason: e.to_string(),
+        let malformed = |reason: String| OfflineError::Malformed {
+            index: s.index,
+            kind: "Service".into(),
+            name: name.clone(),
+            reason,
+        };
+        let header = route_header(Some(&s.annotations), &cfg.routes.header)
+            .map_err(|e| malformed(e.to_string()))?;
+        let api = match route_api(Some(&s.annotations)).map_err(|e| malformed(e.to_string()))? {
+            Some(RouteApi::Istio) if *target == Target::GatewayApi => {
+                Target::Istio(format!("{}/v1beta1", super::objects::GROUP))
             }
-        })?;
+            Some(RouteApi::GatewayApi) => Target::GatewayApi,
+            _ => target.clone(),
+        };
+        // The Service's shape on the Gateway API; `None` on Istio's.
+        let shape = match &api {
+            Target::GatewayApi => match ServiceShape::from_spec(&s.spec) {
+                Ok(shape) => Some(shape),
+                Err(problem) => {
+                    warnings.push(format!(
+                        "document {} (Service {name}): not routed on the Gateway API: {problem}",
+                        s.index
+                    ));
+                    continue;
+                }
+            },
+            Target::Istio(_) => None,
+        };
         if s.selector.is_empty() {
             warnings.push(format!(
                 "document {} (Service {name}): no selector; no canary is routed and the default \
@@ -257,7 +299,13 @@ pub fn routes_documents(
             ));
             live.weights.clear();
         }
-        let (settings, invalid) = route_settings(Some(&s.annotations), &defaults);
+        let (mut settings, mut invalid) = route_settings(Some(&s.annotations), &defaults);
+        if shape.is_some()
+            && let Some(bad) = gateway::unsupported(&settings)
+        {
+            settings.retries = None;
+            invalid.push(bad);
+        }
         for bad in invalid {
             warnings.push(format!(
                 "document {} (Service {name}): {bad}; the routes are written without it",
@@ -272,9 +320,15 @@ pub fn routes_documents(
                 s.index, cfg.labels.stage, cfg.labels.normal_stage
             ));
         }
-        let d = desired(&s.service, header, &live, &cfg.labels, &settings);
-        out.push(d.destination_rule.to_json(api_version));
-        out.push(d.virtual_service.to_json(api_version));
+        if let Some(shape) = &shape {
+            let d = gateway::desired(&s.service, shape, header, &live, &cfg.labels, &settings);
+            out.extend(d.services.iter().map(gateway::VersionService::to_json));
+            out.extend(d.routes.iter().map(gateway::HttpRoute::to_json));
+        } else if let Target::Istio(api_version) = &api {
+            let d = desired(&s.service, header, &live, &cfg.labels, &settings);
+            out.push(d.destination_rule.to_json(api_version));
+            out.push(d.virtual_service.to_json(api_version));
+        }
     }
     if services.is_empty() {
         warnings.push(format!(
@@ -307,7 +361,13 @@ mod tests {
     const API: &str = "networking.istio.io/v1beta1";
 
     fn run(input: &str) -> (Vec<Value>, Vec<String>) {
-        let out = routes_documents(input, "<stdin>", &Config::default(), API).unwrap();
+        let out = routes_documents(
+            input,
+            "<stdin>",
+            &Config::default(),
+            &Target::Istio(API.into()),
+        )
+        .unwrap();
         let docs = if out.text.is_empty() {
             Vec::new()
         } else {
@@ -400,7 +460,13 @@ mod tests {
     fn an_invalid_header_annotation_is_an_error_naming_the_service() {
         let input = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  annotations:\n    \
                      canary-injector.io/routes: \"true\"\n    canary-injector.io/route-header: X-Tag\n";
-        let err = routes_documents(input, "<stdin>", &Config::default(), API).unwrap_err();
+        let err = routes_documents(
+            input,
+            "<stdin>",
+            &Config::default(),
+            &Target::Istio(API.into()),
+        )
+        .unwrap_err();
         assert!(
             matches!(err, OfflineError::Malformed { index: 1, .. }),
             "{err}"
@@ -420,6 +486,155 @@ mod tests {
         assert!(warnings[0].contains("no selector"), "{warnings:?}");
         assert!(
             warnings[1].contains("not opted in (canary-injection=enabled)"),
+            "{warnings:?}"
+        );
+    }
+    fn gateway(input: &str, cfg: &Config) -> (Vec<Value>, Vec<String>) {
+        let out = routes_documents(input, "<stdin>", cfg, &Target::GatewayApi).unwrap();
+        if out.text.is_empty() {
+            return (Vec::new(), out.warnings);
+        }
+        (
+            serde_saphyr::from_multiple(&out.text).unwrap(),
+            out.warnings,
+        )
+    }
+
+    fn kinds_and_names(docs: &[Value]) -> Vec<String> {
+        docs.iter()
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    d["kind"].as_str().unwrap(),
+                    d["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    const GATEWAY_INPUT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {canary-injector.io/routes: "true", canary-injector.io/route-retries: "2"}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: web:1}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-beta, namespace: shop}
+spec:
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {canary-injector.io/tag: beta, canary-injector.io/weight: "10"}
+    spec: {containers: [{name: web, image: web:2}]}
+"#;
+
+    #[test]
+    fn on_the_gateway_api_it_prints_the_version_services_and_the_route() {
+        let (docs, warnings) = gateway(GATEWAY_INPUT, &Config::default());
+        assert_eq!(
+            kinds_and_names(&docs),
+            ["Service web--normal", "Service web--beta", "HTTPRoute web"]
+        );
+        assert_eq!(
+            docs[1]["spec"]["selector"],
+            json!({"app": "web", "stage": "gray", "canarytag": "beta"})
+        );
+        assert_eq!(
+            docs[1]["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
+        );
+        assert_eq!(
+            docs[1]["metadata"]["labels"]["canary-injector.io/route-of"],
+            "web"
+        );
+        let rules = &docs[2]["spec"]["rules"];
+        assert_eq!(rules[0]["matches"][0]["headers"][0]["value"], "beta");
+        assert_eq!(rules[0]["backendRefs"][0]["name"], "web--beta");
+        // The weighted gray stage: 10 to beta, the rest to normal.
+        let default: Vec<(String, u64)> = rules[1]["backendRefs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_owned(),
+                    b["weight"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            default,
+            [("web--normal".to_owned(), 90), ("web--beta".to_owned(), 10)]
+        );
+        // Retries are not written on the Gateway API, and it says so.
+        assert!(rules.to_string().find("retr").is_none(), "{rules}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("canary-injector.io/route-retries")
+                && warnings[0].contains("Gateway API"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_chooses_its_api_and_a_bad_choice_or_shape_is_said() {
+        // The annotation wins over --api, both ways.
+        let istio_one = GATEWAY_INPUT.replacen(
+            "canary-injector.io/routes: \"true\",",
+            "canary-injector.io/routes: \"true\", canary-injector.io/route-api: istio,",
+            1,
+        );
+        let (docs, _) = gateway(&istio_one, &Config::default());
+        assert_eq!(
+            kinds_and_names(&docs),
+            ["DestinationRule web", "VirtualService web"]
+        );
+        let gateway_one = GATEWAY_INPUT.replacen(
+            "canary-injector.io/routes: \"true\",",
+            "canary-injector.io/routes: \"true\", canary-injector.io/route-api: gateway-api,",
+            1,
+        );
+        let (docs, _) = run(&gateway_one);
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[2]["kind"], "HTTPRoute");
+
+        // An unknown API: an error naming the Service and the value.
+        let bad = GATEWAY_INPUT.replacen(
+            "canary-injector.io/routes: \"true\",",
+            "canary-injector.io/routes: \"true\", canary-injector.io/route-api: linkerd,",
+            1,
+        );
+        let err = routes_documents(&bad, "<stdin>", &Config::default(), &Target::GatewayApi)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Service web") && err.contains("linkerd"),
+            "{err}"
+        );
+
+        // No selector: nothing printed for it, and why.
+        let plain = GATEWAY_INPUT.replace("  selector: {app: web}\n", "");
+        let (docs, warnings) = gateway(&plain, &Config::default());
+        assert!(docs.is_empty(), "{docs:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w
+                    .contains("(Service web): not routed on the Gateway API: it has no selector")),
             "{warnings:?}"
         );
     }
