@@ -46,6 +46,7 @@ pub mod owners;
 pub mod policy;
 pub mod routes;
 pub mod server;
+pub mod task;
 
 #[cfg(test)]
 mod testing;

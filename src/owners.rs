@@ -47,8 +47,8 @@ use kube::runtime::watcher::{self, watcher};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::TaskError;
 use crate::mutate::{NamespaceMesh, NamespacePolicy, OwnerRef, OwnerTag};
+use crate::task::TaskError;
 
 pub mod index;
 
