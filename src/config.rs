@@ -15,15 +15,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use crate::limits::Limits;
 use crate::mutate::labels::is_dns_subdomain;
 use crate::mutate::{
     BootstrapPolicy, IstioPolicy, LabelPolicy, NamespacePolicy, Policy, PolicyError,
 };
-use crate::server::Limits;
-
-/// Default upper bound for a request body: see
-/// [`crate::server::DEFAULT_MAX_BODY_BYTES`] for why 4 MiB.
-pub use crate::server::DEFAULT_MAX_BODY_BYTES;
 
 /// Hard ceiling for `server.maxBodyBytes`, so a typo cannot let one request
 /// pin gigabytes of memory.
@@ -518,7 +514,10 @@ mod tests {
         let cfg = Config::default();
         assert_eq!(cfg.labels.canary_tag, "canarytag");
         assert_eq!(cfg.namespaces.opt_in_selector(), "canary-injection=enabled");
-        assert_eq!(cfg.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            cfg.server.max_body_bytes,
+            crate::limits::DEFAULT_MAX_BODY_BYTES
+        );
         assert_eq!(
             cfg.routes,
             RoutesConfig {

@@ -39,6 +39,7 @@ pub mod copier;
 pub mod duration;
 pub mod envoy_template;
 pub mod istio;
+pub mod limits;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
