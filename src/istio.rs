@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::mutate::Version;
-use crate::mutate::bootstrap::{image_tag, parse_version};
+use crate::mutate::version::{image_tag, parse_version};
 use crate::task::TaskError;
 
 /// The ConfigMap key holding the injector's Helm values (JSON).
