@@ -214,6 +214,31 @@ fn the_dockerfile_labels_this_version() {
     }
 }
 
+/// LICENSE is the license Cargo.toml names, in its standard text.
+#[test]
+fn the_license_file_is_the_one_cargo_toml_names() {
+    let cargo = read("Cargo.toml");
+    assert!(
+        cargo.contains("\nlicense = \"Apache-2.0\"\n"),
+        "Cargo.toml: license"
+    );
+    let license = read("LICENSE");
+    let words: Vec<&str> = license.split_whitespace().collect();
+    assert_eq!(
+        words[..5],
+        ["Apache", "License", "Version", "2.0,", "January"],
+        "LICENSE: the Apache License 2.0"
+    );
+    assert!(
+        license.contains("END OF TERMS AND CONDITIONS"),
+        "the whole text"
+    );
+    assert!(
+        license.lines().count() > 190,
+        "the full license, not a summary"
+    );
+}
+
 /// The checks above read what they claim to: a made-up changelog.
 #[test]
 fn changelog_entries_are_read_in_order() {
