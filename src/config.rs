@@ -823,11 +823,12 @@ mod tests {
         }
     }
 
-    /// README "Configuration" shows every section with its defaults.
+    /// docs/configuration.md "Configuration file" shows every section with its
+    /// defaults.
     #[test]
-    fn readme_configuration_block_is_the_defaults() {
-        let readme = include_str!("../README.md");
-        let section = &readme[readme.find("\n## Configuration\n").unwrap()..];
+    fn documented_configuration_block_is_the_defaults() {
+        let page = include_str!("../docs/configuration.md");
+        let section = &page[page.find("\n## Configuration file\n").unwrap()..];
         let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
         let block = &section[start..start + section[start..].find("```").unwrap()];
         assert_eq!(Config::from_yaml(block).unwrap(), Config::default());

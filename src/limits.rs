@@ -21,7 +21,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Timeouts and limits of the HTTPS and the metrics listener.
 ///
-/// [`Limits::default`] holds the documented defaults (README "HTTP API");
+/// [`Limits::default`] holds the documented defaults (docs/configuration.md "HTTP API");
 /// [`Limits::validate`] checks a combination taken from configuration.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -9,7 +9,7 @@
 //! kinds are acted on, and where their pods live, is one table
 //! ([`kinds::KINDS`]); the policy is [`policy`]'s sections.
 //!
-//! Rules (see README "Labels and annotations"):
+//! Rules (see docs/labels.md):
 //! - `CREATE` of the main resource is acted on, and `UPDATE` of workloads
 //!   whose pod template may change ([`KindInfo::update`]);
 //! - excluded namespaces, mirror pods, objects labelled

@@ -2,7 +2,7 @@
 //! it (kubectl's built-in kustomize), `install.yaml` is exactly the build of
 //! `deploy/`, each built-in object deserialises into its k8s-openapi type
 //! with no unknown field (a round trip loses nothing), and the objects say
-//! what the webhook and the README promise.
+//! what the webhook and the docs promise.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -30,7 +30,7 @@ fn kustomize(dir: &str) -> String {
     let out = Command::new("kubectl")
         .args(["kustomize", &format!("{ROOT}/{dir}")])
         .output()
-        .expect("kubectl (client only) is needed to build deploy/; see README");
+        .expect("kubectl (client only) is needed to build deploy/; see CONTRIBUTING.md");
     assert!(
         out.status.success(),
         "kubectl kustomize {dir} failed:\n{}",

@@ -29,7 +29,7 @@ fn kustomize(dir: &str) -> String {
     let out = Command::new("kubectl")
         .args(["kustomize", &format!("{ROOT}/{dir}")])
         .output()
-        .expect("kubectl (client only) is needed to build deploy/; see README");
+        .expect("kubectl (client only) is needed to build deploy/; see CONTRIBUTING.md");
     assert!(out.status.success(), "kubectl kustomize {dir} failed");
     String::from_utf8(out.stdout).unwrap()
 }

@@ -127,7 +127,7 @@ fn kustomize(dir: &Path) -> String {
         .arg("kustomize")
         .arg(dir)
         .output()
-        .expect("kubectl (client only) is needed to build deploy/; see README");
+        .expect("kubectl (client only) is needed to build deploy/; see CONTRIBUTING.md");
     assert!(
         out.status.success(),
         "kubectl kustomize {} failed:\n{}",
@@ -370,7 +370,7 @@ fn every_installed_object_fits_kubectl_apply_s_annotation() {
 /// The check is not vacuous: an image of another tag at the same version
 /// keeps the Job's name and changes its pod template, which the apiserver
 /// refuses (what the Job name carrying the version avoids for releases;
-/// README "Upgrade" says to delete the finished Job first in this case).
+/// docs/install.md "Upgrade" says to delete the finished Job first in this case).
 #[test]
 fn another_image_at_the_same_version_changes_only_the_job_template() {
     let (_dir, deploy) = copy_of_deploy();

@@ -205,7 +205,7 @@ impl NamespacePolicy {
 
 // === BootstrapPolicy ===
 
-/// The sidecar bootstrap fix (config section `bootstrap:`; see README
+/// The sidecar bootstrap fix (config section `bootstrap:`; see docs/keepalive.md
 /// "Fixing the xds-grpc keepalive").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
