@@ -35,7 +35,7 @@ def minors(first, last):
     return ["1.%d" % m for m in range(first, last + 1)]
 
 
-# The supported range (README "Kubernetes versions"): the base install on
+# The supported range (docs/install.md "Kubernetes versions"): the base install on
 # 1.21 to 1.37 (the newest the pinned schemas know); deploy/overlays/legacy
 # on 1.16 to 1.20. Every minor version in a range is checked, not only its ends.
 SUPPORTED = minors(21, 37)

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
-pub use supervisor::{Ended, Supervisor, TaskError, TaskExit};
+pub use supervisor::{Ended, Supervisor, TaskExit};
 
 use crate::admission::{ClusterLookup, ConfigMapLookup};
 use crate::backfill::{self, BackfillError, BackfillMetrics, BackfillSettings};
@@ -53,6 +53,7 @@ use crate::routes::controller::{
 };
 use crate::server::tls::{self, CertPaths, Loaded, Reloader, Resolver};
 use crate::server::{self, Limits, State};
+use crate::task::TaskError;
 
 /// How long to wait for the bootstrap ConfigMap cache before turning ready
 /// anyway (labels matter more than the mount).

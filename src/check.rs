@@ -28,7 +28,7 @@ use crate::mutate::{
 use crate::owners::index::{Change, OwnerIndex, Row, WorkloadKind};
 use crate::routes::gateway::RouteApi;
 
-/// Every finding code; README "check" documents each (a test checks).
+/// Every finding code; docs/check.md documents each (a test checks).
 pub const CODES: &[&str] = &[
     "webhook-missing",
     "ca-bundle-missing",
@@ -100,7 +100,7 @@ impl Severity {
 pub struct Finding {
     /// How bad it is.
     pub severity: Severity,
-    /// Stable kebab-case code (README "check" lists them all).
+    /// Stable kebab-case code (docs/check.md lists them all).
     pub code: &'static str,
     /// Where: `webhook`, a namespace, or `<namespace>/<Kind>/<name>`.
     pub place: String,

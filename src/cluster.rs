@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::TaskError;
+use crate::task::TaskError;
 
 /// The one kube client and what every controller needs to know about where
 /// it runs. Cheap to clone.

@@ -15,15 +15,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use crate::limits::Limits;
 use crate::mutate::labels::is_dns_subdomain;
 use crate::mutate::{
     BootstrapPolicy, IstioPolicy, LabelPolicy, NamespacePolicy, Policy, PolicyError,
 };
-use crate::server::Limits;
-
-/// Default upper bound for a request body: see
-/// [`crate::server::DEFAULT_MAX_BODY_BYTES`] for why 4 MiB.
-pub use crate::server::DEFAULT_MAX_BODY_BYTES;
 
 /// Hard ceiling for `server.maxBodyBytes`, so a typo cannot let one request
 /// pin gigabytes of memory.
@@ -523,7 +519,10 @@ mod tests {
         let cfg = Config::default();
         assert_eq!(cfg.labels.canary_tag, "canarytag");
         assert_eq!(cfg.namespaces.opt_in_selector(), "canary-injection=enabled");
-        assert_eq!(cfg.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            cfg.server.max_body_bytes,
+            crate::limits::DEFAULT_MAX_BODY_BYTES
+        );
         assert_eq!(
             cfg.routes,
             RoutesConfig {
@@ -830,11 +829,12 @@ mod tests {
         }
     }
 
-    /// README "Configuration" shows every section with its defaults.
+    /// docs/configuration.md "Configuration file" shows every section with its
+    /// defaults.
     #[test]
-    fn readme_configuration_block_is_the_defaults() {
-        let readme = include_str!("../README.md");
-        let section = &readme[readme.find("\n## Configuration\n").unwrap()..];
+    fn documented_configuration_block_is_the_defaults() {
+        let page = include_str!("../docs/configuration.md");
+        let section = &page[page.find("\n## Configuration file\n").unwrap()..];
         let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
         let block = &section[start..start + section[start..].find("```").unwrap()];
         assert_eq!(Config::from_yaml(block).unwrap(), Config::default());

@@ -45,10 +45,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::app::TaskError;
 use crate::cluster::events::is_namespace_terminating;
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
+use crate::task::TaskError;
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "bootstrap-copier";

@@ -52,7 +52,7 @@ pub enum TemplateError {
          agent pings istiod every 30 s with a 10 s timeout); for Istio 1.18 and newer the \
          webhook sets GRPC_KEEPALIVE_INTERVAL/GRPC_KEEPALIVE_TIMEOUT (from \
          bootstrap.keepalive, 30s/15s) on each sidecar at pod creation, automatically \
-         (README \"Istio versions\")"
+         (docs/keepalive.md \"Istio versions\")"
     )]
     PipeAddress,
     /// The `upstream_connection_options` of `xds-grpc` is not a JSON object

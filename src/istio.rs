@@ -48,10 +48,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::app::TaskError;
 use crate::config::Config;
 use crate::mutate::Version;
-use crate::mutate::bootstrap::{image_tag, parse_version};
+use crate::mutate::version::{image_tag, parse_version};
+use crate::task::TaskError;
 
 /// The ConfigMap key holding the injector's Helm values (JSON).
 pub const VALUES_KEY: &str = "values";

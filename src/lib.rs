@@ -23,10 +23,14 @@
 //!                                         cluster (client, Lease, shared watches, events)
 //!                                         app (serve's supervised tasks), metrics, config
 //!  duration: Go durations (checked)  <--- server (`?timeout=`), certs (`--validity`)
+//!  limits: the server's limits       <--- server (enforces), config (reads `server:`)
+//!  task: a long-running task's error <--- cluster, copier, istio, owners, app (runs them)
 //! ```
-//! Adapters depend on the pure core, never the reverse (`tests/layering.rs`
-//! checks the imports). [`app`] wires the adapters for `serve`; the binary's
-//! `cli/` only parses flags and calls the library.
+//! Adapters depend on the pure core, never the reverse, and no import goes
+//! round in a circle: what several modules share lives in the lowest of them
+//! (`tests/layering.rs` checks both). [`app`] wires the adapters for `serve`
+//! and nothing below it imports it; the binary's `cli/` only parses flags
+//! and calls the library.
 
 pub mod admission;
 pub mod app;
@@ -39,6 +43,7 @@ pub mod copier;
 pub mod duration;
 pub mod envoy_template;
 pub mod istio;
+pub mod limits;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
@@ -46,6 +51,7 @@ pub mod owners;
 pub mod policy;
 pub mod routes;
 pub mod server;
+pub mod task;
 
 #[cfg(test)]
 mod testing;

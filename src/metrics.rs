@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Every `reason` of `errors_total` the server reports: exported at 0 from
-/// the start (so `rate()` sees the first one) and listed in the README.
+/// the start (so `rate()` sees the first one) and listed in docs/operations.md.
 pub const ERROR_REASONS: [&str; 11] = [
     "not-found",
     "method",

@@ -9,7 +9,7 @@
 //! kinds are acted on, and where their pods live, is one table
 //! ([`kinds::KINDS`]); the policy is [`policy`]'s sections.
 //!
-//! Rules (see README "Labels and annotations"):
+//! Rules (see docs/labels.md):
 //! - `CREATE` of the main resource is acted on, and `UPDATE` of workloads
 //!   whose pod template may change ([`KindInfo::update`]);
 //! - excluded namespaces, mirror pods, objects labelled
@@ -36,10 +36,11 @@ pub mod kinds;
 pub mod labels;
 mod patch;
 pub mod policy;
+pub mod version;
 
 use bootstrap::PodTarget;
 pub use bootstrap::{
-    Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip, KeepaliveForm, Version,
+    Availability, BootstrapDecision, BootstrapOutcome, BootstrapSkip, KeepaliveForm,
 };
 pub use decision::{
     Contradiction, Decision, Intent, Label, LabelTarget, OwnerTag, RequestedTag, TagSource,
@@ -49,6 +50,7 @@ pub use kinds::{KINDS, Kind, KindInfo, Location, Scope};
 pub use policy::{
     BootstrapPolicy, IstioPolicy, Keepalive, LabelPolicy, NamespacePolicy, Policy, PolicyError,
 };
+pub use version::Version;
 
 use std::collections::BTreeMap;
 
@@ -681,12 +683,13 @@ pub fn decide<'a>(
     if policy.bootstrap.enabled
         && let Some(pod) = bootstrap_target(info, subject.mode, object)
     {
-        decision.bootstrap = Some(bootstrap::decide(
-            &pod,
-            policy,
-            cluster,
-            &mut decision.warnings,
-        ));
+        let bootstrap = bootstrap::decide(&pod, policy, cluster);
+        if let BootstrapDecision::Skipped(skip) = bootstrap
+            && let Some(warning) = Warning::for_bootstrap_skip(skip, policy)
+        {
+            decision.warnings.push(warning);
+        }
+        decision.bootstrap = Some(bootstrap);
     }
     Ok(decision)
 }

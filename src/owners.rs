@@ -28,7 +28,7 @@
 //!
 //! Until every watch has listed once the index knows nothing: a pod whose
 //! tag comes only from its owner's metadata is then labelled from its own
-//! annotations (README "Tags on workloads"). `serve` waits (at most 10 s)
+//! annotations (docs/labels.md "Tags on workloads"). `serve` waits (at most 10 s)
 //! for the first lists before it turns ready.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,8 +47,8 @@ use kube::runtime::watcher::{self, watcher};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::TaskError;
 use crate::mutate::{NamespaceMesh, NamespacePolicy, OwnerRef, OwnerTag};
+use crate::task::TaskError;
 
 pub mod index;
 

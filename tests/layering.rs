@@ -60,6 +60,7 @@ const FORBIDDEN: &[&str] = &[
     "crate::check::cluster",
     "crate::check::manifests",
     "crate::server",
+    "crate::task",
     "kube",
     "k8s_openapi",
     "hyper",
@@ -275,4 +276,326 @@ fn imports_are_resolved_whatever_their_spelling() {
     assert_eq!(forbidden("crate::mutate::Kind"), None);
     assert_eq!(forbidden("kube::Api"), Some("kube"));
     assert_eq!(forbidden("kubed::x"), None, "a prefix is a whole segment");
+}
+
+// === The arrows point one way ===
+//
+// Every file of the library (the module tree from src/lib.rs, without test
+// modules) and the files it names form a graph that must have no circle:
+// what several layers share lives in the lowest of them (`task::TaskError`,
+// `limits::Limits`, `mutate::version`), never in the module that wires them.
+// A module may use its own parent's items (`super::X`, the Rust idiom for a
+// module and its files); a name the parent only re-exports (`pub use
+// child::X`) counts as the child's, so a re-export cannot hide an arrow.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The library's files: module path -> code (without comments, strings and
+/// test modules), walked from src/lib.rs through its `mod` declarations.
+fn library() -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    let mut todo = vec![(vec!["crate".to_owned()], Path::new(ROOT).join("src/lib.rs"))];
+    while let Some((module, file)) = todo.pop() {
+        let code = code_of(&std::fs::read_to_string(&file).unwrap());
+        for child in declared_modules(&code) {
+            let dir = if module.len() == 1 {
+                Path::new(ROOT).join("src")
+            } else {
+                file.with_extension("")
+            };
+            let path = [
+                dir.join(format!("{child}.rs")),
+                dir.join(&child).join("mod.rs"),
+            ]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no file for mod {child} of {}", module.join("::")));
+            let mut m = module.clone();
+            m.push(child);
+            todo.push((m, path));
+        }
+        files.insert(module.join("::"), code);
+    }
+    files
+}
+
+/// `mod x;` and `pub mod x;` declarations (test modules are already cut).
+fn declared_modules(code: &str) -> Vec<String> {
+    code.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line
+                .strip_prefix("pub(crate) mod ")
+                .or_else(|| line.strip_prefix("pub mod "))
+                .or_else(|| line.strip_prefix("mod "))?;
+            let name = rest.strip_suffix(';')?.trim();
+            name.chars()
+                .all(|c| c.is_alphanumeric() || c == '_')
+                .then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// Absolute paths a file names: [`named_paths`], plus paths that start at a
+/// child module (`bootstrap::decide` in `crate::mutate`).
+fn absolute_paths(code: &str, module: &str, modules: &BTreeSet<String>) -> Vec<String> {
+    let segments: Vec<String> = module.split("::").map(str::to_owned).collect();
+    named_paths(code, &segments)
+        .into_iter()
+        .map(|p| {
+            let first = p.split("::").next().unwrap_or_default();
+            if first != "crate" && modules.contains(&format!("{module}::{first}")) {
+                format!("{module}::{p}")
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
+/// `(module, name) -> absolute path` of every `pub use` in the library.
+fn reexports(files: &BTreeMap<String, String>) -> BTreeMap<(String, String), String> {
+    let modules: BTreeSet<String> = files.keys().cloned().collect();
+    let mut out = BTreeMap::new();
+    for (module, code) in files {
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find("pub use ") {
+            let after = &rest[at + "pub use ".len()..];
+            let end = after.find(';').unwrap_or(after.len());
+            let tree = &after[..end];
+            rest = &after[end..];
+            let mut leaves = Vec::new();
+            expand(tree, "", &mut leaves);
+            // The names as exported (`x as y` exports y); `expand` keeps x.
+            let mut names = Vec::new();
+            for part in tree.split([',', '{', '}']) {
+                let part = part.trim();
+                if part.is_empty() {
+                    continue;
+                }
+                let name = part.rsplit(" as ").next().unwrap().trim();
+                names.push(name.rsplit("::").next().unwrap().to_owned());
+            }
+            for leaf in leaves {
+                let path = absolute_paths(&format!("use {leaf};"), module, &modules)
+                    .into_iter()
+                    .next()
+                    .unwrap_or(leaf.clone());
+                let last = leaf.rsplit("::").next().unwrap().to_owned();
+                let name = names.iter().find(|n| **n == last).cloned().unwrap_or(last);
+                out.insert((module.clone(), name), path);
+            }
+        }
+    }
+    out
+}
+
+/// The library module a path names, through re-exports; `None` outside it.
+fn module_named(
+    path: &str,
+    modules: &BTreeSet<String>,
+    reexports: &BTreeMap<(String, String), String>,
+) -> Option<String> {
+    let mut path = path.to_owned();
+    for _ in 0..8 {
+        let segments: Vec<&str> = path.split("::").collect();
+        let depth = (1..=segments.len())
+            .rev()
+            .find(|n| modules.contains(&segments[..*n].join("::")))?;
+        let module = segments[..depth].join("::");
+        let Some(next) = segments.get(depth) else {
+            return Some(module);
+        };
+        match reexports.get(&(module.clone(), (*next).to_owned())) {
+            Some(target) => {
+                let mut followed = target.clone();
+                for s in &segments[depth + 1..] {
+                    followed.push_str("::");
+                    followed.push_str(s);
+                }
+                path = followed;
+            }
+            None => return Some(module),
+        }
+    }
+    None
+}
+
+/// module -> the library modules it names (its own ancestors left out).
+fn import_graph(files: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+    let modules: BTreeSet<String> = files.keys().cloned().collect();
+    let reexports = reexports(files);
+    let mut graph = BTreeMap::new();
+    for (module, code) in files {
+        let mut to = BTreeSet::new();
+        for path in absolute_paths(code, module, &modules) {
+            if let Some(target) = module_named(&path, &modules, &reexports)
+                && target != *module
+                && !module.starts_with(&format!("{target}::"))
+            {
+                to.insert(target);
+            }
+        }
+        graph.insert(module.clone(), to);
+    }
+    graph
+}
+
+/// A circle of the graph, if it has one (a depth-first search).
+fn find_circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = stack.iter().position(|n| n == node) {
+            let mut circle = stack[at..].to_vec();
+            circle.push(node.to_owned());
+            return Some(circle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        stack.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(circle) = visit(next, graph, stack, done) {
+                return Some(circle);
+            }
+        }
+        stack.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+/// The modules that name `target` (or anything inside it).
+fn importers_of<'a>(graph: &'a BTreeMap<String, BTreeSet<String>>, target: &str) -> Vec<&'a str> {
+    graph
+        .iter()
+        .filter(|(_, to)| {
+            to.iter()
+                .any(|t| t == target || t.starts_with(&format!("{target}::")))
+        })
+        .map(|(from, _)| from.as_str())
+        .collect()
+}
+
+#[test]
+fn the_library_imports_form_no_circle() {
+    let files = library();
+    assert!(files.len() >= 40, "found the library: {:?}", files.keys());
+    let graph = import_graph(&files);
+    if let Some(circle) = find_circle(&graph) {
+        panic!(
+            "the imports go round in a circle: {}\nmove what they share down to the lowest module \
+             that uses it (CONTRIBUTING.md \"Which way the arrows point\")",
+            circle.join(" -> ")
+        );
+    }
+    for module in ["crate::task", "crate::limits", "crate::mutate::version"] {
+        assert!(files.contains_key(module), "{module} is walked");
+    }
+}
+
+#[test]
+fn nothing_below_app_imports_app() {
+    // app wires every adapter for `serve`; what they share lives below them.
+    let graph = import_graph(&library());
+    let back: Vec<&str> = importers_of(&graph, "crate::app")
+        .into_iter()
+        .filter(|m| *m != "crate::app" && !m.starts_with("crate::app::"))
+        .collect();
+    assert!(back.is_empty(), "these import crate::app: {back:?}");
+}
+
+#[test]
+fn the_configuration_does_not_import_the_server() {
+    let graph = import_graph(&library());
+    let config = &graph["crate::config"];
+    assert!(
+        !config.iter().any(|m| m.starts_with("crate::server")),
+        "crate::config imports {config:?}"
+    );
+    assert!(
+        config.contains("crate::limits"),
+        "config builds the server's limits from the crate::limits module: {config:?}"
+    );
+}
+
+#[test]
+fn the_files_of_mutate_form_no_circle() {
+    let graph = import_graph(&library());
+    let inside = |m: &str| m.starts_with("crate::mutate::");
+    let mutate: BTreeMap<String, BTreeSet<String>> = graph
+        .iter()
+        .filter(|(m, _)| inside(m))
+        .map(|(m, to)| {
+            let to = to.iter().filter(|t| inside(t)).cloned().collect();
+            (m.clone(), to)
+        })
+        .collect();
+    assert!(mutate.len() >= 6, "{:?}", mutate.keys());
+    assert_eq!(find_circle(&mutate), None, "{mutate:#?}");
+    assert!(
+        mutate["crate::mutate::policy"].contains("crate::mutate::version"),
+        "the checker sees the policy's use of the version leaf: {mutate:?}"
+    );
+}
+
+/// The checker itself, on made-up files: a re-export does not hide an arrow,
+/// a child module is found from its parent's relative paths, a circle is
+/// found and named, and an ancestor's items do not count.
+#[test]
+fn the_circle_check_sees_through_reexports() {
+    let files: BTreeMap<String, String> = [
+        (
+            "crate::m",
+            "pub mod a;\npub mod b;\npub use a::{Warn, Other as Renamed};\npub struct View;",
+        ),
+        (
+            "crate::m::a",
+            "use super::View;\npub enum Warn {}\npub struct Other;",
+        ),
+        // Names a's type through the parent's re-export only.
+        (
+            "crate::m::b",
+            "use super::{Renamed, View};\nfn f() { super::Warn::x(); }",
+        ),
+        ("crate::top", "fn g() { crate::m::b::h(); }"),
+    ]
+    .into_iter()
+    .map(|(m, c)| (m.to_owned(), code_of(c)))
+    .collect();
+    let graph = import_graph(&files);
+    assert_eq!(
+        graph["crate::m::b"],
+        BTreeSet::from(["crate::m::a".to_owned()]),
+        "through `pub use a::{{Warn, Other as Renamed}}`, not to the parent"
+    );
+    assert_eq!(
+        graph["crate::m"],
+        BTreeSet::from(["crate::m::a".to_owned()])
+    );
+    assert!(
+        graph["crate::m::a"].is_empty(),
+        "a parent's items do not count"
+    );
+    assert_eq!(find_circle(&graph), None);
+    assert_eq!(importers_of(&graph, "crate::m::b"), ["crate::top"]);
+
+    let mut circular = files.clone();
+    circular.insert(
+        "crate::m::a".into(),
+        code_of("use crate::m::b::B;\npub enum Warn {}"),
+    );
+    let circle = find_circle(&import_graph(&circular)).expect("a -> b -> a");
+    assert_eq!(circle.first(), circle.last());
+    assert!(
+        circle.contains(&"crate::m::a".to_owned()) && circle.contains(&"crate::m::b".to_owned())
+    );
 }

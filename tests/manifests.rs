@@ -2,7 +2,7 @@
 //! it (kubectl's built-in kustomize), `install.yaml` is exactly the build of
 //! `deploy/`, each built-in object deserialises into its k8s-openapi type
 //! with no unknown field (a round trip loses nothing), and the objects say
-//! what the webhook and the README promise.
+//! what the webhook and the docs promise.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -30,7 +30,7 @@ fn kustomize(dir: &str) -> String {
     let out = Command::new("kubectl")
         .args(["kustomize", &format!("{ROOT}/{dir}")])
         .output()
-        .expect("kubectl (client only) is needed to build deploy/; see README");
+        .expect("kubectl (client only) is needed to build deploy/; see CONTRIBUTING.md");
     assert!(
         out.status.success(),
         "kubectl kustomize {dir} failed:\n{}",
@@ -140,6 +140,22 @@ fn check_all(yaml: &str) -> Vec<Value> {
         }
     }
     objects
+}
+
+/// The certgen Job, by its component label: its name carries the version
+/// (tests/release.rs checks which).
+fn certgen_job(objects: &[Value]) -> &Value {
+    let jobs: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"] == "Job"
+                && o["metadata"]["labels"]["app.kubernetes.io/component"] == "certgen"
+        })
+        .collect();
+    assert_eq!(jobs.len(), 1, "one certgen Job: {jobs:?}");
+    let name = jobs[0]["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("canary-injector-certgen-"), "{name}");
+    jobs[0]
 }
 
 fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -328,7 +344,7 @@ fn base_install_is_valid_and_says_what_the_webhook_needs() {
         .find(|p| p.port == 443);
     assert!(port.is_some(), "Service must expose 443");
     find(&objects, "PodDisruptionBudget", "canary-injector");
-    find(&objects, "Job", "canary-injector-certgen");
+    certgen_job(&objects);
     find(&objects, "CronJob", "canary-injector-cert-renew");
 }
 
@@ -460,7 +476,7 @@ fn rbac_names_match_what_the_code_uses() {
         }
     }
 
-    let job: Job = round_trip(find(&objects, "Job", "canary-injector-certgen"));
+    let job: Job = round_trip(certgen_job(&objects));
     let args = job.spec.unwrap().template.spec.unwrap().containers[0]
         .args
         .clone()

@@ -49,7 +49,7 @@ fn kustomize(dir: &str) -> Vec<Value> {
     let out = Command::new("kubectl")
         .args(["kustomize", &format!("{ROOT}/{dir}")])
         .output()
-        .expect("kubectl (client only) is needed to build deploy/; see README");
+        .expect("kubectl (client only) is needed to build deploy/; see CONTRIBUTING.md");
     assert!(
         out.status.success(),
         "kubectl kustomize {dir} failed:\n{}",

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use tokio::task::{Id, JoinSet};
 
-/// The error a supervised task may end with.
-pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
+use crate::task::TaskError;
 
 /// How a task ended.
 #[derive(Debug, thiserror::Error)]

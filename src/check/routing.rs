@@ -455,7 +455,7 @@ pub fn check_routing(input: &RoutingInput<'_>, labels: &LabelPolicy, out: &mut V
                     at.clone(),
                     format!("{bad}; the routes are written without it"),
                     format!(
-                        "fix the annotation {} (see README \"Shaping routes\")",
+                        "fix the annotation {} (see docs/routing.md \"Shaping routes\")",
                         bad.annotation
                     ),
                 ));

@@ -533,16 +533,11 @@ fn the_json_output_has_every_field() {
     assert_eq!(out["findings"][0]["severity"], "error");
 }
 
-/// The README's description of `-o json` names the keys the code prints,
+/// docs/check.md's description of `-o json` names the keys the code prints,
 /// against a cluster (`pods`) and with `-f` (`workloads`).
 #[test]
-fn the_readme_describes_the_json_both_modes_print() {
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .split("## Is canary routing sound here?")
-        .nth(1)
-        .expect("README has the check section");
-    let section = section.split("\n## ").next().unwrap().replace('\n', " ");
+fn the_docs_describe_the_json_both_modes_print() {
+    let section = include_str!("../../docs/check.md").replace('\n', " ");
     let t = tls(365);
     let cluster = report(&sound(&t)).to_json();
     let manifests = manifests::check_documents(
@@ -561,14 +556,14 @@ fn the_readme_describes_the_json_both_modes_print() {
     };
     for out in [&cluster, &manifests] {
         let checked = format!("\"checked\": {{{}}}", keys(&out["checked"]).join(", "));
-        assert!(section.contains(&checked), "README lacks {checked}");
+        assert!(section.contains(&checked), "docs/check.md lacks {checked}");
         assert_eq!(keys(out), ["\"sound\"", "\"checked\"", "\"findings\""]);
     }
     assert_eq!(keys(&manifests["checked"])[2], "\"workloads\"");
     let finding = keys(&two_findings().to_json()["findings"][0]).join(", ");
     assert!(
         section.contains(&format!("[{{{finding}}}]")),
-        "README lacks {finding}"
+        "docs/check.md lacks {finding}"
     );
 }
 
@@ -917,16 +912,12 @@ async fn a_recorded_cluster_whose_api_fails_is_an_error_not_a_report() {
 }
 
 #[test]
-fn every_code_is_documented_in_the_readme() {
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .split("## Is canary routing sound here?")
-        .nth(1)
-        .expect("README has the check section");
+fn every_code_is_documented_in_the_docs() {
+    let page = include_str!("../../docs/check.md");
     for code in CODES {
         assert!(
-            section.contains(&format!("| `{code}` |")),
-            "README lacks {code}"
+            page.contains(&format!("| `{code}` |")),
+            "docs/check.md lacks {code}"
         );
     }
 }

@@ -16,7 +16,7 @@ pub(super) struct MutateArgs {
     /// Print one JSON Patch per document instead of the mutated documents.
     #[arg(long)]
     patch: bool,
-    /// YAML configuration file (see README); embedded defaults otherwise.
+    /// YAML configuration file (see docs/configuration.md); embedded defaults otherwise.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Istio proxy version of pods not injected yet (e.g. 1.7, 1.20): which

@@ -11,7 +11,7 @@ use super::{Failure, OrFail, load_config};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct PolicyArgs {
-    /// YAML configuration file (see README); embedded defaults otherwise,
+    /// YAML configuration file (see docs/configuration.md); embedded defaults otherwise,
     /// as `serve`. The webhook's namespace is excluded too: config
     /// namespaces.own, else $POD_NAMESPACE, else canary-injector.
     #[arg(long)]

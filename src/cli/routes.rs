@@ -17,7 +17,7 @@ pub(super) struct RoutesArgs {
     /// stdin: Services and the workloads they select.
     #[arg(short = 'f', long = "filename")]
     file: String,
-    /// YAML configuration file (see README); embedded defaults otherwise.
+    /// YAML configuration file (see docs/configuration.md); embedded defaults otherwise.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The networking.istio.io version to write: v1 needs Istio 1.22+,

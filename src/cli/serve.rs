@@ -33,7 +33,7 @@ pub(super) struct ServeArgs {
     /// Where the development certificate is kept when no --tls-cert is given.
     #[arg(long, default_value = "certs/dev")]
     dev_cert_dir: PathBuf,
-    /// YAML configuration file (see README); embedded defaults otherwise.
+    /// YAML configuration file (see docs/configuration.md); embedded defaults otherwise.
     #[arg(long)]
     config: Option<PathBuf>,
     /// How often the certificate files are checked for changes, in seconds.

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::app::TaskError;
+use crate::task::TaskError;
 
 /// Events waiting to be published at most; beyond this they are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;

@@ -289,7 +289,7 @@ pub async fn run(
     leader: watch::Sender<bool>,
     shutdown: CancellationToken,
     writers_stopped: impl std::future::Future<Output = ()>,
-) -> Result<(), crate::app::TaskError> {
+) -> Result<(), crate::task::TaskError> {
     let retry = elector.settings.retry_period;
     let deadline = elector.settings.renew_deadline;
     let mut last_renewal: Option<Instant> = None;

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::app::TaskError;
+use crate::task::TaskError;
 
 /// Events buffered per subscriber before the watch waits for it.
 const BUFFER: usize = 256;

@@ -32,9 +32,9 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::decision::Warning;
 use super::kinds::Location;
 use super::policy::{Keepalive, Policy};
+use super::version::{Version, image_tag, parse_version};
 use super::{ClusterView, MetaView, NamespaceMesh, SpecView};
 
 /// Where Istio's proxy reads its bootstrap template.
@@ -86,15 +86,8 @@ pub enum KeepaliveForm {
     AgentEnv,
 }
 
-/// An Istio `major.minor` version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version {
-    /// Major version.
-    pub major: u32,
-    /// Minor version.
-    pub minor: u32,
-}
-
+// `Version` is a leaf of its own (the policy parses versions too); what a
+// version means for the keepalive is decided here.
 impl Version {
     /// The keepalive form of a proxy of this version.
     pub fn keepalive_form(self) -> KeepaliveForm {
@@ -106,37 +99,6 @@ impl Version {
             KeepaliveForm::AgentEnv
         }
     }
-}
-
-impl std::fmt::Display for Version {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
-
-/// Parses `1.5`, `1.5.4`, `1.7.0-beta.1`, `1.5.4-distroless`, with an
-/// optional leading `v`. Anything else (`latest`, a digest) is `None`.
-pub fn parse_version(s: &str) -> Option<Version> {
-    let s = s.strip_prefix('v').unwrap_or(s);
-    let core = s.split(['-', '+']).next()?;
-    let mut parts = core.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    if let Some(patch) = parts.next() {
-        patch.parse::<u32>().ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(Version { major, minor })
-}
-
-/// The tag of an image reference (`docker.io/istio/proxyv2:1.5.4` ->
-/// `1.5.4`), ignoring a digest; `None` without a tag.
-pub fn image_tag(image: &str) -> Option<&str> {
-    let without_digest = image.split('@').next()?;
-    let last = without_digest.rsplit('/').next()?;
-    last.split_once(':').map(|(_, tag)| tag)
 }
 
 /// Whether the bootstrap ConfigMap exists in the pod's namespace, as far as
@@ -568,12 +530,12 @@ pub struct PodTarget<'a> {
 }
 
 /// Decides the keepalive fix for one pod (or template). Never fails:
-/// anything unexpected is a skip, plus a warning where the user can act.
+/// anything unexpected is a skip ([`BootstrapSkip`]); the caller tells the
+/// user about the skips they can act on.
 pub fn decide<'a>(
     target: &PodTarget<'_>,
     policy: Policy<'a>,
     cluster: &ClusterView,
-    warnings: &mut Vec<Warning>,
 ) -> BootstrapDecision<'a> {
     use BootstrapDecision::Skipped;
     let annotations = target.metadata.and_then(|m| m.annotations.as_ref());
@@ -630,10 +592,9 @@ pub fn decide<'a>(
             proxy,
             annotation(PROXY_CONFIG),
             policy.bootstrap.keepalive,
-            warnings,
         ),
         KeepaliveForm::BootstrapTemplate => {
-            template_mount(at, spec, proxy, annotations, policy, cluster, warnings)
+            template_mount(at, spec, proxy, annotations, policy, cluster)
         }
     }
 }
@@ -669,7 +630,6 @@ fn agent_keepalive<'a>(
     proxy: Option<(ContainerList, usize, &ContainerView)>,
     proxy_config: Option<&str>,
     keepalive: Keepalive,
-    warnings: &mut Vec<Warning>,
 ) -> BootstrapDecision<'a> {
     let (interval, timeout) = keepalive.agent();
     let wanted = [
@@ -693,10 +653,7 @@ fn agent_keepalive<'a>(
         });
     }
     match merge_proxy_metadata(proxy_config, wanted) {
-        Err(()) => {
-            warnings.push(Warning::MalformedProxyConfig);
-            BootstrapDecision::Skipped(BootstrapSkip::MalformedProxyConfig)
-        }
+        Err(()) => BootstrapDecision::Skipped(BootstrapSkip::MalformedProxyConfig),
         Ok(None) => BootstrapDecision::AlreadyDone,
         Ok(Some(value)) => BootstrapDecision::ProxyConfig(ProxyConfig {
             target: at,
@@ -781,7 +738,6 @@ fn template_mount<'a>(
     annotations: Option<&BTreeMap<String, String>>,
     policy: Policy<'a>,
     cluster: &ClusterView,
-    warnings: &mut Vec<Warning>,
 ) -> BootstrapDecision<'a> {
     use BootstrapDecision::Skipped;
     let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
@@ -797,7 +753,7 @@ fn template_mount<'a>(
             if mounted {
                 return BootstrapDecision::AlreadyDone;
             }
-            if let Some(skip) = check_availability(availability, config_map_name, warnings) {
+            if let Some(skip) = check_availability(availability) {
                 return Skipped(skip);
             }
             BootstrapDecision::Mount(Mount {
@@ -818,7 +774,6 @@ fn template_mount<'a>(
             let (volumes, mounts) = match parsed {
                 (Ok(v), Ok(m)) => (v, m),
                 (Err(()), _) | (_, Err(())) => {
-                    warnings.push(Warning::MalformedAnnotation);
                     return Skipped(BootstrapSkip::MalformedAnnotation);
                 }
             };
@@ -828,7 +783,7 @@ fn template_mount<'a>(
             if has_ours(&volumes) && has_ours(&mounts) {
                 return BootstrapDecision::AlreadyDone;
             }
-            if let Some(skip) = check_availability(availability, config_map_name, warnings) {
+            if let Some(skip) = check_availability(availability) {
                 return Skipped(skip);
             }
             let edit = |key: &str, existing: Option<Map<String, Value>>, ours: Value| {
@@ -851,19 +806,10 @@ fn template_mount<'a>(
     }
 }
 
-fn check_availability(
-    availability: Availability,
-    config_map_name: &str,
-    warnings: &mut Vec<Warning>,
-) -> Option<BootstrapSkip> {
+fn check_availability(availability: Availability) -> Option<BootstrapSkip> {
     match availability {
         Availability::Present => None,
-        Availability::Missing => {
-            warnings.push(Warning::ConfigMapMissing {
-                config_map: config_map_name.to_owned(),
-            });
-            Some(BootstrapSkip::ConfigMapMissing)
-        }
+        Availability::Missing => Some(BootstrapSkip::ConfigMapMissing),
         Availability::NotConfigured => Some(BootstrapSkip::NotConfigured),
         Availability::Unknown => Some(BootstrapSkip::ClusterUnavailable),
     }
@@ -966,6 +912,12 @@ mod tests {
     }
 
     #[test]
+    fn the_first_pipe_version_splits_the_template_fix_from_the_agent() {
+        assert!(parse_version("1.12.0").unwrap() >= FIRST_PIPE_VERSION);
+        assert!(parse_version("1.7.8").unwrap() < FIRST_PIPE_VERSION);
+    }
+
+    #[test]
     fn a_container_reads_its_env_only_when_asked_and_never_adds_to_a_broken_one() {
         let c: ContainerView = serde_json::from_str(
             r#"{"name": "istio-proxy", "env": [{"name": "GRPC_KEEPALIVE_INTERVAL", "value": "60s"}]}"#,
@@ -981,36 +933,5 @@ mod tests {
             broken.env_names().sets(GRPC_KEEPALIVE_INTERVAL)
                 && broken.env_names().sets(GRPC_KEEPALIVE_TIMEOUT)
         );
-    }
-
-    #[test]
-    fn versions() {
-        assert_eq!(parse_version("1.5"), Some(Version { major: 1, minor: 5 }));
-        assert_eq!(parse_version("1.5.4"), Some(Version { major: 1, minor: 5 }));
-        assert_eq!(
-            parse_version("v1.7.0-beta.1"),
-            Some(Version { major: 1, minor: 7 })
-        );
-        assert_eq!(
-            parse_version("1.5.4-distroless"),
-            Some(Version { major: 1, minor: 5 })
-        );
-        for bad in ["latest", "", "1", "1.x", "1.5.4.3", "sha256:abc"] {
-            assert_eq!(parse_version(bad), None, "{bad}");
-        }
-        assert!(parse_version("1.12.0").unwrap() >= FIRST_PIPE_VERSION);
-        assert!(parse_version("1.7.8").unwrap() < FIRST_PIPE_VERSION);
-    }
-
-    #[test]
-    fn image_tags() {
-        assert_eq!(image_tag("docker.io/istio/proxyv2:1.5.4"), Some("1.5.4"));
-        assert_eq!(
-            image_tag("localhost:5000/istio/proxyv2:1.7.0"),
-            Some("1.7.0")
-        );
-        assert_eq!(image_tag("localhost:5000/istio/proxyv2"), None);
-        assert_eq!(image_tag("istio/proxyv2@sha256:abcd"), None);
-        assert_eq!(image_tag("istio/proxyv2:1.6.1@sha256:abcd"), Some("1.6.1"));
     }
 }

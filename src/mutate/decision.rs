@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::bootstrap::{
-    BootstrapDecision, BootstrapOutcome, PROXY_CONFIG, USER_VOLUME, USER_VOLUME_MOUNT,
+    BootstrapDecision, BootstrapOutcome, BootstrapSkip, PROXY_CONFIG, USER_VOLUME,
+    USER_VOLUME_MOUNT,
 };
 use super::kinds::Location;
 use super::labels::sanitize_tag;
-use super::policy::LabelPolicy;
+use super::policy::{LabelPolicy, Policy};
 use super::{Deny, SkipReason};
 
 /// One label: key and value.
@@ -303,6 +304,20 @@ impl Warning {
         "gray-without-tag",
         "owner-tag-unusable",
     ];
+
+    /// What to tell the user about a keepalive fix that was skipped, for the
+    /// skips they can act on: a missing ConfigMap copy, a malformed
+    /// annotation. The other skips are counted, not warned about.
+    pub fn for_bootstrap_skip(skip: BootstrapSkip, policy: Policy<'_>) -> Option<Self> {
+        match skip {
+            BootstrapSkip::ConfigMapMissing => Some(Self::ConfigMapMissing {
+                config_map: policy.bootstrap.config_map_name.clone(),
+            }),
+            BootstrapSkip::MalformedAnnotation => Some(Self::MalformedAnnotation),
+            BootstrapSkip::MalformedProxyConfig => Some(Self::MalformedProxyConfig),
+            _ => None,
+        }
+    }
 
     /// Stable kebab-case code: an Event reason and a metric label value.
     pub fn reason(&self) -> &'static str {

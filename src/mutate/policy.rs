@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::bootstrap::parse_version;
 use super::labels::{is_dns_label, is_dns_subdomain, validate_label_key, validate_label_value};
+use super::version::parse_version;
 
 /// A policy value that cannot be used. `field` is the dotted key in the
 /// configuration file (`labels.canaryTag`).
@@ -205,7 +205,7 @@ impl NamespacePolicy {
 
 // === BootstrapPolicy ===
 
-/// The sidecar bootstrap fix (config section `bootstrap:`; see README
+/// The sidecar bootstrap fix (config section `bootstrap:`; see docs/keepalive.md
 /// "Fixing the xds-grpc keepalive").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]

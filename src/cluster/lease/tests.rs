@@ -129,7 +129,7 @@ fn holder(lease: &Value) -> String {
 struct Candidate {
     leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), crate::app::TaskError>>,
+    task: tokio::task::JoinHandle<Result<(), crate::task::TaskError>>,
 }
 
 fn start(identity: &str, world: &FakeApiServer) -> Candidate {

@@ -382,15 +382,18 @@ async fn a_stuck_event_publisher_never_holds_a_review_back() {
     publisher.await.unwrap().unwrap();
 }
 
-/// README "Warnings, and where they go" lists every warning with the Event
-/// reason it becomes.
+/// docs/labels.md "Warnings, and where they go" lists every warning with the
+/// Event reason it becomes.
 #[test]
 fn every_warning_is_documented_with_its_event_reason() {
-    let readme = include_str!("../../../README.md");
-    let start = readme.find("\n### Warnings, and where they go\n").unwrap();
-    let section = &readme[start..start + readme[start..].find("\n## ").unwrap()];
+    let page = include_str!("../../../docs/labels.md");
+    let start = page.find("\n## Warnings, and where they go\n").unwrap();
+    let section = &page[start..];
+    let section = &section[..section[1..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 1)];
     for reason in crate::mutate::Warning::REASONS {
         let row = format!("| `{reason}` (`{}`) |", pascal_case("", reason));
-        assert!(section.contains(&row), "{row} missing from the README");
+        assert!(section.contains(&row), "{row} missing from docs/labels.md");
     }
 }
