@@ -76,9 +76,7 @@ pub const VERSION: &str = "v1";
 /// `routes.api`: `istio` or `gateway-api`.
 pub const ROUTE_API_ANNOTATION: &str = "canary-injector.io/route-api";
 
-/// Label on every version Service and HTTPRoute: the routed Service it is
-/// for.
-pub const ROUTE_OF_LABEL: &str = "canary-injector.io/route-of";
+pub use super::objects::{Acceptance, ParentStatus, ROUTE_OF_LABEL, RouteCondition, RouteStatus};
 
 /// Label on a canary's version Service: its tag.
 pub const TAG_LABEL: &str = "canary-injector.io/tag";
@@ -685,123 +683,6 @@ impl ObservedService {
             && self.removal_due.as_ref() == m.annotations.get(REMOVAL_DUE_ANNOTATION)
             && self.spec == desired.spec
     }
-}
-
-/// One condition of a route's status for one parent.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RouteCondition {
-    /// `status: "True"`.
-    pub status: bool,
-    /// `reason`.
-    pub reason: String,
-    /// `message`.
-    pub message: String,
-}
-
-/// What one implementation (`controllerName`) says of a route.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ParentStatus {
-    /// The implementation.
-    pub controller: String,
-    /// `Accepted`.
-    pub accepted: Option<RouteCondition>,
-    /// `ResolvedRefs`.
-    pub resolved_refs: Option<RouteCondition>,
-}
-
-/// A route's `status.parents`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RouteStatus {
-    /// One entry per implementation and parent.
-    pub parents: Vec<ParentStatus>,
-}
-
-impl RouteStatus {
-    /// Reads `status` (absent: no implementation said anything).
-    pub fn from_json(status: Option<&Value>) -> Self {
-        let parents = status
-            .and_then(|s| s.get("parents"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                let condition = |kind: &str| {
-                    p.get("conditions")
-                        .and_then(Value::as_array)?
-                        .iter()
-                        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
-                        .map(|c| {
-                            let text = |k: &str| {
-                                c.get(k)
-                                    .and_then(Value::as_str)
-                                    .unwrap_or_default()
-                                    .to_owned()
-                            };
-                            RouteCondition {
-                                status: text("status") == "True",
-                                reason: text("reason"),
-                                message: text("message"),
-                            }
-                        })
-                };
-                ParentStatus {
-                    controller: p
-                        .get("controllerName")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    accepted: condition("Accepted"),
-                    resolved_refs: condition("ResolvedRefs"),
-                }
-            })
-            .collect();
-        Self { parents }
-    }
-
-    /// What the implementations say, in one word.
-    pub fn acceptance(&self) -> Acceptance {
-        if self
-            .parents
-            .iter()
-            .any(|p| p.accepted.as_ref().is_some_and(|c| c.status))
-        {
-            return match self
-                .parents
-                .iter()
-                .find(|p| p.resolved_refs.as_ref().is_some_and(|c| !c.status))
-            {
-                Some(p) => Acceptance::RefsNotResolved(said(p, p.resolved_refs.as_ref())),
-                None => Acceptance::Accepted,
-            };
-        }
-        match self.parents.iter().find(|p| p.accepted.is_some()) {
-            Some(p) => Acceptance::Rejected(said(p, p.accepted.as_ref())),
-            None => Acceptance::NoImplementation,
-        }
-    }
-}
-
-fn said(p: &ParentStatus, c: Option<&RouteCondition>) -> String {
-    let c = c.cloned().unwrap_or_default();
-    let mut text = format!("{}: {}", p.controller, c.reason);
-    if !c.message.is_empty() {
-        text.push_str(&format!(" ({})", c.message));
-    }
-    text
-}
-
-/// Whether a mesh took up a route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Acceptance {
-    /// Accepted, its backends resolved.
-    Accepted,
-    /// No implementation has written a status: without a GAMMA
-    /// implementation the route does nothing.
-    NoImplementation,
-    /// An implementation did not accept it (who and why).
-    Rejected(String),
-    /// Accepted, but a backend does not resolve (who and why).
-    RefsNotResolved(String),
 }
 
 // === desired ===

@@ -10,13 +10,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::gateway::RouteStatus;
 use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, RuleKind};
 
 /// Annotation on our DestinationRule: when each subset kept only for its
 /// grace period may go (`{"<tag>": "<RFC 3339 time>"}`), so the grace
 /// survives a restart or a change of leader.
 pub const REMOVAL_DUE_ANNOTATION: &str = "canary-injector.io/removal-due";
+
+/// Label on every version Service and HTTPRoute of the Gateway API backend
+/// ([`super::gateway`]): the routed Service it is for.
+pub const ROUTE_OF_LABEL: &str = "canary-injector.io/route-of";
 
 /// The API group of DestinationRule and VirtualService.
 pub const GROUP: &str = "networking.istio.io";
@@ -268,7 +271,7 @@ pub struct Observed<S> {
     pub owner_uids: Vec<String>,
     /// [`REMOVAL_DUE_ANNOTATION`] as written (ours only).
     pub removal_due: Option<String>,
-    /// [`super::gateway::ROUTE_OF_LABEL`] (ours only): the Service it is for.
+    /// [`ROUTE_OF_LABEL`] (ours only): the Service it is for.
     pub route_of: Option<String>,
     /// The hosts it names (`spec.host` / `spec.hosts`; a Gateway API
     /// route's Service parents).
@@ -297,11 +300,7 @@ impl<S: Spec> Observed<S> {
         };
         Self {
             removal_due: meta.removal_due.filter(|_| managed),
-            route_of: meta
-                .labels
-                .get(super::gateway::ROUTE_OF_LABEL)
-                .filter(|_| managed)
-                .cloned(),
+            route_of: meta.labels.get(ROUTE_OF_LABEL).filter(|_| managed).cloned(),
             status: RouteStatus::default(),
             managed,
             name: meta.name,
@@ -333,7 +332,7 @@ impl<S: Spec> Observed<S> {
                 .owner_references
                 .iter()
                 .all(|o| self.owner_uids.contains(&o.uid))
-            && self.route_of.as_ref() == metadata.labels.get(super::gateway::ROUTE_OF_LABEL)
+            && self.route_of.as_ref() == metadata.labels.get(ROUTE_OF_LABEL)
             && self.removal_due.as_deref()
                 == metadata
                     .annotations
@@ -386,4 +385,123 @@ impl<S: Spec> Observed<S> {
             hosts: &self.hosts,
         }
     }
+}
+
+// === Gateway API route status ===
+
+/// One condition of a route's status for one parent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteCondition {
+    /// `status: "True"`.
+    pub status: bool,
+    /// `reason`.
+    pub reason: String,
+    /// `message`.
+    pub message: String,
+}
+
+/// What one implementation (`controllerName`) says of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ParentStatus {
+    /// The implementation.
+    pub controller: String,
+    /// `Accepted`.
+    pub accepted: Option<RouteCondition>,
+    /// `ResolvedRefs`.
+    pub resolved_refs: Option<RouteCondition>,
+}
+
+/// A route's `status.parents`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteStatus {
+    /// One entry per implementation and parent.
+    pub parents: Vec<ParentStatus>,
+}
+
+impl RouteStatus {
+    /// Reads `status` (absent: no implementation said anything).
+    pub fn from_json(status: Option<&Value>) -> Self {
+        let parents = status
+            .and_then(|s| s.get("parents"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let condition = |kind: &str| {
+                    p.get("conditions")
+                        .and_then(Value::as_array)?
+                        .iter()
+                        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
+                        .map(|c| {
+                            let text = |k: &str| {
+                                c.get(k)
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_owned()
+                            };
+                            RouteCondition {
+                                status: text("status") == "True",
+                                reason: text("reason"),
+                                message: text("message"),
+                            }
+                        })
+                };
+                ParentStatus {
+                    controller: p
+                        .get("controllerName")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    accepted: condition("Accepted"),
+                    resolved_refs: condition("ResolvedRefs"),
+                }
+            })
+            .collect();
+        Self { parents }
+    }
+
+    /// What the implementations say, in one word.
+    pub fn acceptance(&self) -> Acceptance {
+        if self
+            .parents
+            .iter()
+            .any(|p| p.accepted.as_ref().is_some_and(|c| c.status))
+        {
+            return match self
+                .parents
+                .iter()
+                .find(|p| p.resolved_refs.as_ref().is_some_and(|c| !c.status))
+            {
+                Some(p) => Acceptance::RefsNotResolved(said(p, p.resolved_refs.as_ref())),
+                None => Acceptance::Accepted,
+            };
+        }
+        match self.parents.iter().find(|p| p.accepted.is_some()) {
+            Some(p) => Acceptance::Rejected(said(p, p.accepted.as_ref())),
+            None => Acceptance::NoImplementation,
+        }
+    }
+}
+
+fn said(p: &ParentStatus, c: Option<&RouteCondition>) -> String {
+    let c = c.cloned().unwrap_or_default();
+    let mut text = format!("{}: {}", p.controller, c.reason);
+    if !c.message.is_empty() {
+        text.push_str(&format!(" ({})", c.message));
+    }
+    text
+}
+
+/// Whether a mesh took up a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Accepted, its backends resolved.
+    Accepted,
+    /// No implementation has written a status: without a GAMMA
+    /// implementation the route does nothing.
+    NoImplementation,
+    /// An implementation did not accept it (who and why).
+    Rejected(String),
+    /// Accepted, but a backend does not resolve (who and why).
+    RefsNotResolved(String),
 }
