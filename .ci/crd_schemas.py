@@ -4,7 +4,7 @@ with the products that own them, so the Kubernetes schemas do not know them).
 Each schema lists the fields of the product's API that our manifests may use,
 with their types, taken from the products' API references (Prometheus Operator
 monitoring.coreos.com/v1, cert-manager.io/v1, Istio networking.istio.io
-v1beta1/v1). Anything else fails, like an unknown field under kubectl's strict
+v1beta1/v1, the Gateway API's gateway.networking.k8s.io/v1 standard channel). Anything else fails, like an unknown field under kubectl's strict
 validation: a typo (`expresion:`) or a field the product does not have. To use
 a field that is not listed, check it in the product's reference and add it.
 """
@@ -122,6 +122,40 @@ VIRTUAL_SERVICE = obj(
     )),
 )
 
+# --- Gateway API (gateway.networking.k8s.io/v1, standard channel, v1.2+) ---
+# HTTPRoute: the fields of the standard channel that routes on a Service
+# parent (GAMMA) can use. No `retry` (experimental channel) and no filters:
+# canary-injector writes neither.
+PARENT_REF = obj(
+    ("name",),
+    group=STR, kind=STR, namespace=STR, name=STR, sectionName=STR, port=INT,
+)
+BACKEND_REF = obj(
+    ("name",),
+    group=STR, kind=STR, namespace=STR, name=STR, port=INT,
+    weight={"type": "integer", "minimum": 0, "maximum": 1000000},
+)
+HTTP_ROUTE = obj(
+    parentRefs=listed(PARENT_REF),
+    hostnames=STR_LIST,
+    rules=listed(obj(
+        matches=listed(obj(
+            path=obj(type={"enum": ["Exact", "PathPrefix", "RegularExpression"]}, value=STR),
+            headers=listed(obj(
+                ("name", "value"),
+                type={"enum": ["Exact", "RegularExpression"]}, name=STR, value=STR,
+            )),
+            method=STR,
+        )),
+        backendRefs=listed(BACKEND_REF),
+        # GEP-2257 durations: "5s", "1h30m", "500ms".
+        timeouts=obj(
+            request={"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"},
+            backendRequest={"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"},
+        ),
+    )),
+)
+
 ISTIO = ("networking.istio.io/v1beta1", "networking.istio.io/v1")
 SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): resource(["monitoring.coreos.com/v1"], "ServiceMonitor", SERVICE_MONITOR),
@@ -129,6 +163,8 @@ SCHEMAS = {
     ("cert-manager.io/v1", "Issuer"): resource(["cert-manager.io/v1"], "Issuer", ISSUER),
     ("cert-manager.io/v1", "Certificate"): resource(["cert-manager.io/v1"], "Certificate", CERTIFICATE),
 }
+SCHEMAS[("gateway.networking.k8s.io/v1", "HTTPRoute")] = resource(
+    ["gateway.networking.k8s.io/v1"], "HTTPRoute", HTTP_ROUTE)
 for _v in ISTIO:
     SCHEMAS[(_v, "DestinationRule")] = resource(ISTIO, "DestinationRule", DESTINATION_RULE)
     SCHEMAS[(_v, "VirtualService")] = resource(ISTIO, "VirtualService", VIRTUAL_SERVICE)

@@ -64,6 +64,7 @@ ENTRY_POINTS = {
     # Files outside any kustomization (Istio objects: custom resources only).
     "deploy/examples/generated/routes.yaml": LEGACY + SUPPORTED,
     "deploy/examples/generated/routes-weighted.yaml": LEGACY + SUPPORTED,
+    "deploy/examples/generated/gateway-routes.yaml": SUPPORTED,
     "deploy/examples/weighted-gray-stage.yaml": LEGACY + SUPPORTED,
     "deploy/examples/manual/destinationrule.yaml": LEGACY + SUPPORTED,
     "deploy/examples/manual/virtualservice.yaml": LEGACY + SUPPORTED,
@@ -203,37 +204,86 @@ LABEL_GUARD_CASES = [
 ]
 
 
+SERVICE = {
+    "metadata": {"name": "web--beta", "namespace": "shop",
+                 "labels": {"app.kubernetes.io/managed-by": "canary-injector",
+                            "canary-injector.io/route-of": "web"}},
+    "spec": {"selector": {"app": "web", "stage": "gray", "canarytag": "beta"}},
+}
+USER_SERVICE = {"metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+                "spec": {"selector": {"app": "web"}}}
+RELABELLED = {"metadata": {"name": "web", "namespace": "shop",
+                           "labels": SERVICE["metadata"]["labels"]},
+              "spec": {"selector": {}}}
+
+# (case, operation, old, new, allowed) for the Services policy.
+SERVICE_GUARD_CASES = [
+    ("a version Service created", "CREATE", None, SERVICE, True),
+    ("a version Service changed", "UPDATE", SERVICE, SERVICE, True),
+    ("a version Service deleted", "DELETE", SERVICE, None, True),
+    ("a Service without our labels created", "CREATE", None, USER_SERVICE, False),
+    ("a user's Service changed", "UPDATE", USER_SERVICE, USER_SERVICE, False),
+    ("a user's Service taken over by adding our labels", "UPDATE", USER_SERVICE, RELABELLED, False),
+    ("our labels removed from a version Service", "UPDATE", SERVICE, USER_SERVICE, False),
+    ("a user's Service deleted", "DELETE", USER_SERVICE, None, False),
+]
+
+
 def check_label_guard():
-    """Evaluates the label guard's validations on LABEL_GUARD_CASES; returns
-    the number of cases that came out wrong."""
+    """Evaluates the label guard's validations on LABEL_GUARD_CASES (pods and
+    ReplicaSets) and SERVICE_GUARD_CASES; returns the number of cases that
+    came out wrong."""
     import celpy
-    policies = [d for d in objects("deploy/label-guard") if d["kind"] == "ValidatingAdmissionPolicy"]
-    if len(policies) != 1:
-        print("FAIL deploy/label-guard: expected one ValidatingAdmissionPolicy")
+    policies = {d["metadata"]["name"]: d["spec"] for d in objects("deploy/label-guard")
+                if d["kind"] == "ValidatingAdmissionPolicy"}
+    if sorted(policies) != ["canary-injector-labels-only", "canary-injector-own-services"]:
+        print("FAIL deploy/label-guard: expected the policies canary-injector-labels-only and "
+              "canary-injector-own-services, found %s" % sorted(policies))
         return 1
-    spec = policies[0]["spec"]
     env = celpy.Environment()
-    programs = [(v["message"], env.program(env.compile(v["expression"]))) for v in spec["validations"]]
-    condition = env.program(env.compile(spec["matchConditions"][0]["expression"]))
     ours = {"userInfo": {"username": "system:serviceaccount:canary-injector:canary-injector"}}
     others = {"userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"}}
-    if not condition.evaluate({"request": celpy.json_to_cel(ours)}) or \
-            condition.evaluate({"request": celpy.json_to_cel(others)}):
-        print("FAIL deploy/label-guard: the match condition must select canary-injector only")
-        return 1
+    programs = {}
+    for name, spec in policies.items():
+        condition = env.program(env.compile(spec["matchConditions"][0]["expression"]))
+        if not condition.evaluate({"request": celpy.json_to_cel(ours)}) or \
+                condition.evaluate({"request": celpy.json_to_cel(others)}):
+            print("FAIL deploy/label-guard: %s: the match condition must select canary-injector "
+                  "only" % name)
+            return 1
+        programs[name] = [(v["message"], env.program(env.compile(v["expression"])))
+                          for v in spec["validations"]]
+
+    def refused_by(name, request, old, new):
+        activation = {"request": celpy.json_to_cel(dict(ours, **request)),
+                      "oldObject": celpy.json_to_cel(old), "object": celpy.json_to_cel(new)}
+        out = []
+        for msg, program in programs[name]:
+            result = program.evaluate(activation)
+            # An evaluation error is a refusal, as failurePolicy: Fail makes it.
+            if isinstance(result, celpy.evaluation.CELEvalError) or not result:
+                out.append(msg)
+        return out
+
     wrong = 0
+    cases = 0
     for name, new, allowed in LABEL_GUARD_CASES:
         old = POD
         if new is None:  # no labels before
             old = changed(metadata__labels=None)
             new = changed(metadata__labels={"stage": "normal"})
-        activation = {"oldObject": celpy.json_to_cel(old), "object": celpy.json_to_cel(new)}
-        refused = [msg for msg, program in programs if not program.evaluate(activation)]
+        refused = refused_by("canary-injector-labels-only", {"operation": "UPDATE"}, old, new)
+        cases += 1
         if (not refused) != allowed:
             print("FAIL deploy/label-guard: %s: %s" % (name, "refused (%s)" % "; ".join(refused) if refused else "allowed"))
             wrong += 1
-    print("%s deploy/label-guard: %d sample updates evaluated"
-          % ("FAIL" if wrong else "ok  ", len(LABEL_GUARD_CASES)))
+    for name, operation, old, new, allowed in SERVICE_GUARD_CASES:
+        refused = refused_by("canary-injector-own-services", {"operation": operation}, old, new)
+        cases += 1
+        if (not refused) != allowed:
+            print("FAIL deploy/label-guard: %s: %s" % (name, "refused (%s)" % "; ".join(refused) if refused else "allowed"))
+            wrong += 1
+    print("%s deploy/label-guard: %d sample writes evaluated" % ("FAIL" if wrong else "ok  ", cases))
     return wrong
 
 

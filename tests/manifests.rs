@@ -736,6 +736,80 @@ fn examples_route_to_what_the_webhook_labels() {
     }
 }
 
+/// On the Gateway API: `generated/gateway-routes.yaml` is what the routes
+/// controller keeps for the example; after the webhook's rules, the stable
+/// Deployment's pods are selected by the normal version Service only and the
+/// gray ReplicaSet's pods by the canary's only, and the HTTPRoute sends the
+/// header to the canary's Service and the rest to the normal one.
+#[test]
+fn gateway_examples_route_to_what_the_webhook_labels() {
+    let yaml = kustomize("deploy/examples");
+    let mutated =
+        offline::mutate_documents(&yaml, "deploy/examples", &Config::default(), false).unwrap();
+    let mutated = docs(&mutated.text);
+    let generated = canary_injector::routes::offline::routes_documents(
+        &yaml,
+        "deploy/examples",
+        &Config::default(),
+        &canary_injector::routes::offline::Target::GatewayApi,
+    )
+    .unwrap();
+    assert!(generated.warnings.is_empty(), "{:?}", generated.warnings);
+    let committed = std::fs::read_to_string(format!(
+        "{ROOT}/deploy/examples/generated/gateway-routes.yaml"
+    ))
+    .unwrap();
+    let routes = docs(&generated.text);
+    assert_eq!(
+        docs(&committed),
+        routes,
+        "deploy/examples/generated/gateway-routes.yaml is stale: see the command in it"
+    );
+    let pod_labels = |kind: &str| -> serde_json::Map<String, Value> {
+        let w = mutated.iter().find(|o| o["kind"] == kind).unwrap();
+        w["spec"]["template"]["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let selecting = |labels: &serde_json::Map<String, Value>| -> Vec<String> {
+        routes
+            .iter()
+            .filter(|o| o["kind"] == "Service")
+            .filter(|s| {
+                s["spec"]["selector"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|s| s["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(selecting(&pod_labels("Deployment")), ["checkout--normal"]);
+    assert_eq!(
+        selecting(&pod_labels("ReplicaSet")),
+        ["checkout--feature-login"]
+    );
+    let route = routes.iter().find(|o| o["kind"] == "HTTPRoute").unwrap();
+    assert_eq!(
+        route["spec"]["parentRefs"],
+        serde_json::json!([{"group": "", "kind": "Service", "name": "checkout"}])
+    );
+    let rules = route["spec"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[0]["matches"][0]["headers"][0]["value"],
+        "feature-login"
+    );
+    assert_eq!(
+        rules[0]["backendRefs"][0]["name"],
+        "checkout--feature-login"
+    );
+    assert_eq!(rules[1]["backendRefs"][0]["name"], "checkout--normal");
+    assert!(rules[1]["matches"][0].get("headers").is_none());
+}
+
 /// The weighted gray stage example: valid, and `generated/routes-weighted.yaml`
 /// is what the routes controller makes of the examples with it: the
 /// default route splits 90/10 between normal and beta.
