@@ -284,3 +284,82 @@ fn routes_refuses_bad_input_with_the_documented_exit_codes() {
     );
     assert!(text(&header.stdout).is_empty(), "nothing printed on error");
 }
+
+/// `--api gateway-api`: for every routed Service of the namespace, its
+/// version Services (valid DNS-1035 names, each selecting the Service's
+/// selector plus one version's labels) and an HTTPRoute with the Service as
+/// its parent whose rules name only those Services; the configuration's
+/// `routes.api` does the same; an unknown API is a usage error.
+#[test]
+fn routes_prints_gateway_api_objects_when_asked() {
+    let out = run(
+        &["routes", "-f", &path(INPUT), "--api", "gateway-api"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let objects = docs(&text(&out.stdout));
+    let routes: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "HTTPRoute")
+        .collect();
+    let services: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Service").collect();
+    assert!(!routes.is_empty());
+    assert_eq!(routes.len() + services.len(), objects.len(), "nothing else");
+    for s in &services {
+        let name = s["metadata"]["name"].as_str().unwrap();
+        assert!(
+            is_dns_label(name) && name.len() <= 63 && name.contains("--"),
+            "{name}"
+        );
+        assert_eq!(
+            s["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "canary-injector"
+        );
+        assert!(s["metadata"]["labels"]["canary-injector.io/route-of"].is_string());
+    }
+    for r in &routes {
+        let parent = r["spec"]["parentRefs"][0]["name"].as_str().unwrap();
+        let backends: BTreeSet<&str> = r["spec"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|rule| rule["backendRefs"].as_array().unwrap())
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        for b in backends {
+            let ours = services.iter().any(|s| {
+                s["metadata"]["name"] == b
+                    && s["metadata"]["labels"]["canary-injector.io/route-of"] == parent
+            });
+            assert!(
+                ours || b == parent,
+                "{b} is neither a version Service of {parent} nor it"
+            );
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, "routes: {api: gateway-api}\n").unwrap();
+    let configured = run(
+        &[
+            "routes",
+            "-f",
+            &path(INPUT),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(configured.status.success(), "{}", text(&configured.stderr));
+    assert_eq!(configured.stdout, out.stdout);
+
+    let bad = run(&["routes", "-f", &path(INPUT), "--api", "linkerd"], None);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("gateway-api"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert!(bad.stdout.is_empty());
+}
