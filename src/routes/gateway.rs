@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::objects::{Meta, Observed, OwnerReference, REMOVAL_DUE_ANNOTATION, Spec};
-use super::plan::{DefaultChange, Write};
+use super::plan::{DefaultChange, Write, changes};
 use super::shape::RETRIES_ANNOTATION;
 use super::{
     DefaultRoute, Live, MANAGED_BY_LABEL, MANAGED_BY_VALUE, RouteSettings, RuleKind, ServiceRef,
@@ -1045,23 +1045,6 @@ pub fn default_of(spec: &HttpRouteSpec, service: &str) -> Option<DefaultRoute> {
         [] => None,
         _ => Some(DefaultRoute::Normal),
     }
-}
-
-fn changes(
-    before: &BTreeMap<String, String>,
-    after: &BTreeMap<String, String>,
-) -> (Vec<String>, Vec<String>) {
-    let added = after
-        .keys()
-        .filter(|t| !before.contains_key(*t))
-        .cloned()
-        .collect();
-    let removed = before
-        .keys()
-        .filter(|t| !after.contains_key(*t))
-        .cloned()
-        .collect();
-    (added, removed)
 }
 
 /// `now + grace`, rounded up to a whole second.

@@ -224,7 +224,9 @@ pub fn split_of(spec: &VirtualServiceSpec) -> BTreeMap<String, u8> {
         .collect()
 }
 
-fn changes(
+/// The tags in `after` and not in `before`, and those in `before` and not
+/// in `after`.
+pub(super) fn changes(
     before: &BTreeMap<String, String>,
     after: &BTreeMap<String, String>,
 ) -> (Vec<String>, Vec<String>) {
