@@ -288,6 +288,9 @@ struct FakeState {
     log: Vec<(u64, String, Option<Value>, Option<Value>)>,
     calls: Vec<Seen>,
     hooks: Vec<(Method, String, Hook)>,
+    /// Mutating admission: a merge patch applied to every object written
+    /// to a path.
+    admission: Vec<(String, Value)>,
     /// While set, every request gets this status (an outage).
     outage: Option<u16>,
     parked: Vec<Parked>,
@@ -396,6 +399,17 @@ impl FakeApiServer {
             .unwrap()
             .hooks
             .push((method, path.to_owned(), hook));
+    }
+
+    /// A mutating admission webhook, from now on: every object written to
+    /// `path` is stored with `merge` merged into it (RFC 7386), so what is
+    /// read back is not what was sent.
+    pub fn mutate_writes(&self, path: &str, merge: Value) {
+        self.0
+            .lock()
+            .unwrap()
+            .admission
+            .push((path.to_owned(), merge));
     }
 
     /// Answers every request with `code` from now on (`None`: healthy again).
@@ -507,7 +521,16 @@ impl FakeState {
         self.version += 1;
         let version = self.version;
         let old = self.objects.get(path).cloned();
+        let admission: Vec<Value> = self
+            .admission
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, m)| m.clone())
+            .collect();
         let new = object.map(|mut o| {
+            for m in &admission {
+                json_patch::merge(&mut o, m);
+            }
             defaults(path, &mut o, version);
             o["metadata"]["resourceVersion"] = json!(version.to_string());
             if o["metadata"].get("uid").is_none() {

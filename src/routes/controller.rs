@@ -454,6 +454,22 @@ pub enum RouteError {
         #[source]
         source: kube::Error,
     },
+    /// The apiserver stored a write otherwise than it was sent (a mutating
+    /// admission webhook, or a default this version does not know): writing
+    /// it again would change nothing, so it is retried with backoff, not
+    /// at once.
+    #[error(
+        "{kind} {namespace}/{name} was stored otherwise than written (a mutating admission \
+         webhook, or a field defaulted by a newer API version?)"
+    )]
+    NotKept {
+        /// The kind written.
+        kind: RuleKind,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
     /// The namespace is being deleted: the apiserver refuses anything new
     /// there. Not a fault: nothing more is written into it.
     #[error("namespace {namespace} is being deleted")]
@@ -465,7 +481,7 @@ pub enum RouteError {
 
 impl RouteError {
     /// Every `reason` label value, exported at 0 from the start.
-    pub const REASONS: [&'static str; 3] = ["write", "stale", "read"];
+    pub const REASONS: [&'static str; 4] = ["write", "stale", "read", "not-kept"];
 
     /// Bounded metric label for this error; `None` for what is no error
     /// (a namespace being deleted).
@@ -474,7 +490,18 @@ impl RouteError {
             Self::Write { .. } => Some(Self::REASONS[0]),
             Self::Stale { .. } => Some(Self::REASONS[1]),
             Self::Read { .. } => Some(Self::REASONS[2]),
+            Self::NotKept { .. } => Some(Self::REASONS[3]),
             Self::NamespaceTerminating { .. } => None,
+        }
+    }
+
+    /// The error of a write the apiserver stored otherwise (the Istio
+    /// objects are named after their Service).
+    fn not_kept(kind: RuleKind, service: &ServiceRef) -> Self {
+        Self::NotKept {
+            kind,
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
         }
     }
 
@@ -782,6 +809,10 @@ pub struct Routes {
     dirty: BTreeSet<Key>,
     timers: HashMap<Key, Instant>,
     failures: HashMap<Key, u32>,
+    /// Services whose last write was stored otherwise than sent: not
+    /// reconciled before this time, whatever the watches say (our own write
+    /// comes back as a change, which would start the write again at once).
+    held: HashMap<Key, Instant>,
     due: HashMap<Key, BTreeMap<String, Timestamp>>,
     blocked: HashMap<Key, Blocked>,
     /// Routed Services without a ready normal pod (default route to the
@@ -837,6 +868,7 @@ impl Routes {
             dirty: BTreeSet::new(),
             timers: HashMap::new(),
             failures: HashMap::new(),
+            held: HashMap::new(),
             due: HashMap::new(),
             blocked: HashMap::new(),
             without_normal: HashMap::new(),
@@ -1134,9 +1166,14 @@ impl Routes {
             self.dirty.insert(key);
         }
         while let Some(key) = self.dirty.pop_first() {
+            // Its timer brings it back.
+            if self.held.get(&key).is_some_and(|until| *until > now) {
+                continue;
+            }
             match self.reconcile(&key).await {
                 Ok(wake) => {
                     self.failures.remove(&key);
+                    self.held.remove(&key);
                     match wake {
                         Some(at) => self.timers.insert(key, at),
                         None => self.timers.remove(&key),
@@ -1157,7 +1194,9 @@ impl Routes {
                             debug!(%error, "read again");
                             STALE_RETRY
                         }
-                        RouteError::Write { .. } | RouteError::Read { .. } => {
+                        RouteError::Write { .. }
+                        | RouteError::Read { .. }
+                        | RouteError::NotKept { .. } => {
                             let n = self.failures.entry(key.clone()).or_insert(0);
                             *n += 1;
                             let delay = FIRST_RETRY
@@ -1167,6 +1206,9 @@ impl Routes {
                             delay
                         }
                     };
+                    if matches!(error, RouteError::NotKept { .. }) {
+                        self.held.insert(key.clone(), Instant::now() + delay);
+                    }
                     if let Some(reason) = error.reason() {
                         self.writer.counters.error(reason);
                     }
@@ -1268,6 +1310,7 @@ impl Routes {
         self.warned_no_normal.remove(key);
         self.reported.remove(key);
         self.failures.remove(key);
+        self.held.remove(key);
         self.left_dr.remove(key);
         self.left_vs.remove(key);
         self.shapes.remove(key);
@@ -1382,6 +1425,7 @@ impl Routes {
                     let result: Observed<DestinationRuleSpec> = self
                         .write(RuleKind::DestinationRule, &service, json, &w)
                         .await?;
+                    let kept = result.holds(&w.object.metadata, &w.object.spec);
                     if let Some(was) = restored {
                         self.report_restored(
                             &service,
@@ -1400,6 +1444,9 @@ impl Routes {
                         },
                     );
                     self.report_subsets(&service, &w);
+                    if !kept {
+                        return Err(RouteError::not_kept(RuleKind::DestinationRule, &service));
+                    }
                 }
                 Step::VirtualService(w) => {
                     let restored = changed_since(self.left_vs.get(key), vs.as_ref());
@@ -1415,6 +1462,7 @@ impl Routes {
                     let result: Observed<VirtualServiceSpec> = self
                         .write(RuleKind::VirtualService, &service, json, &w)
                         .await?;
+                    let kept = result.holds(&w.object.metadata, &w.object.spec);
                     if let Some(was) = restored {
                         self.report_restored(
                             &service,
@@ -1437,6 +1485,9 @@ impl Routes {
                         },
                     );
                     self.report_routes(&service, &w);
+                    if !kept {
+                        return Err(RouteError::not_kept(RuleKind::VirtualService, &service));
+                    }
                 }
             }
         }

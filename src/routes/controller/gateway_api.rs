@@ -172,6 +172,7 @@ impl Routes {
                     )
                     .await?;
                 let result: Observed<HttpRouteSpec> = Index::observe_rule(&object);
+                let kept = result.holds(&w.object.metadata, &w.object.spec);
                 if let Some(was) = restored {
                     self.report_restored(service, RuleKind::HttpRoute, &name, was);
                 }
@@ -196,6 +197,9 @@ impl Routes {
                     self.report_split(service, &split_after);
                 }
                 self.report_route_changes(service, header, &w.added, &w.removed, w.default);
+                if !kept {
+                    return Err(not_kept(RuleKind::HttpRoute, ns, &name));
+                }
             }
             GatewayStep::Service(w) => {
                 let name = w.object.metadata.name.clone();
@@ -214,6 +218,7 @@ impl Routes {
                     .await?;
                 let (_, row) = Index::version_row(object);
                 let result = row.unwrap_or_default();
+                let kept = result.holds(&w.object);
                 if let Some(was) = restored {
                     self.report_restored(service, RuleKind::Service, &name, was);
                 }
@@ -236,6 +241,9 @@ impl Routes {
                     info!(namespace = %ns, service = %service.name, %version, version_service = %name, "version Service created");
                 } else {
                     info!(namespace = %ns, service = %service.name, %version, version_service = %name, "version Service updated");
+                }
+                if !kept {
+                    return Err(not_kept(RuleKind::Service, ns, &name));
                 }
             }
             GatewayStep::Delete(d) => {
@@ -590,5 +598,13 @@ fn at_least(read: Option<&str>, wanted: Option<&str>) -> bool {
         },
         (_, None) => true,
         (None, Some(_)) => false,
+    }
+}
+
+fn not_kept(kind: RuleKind, namespace: &str, name: &str) -> RouteError {
+    RouteError::NotKept {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
     }
 }

@@ -1584,3 +1584,30 @@ async fn a_follower_makes_no_call_at_all() {
 }
 
 mod gateway;
+
+/// A mutating admission webhook that rewrites the VirtualService (here: a
+/// host added) would have the controller write it again after
+/// every write: instead the write is retried with backoff and counted as
+/// `not-kept`.
+#[tokio::test(start_paused = true)]
+async fn a_virtual_service_stored_otherwise_is_retried_with_backoff_not_at_once() {
+    let api = cluster(true);
+    api.0.mutate_writes(
+        VS,
+        json!({"spec": {"hosts": ["checkout", "injected.example.com"]}}),
+    );
+    let r = start(&api);
+    r.until("the VirtualService", |a| a.get(VS).is_some()).await;
+    r.idle(Duration::from_secs(60)).await;
+    let vs_writes = api
+        .writes()
+        .iter()
+        .filter(|w| w.path == VS || w.path == VS_COLLECTION)
+        .count();
+    assert!(
+        (2..=8).contains(&vs_writes),
+        "retried with backoff, not in a loop: {vs_writes} writes in a minute"
+    );
+    assert!(r.counters.errors("not-kept") >= 1);
+    r.stop().await;
+}

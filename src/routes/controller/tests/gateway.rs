@@ -525,3 +525,34 @@ async fn edits_of_our_service_and_route_are_put_back() {
     assert_eq!(r.metrics.restored(RuleKind::HttpRoute), 1);
     r.stop().await;
 }
+
+/// A mutating admission webhook that changes what the controller writes
+/// (here: a label added to a version Service's selector) must not make it
+/// write again and again: the write is retried with backoff, counted as
+/// `not-kept`, and the other Service's writes are not starved.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_apiserver_stores_otherwise_is_retried_with_backoff_not_at_once() {
+    let api = gateway_cluster();
+    api.0.mutate_writes(
+        NORMAL,
+        json!({"spec": {"selector": {"injected.example.com/by": "someone"}}}),
+    );
+    let r = start(&api);
+    r.until("the normal Service", |a| a.get(NORMAL).is_some())
+        .await;
+    r.idle(Duration::from_secs(60)).await;
+    let normal_writes = api
+        .gateway_writes()
+        .iter()
+        .filter(|w| {
+            w.path == NORMAL
+                || (w.path == SERVICES && w.body["metadata"]["name"] == "checkout--normal")
+        })
+        .count();
+    assert!(
+        (2..=8).contains(&normal_writes),
+        "retried with backoff, not in a loop: {normal_writes} writes in a minute"
+    );
+    assert!(r.counters.errors("not-kept") >= 1);
+    r.stop().await;
+}
