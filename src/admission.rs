@@ -107,7 +107,7 @@ struct ReviewIn<O> {
 
 /// The object as the chosen path delivered it.
 enum ObjectIn<'a> {
-    Parsed(Box<ObjectView>),
+    Parsed(Box<ObjectView<'a>>),
     Raw(&'a RawValue),
 }
 
@@ -127,11 +127,11 @@ impl<O> RequestIn<O> {
 }
 
 /// What the core gets to see of a request.
-enum Input {
+enum Input<'a> {
     /// A skip rule applies without reading the object.
     Skip(SkipReason),
     /// The object, to decide about.
-    Object(Box<ObjectView>),
+    Object(Box<ObjectView<'a>>),
     /// No usable object: refused.
     Refuse(Deny),
 }
@@ -150,7 +150,7 @@ struct EnvelopeIn {
 /// review: JSON is UTF-8) is checked once and read as `str`, so serde_json
 /// does not check each key and string it reads again; other bytes are read
 /// as they always were (only the strings read are checked).
-fn read_review(body: &[u8]) -> Result<ReviewIn<ObjectView>, serde_json::Error> {
+fn read_review(body: &[u8]) -> Result<ReviewIn<ObjectView<'_>>, serde_json::Error> {
     match std::str::from_utf8(body) {
         Ok(text) => serde_json::from_str(text),
         Err(_) => serde_json::from_slice(body),

@@ -23,7 +23,7 @@ use crate::certs::plan::{bundle_trusts, not_after};
 use crate::mutate::bootstrap::BootstrapDecision;
 use crate::mutate::{
     Availability, ClusterView, Contradiction, Kind, LabelPolicy, Mode, NamespaceMesh, ObjectView,
-    Operation, Policy, Subject,
+    Operation, Policy, StrMap, Subject,
 };
 use crate::owners::index::{Change, OwnerIndex, Row, WorkloadKind};
 
@@ -638,7 +638,7 @@ fn check_namespace(
     let mut contradicted: BTreeMap<(String, &'static str), (Contradiction, Vec<String>)> =
         BTreeMap::new();
     for pod in &ns.pods {
-        let Ok(view) = serde_json::from_value::<ObjectView>(pod.clone()) else {
+        let Ok(view) = ObjectView::from_value(pod.clone()) else {
             continue;
         };
         let at = place(&ns.name, "Pod", pod);
@@ -672,7 +672,7 @@ fn check_namespace(
         }
         let meta = view.metadata.as_ref();
         let pod_labels = meta.and_then(|m| m.labels.as_ref());
-        if !pod_labels.is_some_and(|l| l.contains_key(&labels.stage)) {
+        if !pod_labels.is_some_and(|l| l.has(&labels.stage)) {
             out.push(finding(
                 Error,
                 "pod-without-stage",
@@ -814,9 +814,7 @@ fn owner_index(ns: &NamespaceView, tag_annotation: &str) -> OwnerIndex {
         else {
             continue;
         };
-        let Ok(view) =
-            serde_json::from_value::<ObjectView>(json!({"metadata": object["metadata"]}))
-        else {
+        let Ok(view) = ObjectView::from_value(json!({"metadata": object["metadata"]})) else {
             continue;
         };
         let Some(meta) = view.metadata.as_ref() else {
@@ -830,7 +828,7 @@ fn owner_index(ns: &NamespaceView, tag_annotation: &str) -> OwnerIndex {
             meta.controller(),
             tag_annotation,
         );
-        let name = meta.name.clone().unwrap_or_default();
+        let name = meta.name.as_deref().unwrap_or_default().to_owned();
         index.apply(kind, Change::Applied(ns.name.clone(), name, row));
     }
     index
@@ -917,10 +915,10 @@ fn check_tag_rewritten(view: &ObjectView, labels: &LabelPolicy, at: &str, out: &
     let meta = view.metadata.as_ref();
     let requested = meta
         .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(&labels.tag_annotation));
+        .and_then(|a| a.value(&labels.tag_annotation));
     let applied = meta
         .and_then(|m| m.labels.as_ref())
-        .and_then(|l| l.get(&labels.canary_tag));
+        .and_then(|l| l.value(&labels.canary_tag));
     if let (Some(requested), Some(applied)) = (requested, applied)
         && requested != applied
     {

@@ -748,7 +748,7 @@ mod tests {
     use crate::admission::ReviewIn;
     use crate::mutate::ObjectView;
 
-    type Review = ReviewIn<ObjectView>;
+    type Review<'a> = ReviewIn<ObjectView<'a>>;
 
     /// What serde_json makes of `input` (as the server reads a body).
     fn serde(input: &[u8]) -> Option<String> {

@@ -87,16 +87,20 @@ pub(crate) fn workload(doc: &Value) -> Option<Workload> {
     if doc.pointer("/spec/replicas").and_then(Value::as_u64) == Some(0) {
         return None;
     }
-    let view: ObjectView = serde_json::from_value(doc.clone()).ok()?;
+    let view = ObjectView::from_value(doc.clone()).ok()?;
     let labels = match kind.info().pod {
-        Location::Object => view.metadata.as_ref()?.labels.clone(),
+        Location::Object => view.metadata.as_ref()?.labels.as_ref(),
         location => view
             .template_at(location)?
             .metadata
             .as_ref()?
             .labels
-            .clone(),
+            .as_ref(),
     }?;
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Some(Workload {
         namespace: text(doc, "/metadata/namespace")
             .unwrap_or_default()
