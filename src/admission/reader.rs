@@ -27,6 +27,7 @@
 //! characters only.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
@@ -60,13 +61,19 @@ type Result<T> = std::result::Result<T, GiveUp>;
 
 /// Reads a `T` from `input`, which must hold one JSON value and whitespace.
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(input: &'de [u8]) -> Result<T> {
-    let mut reader = Reader {
+    read::<T, Native>(input)
+}
+
+/// [`from_slice`], scanning strings with `S`.
+fn read<'de, T: de::Deserialize<'de>, S: Scan>(input: &'de [u8]) -> Result<T> {
+    let mut reader = Reader::<S> {
         input,
         // One check of the whole input (every real review is UTF-8) costs
         // less than one per string read.
         text: std::str::from_utf8(input).ok(),
         pos: 0,
         scratch: String::new(),
+        scan: PhantomData,
     };
     let value = T::deserialize(&mut reader)?;
     reader.skip_ws();
@@ -76,14 +83,45 @@ pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(input: &'de [u8]) -> Resu
     Ok(value)
 }
 
-/// The input and where reading is.
-struct Reader<'de> {
+/// The input and where reading is; strings are scanned with `S`.
+struct Reader<'de, S> {
     input: &'de [u8],
     /// `input`, when it is UTF-8 as a whole.
     text: Option<&'de str>,
     pos: usize,
     /// Decoded strings that had escapes.
     scratch: String,
+    scan: PhantomData<S>,
+}
+
+/// How the reader finds the end of the plain text in a string (the first
+/// `"`, `\` or control character): [`find_special`].
+trait Scan {
+    /// Index of the first special byte at or after `i`, else `input.len()`.
+    fn find_special(input: &[u8], i: usize) -> usize;
+}
+
+/// The build's own scan: SSE2 on x86_64, [`find_special_swar`] elsewhere.
+struct Native;
+
+impl Scan for Native {
+    #[inline(always)]
+    fn find_special(input: &[u8], i: usize) -> usize {
+        find_special(input, i)
+    }
+}
+
+/// The portable scan that non-x86_64 builds (aarch64) use, for tests to
+/// read every input both ways on x86_64 too.
+#[cfg(test)]
+struct Portable;
+
+#[cfg(test)]
+impl Scan for Portable {
+    #[inline(always)]
+    fn find_special(input: &[u8], i: usize) -> usize {
+        find_special_swar(input, i)
+    }
 }
 
 /// Past JSON whitespace (the four bytes serde_json skips) from `i`.
@@ -110,9 +148,11 @@ fn find_special(input: &[u8], mut i: usize) -> usize {
         _mm_set1_epi8,
     };
     while let Some(chunk) = input.get(i..i + 16) {
-        // SAFETY: the build has SSE2 (the `cfg` above; every x86_64 CPU has
-        // it), and `chunk` is 16 readable bytes, loaded without an
-        // alignment requirement.
+        // SAFETY: the load reads the 16 bytes of `chunk` (`get` checked the
+        // range) and has no alignment requirement; every intrinsic here
+        // needs SSE2 (calling them is unsafe for that alone, the others
+        // only compute on registers), which this build enables (the `cfg`
+        // above: every x86_64 CPU has it).
         let mask = unsafe {
             let v = _mm_loadu_si128(chunk.as_ptr().cast());
             // Bytes equal to `"` or `\`, or no greater than 0x1f (unsigned).
@@ -189,17 +229,17 @@ fn hex4(input: &[u8], i: usize) -> Result<u32> {
 /// closing `"`. Checks escapes and control characters as serde_json does
 /// for a string it skips.
 #[inline(always)]
-fn skip_str(input: &[u8], i: usize) -> Result<usize> {
-    let end = find_special(input, i);
+fn skip_str<S: Scan>(input: &[u8], i: usize) -> Result<usize> {
+    let end = S::find_special(input, i);
     if input.get(end) == Some(&b'"') {
         return Ok(end + 1);
     }
-    skip_str_escaped(input, end)
+    skip_str_escaped::<S>(input, end)
 }
 
 /// [`skip_str`] from the first byte that is not plain text, at `i`.
 #[inline(never)]
-fn skip_str_escaped(input: &[u8], mut i: usize) -> Result<usize> {
+fn skip_str_escaped<S: Scan>(input: &[u8], mut i: usize) -> Result<usize> {
     loop {
         match input.get(i) {
             Some(b'"') => return Ok(i + 1),
@@ -215,7 +255,7 @@ fn skip_str_escaped(input: &[u8], mut i: usize) -> Result<usize> {
             }
             _ => return Err(GiveUp),
         }
-        i = find_special(input, i);
+        i = S::find_special(input, i);
     }
 }
 
@@ -271,18 +311,18 @@ fn literal(input: &[u8], i: usize, word: &[u8]) -> Result<usize> {
 
 /// Past an object member's key and its `:`, the key's `"` at `i`.
 #[inline(always)]
-fn skip_key(input: &[u8], i: usize) -> Result<usize> {
+fn skip_key<S: Scan>(input: &[u8], i: usize) -> Result<usize> {
     if input.get(i) != Some(&b'"') {
         return Err(GiveUp);
     }
-    let i = ws(input, skip_str(input, i + 1)?);
+    let i = ws(input, skip_str::<S>(input, i + 1)?);
     if input.get(i) != Some(&b':') {
         return Err(GiveUp);
     }
     Ok(i + 1)
 }
 
-impl<'de> Reader<'de> {
+impl<'de, S: Scan> Reader<'de, S> {
     #[inline]
     fn skip_ws(&mut self) {
         self.pos = ws(self.input, self.pos);
@@ -313,7 +353,7 @@ impl<'de> Reader<'de> {
         loop {
             // A value starts at `i`, after whitespace.
             match input.get(i) {
-                Some(b'"') => i = skip_str(input, i + 1)?,
+                Some(b'"') => i = skip_str::<S>(input, i + 1)?,
                 Some(&c @ (b'{' | b'[')) => {
                     if depth == MAX_SKIP_DEPTH {
                         return Err(GiveUp);
@@ -327,7 +367,7 @@ impl<'de> Reader<'de> {
                             open = open << 1 | u64::from(object);
                             depth += 1;
                             if object {
-                                i = skip_key(input, i)?;
+                                i = skip_key::<S>(input, i)?;
                             }
                             continue;
                         }
@@ -355,7 +395,7 @@ impl<'de> Reader<'de> {
                     Some(b',') => {
                         i = ws(input, i + 1);
                         if object {
-                            i = skip_key(input, i)?;
+                            i = skip_key::<S>(input, i)?;
                         }
                         break;
                     }
@@ -391,7 +431,7 @@ impl<'de> Reader<'de> {
         }
         let input = self.input;
         let start = self.pos + 1;
-        let end = find_special(input, start);
+        let end = S::find_special(input, start);
         match input.get(end) {
             Some(b'"') => {
                 let s = self.slice_str(start, end)?;
@@ -452,7 +492,7 @@ impl<'de> Reader<'de> {
             };
             self.scratch.push(c);
             i = special + len;
-            special = find_special(input, i);
+            special = S::find_special(input, i);
         }
     }
 
@@ -496,7 +536,7 @@ impl<'de> Reader<'de> {
     }
 }
 
-impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
+impl<'de, S: Scan> de::Deserializer<'de> for &mut Reader<'de, S> {
     type Error = GiveUp;
 
     fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value> {
@@ -590,12 +630,12 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
 }
 
 /// An object's members, for a visitor.
-struct Members<'a, 'de> {
-    reader: &'a mut Reader<'de>,
+struct Members<'a, 'de, S> {
+    reader: &'a mut Reader<'de, S>,
     first: bool,
 }
 
-impl<'de> MapAccess<'de> for Members<'_, 'de> {
+impl<'de, S: Scan> MapAccess<'de> for Members<'_, 'de, S> {
     type Error = GiveUp;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
@@ -623,12 +663,12 @@ impl<'de> MapAccess<'de> for Members<'_, 'de> {
 }
 
 /// An array's elements, for a visitor.
-struct Elements<'a, 'de> {
-    reader: &'a mut Reader<'de>,
+struct Elements<'a, 'de, S> {
+    reader: &'a mut Reader<'de, S>,
     first: bool,
 }
 
-impl<'de> SeqAccess<'de> for Elements<'_, 'de> {
+impl<'de, S: Scan> SeqAccess<'de> for Elements<'_, 'de, S> {
     type Error = GiveUp;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
@@ -661,9 +701,9 @@ macro_rules! give_up {
 /// An object key (the reader is at its `"`): a string, whatever the key
 /// type asks for, as serde_json reads keys; keys read as numbers or
 /// booleans fail.
-struct Key<'a, 'de>(&'a mut Reader<'de>);
+struct Key<'a, 'de, S>(&'a mut Reader<'de, S>);
 
-impl<'de> de::Deserializer<'de> for Key<'_, 'de> {
+impl<'de, S: Scan> de::Deserializer<'de> for Key<'_, 'de, S> {
     type Error = GiveUp;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
@@ -757,8 +797,20 @@ mod tests {
             .map(|r| format!("{r:?}"))
     }
 
+    /// What the fast reader makes of `input`, read with the build's scan
+    /// and with the portable one (aarch64's), which must agree.
     fn fast(input: &[u8]) -> Option<String> {
-        from_slice::<Review>(input).ok().map(|r| format!("{r:?}"))
+        let native = from_slice::<Review>(input).ok().map(|r| format!("{r:?}"));
+        let portable = read::<Review, Portable>(input)
+            .ok()
+            .map(|r| format!("{r:?}"));
+        assert_eq!(
+            native,
+            portable,
+            "the two scans read differently: {}",
+            String::from_utf8_lossy(input)
+        );
+        native
     }
 
     /// The contract: the fast reader gives up, or agrees with serde_json.
