@@ -13,6 +13,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+mod reader;
+
 use crate::config::Config;
 use crate::mutate::{
     self, BootstrapOutcome, ClusterView, Decision, Deny, Kind, Mode, ObjectView, Operation,
@@ -93,7 +95,7 @@ pub enum ReviewError {
     MissingRequest,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ReviewIn<O> {
     #[serde(default)]
@@ -105,7 +107,7 @@ struct ReviewIn<O> {
 
 /// The object as the chosen path delivered it.
 enum ObjectIn<'a> {
-    Parsed(Box<ObjectView>),
+    Parsed(Box<ObjectView<'a>>),
     Raw(&'a RawValue),
 }
 
@@ -125,11 +127,11 @@ impl<O> RequestIn<O> {
 }
 
 /// What the core gets to see of a request.
-enum Input {
+enum Input<'a> {
     /// A skip rule applies without reading the object.
     Skip(SkipReason),
     /// The object, to decide about.
-    Object(Box<ObjectView>),
+    Object(Box<ObjectView<'a>>),
     /// No usable object: refused.
     Refuse(Deny),
 }
@@ -142,6 +144,17 @@ struct EnvelopeIn {
     api_version: String,
     #[serde(default)]
     kind: String,
+}
+
+/// Reads the review with serde_json. A body that is UTF-8 (every real
+/// review: JSON is UTF-8) is checked once and read as `str`, so serde_json
+/// does not check each key and string it reads again; other bytes are read
+/// as they always were (only the strings read are checked).
+fn read_review(body: &[u8]) -> Result<ReviewIn<ObjectView<'_>>, serde_json::Error> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
 }
 
 /// Parses the review with the object kept raw; on failure, says whether the
@@ -175,7 +188,7 @@ fn check_envelope(api_version: &str, kind: &str) -> Result<(), ReviewError> {
 /// The request; `O` is how the object is read: parsed into the core's view
 /// in the same pass (fast path), or kept raw (fallback, to tell a malformed
 /// object apart from a malformed review).
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RequestIn<O> {
     uid: String,
@@ -194,7 +207,7 @@ struct RequestIn<O> {
     object: Option<O>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct GroupVersionKind {
     #[serde(default)]
     group: String,
@@ -313,14 +326,11 @@ pub fn review(
     configmaps: &ConfigMapLookup,
 ) -> Result<Reviewed, ReviewError> {
     // Fast path: one pass over the body, the object read straight into the
-    // core's view (unknown fields skipped once). A body that is UTF-8 (every
-    // real review: JSON is UTF-8) is checked once, here, and read as `str`,
-    // so serde_json does not check each key and string it reads again;
-    // other bytes are read as they always were (only the strings read are
-    // checked).
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str::<ReviewIn<ObjectView>>(text),
-        Err(_) => serde_json::from_slice::<ReviewIn<ObjectView>>(body),
+    // core's view (unknown fields skipped once), by the fast reader; what it
+    // does not take, serde_json reads (the same value, or its error).
+    let parsed = match reader::from_slice::<ReviewIn<ObjectView>>(body) {
+        Ok(parsed) => Ok(parsed),
+        Err(reader::GiveUp) => read_review(body),
     };
     let (api_version, req): (String, RequestIn<ObjectIn<'_>>) = match parsed {
         Ok(parsed) => {

@@ -61,8 +61,8 @@ use crate::cluster::events::{EventRequest, EventSink};
 use crate::config::Config;
 use crate::metrics::ControllerCounters;
 use crate::mutate::{
-    ClusterView, Contradiction, Kind, LabelPolicy, MetaView, ObjectView, OwnerRef, Policy,
-    TemplateView,
+    ClusterView, Contradiction, Kind, LabelPolicy, MetaView, ObjectView, OwnerRef, Policy, StrMap,
+    TemplateView, Text, TextMap,
 };
 use plan::{LabelPatch, Plan, Restart, TagFrom};
 
@@ -300,16 +300,23 @@ struct Read {
     name: String,
     uid: Option<String>,
     resource_version: String,
-    view: ObjectView,
+    view: ObjectView<'static>,
+}
+
+/// Labels or annotations, for the core's view.
+fn text_map(map: &BTreeMap<String, String>) -> TextMap<'static> {
+    map.iter()
+        .map(|(k, v)| (Text::from(k.clone()), Text::from(v.clone())))
+        .collect()
 }
 
 /// The core's view of `metadata`.
-fn meta_view(m: &ObjectMeta) -> MetaView {
+fn meta_view(m: &ObjectMeta) -> MetaView<'static> {
     MetaView {
-        name: m.name.clone(),
-        generate_name: m.generate_name.clone(),
-        labels: m.labels.clone(),
-        annotations: m.annotations.clone(),
+        name: m.name.clone().map(Text::from),
+        generate_name: m.generate_name.clone().map(Text::from),
+        labels: m.labels.as_ref().map(text_map),
+        annotations: m.annotations.as_ref().map(text_map),
         owner_references: m.owner_references.as_ref().map(|refs| {
             refs.iter()
                 .map(|r| OwnerRef {
@@ -321,7 +328,10 @@ fn meta_view(m: &ObjectMeta) -> MetaView {
                 })
                 .collect()
         }),
-        deletion_timestamp: m.deletion_timestamp.as_ref().map(|t| t.0.to_string()),
+        deletion_timestamp: m
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string().into()),
     }
 }
 
@@ -432,9 +442,10 @@ impl Objects {
         let Some(mut read) = read_of(&pod.metadata, None) else {
             return Ok(None);
         };
+        // From an owned value, as `serde_json::from_value` reads it.
         if let Some(spec) = serde_json::to_value(&pod.spec)
             .ok()
-            .and_then(|v| serde_json::from_value(v).ok())
+            .and_then(|v| <crate::mutate::SpecView as serde::Deserialize>::deserialize(v).ok())
         {
             read.view.spec = Some(spec);
         }
@@ -633,8 +644,8 @@ impl Tally {
                 .view
                 .metadata
                 .as_ref()
-                .and_then(|m| m.annotations.as_ref()?.get(&policy.tag_annotation))
-                .cloned(),
+                .and_then(|m| m.annotations.as_ref()?.value(&policy.tag_annotation))
+                .map(str::to_owned),
             None => None,
         };
         let (regarding, why) = match (tag, workload) {
@@ -648,8 +659,7 @@ impl Tally {
             _ => (controller.unwrap_or(own), Why::Lacked),
         };
         let labels = read.view.metadata.as_ref().and_then(|m| m.labels.as_ref());
-        let had_some = labels
-            .is_some_and(|l| l.contains_key(&policy.stage) || l.contains_key(&policy.canary_tag));
+        let had_some = labels.is_some_and(|l| l.has(&policy.stage) || l.has(&policy.canary_tag));
         let entry = self
             .owners
             .entry((key_of(&regarding), why))

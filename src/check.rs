@@ -23,7 +23,7 @@ use crate::certs::plan::{bundle_trusts, not_after};
 use crate::mutate::bootstrap::BootstrapDecision;
 use crate::mutate::{
     Availability, ClusterView, Contradiction, Kind, LabelPolicy, Mode, NamespaceMesh, ObjectView,
-    Operation, Policy, Subject,
+    Operation, Policy, StrMap, Subject,
 };
 use crate::owners::index::{Change, OwnerIndex, Row, WorkloadKind};
 use crate::routes::gateway::RouteApi;
@@ -649,7 +649,7 @@ fn check_namespace(
     let mut contradicted: BTreeMap<(String, &'static str), (Contradiction, Vec<String>)> =
         BTreeMap::new();
     for pod in &ns.pods {
-        let Ok(view) = serde_json::from_value::<ObjectView>(pod.clone()) else {
+        let Ok(view) = ObjectView::from_value(pod.clone()) else {
             continue;
         };
         let at = place(&ns.name, "Pod", pod);
@@ -683,7 +683,7 @@ fn check_namespace(
         }
         let meta = view.metadata.as_ref();
         let pod_labels = meta.and_then(|m| m.labels.as_ref());
-        if !pod_labels.is_some_and(|l| l.contains_key(&labels.stage)) {
+        if !pod_labels.is_some_and(|l| l.has(&labels.stage)) {
             out.push(finding(
                 Error,
                 "pod-without-stage",
@@ -827,9 +827,7 @@ fn owner_index(ns: &NamespaceView, tag_annotation: &str) -> OwnerIndex {
         else {
             continue;
         };
-        let Ok(view) =
-            serde_json::from_value::<ObjectView>(json!({"metadata": object["metadata"]}))
-        else {
+        let Ok(view) = ObjectView::from_value(json!({"metadata": object["metadata"]})) else {
             continue;
         };
         let Some(meta) = view.metadata.as_ref() else {
@@ -843,7 +841,7 @@ fn owner_index(ns: &NamespaceView, tag_annotation: &str) -> OwnerIndex {
             meta.controller(),
             tag_annotation,
         );
-        let name = meta.name.clone().unwrap_or_default();
+        let name = meta.name.as_deref().unwrap_or_default().to_owned();
         index.apply(kind, Change::Applied(ns.name.clone(), name, row));
     }
     index
@@ -952,10 +950,10 @@ fn check_tag_rewritten(view: &ObjectView, labels: &LabelPolicy, at: &str, out: &
     let meta = view.metadata.as_ref();
     let requested = meta
         .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(&labels.tag_annotation));
+        .and_then(|a| a.value(&labels.tag_annotation));
     let applied = meta
         .and_then(|m| m.labels.as_ref())
-        .and_then(|l| l.get(&labels.canary_tag));
+        .and_then(|l| l.value(&labels.canary_tag));
     if let (Some(requested), Some(applied)) = (requested, applied)
         && requested != applied
     {

@@ -52,7 +52,10 @@ pub use policy::{
 };
 pub use version::Version;
 
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
 
 use serde::Deserialize;
 
@@ -120,47 +123,195 @@ pub struct Subject<'a> {
     pub owner_tag: Option<&'a OwnerTag>,
 }
 
+/// A string of the object as read: borrowed from the JSON it was read from
+/// when written there without escapes (nothing copied: a review holds
+/// dozens of names, keys and paths), owned otherwise. Reads as `str`;
+/// compares, orders, hashes and prints (`Debug` too) as the `str`, so a
+/// map keyed by it is looked up by `&str`.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Text<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'a> From<&'a str> for Text<'a> {
+    fn from(s: &'a str) -> Self {
+        Self(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for Text<'_> {
+    fn from(s: String) -> Self {
+        Self(Cow::Owned(s))
+    }
+}
+
+impl PartialEq<str> for Text<'_> {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Text<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+/// Read as `String` is (the same calls and error messages), borrowing when
+/// the deserializer lends the string.
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_string(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = Text<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // What `String` says, so errors read as before.
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+        Ok(Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+        Ok(Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+        Ok(Text(Cow::Owned(v)))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Text<'de>, E> {
+        match std::str::from_utf8(v) {
+            Ok(s) => Ok(Text(Cow::Owned(s.to_owned()))),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(v), &self)),
+        }
+    }
+
+    fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Text<'de>, E> {
+        match std::str::from_utf8(v) {
+            Ok(s) => Ok(Text(Cow::Borrowed(s))),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(v), &self)),
+        }
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Text<'de>, E> {
+        match String::from_utf8(v) {
+            Ok(s) => Ok(Text(Cow::Owned(s))),
+            Err(e) => Err(E::invalid_value(
+                serde::de::Unexpected::Bytes(&e.into_bytes()),
+                &self,
+            )),
+        }
+    }
+}
+
+/// Labels or annotations as read from an object (`BTreeMap<Text, Text>`)
+/// or held by a cache (`BTreeMap<String, String>`): what the rules look up.
+pub trait StrMap {
+    /// The value of `key`, if set.
+    fn value(&self, key: &str) -> Option<&str>;
+
+    /// Whether `key` is set.
+    fn has(&self, key: &str) -> bool {
+        self.value(key).is_some()
+    }
+}
+
+impl StrMap for BTreeMap<String, String> {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+impl StrMap for BTreeMap<Text<'_>, Text<'_>> {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).map(|v| &**v)
+    }
+}
+
+/// Labels or annotations of an object as read.
+pub type TextMap<'a> = BTreeMap<Text<'a>, Text<'a>>;
+
 /// The few fields of an object the core reads. Everything else in the JSON
-/// is skipped by serde and left untouched by the patch.
+/// is skipped by serde and left untouched by the patch. Strings borrow from
+/// the JSON read ([`Text`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ObjectView {
+pub struct ObjectView<'a> {
     /// `kind` as written in the object, checked against the request kind.
-    #[serde(default)]
-    pub kind: Option<String>,
+    #[serde(default, borrow)]
+    pub kind: Option<Text<'a>>,
     /// `metadata`, `None` when absent.
-    #[serde(default)]
-    pub metadata: Option<MetaView>,
+    #[serde(default, borrow)]
+    pub metadata: Option<MetaView<'a>>,
     /// `spec`, for the pod template of ReplicaSets and workloads.
-    #[serde(default)]
-    pub spec: Option<SpecView>,
+    #[serde(default, borrow)]
+    pub spec: Option<SpecView<'a>>,
+}
+
+impl ObjectView<'static> {
+    /// Reads the view of an object held as a JSON value, as
+    /// `serde_json::from_value` does (the strings owned).
+    pub fn from_value(value: serde_json::Value) -> Result<Self, serde_json::Error> {
+        Self::deserialize(value)
+    }
 }
 
 /// The parts of `metadata` the core reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MetaView {
+pub struct MetaView<'a> {
     /// `metadata.name` (empty for controller-created pods).
-    #[serde(default)]
-    pub name: Option<String>,
+    #[serde(default, borrow)]
+    pub name: Option<Text<'a>>,
     /// `metadata.generateName`.
-    #[serde(default)]
-    pub generate_name: Option<String>,
+    #[serde(default, borrow)]
+    pub generate_name: Option<Text<'a>>,
     /// `metadata.labels`; `None` when absent or `null`.
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, borrow)]
+    pub labels: Option<TextMap<'a>>,
     /// `metadata.annotations`; `None` when absent or `null`.
-    #[serde(default)]
-    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(default, borrow)]
+    pub annotations: Option<TextMap<'a>>,
     /// `metadata.ownerReferences`.
     #[serde(default)]
     pub owner_references: Option<Vec<OwnerRef>>,
     /// `metadata.deletionTimestamp`: set once the object is being deleted.
-    #[serde(default)]
-    pub deletion_timestamp: Option<String>,
+    #[serde(default, borrow)]
+    pub deletion_timestamp: Option<Text<'a>>,
 }
 
-impl MetaView {
+impl MetaView<'_> {
     /// The managing controller's ownerReference (`controller: true`).
     pub fn controller(&self) -> Option<&OwnerRef> {
         self.owner_references
@@ -196,52 +347,52 @@ pub struct OwnerRef {
 /// containers and volumes (for the bootstrap mount).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SpecView {
+pub struct SpecView<'a> {
     /// `hostNetwork` (pods): Istio does not inject such pods.
     #[serde(default)]
     pub host_network: Option<bool>,
     /// `containers` (pods).
-    #[serde(default)]
-    pub containers: Option<Vec<bootstrap::ContainerView>>,
+    #[serde(default, borrow)]
+    pub containers: Option<Vec<bootstrap::ContainerView<'a>>>,
     /// `initContainers` (pods; native sidecars live here from Istio 1.27).
-    #[serde(default)]
-    pub init_containers: Option<Vec<bootstrap::ContainerView>>,
+    #[serde(default, borrow)]
+    pub init_containers: Option<Vec<bootstrap::ContainerView<'a>>>,
     /// `volumes` (pods; names only).
-    #[serde(default)]
-    pub volumes: Option<Vec<bootstrap::NamedView>>,
+    #[serde(default, borrow)]
+    pub volumes: Option<Vec<bootstrap::NamedView<'a>>>,
     /// `spec.template` (ReplicaSet, Deployment, StatefulSet, DaemonSet, Job).
-    #[serde(default)]
-    pub template: Option<TemplateView>,
+    #[serde(default, borrow)]
+    pub template: Option<TemplateView<'a>>,
     /// `spec.jobTemplate` (CronJob).
-    #[serde(default)]
-    pub job_template: Option<JobTemplateView>,
+    #[serde(default, borrow)]
+    pub job_template: Option<JobTemplateView<'a>>,
 }
 
 /// A pod template (`spec.template`).
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct TemplateView {
+pub struct TemplateView<'a> {
     /// `spec.template.metadata`.
-    #[serde(default)]
-    pub metadata: Option<MetaView>,
+    #[serde(default, borrow)]
+    pub metadata: Option<MetaView<'a>>,
     /// `spec.template.spec`.
-    #[serde(default)]
-    pub spec: Option<Box<SpecView>>,
+    #[serde(default, borrow)]
+    pub spec: Option<Box<SpecView<'a>>>,
 }
 
 /// A CronJob's `spec.jobTemplate`.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct JobTemplateView {
+pub struct JobTemplateView<'a> {
     /// `spec.jobTemplate.spec`.
-    #[serde(default)]
-    pub spec: Option<Box<SpecView>>,
+    #[serde(default, borrow)]
+    pub spec: Option<Box<SpecView<'a>>>,
 }
 
-impl ObjectView {
-    fn labels(&self) -> Option<&BTreeMap<String, String>> {
+impl<'a> ObjectView<'a> {
+    fn labels(&self) -> Option<&TextMap<'a>> {
         self.metadata.as_ref()?.labels.as_ref()
     }
 
-    fn annotations(&self) -> Option<&BTreeMap<String, String>> {
+    fn annotations(&self) -> Option<&TextMap<'a>> {
         self.metadata.as_ref()?.annotations.as_ref()
     }
 
@@ -262,7 +413,7 @@ impl ObjectView {
     }
 
     /// The pod template at `location` (`None` for [`Location::Object`]).
-    pub fn template_at(&self, location: Location) -> Option<&TemplateView> {
+    pub fn template_at(&self, location: Location) -> Option<&TemplateView<'a>> {
         let spec = self.spec.as_ref()?;
         match location {
             Location::Object => None,
@@ -475,7 +626,7 @@ pub fn pre_skip(subject: &Subject<'_>, policy: Policy<'_>) -> Option<SkipReason>
 /// Decides what `object` needs. See the module docs for the rules.
 pub fn decide<'a>(
     subject: &Subject<'a>,
-    object: &'a ObjectView,
+    object: &'a ObjectView<'a>,
     policy: Policy<'a>,
     cluster: &ClusterView,
 ) -> Result<Decision<'a>, Deny> {
@@ -529,7 +680,7 @@ pub fn decide<'a>(
         label_template.then_some((info.pod, template_meta)),
     ];
     if holders.iter().any(Option::is_some) || template.is_some() {
-        let labels_of = |m: Option<&'a MetaView>| m.and_then(|m| m.labels.as_ref());
+        let labels_of = |m: Option<&'a MetaView<'a>>| m.and_then(|m| m.labels.as_ref());
         let object_labels = labels_of(own).filter(|_| info.labels_on_object);
         let template_labels = labels_of(template_meta);
         // Existing labels win; the first map that has one speaks for all:
@@ -539,21 +690,17 @@ pub fn decide<'a>(
         } else {
             [object_labels, template_labels]
         };
-        let existing = |key: &str| sources.iter().flatten().find_map(|l| l.get(key));
+        let existing = |key: &str| sources.iter().flatten().find_map(|l| l.value(key));
         let tag_key = &policy.labels.tag_annotation;
-        let tag_of = |m: Option<&'a MetaView>| m?.annotations.as_ref()?.get(tag_key);
+        let tag_of = |m: Option<&'a MetaView<'a>>| m?.annotations.as_ref()?.value(tag_key);
         let (own_tag, template_tag) = (tag_of(own), tag_of(template_meta));
         // The tag annotation: the first of the object's own, its pod
         // template's, and the owner chain's (a workload's metadata). An
         // owned template comes first: the object is labelled as the pods
         // created from it are (a pod's own annotations are its template's,
         // and the owner chain starts at this object's metadata).
-        let from = |value: Option<&'a String>, source| {
-            value.map(|v| RequestedTag {
-                value: v.as_str(),
-                source,
-            })
-        };
+        let from =
+            |value: Option<&'a str>, source| value.map(|value| RequestedTag { value, source });
         let owner = subject.owner_tag.map(|o| RequestedTag {
             value: o.value.as_str(),
             source: TagSource::Owner(o),
@@ -648,8 +795,8 @@ pub fn decide<'a>(
             Some(value) if owned && object.has_controller() && template_tag.is_some() => {
                 decision.warnings.push(Warning::TemplateTagDiffers {
                     annotation: tag_key.clone(),
-                    value: value.clone(),
-                    template: template_tag.cloned(),
+                    value: value.to_owned(),
+                    template: template_tag.map(str::to_owned),
                 });
             }
             // Its own tag alone: labels follow it (its pods' owner chain
@@ -664,15 +811,15 @@ pub fn decide<'a>(
                     location: info.pod,
                     key: tag_key,
                     value,
-                    previous: template_tag.map(String::as_str),
+                    previous: template_tag,
                     has_metadata: template_meta.is_some(),
                     has_annotations: template_meta.is_some_and(|m| m.annotations.is_some()),
                 });
                 if subject.operation == Operation::Update || template_tag.is_some() {
                     decision.warnings.push(Warning::TemplateTagCopied {
                         annotation: tag_key.clone(),
-                        value: value.clone(),
-                        previous: template_tag.cloned(),
+                        value: value.to_owned(),
+                        previous: template_tag.map(str::to_owned),
                     });
                 }
             }
@@ -700,7 +847,7 @@ pub fn decide<'a>(
 fn bootstrap_target<'a>(
     info: &KindInfo,
     mode: Mode,
-    object: &'a ObjectView,
+    object: &'a ObjectView<'a>,
 ) -> Option<PodTarget<'a>> {
     if info.pod == Location::Object {
         return Some(PodTarget {

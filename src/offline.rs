@@ -230,7 +230,7 @@ fn mutate_one(
         .to_owned();
     let namespace = text("/metadata/namespace").unwrap_or_default().to_owned();
     let object: ObjectView =
-        serde_json::from_value(doc.clone()).map_err(|e| OfflineError::Malformed {
+        ObjectView::from_value(doc.clone()).map_err(|e| OfflineError::Malformed {
             index,
             kind: kind_name.clone(),
             name: name.clone(),

@@ -40,7 +40,7 @@ use serde_json::Value;
 use crate::mutate::bootstrap::ISTIO_STATUS;
 use crate::mutate::{
     self, Availability, BootstrapDecision, BootstrapSkip, ClusterView, Contradiction, Deny, Kind,
-    Mode, ObjectView, Operation, OwnerTag, Policy, SkipReason, Subject, TagSource,
+    Mode, ObjectView, Operation, OwnerTag, Policy, SkipReason, StrMap, Subject, TagSource,
 };
 
 /// What the backfill does with one running object.
@@ -160,7 +160,7 @@ pub fn plan(
             let template_canary = object
                 .template_at(kind.info().pod)
                 .and_then(|t| t.metadata.as_ref()?.labels.as_ref())
-                .is_some_and(|l| l.get(&policy.labels.stage) == Some(&policy.labels.gray_stage));
+                .is_some_and(|l| l.value(&policy.labels.stage) == Some(&policy.labels.gray_stage));
             if let Some(c) = policy.labels.contradiction(
                 meta.and_then(|m| m.labels.as_ref()),
                 decision.requested.map(|r| r.value),
@@ -288,11 +288,11 @@ mod tests {
         }
     }
 
-    fn view(v: Value) -> ObjectView {
-        serde_json::from_value(v).unwrap()
+    fn view(v: Value) -> ObjectView<'static> {
+        ObjectView::from_value(v).unwrap()
     }
 
-    fn pod(labels: Value, annotations: Value) -> ObjectView {
+    fn pod(labels: Value, annotations: Value) -> ObjectView<'static> {
         view(
             json!({"metadata": {"name": "web-1", "labels": labels, "annotations": annotations,
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-abc",

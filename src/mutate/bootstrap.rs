@@ -27,7 +27,7 @@
 //! None of them: a counted skip ([`BootstrapSkip::VersionUnknown`]).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -35,7 +35,7 @@ use serde_json::{Map, Value, json};
 use super::kinds::Location;
 use super::policy::{Keepalive, Policy};
 use super::version::{Version, image_tag, parse_version};
-use super::{ClusterView, MetaView, NamespaceMesh, SpecView};
+use super::{ClusterView, MetaView, NamespaceMesh, SpecView, StrMap, Text, TextMap};
 
 /// Where Istio's proxy reads its bootstrap template.
 pub const TEMPLATE_PATH: &str = "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json";
@@ -120,19 +120,19 @@ pub enum Availability {
 /// A container's fields the decision reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ContainerView {
+pub struct ContainerView<'a> {
     /// Container name.
-    #[serde(default)]
-    pub name: String,
+    #[serde(default, borrow)]
+    pub name: Text<'a>,
     /// Image reference.
-    #[serde(default)]
-    pub image: Option<String>,
+    #[serde(default, borrow)]
+    pub image: Option<Text<'a>>,
     /// `Always` marks a native sidecar in `initContainers`.
-    #[serde(default)]
-    pub restart_policy: Option<String>,
+    #[serde(default, borrow)]
+    pub restart_policy: Option<Text<'a>>,
     /// Mount paths, to detect an existing template mount.
-    #[serde(default)]
-    pub volume_mounts: Option<Vec<MountView>>,
+    #[serde(default, borrow)]
+    pub volume_mounts: Option<Vec<MountView<'a>>>,
     /// `env` as written, read only when a decision needs it
     /// ([`ContainerView::env_names`]): a sidecar has dozens of variables and
     /// this is on every review. `None` without an `env` list.
@@ -140,7 +140,7 @@ pub struct ContainerView {
     pub env: Option<Box<serde_json::value::RawValue>>,
 }
 
-impl ContainerView {
+impl ContainerView<'_> {
     /// Which agent keepalive variables `env` sets. An `env` that is not a
     /// list of variables counts as setting both, so nothing is added to it.
     pub fn env_names(&self) -> EnvNames {
@@ -266,18 +266,18 @@ impl<'de> serde::de::Visitor<'de> for EnvScan {
 /// A volume mount's path.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MountView {
+pub struct MountView<'a> {
     /// `mountPath`.
-    #[serde(default)]
-    pub mount_path: String,
+    #[serde(default, borrow)]
+    pub mount_path: Text<'a>,
 }
 
 /// Anything with a `name`.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct NamedView {
+pub struct NamedView<'a> {
     /// `name`.
-    #[serde(default)]
-    pub name: String,
+    #[serde(default, borrow)]
+    pub name: Text<'a>,
 }
 
 /// Why the bootstrap part left a pod alone. Label of the skip metric.
@@ -524,9 +524,9 @@ pub struct PodTarget<'a> {
     /// Where it is in the object.
     pub location: Location,
     /// Its metadata.
-    pub metadata: Option<&'a MetaView>,
+    pub metadata: Option<&'a MetaView<'a>>,
     /// Its pod spec.
-    pub spec: Option<&'a SpecView>,
+    pub spec: Option<&'a SpecView<'a>>,
 }
 
 /// Decides the keepalive fix for one pod (or template). Never fails:
@@ -540,7 +540,7 @@ pub fn decide<'a>(
     use BootstrapDecision::Skipped;
     let annotations = target.metadata.and_then(|m| m.annotations.as_ref());
     let labels = target.metadata.and_then(|m| m.labels.as_ref());
-    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let annotation = |k: &str| annotations.and_then(|a| a.value(k));
 
     if annotation(&policy.bootstrap.opt_out_annotation) == Some("false") {
         return Skipped(BootstrapSkip::OptedOut);
@@ -552,7 +552,7 @@ pub fn decide<'a>(
     }
 
     let proxy = find_proxy(spec);
-    let inject_label = labels.and_then(|l| l.get(ISTIO_INJECT)).map(String::as_str);
+    let inject_label = labels.and_then(|l| l.value(ISTIO_INJECT));
     if proxy.is_none()
         && (annotation(ISTIO_INJECT) == Some("false")
             || inject_label == Some("false")
@@ -627,7 +627,7 @@ fn pod_version(
 /// already sets is kept.
 fn agent_keepalive<'a>(
     at: AnnotationTarget,
-    proxy: Option<(ContainerList, usize, &ContainerView)>,
+    proxy: Option<(ContainerList, usize, &ContainerView<'_>)>,
     proxy_config: Option<&str>,
     keepalive: Keepalive,
 ) -> BootstrapDecision<'a> {
@@ -733,14 +733,14 @@ fn merge_proxy_metadata(
 /// (not injected yet) or a volume and mount on `istio-proxy` (injected).
 fn template_mount<'a>(
     at: AnnotationTarget,
-    spec: &SpecView,
-    proxy: Option<(ContainerList, usize, &ContainerView)>,
-    annotations: Option<&BTreeMap<String, String>>,
+    spec: &SpecView<'_>,
+    proxy: Option<(ContainerList, usize, &ContainerView<'_>)>,
+    annotations: Option<&TextMap<'_>>,
     policy: Policy<'a>,
     cluster: &ClusterView,
 ) -> BootstrapDecision<'a> {
     use BootstrapDecision::Skipped;
-    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let annotation = |k: &str| annotations.and_then(|a| a.value(k));
     let availability = cluster.bootstrap_configmap;
     let config_map_name = policy.bootstrap.config_map_name.as_str();
     match proxy {
@@ -816,7 +816,9 @@ fn check_availability(availability: Availability) -> Option<BootstrapSkip> {
 }
 
 /// `istio-proxy` in `containers`, or a native sidecar in `initContainers`.
-fn find_proxy(spec: &SpecView) -> Option<(ContainerList, usize, &ContainerView)> {
+fn find_proxy<'s, 'a>(
+    spec: &'s SpecView<'a>,
+) -> Option<(ContainerList, usize, &'s ContainerView<'a>)> {
     if let Some((i, c)) = spec
         .containers
         .iter()
@@ -837,12 +839,12 @@ fn find_proxy(spec: &SpecView) -> Option<(ContainerList, usize, &ContainerView)>
 /// [`VOLUME_NAME`], else the first `VOLUME_NAME-<n>` the pod does not use.
 /// One pass over the pod's volumes into a set, so a pod with thousands of
 /// volumes (user input) costs linear time.
-fn free_volume_name(spec: &SpecView) -> Cow<'static, str> {
+fn free_volume_name(spec: &SpecView<'_>) -> Cow<'static, str> {
     let volumes = spec.volumes.as_deref().unwrap_or_default();
     if volumes.iter().all(|v| v.name != VOLUME_NAME) {
         return Cow::Borrowed(VOLUME_NAME);
     }
-    let taken: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    let taken: HashSet<&str> = volumes.iter().map(|v| &*v.name).collect();
     // Ends: `taken` is finite, so some suffix is free.
     let mut n = 1_usize;
     loop {

@@ -6,7 +6,6 @@
 //! ([`Decision::to_json_patch`]); controllers read the fields directly.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use super::bootstrap::{
@@ -16,7 +15,7 @@ use super::bootstrap::{
 use super::kinds::Location;
 use super::labels::sanitize_tag;
 use super::policy::{LabelPolicy, Policy};
-use super::{Deny, SkipReason};
+use super::{Deny, SkipReason, StrMap};
 
 /// One label: key and value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,10 +56,10 @@ impl<'a> Intent<'a> {
     fn from_parts(
         policy: &'a LabelPolicy,
         tag: Option<Cow<'a, str>>,
-        existing_stage: Option<&'a String>,
+        existing_stage: Option<&'a str>,
     ) -> Self {
         let stage = match (existing_stage, &tag) {
-            (Some(stage), _) => stage.as_str(),
+            (Some(stage), _) => stage,
             (None, Some(_)) => policy.gray_stage.as_str(),
             (None, None) => policy.normal_stage.as_str(),
         };
@@ -81,9 +80,9 @@ impl LabelPolicy {
     /// What a set of labels means, with no tag annotation to consider: the
     /// question a routes controller or `check` asks of a running pod. A
     /// `canaryTag` label makes a canary; an existing `stage` label wins.
-    pub fn intent<'a>(&'a self, labels: Option<&'a BTreeMap<String, String>>) -> Intent<'a> {
-        let get = |key: &str| labels.and_then(|l| l.get(key));
-        let tag = get(&self.canary_tag).map(|t| Cow::Borrowed(t.as_str()));
+    pub fn intent<'a, M: StrMap + ?Sized>(&'a self, labels: Option<&'a M>) -> Intent<'a> {
+        let get = |key: &str| labels.and_then(|l| l.value(key));
+        let tag = get(&self.canary_tag).map(Cow::Borrowed);
         Intent::from_parts(self, tag, get(&self.stage))
     }
 
@@ -92,24 +91,24 @@ impl LabelPolicy {
     /// labels win over the annotation, with a warning when they disagree.
     pub(crate) fn resolve<'a>(
         &'a self,
-        existing_tag: Option<&'a String>,
-        existing_stage: Option<&'a String>,
+        existing_tag: Option<&'a str>,
+        existing_stage: Option<&'a str>,
         annotation: Option<&'a str>,
         warnings: &mut Vec<Warning>,
     ) -> Result<Intent<'a>, Deny> {
         let tag: Option<Cow<'a, str>> = match (existing_tag, annotation) {
             (Some(tag), Some(requested)) => {
-                if sanitize_tag(requested).is_none_or(|s| &s.value != tag) {
+                if sanitize_tag(requested).is_none_or(|s| s.value != tag) {
                     warnings.push(Warning::TagIgnored {
                         label: self.canary_tag.clone(),
-                        value: tag.clone(),
+                        value: tag.to_owned(),
                         annotation: self.tag_annotation.clone(),
                     });
                 }
                 Some(Cow::Borrowed(tag))
             }
             (Some(tag), None) => Some(Cow::Borrowed(tag)),
-            (None, Some(_)) if existing_stage == Some(&self.normal_stage) => {
+            (None, Some(_)) if existing_stage == Some(self.normal_stage.as_str()) => {
                 warnings.push(Warning::TagIgnored {
                     label: self.stage.clone(),
                     value: self.normal_stage.clone(),
@@ -537,20 +536,20 @@ impl LabelPolicy {
     /// [`Decision::requested`]). `template_labels_canary`: its pod template
     /// itself labels its pods a canary (then canary labels are the
     /// workload's own definition, not a contradiction).
-    pub fn contradiction(
+    pub fn contradiction<M: StrMap + ?Sized>(
         &self,
-        labels: Option<&BTreeMap<String, String>>,
+        labels: Option<&M>,
         requested: Option<&str>,
         template_labels_canary: bool,
     ) -> Option<Contradiction> {
-        let get = |key: &str| labels.and_then(|l| l.get(key));
+        let get = |key: &str| labels.and_then(|l| l.value(key));
         let stage = get(&self.stage)?;
-        if *stage == self.normal_stage {
+        if stage == self.normal_stage {
             let tag = sanitize_tag(requested?)?.value;
             return Some(Contradiction::CanaryLabelledNormal { tag });
         }
-        if *stage == self.gray_stage && requested.is_none() && !template_labels_canary {
-            let tag = get(&self.canary_tag)?.clone();
+        if stage == self.gray_stage && requested.is_none() && !template_labels_canary {
+            let tag = get(&self.canary_tag)?.to_owned();
             return Some(Contradiction::NormalLabelledCanary { tag });
         }
         None
@@ -621,6 +620,8 @@ impl Decision<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -633,7 +634,7 @@ mod tests {
     #[test]
     fn labels_alone_have_a_meaning() {
         let policy = LabelPolicy::default();
-        let none = policy.intent(None);
+        let none = policy.intent(None::<&BTreeMap<String, String>>);
         assert_eq!((none.tag(), none.stage()), (None, "normal"));
         let tagged = labels(&[("canarytag", "v2")]);
         let i = policy.intent(Some(&tagged));
@@ -669,7 +670,10 @@ mod tests {
         assert_eq!(policy.contradiction(Some(&gray), None, true), None);
         assert_eq!(policy.contradiction(Some(&gray), Some("beta"), false), None);
         // Unlabelled: nothing to contradict (the backfill labels it).
-        assert_eq!(policy.contradiction(None, Some("beta"), false), None);
+        assert_eq!(
+            policy.contradiction(None::<&BTreeMap<String, String>>, Some("beta"), false),
+            None
+        );
         let codes = [
             Contradiction::CanaryLabelledNormal { tag: "a".into() }.code(),
             Contradiction::NormalLabelledCanary { tag: "a".into() }.code(),

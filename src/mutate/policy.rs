@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::StrMap;
 use super::labels::{is_dns_label, is_dns_subdomain, validate_label_key, validate_label_value};
 use super::version::parse_version;
 
@@ -113,10 +114,8 @@ impl LabelPolicy {
     }
 
     /// True when `labels` opt their object out (`<optOutLabel>: "false"`).
-    pub fn opts_out(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
-        labels
-            .and_then(|l| l.get(&self.opt_out_label))
-            .is_some_and(|v| v == "false")
+    pub fn opts_out<M: StrMap + ?Sized>(&self, labels: Option<&M>) -> bool {
+        labels.and_then(|l| l.value(&self.opt_out_label)) == Some("false")
     }
 }
 

@@ -78,12 +78,12 @@ fn run(kind: Kind, object: Value, cfg: &P) -> (Value, Planned) {
 }
 
 fn run_in(kind: Kind, ns: &str, mode: Mode, mut object: Value, cfg: &P) -> (Value, Planned) {
-    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let view = ObjectView::from_value(object.clone()).unwrap();
     let s = subject(kind, ns, mode);
     let first = plan(&s, &view, cfg, &ClusterView::OFFLINE).expect("not denied");
     assert_eq!(first.noop, first.ops.is_empty(), "{first:?}");
     json_patch::patch(&mut object, &first.ops).expect("patch applies");
-    let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let again = ObjectView::from_value(object.clone()).unwrap();
     let second = plan(&s, &again, cfg, &ClusterView::OFFLINE).unwrap();
     assert!(second.noop, "second pass has work: {second:?}");
     assert!(
@@ -249,8 +249,8 @@ fn invalid_tag_is_sanitized_with_a_warning() {
 #[test]
 fn unusable_tag_is_denied_naming_the_annotation() {
     for tag in ["", "///", "--"] {
-        let view: ObjectView =
-            serde_json::from_value(pod(json!({}), json!({"canary-injector.io/tag": tag}))).unwrap();
+        let view =
+            ObjectView::from_value(pod(json!({}), json!({"canary-injector.io/tag": tag}))).unwrap();
         let err = plan(
             &subject(Kind::Pod, "shop", Mode::Admission),
             &view,
@@ -417,7 +417,7 @@ fn skip_rules() {
         (base, &plain, None),
     ];
     for (s, object, expected) in cases {
-        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let view = ObjectView::from_value(object.clone()).unwrap();
         let p = plan(&s, &view, &cfg, &ClusterView::OFFLINE).unwrap();
         assert_eq!(p.skipped, expected, "{s:?}");
         assert_eq!(p.ops.is_empty(), expected.is_some(), "{s:?}");
@@ -426,7 +426,7 @@ fn skip_rules() {
 
 #[test]
 fn object_kind_must_match_request_kind() {
-    let view: ObjectView = serde_json::from_value(json!({"kind": "Service"})).unwrap();
+    let view = ObjectView::from_value(json!({"kind": "Service"})).unwrap();
     let err = plan(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
@@ -621,11 +621,11 @@ fn admit_op(kind: Kind, operation: Operation, mut object: Value) -> (Value, Plan
         operation,
         ..subject(kind, "shop", Mode::Admission)
     };
-    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let view = ObjectView::from_value(object.clone()).unwrap();
     let first = plan(&s, &view, &p, &ClusterView::OFFLINE).expect("not denied");
     assert_eq!(first.noop, first.ops.is_empty(), "{first:?}");
     json_patch::patch(&mut object, &first.ops).expect("patch applies");
-    let again: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let again = ObjectView::from_value(object.clone()).unwrap();
     let second = plan(&s, &again, &p, &ClusterView::OFFLINE).unwrap();
     assert!(
         second.ops.is_empty(),
@@ -792,7 +792,7 @@ fn every_workload_kind_gets_the_tag_in_its_template() {
 #[test]
 fn unusable_workload_tag_denies_a_create_but_never_an_update() {
     let d = deployment(json!({"canary-injector.io/tag": "///"}), json!({}));
-    let view: ObjectView = serde_json::from_value(d.clone()).unwrap();
+    let view = ObjectView::from_value(d.clone()).unwrap();
     let p = P::default();
     let create = subject(Kind::Deployment, "shop", Mode::Admission);
     let err = decide(&create, &view, p.policy(), &ClusterView::OFFLINE).unwrap_err();
@@ -811,7 +811,7 @@ fn owned_workloads_keep_their_template() {
     job["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "CronJob",
         "name": "nightly", "uid": "u", "controller": true}]);
     for mode in [Mode::Admission, Mode::Offline] {
-        let view: ObjectView = serde_json::from_value(job.clone()).unwrap();
+        let view = ObjectView::from_value(job.clone()).unwrap();
         let p = plan(
             &subject(Kind::Job, "shop", mode),
             &view,
@@ -964,7 +964,7 @@ proptest! {
         } else {
             (Kind::Pod, pod(json!(labels), annotations))
         };
-        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let view = ObjectView::from_value(object.clone()).unwrap();
         let s = subject(kind, "shop", Mode::Admission);
         match plan(&s, &view, &cfg, &ClusterView::OFFLINE) {
             Err(Deny::UnusableTag { .. }) => {
@@ -986,7 +986,7 @@ proptest! {
                         prop_assert!(labels::validate_label_value(v.as_str().unwrap()).is_ok(), "{v}");
                     }
                 }
-                let again: ObjectView = serde_json::from_value(patched).unwrap();
+                let again = ObjectView::from_value(patched).unwrap();
                 prop_assert!(plan(&s, &again, &cfg, &ClusterView::OFFLINE).unwrap().ops.is_empty());
             }
         }
@@ -1022,12 +1022,12 @@ fn with_configmap(availability: Availability) -> ClusterView {
 }
 
 fn plan_with(object: &Value, cfg: &P, cluster: ClusterView) -> (Value, Planned) {
-    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let view = ObjectView::from_value(object.clone()).unwrap();
     let s = subject(Kind::Pod, "shop", Mode::Admission);
     let p = plan(&s, &view, cfg, &cluster).unwrap();
     let mut out = object.clone();
     json_patch::patch(&mut out, &p.ops).unwrap();
-    let again: ObjectView = serde_json::from_value(out.clone()).unwrap();
+    let again = ObjectView::from_value(out.clone()).unwrap();
     let second = plan(&s, &again, cfg, &cluster).unwrap();
     assert!(second.ops.is_empty(), "second pass: {:?}", second.ops);
     (out, p)
@@ -1675,7 +1675,7 @@ fn offline_deployment_template_gets_proxy_metadata() {
 // === the typed decision ===
 
 fn decided(kind: Kind, mode: Mode, object: &Value, p: &P, cluster: ClusterView) -> Planned {
-    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let view = ObjectView::from_value(object.clone()).unwrap();
     plan(&subject(kind, "shop", mode), &view, p, &cluster).unwrap()
 }
 
@@ -1726,7 +1726,7 @@ fn missing_labels_come_as_key_value_pairs() {
         json!({"stage": "gray"}),
         json!({"canary-injector.io/tag": "v2"}),
     );
-    let view: ObjectView = serde_json::from_value(object).unwrap();
+    let view = ObjectView::from_value(object).unwrap();
     let d = decide(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
@@ -1838,7 +1838,7 @@ fn bootstrap_decision_says_what_to_mount() {
     let mut p = injected_pod("istio/proxyv2:1.5.4", true);
     p["spec"]["volumes"] = json!([{"name": "canary-injector-bootstrap", "emptyDir": {}}]);
     let policy = istio_cfg(None);
-    let view: ObjectView = serde_json::from_value(p).unwrap();
+    let view = ObjectView::from_value(p).unwrap();
     let d = decide(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
@@ -1868,7 +1868,7 @@ fn bootstrap_decision_says_what_to_annotate() {
         json!({bootstrap::USER_VOLUME: theirs}),
     );
     let policy = istio_cfg(Some("1.5"));
-    let view: ObjectView = serde_json::from_value(p).unwrap();
+    let view = ObjectView::from_value(p).unwrap();
     let d = decide(
         &subject(Kind::Pod, "shop", Mode::Admission),
         &view,
@@ -2249,7 +2249,7 @@ proptest! {
         p.bootstrap.keepalive = Keepalive { time: keepalive.0, probes: keepalive.1, interval: keepalive.2 };
         let cluster = ClusterView { bootstrap_configmap: availability, injector_version, mesh: Default::default() };
         let s = Subject { operation, ..subject(kind, "shop", mode) };
-        let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+        let view = ObjectView::from_value(object.clone()).unwrap();
         let first = match decide(&s, &view, p.policy(), &cluster) {
             Err(Deny::UnusableTag { value, .. }) => {
                 prop_assert!(!value.chars().any(|c| c.is_ascii_alphanumeric()), "{value:?}");
@@ -2349,7 +2349,7 @@ proptest! {
             _ => {}
         }
 
-        let again: ObjectView = serde_json::from_value(patched.clone()).unwrap();
+        let again = ObjectView::from_value(patched.clone()).unwrap();
         let second = decide(&s, &again, p.policy(), &cluster).unwrap();
         prop_assert!(second.is_noop(), "second decision has work: {second:?}");
         prop_assert!(second.to_json_patch().is_empty());
@@ -2452,7 +2452,7 @@ fn admitted_with(
         owner_tag,
         ..subject(kind, "shop", Mode::Admission)
     };
-    let view: ObjectView = serde_json::from_value(object.clone()).unwrap();
+    let view = ObjectView::from_value(object.clone()).unwrap();
     let d = decide(&s, &view, p.policy(), &ClusterView::OFFLINE).ok()?;
     json_patch::patch(&mut object, &d.to_json_patch()).unwrap();
     Some(object)

@@ -3,9 +3,9 @@
 //! the cache ([`super::OwnerCache`]) fills it from watches; `check` fills
 //! one from what it read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use crate::mutate::{NamespaceMesh, OwnerRef, OwnerTag};
+use crate::mutate::{NamespaceMesh, OwnerRef, OwnerTag, StrMap};
 
 /// The annotation a Deployment and its ReplicaSets carry with the
 /// Deployment's rollout revision: equal on the Deployment's current
@@ -88,14 +88,14 @@ impl Row {
     /// The row of an object of `kind` with this `uid`, `annotations` and
     /// managing `controller`, or `None` when no chain can use it: it
     /// carries no tag and is no link (most objects).
-    pub fn of(
+    pub fn of<M: StrMap + ?Sized>(
         kind: WorkloadKind,
         uid: &str,
-        annotations: Option<&BTreeMap<String, String>>,
+        annotations: Option<&M>,
         controller: Option<&OwnerRef>,
         tag_annotation: &str,
     ) -> Option<Self> {
-        let annotation = |key: &str| annotations?.get(key).cloned();
+        let annotation = |key: &str| annotations?.value(key).map(str::to_owned);
         let tag = annotation(tag_annotation);
         let owner = controller
             .and_then(|o| Some((WorkloadKind::of(&o.api_version, &o.kind)?, o.name.clone())))

@@ -146,17 +146,22 @@ pub(crate) fn workload(doc: &Value) -> Option<Workload> {
     if doc.pointer("/spec/replicas").and_then(Value::as_u64) == Some(0) {
         return None;
     }
-    let view: ObjectView = serde_json::from_value(doc.clone()).ok()?;
+    let view = ObjectView::from_value(doc.clone()).ok()?;
     let meta = match kind.info().pod {
         Location::Object => view.metadata.as_ref()?,
         location => view.template_at(location)?.metadata.as_ref()?,
+    };
+    let owned = |m: &crate::mutate::TextMap<'_>| -> BTreeMap<String, String> {
+        m.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     };
     Some(Workload {
         namespace: text(doc, "/metadata/namespace")
             .unwrap_or_default()
             .to_owned(),
-        labels: meta.labels.clone()?,
-        annotations: meta.annotations.clone().unwrap_or_default(),
+        labels: owned(meta.labels.as_ref()?),
+        annotations: meta.annotations.as_ref().map(owned).unwrap_or_default(),
     })
 }
 
