@@ -556,3 +556,97 @@ async fn a_write_the_apiserver_stores_otherwise_is_retried_with_backoff_not_at_o
     assert!(r.counters.errors("not-kept") >= 1);
     r.stop().await;
 }
+
+/// The tags an HTTPRoute write routes by header.
+fn header_tags(w: &Seen) -> Vec<String> {
+    w.body["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["matches"][0]["headers"][0]["value"].as_str())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The creation-burst flicker of the Istio backend, on the Gateway API: the
+/// HTTPRoute watch lags behind the controller's own writes while two
+/// canaries become ready one after the other. The second rule is added to
+/// what the controller wrote, not to the old route the watch still shows,
+/// so `feat-a` keeps its rule throughout.
+#[tokio::test(start_paused = true)]
+async fn a_lagging_route_watch_never_removes_the_rule_of_a_live_tag() {
+    let api = two_canaries(false, false);
+    api.with_istio(false);
+    api.with_gateway(true);
+    let r = start(&api);
+    r.until("the route and the normal Service", |a| {
+        a.gateway_writes().len() == 2
+    })
+    .await;
+    api.endpoints("checkout--normal", "checkout-7c6d-a1", true);
+    r.until("the default rule to normal", |a| {
+        a.gateway_writes().len() == 3
+    })
+    .await;
+    api.0
+        .hold_watch("/apis/gateway.networking.k8s.io/v1/httproutes");
+    let ready = |i: usize| {
+        let mut s = api.get(SLICE).unwrap();
+        s["endpoints"][i]["conditions"]["ready"] = json!(true);
+        api.put(SLICE, s);
+    };
+    ready(1);
+    r.until("feat-a's Service", |a| {
+        a.get("/api/v1/namespaces/shop/services/checkout--feat-a")
+            .is_some()
+    })
+    .await;
+    api.endpoints("checkout--feat-a", "checkout-a-1", true);
+    r.until("feat-a's rule", |a| {
+        a.get(ROUTE).unwrap()["spec"]["rules"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    ready(2);
+    r.until("feat-b's Service", |a| {
+        a.get("/api/v1/namespaces/shop/services/checkout--feat-b")
+            .is_some()
+    })
+    .await;
+    api.endpoints("checkout--feat-b", "checkout-b-1", true);
+    r.until("feat-b's rule", |a| {
+        a.get(ROUTE).unwrap()["spec"]["rules"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    })
+    .await;
+    r.idle(Duration::from_secs(2)).await;
+    api.0
+        .release_watch("/apis/gateway.networking.k8s.io/v1/httproutes");
+    r.idle(RESYNC).await;
+    let routes: Vec<Vec<String>> = api
+        .gateway_writes()
+        .iter()
+        .filter(|w| w.path.starts_with(ROUTES))
+        .map(header_tags)
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            vec![],
+            vec![],
+            vec!["feat-a".to_owned()],
+            vec!["feat-a".into(), "feat-b".into()]
+        ],
+        "{:#?}",
+        api.gateway_lines()
+    );
+    assert_eq!(r.metrics.changes("route-removed"), 0);
+    assert_eq!(r.counters.errors("stale"), 0, "{:#?}", api.gateway_lines());
+    r.stop().await;
+}
