@@ -635,6 +635,26 @@ mod tests {
     }
 
     #[test]
+    fn routes_api_reads_its_three_values_and_refuses_others() {
+        use crate::routes::gateway::ApiChoice;
+        for (value, want) in [
+            ("auto", ApiChoice::Auto),
+            ("istio", ApiChoice::Istio),
+            ("gateway-api", ApiChoice::GatewayApi),
+        ] {
+            let cfg = Config::from_yaml(&format!("routes: {{api: {value}}}\n")).unwrap();
+            assert_eq!(cfg.routes.api, want);
+        }
+        let err = Config::from_yaml("routes: {api: linkerd}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("linkerd") && err.contains("gateway-api"),
+            "names the value and what is allowed: {err}"
+        );
+    }
+
+    #[test]
     fn old_flat_keys_name_their_new_place() {
         for (old, new) in MOVED_KEYS {
             let err = Config::from_yaml(&format!("{old}: x\n")).unwrap_err();
