@@ -14,15 +14,6 @@ const CANARY: &str = "/api/v1/namespaces/shop/services/checkout--feature-login";
 const TAG: &str = "feature-login";
 
 impl Apiserver {
-    /// A cluster with the Gateway API's HTTPRoute and GRPCRoute and no
-    /// Istio.
-    fn gateway(objects: &[(&str, Value)]) -> Self {
-        let api = Self::new(objects);
-        api.with_istio(false);
-        api.with_gateway(true);
-        api
-    }
-
     fn with_gateway(&self, served: bool) {
         let versions: &[&str] = if served { &["v1"] } else { &[] };
         self.0.serve_group(
@@ -72,20 +63,13 @@ impl Apiserver {
     }
 }
 
+/// The Istio tests' cluster (a normal pod, a ready canary), serving the
+/// Gateway API instead of Istio's.
 fn gateway_cluster() -> Apiserver {
-    Apiserver::gateway(&[
-        (SHOP, namespace()),
-        (SERVICE, routed()),
-        (
-            "/api/v1/namespaces/shop/pods/checkout-7c6d-a1",
-            pod(
-                "checkout-7c6d-a1",
-                json!({"app": "checkout", "stage": "normal"}),
-            ),
-        ),
-        (GRAY_POD, gray_pod()),
-        (SLICE, slice(true)),
-    ])
+    let api = cluster(true);
+    api.with_istio(false);
+    api.with_gateway(true);
+    api
 }
 
 fn meta(name: &str) -> Value {
